@@ -1,0 +1,244 @@
+"""The run configuration: a typed dataclass, loaded from YAML plus CLI overrides.
+
+Precedence, lowest to highest: the defaults below, ``configs/*.yaml`` given
+with ``--config``, then command-line flags. ``validate`` turns every impossible
+value into a one-line ``DistlabError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distlab.errors import DistlabError
+
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+LAUNCHERS = ("local",)
+
+
+@dataclass
+class Config:
+    """Everything that defines a run. Every field can be set in YAML or on the CLI."""
+
+    strategy: str = "single"
+    """Name of the parallelism strategy (see ``python -m distlab.launch --list``)."""
+    nproc: int = 1
+    """Number of ranks (processes) to launch on this machine."""
+    model: str = "small"
+    """Model preset: tiny, small or gpt2 (see ``distlab.model.PRESETS``)."""
+    data: str | None = None
+    """Text file, directory or glob to train on; default: the bundled corpus."""
+    steps: int = 100
+    """Number of optimizer steps."""
+    global_batch: int = 16
+    """Sequences per optimizer step, summed over all data-parallel ranks."""
+    micro_batch: int | None = None
+    """Sequences per forward pass on one rank; default: the whole local batch."""
+    seq_len: int | None = None
+    """Tokens per sequence; default: the model preset's context length."""
+    optimizer: str = "adamw"
+    """sgd (plain, no momentum) or adamw."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (ignored by sgd)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 0
+    """Seeds the initial weights and the batch sequence."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast (parameters and optimizer state stay fp32)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    launcher: str = "local"
+    """How ranks are started: local (a process per rank on this machine)."""
+    timeout_s: float = 60.0
+    """Collective timeout: a rank blocked this long in a collective fails the run."""
+    threads_per_rank: int = 1
+    """CPU threads per rank (intra-op); one keeps ranks from oversubscribing cores."""
+    log_every: int = 10
+    """Print a progress line every this many steps (when not on a terminal)."""
+    checkpoint_every: int = 0
+    """Save a sharded checkpoint every this many steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    run_dir: str | None = None
+    """Directory for config.yaml, metrics.jsonl, summary.json and checkpoints."""
+    runs_root: str = "runs"
+    """Parent directory of run dirs when run_dir is not given."""
+    save_final_weights: bool = False
+    """Write the full final weights to final_weights.pt (used by parity checks)."""
+    reshard_after_forward: bool = True
+    """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless an API key is configured)."""
+    wandb_project: str = "distlab"
+    """W&B project name."""
+    wandb_group: str | None = None
+    """W&B group, so runs of one experiment sit together."""
+    wandb_name: str | None = None
+    """W&B run name; default: the run dir's name."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific options that have no field of their own."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type or raise DistlabError."""
+    kind = FIELD_TYPES[name]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise DistlabError(f"config field '{name}' must not be empty")
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered in ("true", "yes", "on", "1"):
+                    return True
+                if lowered in ("false", "no", "off", "0"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise DistlabError(
+            f"config field '{name}' expects {kind.split(' |')[0]}, got {value!r}"
+        ) from None
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from an optional YAML file and CLI overrides (which win)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise DistlabError(f"config file not found: {path} (pass an existing --config FILE)")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DistlabError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise DistlabError(f"config file {path} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise DistlabError(
+            f"unknown config field '{unknown[0]}' (valid fields: {', '.join(FIELD_TYPES)})"
+        )
+    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DistlabError(message)
+
+
+def validate(config: Config) -> None:
+    """Check every field's range and the relations between fields."""
+    from distlab.model import PRESETS
+    from distlab.strategies import registry
+
+    _require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
+    _require(config.steps >= 1, f"steps must be >= 1 (got {config.steps})")
+    _require(
+        config.model in PRESETS,
+        f"unknown model preset '{config.model}' (choose one of: {', '.join(PRESETS)})",
+    )
+    _require(config.global_batch >= 1, f"global_batch must be >= 1 (got {config.global_batch})")
+    _require(
+        config.optimizer in OPTIMIZERS,
+        f"optimizer must be one of {', '.join(OPTIMIZERS)} (got '{config.optimizer}')",
+    )
+    _require(
+        config.lr > 0 and math.isfinite(config.lr),
+        f"lr must be a positive number (got {config.lr})",
+    )
+    _require(0 <= config.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1")
+    _require(config.warmup_steps >= 0, "warmup_steps must be >= 0")
+    _require(config.weight_decay >= 0, "weight_decay must be >= 0")
+    _require(config.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
+    _require(
+        config.precision in PRECISIONS,
+        f"precision must be one of {', '.join(PRECISIONS)} (got '{config.precision}')",
+    )
+    _require(
+        config.device in DEVICES,
+        f"device must be one of {', '.join(DEVICES)} (got '{config.device}')",
+    )
+    _require(
+        config.launcher in LAUNCHERS,
+        f"launcher must be one of {', '.join(LAUNCHERS)} (got '{config.launcher}')",
+    )
+    _require(config.timeout_s > 0, "timeout_s must be > 0")
+    _require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
+    _require(config.log_every >= 1, "log_every must be >= 1")
+    _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    _require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    preset = PRESETS[config.model]
+    seq_len = resolved_seq_len(config)
+    _require(
+        1 <= seq_len <= preset.block_size,
+        f"seq_len must be between 1 and the model's context length {preset.block_size} "
+        f"(got {seq_len})",
+    )
+    strategy = registry.describe(config.strategy)
+    strategy.validate(config)
+    dp = strategy.data_parallel_size(config)
+    _require(
+        config.global_batch % dp == 0,
+        f"global_batch {config.global_batch} is not divisible by the data-parallel size {dp}; "
+        f"use a multiple of {dp}",
+    )
+    local = config.global_batch // dp
+    if config.micro_batch is not None:
+        _require(config.micro_batch >= 1, "micro_batch must be >= 1")
+        _require(
+            local % config.micro_batch == 0,
+            f"micro_batch {config.micro_batch} does not divide the per-rank batch {local} "
+            f"(global_batch {config.global_batch} / data-parallel size {dp})",
+        )
+
+
+def resolved_seq_len(config: Config) -> int:
+    """Sequence length: the configured one, else the model preset's context length."""
+    from distlab.model import PRESETS
+
+    return config.seq_len if config.seq_len is not None else PRESETS[config.model].block_size
+
+
+def grad_accum_steps(config: Config, dp_size: int) -> int:
+    """Micro-batches per optimizer step on one rank."""
+    local = config.global_batch // dp_size
+    micro = config.micro_batch or local
+    return local // micro

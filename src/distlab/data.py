@@ -1,0 +1,143 @@
+"""Byte-level training data and the deterministic batch of every step.
+
+The corpus is a list of text files: by default the Python standard library's
+own source files (every Python install has them, so the lab works offline),
+or whatever ``--data PATH_OR_GLOB`` names. Files are read and tokenised through
+Hugging Face ``datasets`` (the local ``text`` builder, one document per file)
+into one flat uint8 array of byte tokens, cached on disk keyed by the files'
+names, sizes and modification times.
+
+The global batch of step ``s`` is a pure function of (tokens, seed, s,
+global_batch, seq_len): ``global_batch`` random windows drawn with a generator
+seeded from (seed, s). Data-parallel rank r of d takes rows
+``[r * B/d, (r+1) * B/d)``, so every strategy at every world size trains on the
+same global batches, and a resumed run needs nothing but the step number.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distlab.errors import DistlabError
+
+DEFAULT_CORPUS_FILES = 400
+"""How many standard-library source files (sorted by path) form the default corpus."""
+
+
+def cache_dir() -> Path:
+    """Where tokenised corpora are cached (``DISTLAB_CACHE`` or ~/.cache/distlab)."""
+    return Path(os.environ.get("DISTLAB_CACHE", Path.home() / ".cache" / "distlab"))
+
+
+def default_corpus_files() -> list[Path]:
+    """The bundled corpus: the first source files of this Python's standard library."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    files += sorted(p for p in stdlib.glob("*/*.py") if p.is_file() and "test" not in p.parts)
+    if not files:
+        raise DistlabError(f"no standard-library sources under {stdlib}; pass --data PATH")
+    return files[:DEFAULT_CORPUS_FILES]
+
+
+def resolve_files(data: str | None) -> list[Path]:
+    """Expand ``--data`` (a file, a directory or a glob) into a sorted list of files."""
+    if data is None:
+        return default_corpus_files()
+    path = Path(data).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise DistlabError(f"data not found: '{data}' matches no file (pass an existing --data)")
+    return files
+
+
+def _fingerprint(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> np.ndarray:
+    """Read files through the ``datasets`` text builder and return their UTF-8 bytes."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        corpus = datasets.load_dataset(
+            "text",
+            data_files=[str(f) for f in files],
+            sample_by="document",
+            split="train",
+            cache_dir=str(hf_cache),
+            encoding_errors="replace",
+        )
+    except Exception as exc:  # datasets raises many types for unreadable input
+        raise DistlabError(f"could not read the data files: {exc}") from None
+    chunks = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in corpus["text"]]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+
+
+def prepare_tokens(data: str | None) -> Path:
+    """Tokenise the corpus once and return the path of the cached ``.npy`` token file."""
+    files = resolve_files(data)
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DistlabError(
+            f"cannot create the cache dir {root}: {exc} (set DISTLAB_CACHE)"
+        ) from None
+    token_file = root / f"tokens-{_fingerprint(files)}.npy"
+    if not token_file.exists():
+        tokens = _tokenise_with_datasets(files, root / "hf")
+        tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, tokens)
+        os.replace(tmp, token_file)
+    return token_file
+
+
+def load_tokens(token_file: Path) -> torch.Tensor:
+    """Load a cached token file as a uint8 tensor."""
+    return torch.from_numpy(np.load(token_file))
+
+
+def global_batch(
+    tokens: torch.Tensor, seed: int, step: int, batch: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (``batch`` x ``seq_len`` int64) of optimizer step ``step``."""
+    windows = tokens.numel() - seq_len - 1
+    if windows < 1:
+        raise DistlabError(
+            f"the corpus has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
+            "use more data or a shorter --seq-len"
+        )
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, windows, (batch,), generator=generator)
+    offsets = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+    rows = tokens[offsets].long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def rank_slice(
+    batch: tuple[torch.Tensor, torch.Tensor], dp_rank: int, dp_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` trains on."""
+    inputs, targets = batch
+    per_rank = inputs.shape[0] // dp_size
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    return inputs[rows], targets[rows]

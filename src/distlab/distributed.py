@@ -1,0 +1,77 @@
+"""Process-group set-up for one rank: backend, device, timeout."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distlab.config import Config
+from distlab.errors import DistlabError
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Who this process is in the run and where it computes."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that writes the run dir and logs."""
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        """``cpu`` or ``cuda``: what device meshes are built on."""
+        return self.device.type
+
+
+def resolve_device(config: Config) -> str:
+    """The device type a run uses: ``cuda`` when asked for or available, else ``cpu``."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise DistlabError(
+            "--device cuda was requested but no CUDA GPU is visible; use --device cpu"
+        )
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:
+    """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device."""
+    device_type = resolve_device(config)
+    if device_type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        torch.set_num_threads(config.threads_per_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=config.timeout_s),
+    )
+    return RankContext(rank=rank, world_size=world_size, device=device)
+
+
+def shutdown() -> None:
+    """Leave the process group if one is active."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Launching a run (``python -m distlab.launch``): launchers start and watch the ranks."""

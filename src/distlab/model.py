@@ -1,0 +1,168 @@
+"""The one GPT-style decoder every strategy trains.
+
+Token + position embeddings, pre-LayerNorm blocks (causal multi-head attention
+through ``scaled_dot_product_attention``, GELU MLP), a final LayerNorm and an
+untied LM head. Byte-level vocabulary (256). The initial weights depend only on
+the seed passed to ``build_model``, so every strategy at every world size starts
+from the same model.
+
+Module names are chosen for the parallel strategies: ``blocks`` is a
+``ModuleDict`` keyed "0", "1", ... so a pipeline stage can delete the blocks it
+does not own and keep the original parameter names, and the attention/MLP
+linears (``q``, ``k``, ``v``, ``proj``, ``up``, ``down``) are what tensor parallelism
+shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB_SIZE = 256
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of the transformer."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    block_size: int
+    vocab_size: int = VOCAB_SIZE
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # ~0.14M parameters: the test model; 4 layers so 4 pipeline stages fit.
+    "tiny": GPTConfig(n_layer=4, n_head=4, d_model=48, block_size=32),
+    # ~1.7M parameters: the CPU default, a few steps per second on 2 cores.
+    "small": GPTConfig(n_layer=8, n_head=4, d_model=128, block_size=128),
+    # GPT-2 small's shape (12 x 768, 1024 context): 85M parameters with bytes as tokens.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, d_model=768, block_size=1024),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate q, k, v and output projections."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.d_model // config.n_head
+        self.q = nn.Linear(config.d_model, config.d_model)
+        self.k = nn.Linear(config.d_model, config.d_model)
+        self.v = nn.Linear(config.d_model, config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds n_head / tp of them.
+        q, k, v = (
+            layer(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            for layer in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d -> 4d -> GELU -> d."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model)
+        self.down = nn.Linear(4 * config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer mapping token ids (B, T) to logits (B, T, vocab).
+
+    Every submodule tolerates being removed (set to None / deleted from
+    ``blocks``), which is how a pipeline stage keeps only its own layers.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte: nn.Embedding | None = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe: nn.Embedding | None = nn.Embedding(config.block_size, config.d_model)
+        self.blocks = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(config.d_model)
+        self.lm_head: nn.Linear | None = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens
+        if self.wte is not None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            x = self.wte(tokens) + self.wpe(positions)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+
+def _init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith(("proj", "down")) else 0.02
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, mean=0.0, std=0.02)
+
+
+def build_model(preset: str | GPTConfig, seed: int) -> GPT:
+    """Build the model on CPU with weights that depend only on ``seed``."""
+    config = PRESETS[preset] if isinstance(preset, str) else preset
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = GPT(config)
+    _init_weights(model, config.n_layer)
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def count_parameters(config: GPTConfig) -> int:
+    """Total parameters of the full model."""
+    d, layers, vocab = config.d_model, config.n_layer, config.vocab_size
+    per_block = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return vocab * d + config.block_size * d + layers * per_block + 2 * d + d * vocab
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (matmul weights, forward + backward) + attention.
+
+    N counts the parameters that take part in matrix multiplies (everything but
+    the embedding lookups and the norms/biases, which are negligible). The
+    attention term 12 * L * d * T is the QK^T and AV matmuls, forward and
+    backward, as in the PaLM paper's MFU definition (no causal discount).
+    """
+    d, layers = config.d_model, config.n_layer
+    matmul_params = layers * 12 * d * d + d * config.vocab_size
+    return 6.0 * matmul_params + 12.0 * layers * d * seq_len

@@ -1,0 +1,55 @@
+"""Optimizers, the learning-rate schedule and gradient clipping shared by all strategies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from distlab.config import Config
+
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    """Plain SGD (no momentum) or AdamW, over all parameters, at the schedule's step-0 lr."""
+    params = list(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr)
+    return torch.optim.AdamW(
+        params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
+    )
+
+
+def lr_factor(step: int, config: Config) -> float:
+    """Multiplier of the peak lr at optimizer step ``step``: linear warm-up, then cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following ``lr_factor``; call ``.step()`` after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+
+
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Clip to ``max_norm`` (0 = no clipping) and return the global gradient norm.
+
+    Works for plain, DDP-replicated and DTensor-sharded gradients: for sharded
+    ones the norm is reduced over the whole mesh, so it is the true global norm.
+    """
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)

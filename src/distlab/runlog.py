@@ -1,0 +1,143 @@
+"""What rank 0 records about a run: the run dir files, W&B, the progress display."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from distlab.config import Config
+
+
+def wandb_mode() -> str:
+    """``online`` when the user has a W&B API key (or forces a mode), else ``offline``."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class RunRecorder:
+    """Writes config.yaml, metrics.jsonl and summary.json; logs to W&B; shows progress."""
+
+    def __init__(self, config: Config, run_dir: Path, extra_config: dict[str, Any]) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.console = Console(file=sys.stdout)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.metrics_file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.wandb_run = self._start_wandb(extra_config) if config.wandb else None
+        self.progress: Progress | None = None
+        self.task = None
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn(f"[bold]{config.strategy}[/] x{config.nproc}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=config.steps, status="")
+            self.progress.start()
+
+    def _start_wandb(self, extra_config: dict[str, Any]):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        return wandb.init(
+            project=self.config.wandb_project,
+            group=self.config.wandb_group,
+            name=self.config.wandb_name or self.run_dir.name,
+            dir=str(self.run_dir),
+            mode=wandb_mode(),
+            config={**self.config.to_dict(), **extra_config},
+            reinit="finish_previous",
+        )
+
+    def log_step(self, metrics: dict[str, Any], start_step: int) -> None:
+        """Record one optimizer step's metrics and advance the progress display."""
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=metrics["step"])
+        step = metrics["step"]
+        status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step + 1, status=status)
+        elif (step + 1) % self.config.log_every == 0 or step == start_step:
+            print(f"step {step + 1}/{self.config.steps}  {status}", flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json, close W&B and print the end-of-run summary."""
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(_flatten(summary))
+            self.wandb_run.finish()
+        self.console.print(summary_table(summary))
+
+    def close_on_error(self) -> None:
+        """Stop the display and W&B after a failed run."""
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The end-of-run summary as a two-column table."""
+    table = Table(
+        title=f"distlab run: {summary['strategy']} x{summary['nproc']}", show_header=False
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    memory = summary["model_state_bytes_per_rank"]
+    rows = [
+        ("model", f"{summary['model']} ({summary['parameters']:,} parameters)"),
+        ("steps", f"{summary['steps_run']} (of {summary['steps']})"),
+        ("loss", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"),
+        (
+            "throughput",
+            f"{summary['tokens_per_s']:,.0f} tokens/s "
+            f"(median step {summary['median_step_time_s'] * 1e3:.1f} ms)",
+        ),
+        (
+            "model state / rank",
+            f"{mib(memory['total'])} MiB (params {mib(memory['params'])}, "
+            f"grads {mib(memory['grads'])}, optimizer {mib(memory['optimizer'])})",
+        ),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("run dir", summary["run_dir"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def mib(num_bytes: int) -> str:
+    """Bytes as MiB with two decimals."""
+    return f"{num_bytes / 2**20:.2f}"

@@ -1,0 +1,1 @@
+"""Parallelism strategies, one file each, looked up by name through ``registry``."""

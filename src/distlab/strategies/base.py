@@ -1,0 +1,214 @@
+"""The strategy interface, and the training step shared by module-wrapping strategies.
+
+A strategy turns (model, rank context, config) into a ``TrainStep``: an object
+that runs one whole optimizer step on this rank's rows of the global batch and
+returns the global batch's mean loss. The train loop only ever talks to a
+``TrainStep``; strategies that own forward/backward/step themselves (pipeline
+parallelism, DeepSpeed) implement ``TrainStep`` directly, the others wrap the
+model and reuse ``ModuleTrainStep``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distlab.config import Config, grad_accum_steps
+from distlab.distributed import RankContext
+from distlab.memory import ModelStateBytes, tensor_bytes
+from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float
+    """Mean cross-entropy over every token of the global batch."""
+    grad_norm: float
+    """Global L2 norm of the gradient before clipping."""
+
+
+class TrainStep(ABC):
+    """One prepared optimizer step, plus what checkpointing and reporting need."""
+
+    dp_rank: int
+    """This rank's index among the data-parallel replicas (which batch rows it trains)."""
+    dp_size: int
+    """Number of data-parallel replicas the global batch is split over."""
+
+    @abstractmethod
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        """Forward, backward and optimizer step on this rank's rows of the global batch."""
+
+    @abstractmethod
+    def current_lr(self) -> float:
+        """The learning rate the next step will use."""
+
+    @abstractmethod
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded weights under the plain model's names (complete on rank 0)."""
+
+    @abstractmethod
+    def model_state_bytes(self) -> ModelStateBytes:
+        """Bytes this rank holds in parameters, gradients and optimizer state."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of model, optimizer and schedule state into ``directory``."""
+
+
+class Strategy(ABC):
+    """A named way of training the GPT on several ranks."""
+
+    name: str = ""
+    summary: str = ""
+
+    def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
+        """Raise ``DistlabError`` if the strategy cannot run this config."""
+
+    def data_parallel_size(self, config: Config) -> int:
+        """How many data-parallel replicas split the global batch (default: every rank)."""
+        return config.nproc
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        """Wrap or split ``model`` for this rank and return its training step."""
+
+
+def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy over all positions (computed in fp32)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> float:
+    """Average a scalar over a process group (gloo has no AVG, so SUM / size)."""
+    if size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        value /= size
+    return float(value)
+
+
+GradientSync = Callable[[bool], contextlib.AbstractContextManager]
+"""``sync(enabled)``: a context in which backward does (or skips) gradient reduction."""
+
+
+def always_sync(enabled: bool) -> contextlib.AbstractContextManager:
+    """For models with nothing to synchronise."""
+    return contextlib.nullcontext()
+
+
+class ModuleTrainStep(TrainStep):
+    """Gradient accumulation, clipping, optimizer and schedule around a wrapped model.
+
+    The wrapped model is responsible for reducing gradients across
+    data-parallel ranks during backward (DDP's reducer, FSDP's reduce-scatter);
+    ``gradient_sync`` lets it skip that on all but the last micro-batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: RankContext,
+        config: Config,
+        dp_rank: int,
+        dp_size: int,
+        dp_group: dist.ProcessGroup | None,
+        gradient_sync: GradientSync = always_sync,
+        plain_model: nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        self.plain_model = plain_model if plain_model is not None else model
+        self.ctx = ctx
+        self.config = config
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+        self.gradient_sync = gradient_sync
+        self.accum = grad_accum_steps(config, dp_size)
+        self.optimizer = build_optimizer(model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.last_state_bytes: ModelStateBytes | None = None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        device = self.ctx.device
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        for index, (x, y) in enumerate(micro_batches):
+            with self.gradient_sync(index == self.accum - 1):
+                with autocast(self.ctx.device_type, self.config.precision):
+                    logits = self.model(x.to(device, non_blocking=True))
+                loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_gradients(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.last_state_bytes = self._measure_state_bytes()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
+        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _measure_state_bytes(self) -> ModelStateBytes:
+        params = list(self.model.parameters())
+        return ModelStateBytes(
+            params=sum(tensor_bytes(p) for p in params),
+            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+            optimizer=sum(
+                tensor_bytes(v)
+                for state in self.optimizer.state.values()
+                for v in state.values()
+                if isinstance(v, torch.Tensor)
+            ),
+        )
+
+    def model_state_bytes(self) -> ModelStateBytes:
+        return self.last_state_bytes or self._measure_state_bytes()
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.plain_model, options=options)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Model and optimizer state, sharded as they live, plus the schedule, through DCP."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.plain_model, self.optimizer)
+        state = {
+            "model": model_state,
+            "optim": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        dcp.save(state, checkpoint_id=directory)
+
+
+@contextlib.contextmanager
+def no_sync_unless(
+    enabled: bool, no_sync: Callable[[], contextlib.AbstractContextManager]
+) -> Iterator[None]:
+    """Enter ``no_sync()`` unless ``enabled`` (helper for DDP-style wrappers)."""
+    if enabled:
+        yield
+    else:
+        with no_sync():
+            yield

@@ -1,0 +1,44 @@
+"""``ddp``: data parallelism with PyTorch's DistributedDataParallel.
+
+Every rank holds a full replica of the model and optimizer state and trains its
+own rows of the global batch. During backward, DDP's reducer all-reduces the
+gradients in buckets (averaging them over ranks), overlapping communication
+with the rest of backward, so every replica applies the same update.
+
+Memory per rank: the full model state (16 bytes/parameter with fp32 AdamW).
+Communication per step: one all-reduce of all gradients (a ring all-reduce
+sends 2 (N-1)/N of the gradient bytes per rank).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distlab.config import Config
+from distlab.distributed import RankContext
+from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep, no_sync_unless
+
+
+class DDPStrategy(Strategy):
+    """Replicate the model; all-reduce gradients during backward."""
+
+    name = "ddp"
+    summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        model.to(ctx.device)
+        device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        return ModuleTrainStep(
+            wrapped,
+            ctx,
+            config,
+            dp_rank=ctx.rank,
+            dp_size=ctx.world_size,
+            dp_group=None,
+            gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
+            plain_model=model,
+        )

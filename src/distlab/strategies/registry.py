@@ -1,0 +1,32 @@
+"""Strategy names -> the class that implements them, imported only when needed.
+
+Importing a strategy module must stay cheap (heavy libraries such as DeepSpeed
+are imported inside ``prepare``), because the launcher validates the config,
+and so describes the strategy, before it starts any rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from distlab.errors import DistlabError
+from distlab.strategies.base import Strategy
+
+STRATEGIES: dict[str, str] = {
+    "single": "distlab.strategies.single:SingleStrategy",
+    "ddp": "distlab.strategies.ddp:DDPStrategy",
+    "fsdp": "distlab.strategies.fsdp:FSDPStrategy",
+}
+
+
+def names() -> list[str]:
+    """Every registered strategy name."""
+    return list(STRATEGIES)
+
+
+def describe(name: str) -> Strategy:
+    """The strategy registered as ``name``; a one-line error for an unknown name."""
+    if name not in STRATEGIES:
+        raise DistlabError(f"unknown strategy '{name}' (choose one of: {', '.join(STRATEGIES)})")
+    module_name, class_name = STRATEGIES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
