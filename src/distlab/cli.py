@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from distlab.config import Config
 from distlab.errors import DistlabError
 
-NOT_FLAGS = {"extra"}
+NOT_FLAGS: set[str] = set()
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

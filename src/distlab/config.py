@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ class Config:
     """Collective timeout: a rank blocked this long in a collective fails the run."""
     threads_per_rank: int = 1
     """CPU threads per rank (intra-op); one keeps ranks from oversubscribing cores."""
+    quiet: bool = False
+    """Print nothing but errors (no progress, no summary table)."""
     log_every: int = 10
     """Print a progress line every this many steps (when not on a terminal)."""
     checkpoint_every: int = 0
@@ -81,6 +83,20 @@ class Config:
     """Write the full final weights to final_weights.pt (used by parity checks)."""
     reshard_after_forward: bool = True
     """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    offload: str = "none"
+    """DeepSpeed ZeRO only: none, optimizer (state on CPU) or params (ZeRO-3: also params)."""
+    dp: int | None = None
+    """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
+    tp: int = 1
+    """Tensor-parallel degree (tp and compositions with tp)."""
+    pp: int = 1
+    """Pipeline-parallel degree, i.e. stages (pp and compositions with pp)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b or interleaved-1f1b."""
+    microbatches: int | None = None
+    """Pipeline micro-batches per step on each pipeline; default: 2 x stages."""
+    sequence_parallel: bool = False
+    """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless an API key is configured)."""
     wandb_project: str = "distlab"
@@ -89,8 +105,6 @@ class Config:
     """W&B group, so runs of one experiment sit together."""
     wandb_name: str | None = None
     """W&B run name; default: the run dir's name."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Strategy-specific options that have no field of their own."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what ``config.yaml`` holds)."""
@@ -123,10 +137,6 @@ def _coerce(name: str, value: Any) -> Any:
                     return False
                 raise ValueError
             return bool(value)
-        if kind.startswith("dict"):
-            if not isinstance(value, dict):
-                raise ValueError
-            return value
         return str(value)
     except (TypeError, ValueError):
         raise DistlabError(

@@ -40,7 +40,7 @@ class RunRecorder:
         self.wandb_run = self._start_wandb(extra_config) if config.wandb else None
         self.progress: Progress | None = None
         self.task = None
-        if self.console.is_terminal:
+        if self.console.is_terminal and not config.quiet:
             self.progress = Progress(
                 TextColumn(f"[bold]{config.strategy}[/] x{config.nproc}"),
                 BarColumn(),
@@ -75,7 +75,9 @@ class RunRecorder:
         status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=step + 1, status=status)
-        elif (step + 1) % self.config.log_every == 0 or step == start_step:
+        elif not self.config.quiet and (
+            (step + 1) % self.config.log_every == 0 or step == start_step
+        ):
             print(f"step {step + 1}/{self.config.steps}  {status}", flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -87,7 +89,8 @@ class RunRecorder:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(_flatten(summary))
             self.wandb_run.finish()
-        self.console.print(summary_table(summary))
+        if not self.config.quiet:
+            self.console.print(summary_table(summary))
 
     def close_on_error(self) -> None:
         """Stop the display and W&B after a failed run."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
 from distlab.config import load_config
-from distlab.launch.prepare import prepare_run
+from distlab.launch import run
 from distlab.strategies import registry
 
 
@@ -33,10 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {registry.describe(name).summary}")
         return 0
     config = load_config(args.config, config_overrides(args))
-    token_file, run_dir = prepare_run(config)
-    from distlab.launch.local import launch_local
-
-    launch_local(config, token_file, run_dir)
+    run_dir = run(config)
     print(f"run dir: {run_dir}")
     return 0
 

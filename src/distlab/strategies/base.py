@@ -23,7 +23,7 @@ from torch import nn
 
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
-from distlab.memory import ModelStateBytes, tensor_bytes
+from distlab.memory import ModelStateBytes, predicted_bytes, tensor_bytes
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 
 
@@ -82,6 +82,17 @@ class Strategy(ABC):
     @abstractmethod
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         """Wrap or split ``model`` for this rank and return its training step."""
+
+    @abstractmethod
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        """Theory: bytes of params, grads and optimizer state on one rank (rank 0)."""
+
+
+class ReplicatedStateStrategy(Strategy):
+    """A strategy whose every rank holds the full model state (single, ddp)."""
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        return predicted_bytes(n_params, config.optimizer)
 
 
 def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:

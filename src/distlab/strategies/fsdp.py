@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.memory import ModelStateBytes, predicted_bytes
 from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
 
 
@@ -44,6 +45,10 @@ class FSDPStrategy(Strategy):
         "FSDP2 fully_shard per block: params, grads, optimizer state sharded "
         "(ZeRO-3; ZeRO-2-like with --no-reshard-after-forward)"
     )
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        n = config.nproc
+        return predicted_bytes(n_params, config.optimizer, params_div=n, grads_div=n, optim_div=n)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)

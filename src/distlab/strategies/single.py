@@ -10,10 +10,10 @@ from torch import nn
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.base import ModuleTrainStep, ReplicatedStateStrategy, TrainStep
 
 
-class SingleStrategy(Strategy):
+class SingleStrategy(ReplicatedStateStrategy):
     """The whole model and the whole batch on one rank."""
 
     name = "single"
