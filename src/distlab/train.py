@@ -34,7 +34,8 @@ def train(
     seq_len = resolved_seq_len(config)
     tokens = load_tokens(token_file)
     model = build_model(config.model, config.seed)
-    train_step = registry.describe(config.strategy).prepare(model, ctx, config)
+    strategy = registry.describe(config.strategy)
+    train_step = strategy.prepare(model, ctx, config)
     tokens_per_step = config.global_batch * seq_len
     parameters = count_parameters(model_config)
     recorder = (
@@ -99,6 +100,9 @@ def train(
         "flops_per_token": flops_per_token(model_config, seq_len),
         "model_state_bytes_per_rank": state_bytes[0],
         "model_state_bytes_by_rank": state_bytes,
+        "predicted_model_state_bytes_per_rank": strategy.predicted_state_bytes(
+            config, parameters
+        ).to_dict(),
         "wall_time_s": time.time() - started,
         "run_dir": str(run_dir),
     }
