@@ -37,22 +37,22 @@ def parity_config(
     strategy: str, nproc: int, optimizer: str, steps: int = PARITY_STEPS, **fields
 ) -> Config:
     """The small, fast, fp32 config parity checks run."""
-    config = Config(
-        strategy=strategy,
-        nproc=nproc,
-        model="tiny",
-        steps=steps,
-        global_batch=8,
-        optimizer=optimizer,
-        lr=SGD_LR if optimizer == "sgd" else 3e-3,
-        warmup_steps=2,
-        precision="fp32",
-        device="cpu",
-        wandb=False,
-        save_final_weights=True,
-        quiet=True,
-        **fields,
-    )
+    settings = {
+        "strategy": strategy,
+        "nproc": nproc,
+        "model": "tiny",
+        "steps": steps,
+        "global_batch": 8,
+        "optimizer": optimizer,
+        "lr": SGD_LR if optimizer == "sgd" else 3e-3,
+        "warmup_steps": 2,
+        "precision": "fp32",
+        "device": "cpu",
+        "wandb": False,
+        "save_final_weights": True,
+        "quiet": True,
+    }
+    config = Config(**{**settings, **fields})
     validate(config)
     return config
 
@@ -131,6 +131,11 @@ def compare(config: Config, workdir: Path) -> ParityReport:
     reference = reference_config(config)
     ref_dir = _run_once(reference, workdir / _run_name(reference))
     run_dir = _run_once(config, workdir / _run_name(config))
+    return compare_runs(ref_dir, run_dir)
+
+
+def compare_runs(ref_dir: Path, run_dir: Path) -> ParityReport:
+    """Compare two finished runs that saved their final weights."""
     ref_weights = torch.load(ref_dir / "final_weights.pt", weights_only=True)
     weights = torch.load(run_dir / "final_weights.pt", weights_only=True)
     missing = set(ref_weights) ^ set(weights)

@@ -1,0 +1,69 @@
+"""Config loading: YAML + CLI precedence and one-line errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distlab.config import Config, grad_accum_steps, load_config
+from distlab.errors import DistlabError
+
+
+def test_defaults_are_valid() -> None:
+    config = load_config()
+    assert config == Config()
+
+
+def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
+    file = tmp_path / "run.yaml"
+    file.write_text("strategy: ddp\nnproc: 2\nsteps: 7\nlr: 0.01\n")
+    config = load_config(str(file), {"steps": "9"})
+    assert (config.strategy, config.nproc, config.steps, config.lr) == ("ddp", 2, 9, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"strategy": "nope"}, "unknown strategy 'nope'"),
+        ({"nproc": 0}, "nproc must be >= 1"),
+        ({"strategy": "ddp", "nproc": 3}, "not divisible by the data-parallel size 3"),
+        ({"strategy": "single", "nproc": 2}, "exactly 1 rank"),
+        ({"optimizer": "adam"}, "optimizer must be one of"),
+        ({"steps": "many"}, "config field 'steps' expects int"),
+        ({"model": "huge"}, "unknown model preset 'huge'"),
+        ({"seq_len": 4096}, "seq_len must be between 1"),
+        ({"micro_batch": 5}, "micro_batch 5 does not divide"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"lr": -1}, "lr must be a positive number"),
+        ({"colour": "red"}, "unknown config field 'colour'"),
+    ],
+)
+def test_invalid_values_raise_one_line_errors(overrides: dict, fragment: str) -> None:
+    with pytest.raises(DistlabError) as error:
+        load_config(None, overrides)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_yaml_file(tmp_path: Path) -> None:
+    file = tmp_path / "bad.yaml"
+    file.write_text("- just\n- a list\n")
+    with pytest.raises(DistlabError, match="must hold a mapping"):
+        load_config(str(file))
+    with pytest.raises(DistlabError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_grad_accumulation_steps() -> None:
+    config = load_config(
+        None, {"strategy": "ddp", "nproc": 2, "global_batch": 16, "micro_batch": 2}
+    )
+    assert grad_accum_steps(config, 2) == 4
+
+
+@pytest.mark.parametrize(
+    "name", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+)
+def test_shipped_configs_load(name: Path) -> None:
+    load_config(str(name))

@@ -1,0 +1,167 @@
+"""The launch command as a user runs it: run dir contents, bad input, dying ranks, W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.helpers import ROOT, assert_one_line_error, run_command
+
+TINY = ["--model", "tiny", "--steps", "6", "--global-batch", "8", "--no-wandb"]
+
+
+def test_run_dir_contract(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_command(
+        "distlab.launch",
+        "--strategy",
+        "ddp",
+        "--nproc",
+        "2",
+        *TINY,
+        "--checkpoint-every",
+        "3",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "distlab run: ddp x2" in result.stdout
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["strategy"] == "ddp" and config["nproc"] == 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(6))
+    for m in metrics:
+        assert {"step", "loss", "lr", "step_time_s", "tokens_per_s", "grad_norm"} <= set(m)
+    assert metrics[0]["loss"] == pytest.approx(5.545, abs=0.05)  # ln(256): uniform start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_loss"] == metrics[-1]["loss"] and summary["steps_run"] == 6
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_000003", "step_000006"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--strategy", "nope"], "unknown strategy 'nope'"),
+        (["--strategy", "ddp", "--nproc", "0"], "nproc must be >= 1"),
+        (["--strategy", "ddp", "--nproc", "3", "--global-batch", "8"], "not divisible"),
+        (["--data", "/no/such/corpus.txt"], "data not found"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--steps", "ten"], "expects int"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(args: list[str], fragment: str) -> None:
+    assert_one_line_error(run_command("distlab.launch", *args, "--no-wandb"), fragment)
+
+
+def test_unwritable_run_dir(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = "/proc/distlab-run"  # even root cannot create directories in /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "run")
+    result = run_command("distlab.launch", *TINY, "--run-dir", target)
+    assert_one_line_error(result, "not writable")
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_command("distlab.launch", *TINY, "--run-dir", str(run_dir)).returncode == 0
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert_one_line_error(
+        run_command("distlab.launch", *TINY, "--run-dir", str(run_dir)), "already holds a run"
+    )
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    launch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distlab.launch",
+            "--strategy",
+            "ddp",
+            "--nproc",
+            "2",
+            "--model",
+            "tiny",
+            "--steps",
+            "100000",
+            "--no-wandb",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline and launch.poll() is None, "run did not start"
+        time.sleep(0.2)
+    ranks = [
+        p for p in _child_pids(launch.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()
+    ]
+    assert len(ranks) == 2, ranks
+    killed_at = time.monotonic()
+    os.kill(ranks[-1], signal.SIGKILL)
+    _, stderr = launch.communicate(timeout=30)
+    assert time.monotonic() - killed_at < 15
+    assert launch.returncode == 2
+    assert "was killed by signal 9" in stderr and "Traceback" not in stderr
+    for pid in ranks:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
+
+
+def test_wandb_offline_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_command(
+        "distlab.launch",
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--wandb",
+        "--wandb-group",
+        "g1",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert any(offline_runs[0].glob("*.wandb"))
+
+
+def test_list_strategies() -> None:
+    result = run_command("distlab.launch", "--list")
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert {"single", "ddp", "fsdp"} <= set(names)
+
+
+def test_verify_command_prints_a_table() -> None:
+    result = run_command(
+        "distlab.verify", "--strategy", "ddp", "--nproc", "2", "--optimizer", "sgd"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout and "single loss" in result.stdout
