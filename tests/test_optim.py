@@ -13,8 +13,9 @@ from distlab.optim import lr_factor
 def test_schedule_shape(steps: int, warmup: int, ratio: float) -> None:
     config = Config(steps=steps, warmup_steps=warmup, min_lr_ratio=ratio)
     factors = [lr_factor(s, config) for s in range(steps)]
-    assert all(ratio - 1e-12 <= f <= 1 + 1e-12 for f in factors)
-    warm = factors[:warmup]
-    assert warm == sorted(warm)
-    decay = factors[warmup:]
+    warm, decay = factors[:warmup], factors[warmup:]
+    assert all(0 < f <= 1 for f in warm) and warm == sorted(warm)
+    assert all(ratio - 1e-12 <= f <= 1 + 1e-12 for f in decay)
     assert all(a >= b - 1e-12 for a, b in zip(decay, decay[1:], strict=False))
+    if decay:
+        assert decay[0] == 1.0  # the peak lr right after warm-up
