@@ -16,6 +16,17 @@ STRATEGIES: dict[str, str] = {
     "single": "distlab.strategies.single:SingleStrategy",
     "ddp": "distlab.strategies.ddp:DDPStrategy",
     "fsdp": "distlab.strategies.fsdp:FSDPStrategy",
+    "tp": "distlab.strategies.tensor_parallel:TPStrategy",
+    "pp": "distlab.strategies.pipeline_parallel:PPStrategy",
+    "fsdp+tp": "distlab.strategies.composed:FSDPTPStrategy",
+    "ddp+pp": "distlab.strategies.composed:DDPPPStrategy",
+    "fsdp+pp": "distlab.strategies.composed:FSDPPPStrategy",
+    "fsdp+tp+pp": "distlab.strategies.composed:FSDPTPPPStrategy",
+    "zero1": "distlab.strategies.deepspeed_zero:Zero1Strategy",
+    "zero2": "distlab.strategies.deepspeed_zero:Zero2Strategy",
+    "zero3": "distlab.strategies.deepspeed_zero:Zero3Strategy",
+    "fairscale-oss": "distlab.strategies.fairscale_oss:FairscaleOSSStrategy",
+    "fairscale-sdp": "distlab.strategies.fairscale_oss:FairscaleSDPStrategy",
 }
 
 

@@ -1,0 +1,168 @@
+"""Compositions: data x tensor x pipeline parallelism on one (pp, dp, tp) device mesh.
+
+``parallelize`` applies the parallelisms in the only order that works:
+
+1. pipeline split: each rank keeps its stages' layers (``pipeline_parallel``);
+2. tensor parallelism inside each stage, over the mesh's ``tp`` dimension
+   (``tensor_parallel.apply_tp``): parameters become DTensors on the tp mesh;
+3. data parallelism around each stage over the ``dp`` dimension: FSDP2
+   ``fully_shard`` (which shards the tp DTensors further, "2D") or DDP.
+
+Data parallelism comes last because it must see the final parameters (FSDP
+shards whatever tensors the module holds, DDP registers hooks on them), and
+the pipeline comes first because the other two act on a stage's module.
+
+Example: ``--strategy fsdp+tp+pp --dp 2 --tp 2 --pp 2 --nproc 8``: ranks 0-3
+hold stage 0 and 4-7 stage 1; within a stage, ranks {0,1} and {2,3} are
+tensor-parallel pairs and {0,2}, {1,3} FSDP pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+
+from distlab.config import Config
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError
+from distlab.memory import ModelStateBytes, predicted_bytes
+from distlab.model import GPT, PRESETS
+from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.fsdp import apply_fsdp
+from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
+from distlab.strategies.pipeline_parallel import (
+    VIRTUAL_STAGES,
+    PipelineTrainStep,
+    plan_stages,
+    split_model,
+    stages_of_rank,
+    validate_pp,
+)
+from distlab.strategies.tensor_parallel import apply_tp, tp_rank0_elements, validate_tp
+
+
+def parallelize(
+    module: GPT, mesh: DeviceMesh, dims: ParallelDims, config: Config, data_parallel: str
+) -> nn.Module:
+    """Tensor parallelism, then ``data_parallel`` (fsdp or ddp), on a model or pipeline stage."""
+    if dims.tp > 1:
+        apply_tp(module, mesh["tp"], config.sequence_parallel)
+        # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
+        # in-place op on them would skip its pre-backward hook. Only the loss reads them.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    if data_parallel == "fsdp":
+        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward)
+    return DistributedDataParallel(module, process_group=mesh["dp"].get_group())
+
+
+class ComposedStrategy(Strategy):
+    """Data parallelism (``data_parallel``) combined with tp and/or pp on one mesh."""
+
+    data_parallel = "fsdp"
+    """``fsdp`` or ``ddp``: how replicas along the mesh's dp dimension share the work."""
+    tensor_parallel = False
+    pipeline = False
+
+    def dims(self, config: Config) -> ParallelDims:
+        return resolve_dims(config, self.name, True, self.tensor_parallel, self.pipeline)
+
+    def validate(self, config: Config) -> None:
+        dims = self.dims(config)
+        if self.tensor_parallel:
+            validate_tp(config, dims.tp)
+        elif config.sequence_parallel:
+            raise DistlabError("--sequence-parallel needs tensor parallelism (a strategy with tp)")
+        if self.pipeline:
+            validate_pp(config, dims)
+
+    def data_parallel_size(self, config: Config) -> int:
+        return self.dims(config).dp
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        return predicted_rank0_bytes(config, self.dims(config), self.data_parallel)
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        dims = self.dims(config)
+        mesh = dims.build_mesh(ctx.device_type)
+        if self.pipeline:
+
+            def wrap_stage(stage: GPT) -> nn.Module:
+                return parallelize(stage, mesh, dims, config, self.data_parallel)
+
+            return PipelineTrainStep(model, ctx, config, dims, mesh, wrap_stage)
+        model.to(ctx.device)
+        wrapped = parallelize(model, mesh, dims, config, self.data_parallel)
+
+        def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:
+            wrapped.set_requires_gradient_sync(enabled)  # FSDP: reduce only on the last micro-batch
+            return contextlib.nullcontext()
+
+        return ModuleTrainStep(
+            wrapped,
+            ctx,
+            config,
+            dp_rank=mesh["dp"].get_local_rank(),
+            dp_size=dims.dp,
+            dp_group=mesh["dp"].get_group(),
+            gradient_sync=gradient_sync,
+            plain_model=model,
+        )
+
+
+class FSDPTPStrategy(ComposedStrategy):
+    name = "fsdp+tp"
+    summary = "2D: tensor parallel within --tp ranks, FSDP2 over the --dp replicas"
+    tensor_parallel = True
+
+
+class DDPPPStrategy(ComposedStrategy):
+    name = "ddp+pp"
+    summary = "2D: pipeline of --pp stages, each stage replicated by DDP over --dp ranks"
+    data_parallel = "ddp"
+    pipeline = True
+
+
+class FSDPPPStrategy(ComposedStrategy):
+    name = "fsdp+pp"
+    summary = "2D: pipeline of --pp stages, each stage sharded by FSDP2 over --dp ranks"
+    pipeline = True
+
+
+class FSDPTPPPStrategy(ComposedStrategy):
+    name = "fsdp+tp+pp"
+    summary = "3D: pipeline stages, tensor parallel inside each, FSDP2 over --dp replicas"
+    tensor_parallel = True
+    pipeline = True
+
+
+def predicted_rank0_bytes(
+    config: Config, dims: ParallelDims, data_parallel: str | None
+) -> ModelStateBytes:
+    """Theory for rank 0 (first stage, tp shard 0, dp replica 0), tensor by tensor.
+
+    Pipeline: only the first stage's (or, interleaved, stages') parameters.
+    Tensor parallel: split matrices and the embedding/head / tp, norms, the
+    position embedding and row-parallel biases whole. FSDP: what is left,
+    split along dim 0 over dp (rank 0 takes the rounded-up share). DDP keeps
+    everything of its stage.
+    """
+    shape = PRESETS[config.model]
+    with torch.device("meta"):
+        model = GPT(shape)
+    if dims.pp > 1:
+        virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+        plans = plan_stages(shape.n_layer, dims.pp * virtual)
+        split_model(model, [plans[i] for i in stages_of_rank(0, dims.pp, virtual)])
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if dims.tp > 1:
+        shapes = tp_rank0_elements(shapes, dims.tp)
+    if data_parallel == "fsdp":
+        shapes = {n: (-(-s[0] // dims.dp), *s[1:]) for n, s in shapes.items()}
+    elements = sum(math.prod(s) for s in shapes.values())
+    return predicted_bytes(elements, config.optimizer)

@@ -1,0 +1,464 @@
+"""``zero1``, ``zero2``, ``zero3``: DeepSpeed's ZeRO optimizer, optionally offloading to CPU.
+
+DeepSpeed owns the whole training step: ``deepspeed.initialize`` wraps the GPT
+in an engine built from a config dict that ``deepspeed_config`` generates from
+distlab's ``Config`` (micro-batch, gradient accumulation, optimizer, clipping,
+precision, ZeRO stage, offload), and ``engine.backward`` / ``engine.step``
+replace ``loss.backward()`` / ``optimizer.step()``.
+
+What each stage shards over the N data-parallel ranks:
+
+- ZeRO-1 shards the optimizer state. Each rank keeps the full parameters and,
+  until the end of backward, full gradients; then the gradients are reduced so
+  each rank gets the 1/N slice it owns, it updates that slice of the flat
+  parameter buffer, and an all-gather shares the updated slices.
+- ZeRO-2 also shards the gradients: during backward, full buckets of gradients
+  are reduced to the ranks owning their elements, so a rank never holds more
+  than one bucket plus its own 1/N slice.
+- ZeRO-3 also shards the parameters: each rank keeps 1/N of every parameter and
+  all-gathers a layer's parameters just before its forward. By default
+  (``stage3_max_reuse_distance``) DeepSpeed keeps them gathered until the
+  layer's backward when they will be reused soon, which on the lab's models
+  means all of them: one gather per step, the full parameters live during the
+  step, sharded at rest.
+
+Memory per rank, fp32 AdamW, P parameters. The ZeRO paper counts 4 B/param of
+params, 4 of grads, 8 of optimizer state, and ZeRO-1 divides the 8 by N,
+ZeRO-2 also the grads, ZeRO-3 also the params. DeepSpeed keeps more, and
+``predicted_state_bytes`` adds each term (``docs/memory.md`` measures them):
+
+    stage  params  grads              optimizer
+    1      4P      4P     + 4B        4P/N + 8P/N
+    2      4P      4P/N   + 4B        4P/N + 8P/N
+    3      4P/N    4P/N   + 4B        4P/N + 8P/N
+
+- 4P/N *master copy*: DeepSpeed's optimizer updates a separate fp32 copy of the
+  rank's parameter slice even when the model is fp32 (it is built for bf16 and
+  fp16 models, where that copy is the master weights). Counted, as the paper
+  does, with the optimizer state.
+- 4B *gradient bucket*: backward copies gradients into a contiguous bucket of
+  B = ``reduce_bucket_size`` elements before reducing it. DeepSpeed's default
+  (5e8 elements, 2 GB) exceeds every lab model and would hold all gradients
+  at once; distlab sets B = P/8, a fixed cost that does not shrink with N.
+- smaller terms: ZeRO-2's gradient partition keeps every tensor that overlaps
+  the rank's slice whole (up to one tensor more than P/N), and with gradient
+  accumulation keeps the earlier micro-batches' slice apart (twice that);
+  offload adds the CPU optimizer's fp32 gradient slice and staging buffers;
+  bf16 a second (bf16) bucket.
+
+Communication per step, per rank (4P bytes of fp32 gradients or parameters):
+the ZeRO paper's ZeRO-1/2 reduce-scatter the gradients and all-gather the
+updated parameters, DDP's volume. DeepSpeed all-reduces each gradient bucket
+that spans several ranks' slices (``use_multi_rank_bucket_allreduce``, the
+default) and then all-gathers the parameters: all-reduce 4P + all-gather 4P,
+1.5x DDP. ZeRO-3 all-gathers the parameters (once per step, see above; the
+paper's 1.5x DDP assumes a second gather in backward) and reduce-scatters the
+gradients (``distlab.theory`` predicts these per collective).
+
+CPU offload (``--offload optimizer``, all stages; ``--offload params``, ZeRO-3):
+the master slice, its gradient slice and the optimizer state (16P/N bytes) live
+in CPU memory, and the update runs on the CPU with DeepSpeed's vectorised
+``DeepSpeedCPUAdam`` (ZeRO-Offload); ``params`` moves the ZeRO-3 parameter
+slices there too. Each step then copies 4P/N of gradients down and 4P/N of
+parameters back per rank. On a CPU-only machine offload moves nothing but runs
+the same code, so it is tested here.
+
+Optimizers. SGD is ``torch.optim.SGD`` (DeepSpeed builds a ``torch.optim``
+class it does not know by name). AdamW without offload is ``torch.optim.AdamW``
+(``"torch_adam": true``): the arithmetic every other strategy uses, so ZeRO
+matches the single-process run to rounding. With offload, ``DeepSpeedCPUAdam``
+updates; it computes the same formula in another order and differs from
+torch's AdamW by ~1 float32 ulp per weight over 5 steps (see
+``tests/test_zero_parity.py``).
+
+The learning-rate schedule is distlab's ``LambdaLR`` (``build_scheduler``)
+given to DeepSpeed as a client scheduler: DeepSpeed's ``WarmupCosineLR`` starts
+its linear warm-up at 0 rather than lr/warmup and its cosine is one step off,
+so it cannot reproduce the schedule the other strategies use. bf16 is
+DeepSpeed's ``torch_autocast`` (fp32 parameters, bf16 matmuls): the meaning
+``--precision bf16`` has everywhere in distlab.
+
+When to use it: ZeRO-1/2 when the optimizer state (and gradients) no longer fit
+but the parameters do: up to 4-8x less state per rank for DDP-like traffic.
+ZeRO-3 when even the parameters do not fit at rest (bound how many stay
+gathered with ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance``
+when they do not fit during the step either). Offload when GPU memory, not
+PCIe bandwidth or CPU time, is the limit.
+
+Checkpoints are DeepSpeed's own (``engine.save_checkpoint``: per-rank optimizer
+partitions) and resume with the same stage and world size.
+
+Requires the optional extra ``pip install 'distlab[deepspeed]'``. DeepSpeed
+JIT-compiles its C++ ops on first use (about 40 s, then cached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+
+from distlab.config import Config, grad_accum_steps
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError
+from distlab.memory import ModelStateBytes, optimizer_bytes_per_param
+from distlab.model import GPT, PRESETS
+from distlab.optim import ADAMW_BETAS, ADAMW_EPS, build_scheduler
+from distlab.strategies.base import (
+    StepResult,
+    Strategy,
+    TrainStep,
+    language_model_loss,
+    mean_over_group,
+)
+
+OFFLOAD_CHOICES = ("none", "optimizer", "params")
+CHECKPOINT_TAG = "deepspeed"
+"""Sub-directory (DeepSpeed "tag") of a checkpoint directory that DeepSpeed writes."""
+BUCKET_FRACTION = 8
+"""The gradient bucket holds 1/8 of the model's elements (see ``bucket_elements``)."""
+
+
+def bucket_elements(n_params: int) -> int:
+    """Elements of DeepSpeed's gradient bucket (``reduce_bucket_size``) for a P-parameter model.
+
+    DeepSpeed's default, 5e8 elements (2 GB in fp32), is larger than every lab
+    model: all gradients would sit in one bucket, a full extra copy that hides
+    ZeRO-2's gradient sharding. P/8 is still larger than any single tensor of
+    the lab's models (larger ones would bypass the bucket).
+    """
+    return max(1, n_params // BUCKET_FRACTION)
+
+
+def largest_tensor_elements(config: Config) -> int:
+    """Elements of the model's largest parameter (embedding, LM head or MLP matrix)."""
+    shape = PRESETS[config.model]
+    d = shape.d_model
+    return max(shape.vocab_size * d, shape.block_size * d, 4 * d * d)
+
+
+def parameter_sizes(config: Config) -> list[int]:
+    """Elements of each parameter tensor of the configured model, in order (no memory used)."""
+    with torch.device("meta"):
+        return [p.numel() for p in GPT(PRESETS[config.model]).parameters()]
+
+
+def first_slice_tensor_elements(config: Config) -> int:
+    """Elements of the tensors that overlap rank 0's 1/N slice of DeepSpeed's flat buffer.
+
+    ZeRO-2 (without offload) keeps the reduced gradients of every tensor that
+    overlaps the rank's slice whole, so a tensor crossing a slice boundary
+    counts on both ranks: rank 0's partition is slightly more than P/N.
+    """
+    sizes = parameter_sizes(config)
+    slice_end = -(-sum(sizes) // config.nproc)
+    total, start = 0, 0
+    for size in sizes:
+        if start < slice_end:
+            total += size
+        start += size
+    return total
+
+
+def deepspeed_config(config: Config, stage: int, dp_size: int, n_params: int) -> dict[str, Any]:
+    """The DeepSpeed config dict equivalent to distlab's ``config``."""
+    accum = grad_accum_steps(config, dp_size)
+    micro = config.global_batch // dp_size // accum
+    if config.optimizer == "sgd":
+        optimizer = {"type": "SGD", "params": {"lr": config.lr}}
+    else:
+        params = {
+            "lr": config.lr,
+            "betas": list(ADAMW_BETAS),
+            "eps": ADAMW_EPS,
+            "weight_decay": config.weight_decay,
+        }
+        if config.offload == "none":
+            params["torch_adam"] = True
+        optimizer = {"type": "AdamW", "params": params}
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "reduce_bucket_size": bucket_elements(n_params),
+        "allgather_bucket_size": bucket_elements(n_params),
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    }
+    if config.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if config.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if stage == 3:
+        # DeepSpeed keeps parameters under 1e5 elements unpartitioned by default:
+        # every parameter of the lab's small models. Partition them all.
+        zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_prefetch_bucket_size"] = bucket_elements(n_params)
+    ds_config: dict[str, Any] = {
+        "train_batch_size": config.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": config.grad_clip,
+        "optimizer": optimizer,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if config.precision == "bf16":
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds_config
+
+
+class DeepSpeedTrainStep(TrainStep):
+    """One optimizer step through a DeepSpeed engine: forward, engine.backward, engine.step."""
+
+    def __init__(self, engine, ctx: RankContext, config: Config, stage: int) -> None:
+        self.engine = engine
+        self.ctx = ctx
+        self.config = config
+        self.stage = stage
+        self.dp_rank, self.dp_size = ctx.rank, ctx.world_size
+        self.accum = grad_accum_steps(config, self.dp_size)
+        self.grad_bytes = 0
+        """Peak gradient bytes of the last step (DeepSpeed frees gradients inside ``step``)."""
+
+    def _sample_grads_after_autograd(self, grad: torch.Tensor) -> torch.Tensor:
+        """Loss hook: count gradients when autograd finishes, before DeepSpeed's final reduction.
+
+        That is the peak for ZeRO-1 (full gradients on every parameter); after
+        ``engine.backward`` only the reduced partition is left, which is sampled too.
+        """
+
+        def sample() -> None:
+            self.grad_bytes = measure_grad_bytes(self.engine)
+
+        Variable._execution_engine.queue_callback(sample)
+        return grad
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        device = self.ctx.device
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        for index, (x, y) in enumerate(micro_batches):
+            logits = self.engine(x.to(device, non_blocking=True))
+            loss = language_model_loss(logits, y.to(device, non_blocking=True))
+            last = index == self.accum - 1
+            if last:
+                loss.register_hook(self._sample_grads_after_autograd)
+            self.engine.backward(loss)  # scales by 1 / accum; reduces on the last micro-batch
+            if last:
+                self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
+            self.engine.step()  # a no-op except on the last micro-batch
+            loss_sum += loss.detach()
+        grad_norm = self.engine.get_global_grad_norm()
+        mean_loss = mean_over_group(loss_sum / self.accum, None, self.dp_size)
+        return StepResult(loss=mean_loss, grad_norm=float(grad_norm or 0.0))
+
+    def current_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def model_state_bytes(self) -> ModelStateBytes:
+        return ModelStateBytes(
+            params=storage_bytes(_parameter_tensors(self.engine)),
+            grads=self.grad_bytes,
+            optimizer=measure_optimizer_bytes(self.engine),
+        )
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint (model, partitioned optimizer state, LR schedule)."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore what ``save_checkpoint`` wrote: same strategy and world size only.
+
+        (DeepSpeed can convert ZeRO checkpoints between world sizes with its
+        "universal checkpoint" tools; this lab does not do that for you.)
+        """
+        from distlab.checkpoint import read_meta, set_schedule_position
+
+        meta = read_meta(directory)
+        if (meta["format"], meta["world_size"]) != (self.config.strategy, self.dp_size):
+            raise DistlabError(
+                f"checkpoint {directory} was written by {meta['format']} on "
+                f"{meta['world_size']} ranks; a DeepSpeed checkpoint resumes only with the same "
+                f"strategy and world size ({self.config.strategy} on {self.dp_size} here)"
+            )
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if load_path is None:
+            raise DistlabError(f"checkpoint {directory} holds no DeepSpeed state")
+        set_schedule_position(self.engine.lr_scheduler, meta["next_step"])
+
+
+GRADIENT_ATTRIBUTE = re.compile(r"grad|ipg")
+"""ZeRO optimizer attributes that hold gradients: partitions, buckets ("ipg"), offload buffers."""
+
+
+def _tensors(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+    """Tensors reachable from ``obj`` through lists, dicts and DeepSpeed's own objects."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item, depth - 1)
+    elif depth > 0 and type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
+        for item in vars(obj).values():
+            yield from _tensors(item, depth - 1)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _parameter_tensors(engine) -> list[torch.Tensor]:
+    """The model parameters as this rank stores them (ZeRO-3: each one's local slice)."""
+    return [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+
+
+def _master_tensors(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master slice: what DeepSpeed's inner (torch) optimizer updates."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zero.single_partition_of_fp32_groups)
+    return list(zero.fp32_partitioned_groups_flat)  # ZeRO-3
+
+
+def measure_grad_bytes(engine) -> int:
+    """Gradient storage held right now: on the parameters, in ZeRO's buckets and partitions."""
+    found = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    found += [p.grad for p in _master_tensors(engine) if p.grad is not None]
+    for name, value in vars(engine.optimizer).items():
+        if GRADIENT_ATTRIBUTE.search(name):
+            # A tensor that requires grad is a parameter, not a gradient: count its .grad.
+            found += [
+                t.grad if t.requires_grad else t
+                for t in _tensors(value)
+                if not t.requires_grad or t.grad is not None
+            ]
+    return storage_bytes(found)
+
+
+def measure_optimizer_bytes(engine) -> int:
+    """The fp32 master slice, the inner optimizer's state and offload's staging copy."""
+    inner = engine.optimizer.optimizer
+    state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    staging = getattr(engine.optimizer, "param_buffer_of_bit16_for_cpu_offload_groups", [])
+    return storage_bytes([*_master_tensors(engine), *state, *staging])
+
+
+class DeepSpeedZeroStrategy(Strategy):
+    """ZeRO stage ``stage`` through DeepSpeed's engine (subclasses fix the stage)."""
+
+    stage: int = 0
+
+    def validate(self, config: Config) -> None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise DistlabError(
+                f"strategy '{self.name}' needs DeepSpeed: pip install 'distlab[deepspeed]'"
+            )
+        if config.offload not in OFFLOAD_CHOICES:
+            raise DistlabError(
+                f"offload must be one of {', '.join(OFFLOAD_CHOICES)} (got '{config.offload}')"
+            )
+        if config.offload == "params" and self.stage != 3:
+            raise DistlabError(
+                f"--offload params needs sharded parameters: use --strategy zero3 "
+                f"(or --offload optimizer with {self.name})"
+            )
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        """The ZeRO paper's count for this stage plus what DeepSpeed keeps besides (see above)."""
+        n, p = config.nproc, n_params
+        offload = config.offload != "none"
+        params = 4 * p // n if self.stage == 3 else 4 * p
+        # ZeRO-1: full gradients until the end of backward; ZeRO-2/3: this rank's slice
+        # (ZeRO-2: whole tensors overlapping it, unless they go straight to the CPU).
+        grad_slice = p // n
+        if self.stage == 2 and not offload:
+            grad_slice = first_slice_tensor_elements(config)
+        grads = 4 * p if self.stage == 1 else 4 * grad_slice
+        grads += 4 * bucket_elements(p)
+        if self.stage == 2 and grad_accum_steps(config, n) > 1:
+            grads += 4 * grad_slice  # earlier micro-batches' slice, accumulated apart
+        if offload and self.stage != 2:
+            grads += 4 * p // n  # the fp32 gradient slice the CPU optimizer reads
+        if offload and self.stage != 3:
+            grads += 2 * 4 * largest_tensor_elements(config)  # two staging buffers
+        if config.precision == "bf16":
+            # A second bucket, for the gradients reduced in bf16 (ZeRO-1/2 stage it in fp32).
+            grads += (2 if self.stage == 3 else 4) * bucket_elements(p)
+        optimizer = 4 * p // n + optimizer_bytes_per_param(config.optimizer) * p // n
+        if offload and self.stage != 3:
+            optimizer += 4 * p // n  # staging copy of the updated slice for the way back
+        return ModelStateBytes(params=params, grads=grads, optimizer=optimizer)
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        if ctx.device_type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed reads the rank layout from the environment; the launcher does not set it.
+        os.environ.setdefault("RANK", str(ctx.rank))
+        os.environ.setdefault("LOCAL_RANK", str(ctx.rank))
+        os.environ.setdefault("WORLD_SIZE", str(ctx.world_size))
+        import deepspeed
+
+        # DeepSpeed calls torch collectives that torch has deprecated: nothing a user can act on.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        )
+        if config.quiet:
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        model.to(ctx.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        ds_config = deepspeed_config(config, self.stage, ctx.world_size, n_params)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=ds_config,
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, config),
+        )
+        return DeepSpeedTrainStep(engine, ctx, config, self.stage)
+
+
+class Zero1Strategy(DeepSpeedZeroStrategy):
+    name = "zero1"
+    summary = "DeepSpeed ZeRO-1: optimizer state sharded (optional --offload optimizer)"
+    stage = 1
+
+
+class Zero2Strategy(DeepSpeedZeroStrategy):
+    name = "zero2"
+    summary = "DeepSpeed ZeRO-2: optimizer state and gradients sharded (optional offload)"
+    stage = 2
+
+
+class Zero3Strategy(DeepSpeedZeroStrategy):
+    name = "zero3"
+    summary = "DeepSpeed ZeRO-3: params, grads, optimizer state sharded (offload optimizer|params)"
+    stage = 3

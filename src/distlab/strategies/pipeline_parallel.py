@@ -1,0 +1,456 @@
+"""``pp``: pipeline parallelism with ``torch.distributed.pipelining``.
+
+The GPT is cut by layers into ``S`` stages: stage 0 also holds the embeddings,
+the last stage the final LayerNorm and the LM head, and the layers are spread
+so that no stage has more than one layer more than another (the first stages
+take the extra ones: the last stage already carries the head and the loss).
+Each rank keeps only its stages' parts of the model (the others are deleted,
+so parameter names stay those of the plain GPT) and wraps each stage in a
+``PipelineStage``. A schedule then runs the local batch as ``M`` microbatches:
+
+- ``gpipe``: all forwards, then all backwards (activations of M microbatches live at once).
+- ``1f1b``: after a warm-up of (S - stage) forwards, alternate one forward and
+  one backward (at most S microbatches of activations live).
+- ``interleaved-1f1b``: every rank holds ``VIRTUAL_STAGES`` (2) non-adjacent
+  stages (rank r holds stages r and r + pp); the bubble shrinks by that factor
+  for the price of twice the point-to-point messages.
+
+Rank r of the pipeline holds stage r (and r + pp, ... when interleaved). The
+bubble, the time a stage waits for the first activations or the last
+gradients, is (p - 1) / (m + p - 1) of a step for GPipe and 1F1B (same bubble,
+less memory for 1F1B); see ``benchmarks/pipeline_bubble.py``.
+
+Loss and gradients: each microbatch's loss is its mean cross-entropy and the
+schedule divides the accumulated gradients by M (``scale_grads``), so the
+gradient is that of the mean over the local batch; data parallelism (DDP or
+FSDP around each stage) then averages over replicas. The last stage has the
+losses; it broadcasts their mean to the other stages of its pipeline so rank
+0 (the first stage) can report it. The gradient norm is summed over stages.
+
+No hang on gloo: the torch 2.13 schedules wait on every send/recv handle
+they create before ``step`` returns, stages are given static shapes (no
+metadata handshake), and everything else here is a blocking collective.
+
+Memory per rank: its stages' parameters, gradients and optimizer state (about
+1/pp of the model). Communication per step: 2 M activation-sized messages
+(forward activations, backward gradients) per stage boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+from torch.distributed.tensor import DTensor
+
+from distlab.config import Config, resolved_seq_len
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError
+from distlab.memory import ModelStateBytes, tensor_bytes
+from distlab.model import GPT, PRESETS
+from distlab.optim import build_optimizer, build_scheduler
+from distlab.strategies.base import (
+    StepResult,
+    Strategy,
+    TrainStep,
+    autocast,
+    language_model_loss,
+    mean_over_group,
+)
+from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+}
+VIRTUAL_STAGES = {"interleaved-1f1b": 2}
+"""Stages per rank for each schedule (1 unless listed)."""
+
+
+# --- The split: which layers go to which stage ----------------------------------------
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one pipeline stage holds."""
+
+    index: int
+    layers: range
+    """Contiguous block indices."""
+    embeddings: bool
+    """Token and position embeddings (first stage only)."""
+    head: bool
+    """Final LayerNorm and LM head (last stage only)."""
+
+
+def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
+    """Cut ``n_layer`` blocks into ``n_stages`` contiguous, balanced (within 1) stages."""
+    if not 1 <= n_stages <= n_layer:
+        raise ValueError(f"cannot cut {n_layer} layers into {n_stages} stages")
+    base, extra = divmod(n_layer, n_stages)
+    plans, start = [], 0
+    for index in range(n_stages):
+        size = base + (1 if index < extra else 0)
+        plans.append(
+            StagePlan(index, range(start, start + size), index == 0, index == n_stages - 1)
+        )
+        start += size
+    return plans
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """Stage indices held by pipeline rank ``pp_rank`` (looped: r, r + pp, ...)."""
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def _stage_shell(model: GPT, plan: StagePlan) -> GPT:
+    """A GPT holding only ``plan``'s parts, shared (not copied) with ``model``."""
+    with torch.device("meta"):
+        shell = GPT(model.config)
+    shell.wte = model.wte if plan.embeddings else None
+    shell.wpe = model.wpe if plan.embeddings else None
+    shell.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in plan.layers})
+    shell.ln_f = model.ln_f if plan.head else None
+    shell.lm_head = model.lm_head if plan.head else None
+    return shell
+
+
+def split_model(model: GPT, plans: list[StagePlan]) -> tuple[GPT, list[GPT]]:
+    """Keep in ``model`` only what ``plans`` (this rank's stages) need.
+
+    Returns the trimmed model (all of this rank's parameters, plain GPT names)
+    and one module per stage. With one stage per rank that module is the
+    trimmed model itself; with several, each stage is a GPT shell sharing the
+    trimmed model's submodules.
+    """
+    owned = {i for plan in plans for i in plan.layers}
+    for key in list(model.blocks):
+        if int(key) not in owned:
+            del model.blocks[key]
+    if not any(plan.embeddings for plan in plans):
+        model.wte = model.wpe = None
+    if not any(plan.head for plan in plans):
+        model.ln_f = model.lm_head = None
+    if len(plans) == 1:
+        return model, [model]
+    return model, [_stage_shell(model, plan) for plan in plans]
+
+
+# --- Settings -------------------------------------------------------------------------
+
+
+def resolve_microbatches(config: Config, dims: ParallelDims) -> int:
+    """Pipeline microbatches per step: --microbatches, else local/micro_batch, else 2 x pp.
+
+    The default is the largest divisor of the local batch that is at most
+    2 x pp, so that every microbatch has the same number of rows.
+    """
+    if config.microbatches is not None:
+        return config.microbatches
+    local = config.global_batch // dims.dp
+    if config.micro_batch is not None:
+        return local // config.micro_batch
+    return max(d for d in range(1, min(local, 2 * dims.pp) + 1) if local % d == 0)
+
+
+def validate_pp(config: Config, dims: ParallelDims) -> None:
+    """One-line errors for pipeline settings that cannot run."""
+    if config.schedule not in SCHEDULES:
+        raise DistlabError(
+            f"unknown pipeline schedule '{config.schedule}' (choose one of: {', '.join(SCHEDULES)})"
+        )
+    shape = PRESETS[config.model]
+    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+    n_stages = dims.pp * virtual
+    if n_stages > shape.n_layer:
+        per_rank = f" ({virtual} per rank with {config.schedule})" if virtual > 1 else ""
+        raise DistlabError(
+            f"{n_stages} pipeline stages{per_rank} but model '{config.model}' has only "
+            f"{shape.n_layer} layers; use at most {shape.n_layer // virtual} for --pp"
+        )
+    if config.global_batch % dims.dp:
+        return  # config.validate reports the indivisible global batch
+    local = config.global_batch // dims.dp
+    if config.micro_batch is not None and config.microbatches is not None:
+        if config.micro_batch * config.microbatches != local:
+            raise DistlabError(
+                f"--micro-batch {config.micro_batch} x --microbatches {config.microbatches} "
+                f"!= the local batch {local}; give only --microbatches for pipelines"
+            )
+    if config.micro_batch is not None and local % config.micro_batch:
+        return  # config.validate reports it
+    m = resolve_microbatches(config, dims)
+    if m < dims.pp:
+        raise DistlabError(
+            f"pipeline schedules need at least as many microbatches as stages: "
+            f"--microbatches {m} < --pp {dims.pp} (local batch {local} rows)"
+        )
+    if local % m:
+        raise DistlabError(
+            f"--microbatches {m} does not divide the local batch of {local} rows "
+            f"(global_batch {config.global_batch} / dp {dims.dp}); microbatches must be equal"
+        )
+    rounds = max(1, m // dims.pp)
+    if config.schedule == "interleaved-1f1b" and m % rounds:
+        raise DistlabError(
+            f"interleaved-1f1b needs --microbatches a multiple of {rounds} "
+            f"(rounds of --pp {dims.pp}); got {m}, use a multiple of --pp"
+        )
+
+
+# --- Gradient clipping across stages --------------------------------------------------
+
+
+def clip_pipeline_gradients(
+    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup
+) -> float:
+    """Global gradient norm over all stages (sum of squares over the pp group); clip to it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):  # sharded by tp / fsdp: reduce over that mesh
+        norm = norm.full_tensor()
+    squared = norm.pow(2)
+    dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pp_group)
+    total = squared.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+# --- Timeline (for the bubble benchmark) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """One forward or backward of one microbatch on one stage (perf_counter seconds)."""
+
+    stage: int
+    kind: str
+    """``F`` (forward) or ``B`` (backward)."""
+    microbatch: int
+    start: float
+    end: float
+
+
+def record_timeline(stage: PipelineStage, events: list[StageEvent]) -> None:
+    """Time every forward/backward chunk ``stage`` runs, appending to ``events``."""
+
+    def timed(kind: str, work: Callable) -> Callable:
+        def run(chunk_id: int, *args, **kwargs):
+            start = time.perf_counter()
+            result = work(chunk_id, *args, **kwargs)
+            events.append(StageEvent(stage.stage_index, kind, chunk_id, start, time.perf_counter()))
+            return result
+
+        return run
+
+    stage.forward_one_chunk = timed("F", stage.forward_one_chunk)
+    stage.backward_one_chunk = timed("B", stage.backward_one_chunk)
+
+
+# --- The training step ----------------------------------------------------------------
+
+StageWrapper = Callable[[GPT], nn.Module]
+"""Applied to each stage module after the split (tensor/data parallelism); returns the
+module the PipelineStage runs."""
+
+
+class PipelineTrainStep(TrainStep):
+    """One optimizer step driven by a pipeline schedule over this rank's stages."""
+
+    def __init__(
+        self,
+        model: GPT,
+        ctx: RankContext,
+        config: Config,
+        dims: ParallelDims,
+        mesh: DeviceMesh,
+        wrap_stage: StageWrapper | None = None,
+    ) -> None:
+        self.ctx, self.config, self.dims = ctx, config, dims
+        self.pp_group = mesh["pp"].get_group()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.dp_rank = mesh["dp"].get_local_rank()
+        self.dp_size = dims.dp
+        self.dp_group = mesh["dp"].get_group() if dims.dp > 1 else None
+        virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+        n_stages = dims.pp * virtual
+        all_plans = plan_stages(model.config.n_layer, n_stages)
+        plans = [all_plans[i] for i in stages_of_rank(self.pp_rank, dims.pp, virtual)]
+        model.to(ctx.device)
+        self.model, stage_modules = split_model(model, plans)
+        if wrap_stage is not None:
+            stage_modules = [wrap_stage(module) for module in stage_modules]
+        self.has_first = any(plan.embeddings for plan in plans)
+        self.has_last = any(plan.head for plan in plans)
+
+        self.microbatches = resolve_microbatches(config, dims)
+        rows = config.global_batch // dims.dp // self.microbatches
+        self.stages = [
+            PipelineStage(
+                module,
+                plan.index,
+                n_stages,
+                ctx.device,
+                *self._stage_shapes(plan, rows),
+                group=self.pp_group,
+            )
+            for module, plan in zip(stage_modules, plans, strict=True)
+        ]
+        schedule_cls = SCHEDULES[config.schedule]
+        stages = self.stages if virtual > 1 else self.stages[0]
+        # Each microbatch's loss is its mean; scale_grads divides the summed
+        # gradients by M, giving the gradient of the local batch's mean loss.
+        self.schedule = schedule_cls(
+            stages,
+            n_microbatches=self.microbatches,
+            loss_fn=language_model_loss,
+            scale_grads=True,
+        )
+        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.last_state_bytes: ModelStateBytes | None = None
+        self.timeline: list[StageEvent] | None = None
+
+    def _stage_shapes(self, plan: StagePlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static input/output examples (meta tensors) so stages need no shape handshake.
+
+        Between stages flows the residual stream, (rows, seq, d) as a plain
+        tensor; under sequence parallelism each tensor-parallel rank holds
+        seq / tp of it.
+        """
+        shape = self.model.config
+        seq = resolved_seq_len(self.config)
+        local_seq = seq // self.dims.tp if self.config.sequence_parallel else seq
+        hidden = torch.empty(rows, local_seq, shape.d_model, device="meta", requires_grad=True)
+        tokens = torch.empty(rows, seq, dtype=torch.long, device="meta")
+        logits = torch.empty(rows, seq, shape.vocab_size, device="meta", requires_grad=True)
+        return (tokens if plan.embeddings else hidden), (logits if plan.head else hidden)
+
+    def enable_timeline(self) -> list[StageEvent]:
+        """Start recording forward/backward timings of this rank's stages."""
+        self.timeline = []
+        for stage in self.stages:
+            record_timeline(stage, self.timeline)
+        return self.timeline
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        device = self.ctx.device
+        args = (inputs.to(device),) if self.has_first else ()
+        target = targets.to(device) if self.has_last else None
+        losses: list[torch.Tensor] = []
+        with autocast(self.ctx.device_type, self.config.precision):
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        if self.has_last:  # equal-sized microbatches: the mean of their means is the batch mean
+            loss = torch.stack([loss.detach().float() for loss in losses]).mean()
+        else:
+            loss = torch.zeros((), device=device)
+        # The last stage (pipeline rank pp - 1) has the loss; share it along the pipeline.
+        dist.broadcast(loss, group=self.pp_group, group_src=self.dims.pp - 1)
+        grad_norm = clip_pipeline_gradients(
+            list(self.model.parameters()), self.config.grad_clip, self.pp_group
+        )
+        self.optimizer.step()
+        self.last_state_bytes = self._measure_state_bytes()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        mean_loss = mean_over_group(loss, self.dp_group, self.dp_size)
+        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _measure_state_bytes(self) -> ModelStateBytes:
+        params = list(self.model.parameters())
+        return ModelStateBytes(
+            params=sum(tensor_bytes(p) for p in params),
+            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+            optimizer=sum(
+                tensor_bytes(v)
+                for state in self.optimizer.state.values()
+                for v in state.values()
+                if isinstance(v, torch.Tensor)
+            ),
+        )
+
+    def model_state_bytes(self) -> ModelStateBytes:
+        return self.last_state_bytes or self._measure_state_bytes()
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Stages gather their tp/fsdp shards, then send their weights to the pipeline's rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        local = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        local = {name: tensor.detach().cpu() for name, tensor in local.items()}
+        parts: list | None = [None] * self.dims.pp if self.pp_rank == 0 else None
+        dist.gather_object(local, parts, group=self.pp_group, group_dst=0)
+        if not self.ctx.is_main:
+            return {}
+        return {name: tensor for part in parts for name, tensor in part.items()}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """This rank's stages' model and optimizer state (plain GPT names) through DCP."""
+        from distlab.checkpoint import save_dcp_state
+
+        save_dcp_state(directory, self.model, self.optimizer)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Load a DCP checkpoint (any DCP strategy, any world size) into this rank's stages."""
+        from distlab.checkpoint import checkpoint_step, load_dcp_state, set_schedule_position
+
+        load_dcp_state(directory, self.model, self.optimizer)
+        set_schedule_position(self.scheduler, checkpoint_step(directory))
+
+
+# --- The strategy ---------------------------------------------------------------------
+
+
+class PPStrategy(Strategy):
+    """Cut the model into stages by layers, one stage (or two, interleaved) per rank."""
+
+    name = "pp"
+    summary = (
+        "pipeline parallel (torch.distributed.pipelining): layers split into stages; "
+        "--schedule gpipe|1f1b|interleaved-1f1b, --microbatches M"
+    )
+
+    def dims(self, config: Config) -> ParallelDims:
+        return resolve_dims(
+            config, self.name, data_parallel=False, tensor_parallel=False, pipeline=True
+        )
+
+    def validate(self, config: Config) -> None:
+        dims = self.dims(config)
+        if config.sequence_parallel:
+            raise DistlabError("--sequence-parallel needs tensor parallelism (a strategy with tp)")
+        validate_pp(config, dims)
+
+    def data_parallel_size(self, config: Config) -> int:
+        return 1
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        from distlab.strategies.composed import predicted_rank0_bytes
+
+        return predicted_rank0_bytes(config, self.dims(config), data_parallel=None)
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        dims = self.dims(config)
+        return PipelineTrainStep(model, ctx, config, dims, dims.build_mesh(ctx.device_type))
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """Theory: idle fraction of each stage in GPipe/1F1B, (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)

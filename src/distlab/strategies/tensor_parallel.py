@@ -1,0 +1,236 @@
+"""``tp``: Megatron-style tensor parallelism with DTensor's ``parallelize_module``.
+
+Each transformer block's matmuls are split across the ``tp`` ranks so that a
+block costs two all-reduces in forward (and two in backward), never more:
+
+    attention: q, k, v  column-parallel  (each rank computes n_head / tp heads)
+               proj     row-parallel     (partial sums -> all-reduce)
+    MLP:       up       column-parallel  (each rank holds 4d / tp hidden units)
+               down     row-parallel     (partial sums -> all-reduce)
+
+The token embedding is split along the vocabulary (row-parallel: each rank
+looks up the tokens it owns, zeros elsewhere, then an all-reduce) and the LM
+head along its output (column-parallel), whose logits are all-gathered so every
+rank computes the ordinary cross-entropy on the full vocabulary: the loss and
+its gradient are exactly those of the unsplit model. (``loss_parallel`` would
+avoid gathering the logits; with a 256-byte vocabulary it is not worth the
+extra context around every backward.) LayerNorms and the position embedding are
+replicated: their parameters become replicated DTensors, so every parameter
+is a DTensor and the optimizer, clipping and checkpointing see one kind of
+tensor.
+
+``--sequence-parallel`` (Megatron-SP) also splits the regions between the
+matmuls, LayerNorms and residual adds, along the sequence: the residual
+stream is ``Shard(1)``; before attention/MLP an all-gather makes it whole, and
+the row-parallel outputs are reduce-scattered back to sequence shards instead
+of all-reduced. Same communication volume, 1/tp of the activation memory in
+the norm regions.
+
+Memory per rank: the sharded matrices (and the embedding/head) / tp; norms,
+the position embedding and the row-parallel biases are replicated.
+Communication per block: 2 all-reduces forward + 2 backward of (batch, seq, d)
+activations (with SP: all-gathers + reduce-scatters of the same total volume).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from distlab.config import Config, resolved_seq_len
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError
+from distlab.memory import ModelStateBytes
+from distlab.model import PRESETS
+from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
+
+SHARDED_LINEARS = ("q", "k", "v", "up")
+"""Column-parallel linears: weight and bias split along the output features."""
+ROW_LINEARS = ("proj", "down")
+"""Row-parallel linears: weight split along the input features, bias replicated."""
+
+
+class ReplicateParallel(ParallelStyle):
+    """Replicate a module's parameters as DTensors; it takes and returns plain tensors.
+
+    For modules that tensor parallelism does not split (LayerNorms, the position
+    embedding) when sequence parallelism is off: the computation is the same
+    on every rank. ``output_layout`` can hand the output on as a shard instead
+    (``Shard(0)`` of the position embedding's (seq, d) output under SP).
+    """
+
+    def __init__(self, output_layout: Placement | None = None) -> None:
+        super().__init__()
+        self.output_layout = output_layout or Replicate()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(
+                DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs
+            )
+
+        def to_local(mod, output, mesh):
+            return output.redistribute(placements=[self.output_layout]).to_local()
+
+        # partition_fn None: every parameter becomes a Replicate() DTensor.
+        return distribute_module(module, device_mesh, None, to_dtensor, to_local)
+
+
+def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """How one transformer block is split (module name -> parallel style)."""
+    if not sequence_parallel:
+        return {
+            "ln_1": ReplicateParallel(),
+            "attn.q": ColwiseParallel(),
+            "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(),
+            "ln_2": ReplicateParallel(),
+            "mlp.up": ColwiseParallel(),
+            "mlp.down": RowwiseParallel(),
+        }
+    # Residual stream sharded along the sequence (dim 1); gather it once per
+    # sub-layer (not once per q/k/v), reduce-scatter the row-parallel outputs.
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return {
+        "ln_1": SequenceParallel(),
+        "attn": gather,
+        "attn.q": ColwiseParallel(),
+        "attn.k": ColwiseParallel(),
+        "attn.v": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+        "ln_2": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "mlp.up": ColwiseParallel(),
+        "mlp.down": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
+    """Split ``model`` (a GPT, or a pipeline stage of one) across ``tp_mesh`` in place.
+
+    Only the parts the model still has are parallelized, so this works on a
+    pipeline stage whose other blocks, embeddings or head were removed.
+    """
+    sp = sequence_parallel
+    top: dict[str, ParallelStyle] = {}
+    if model.wte is not None:
+        top["wte"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()
+        )
+        top["wpe"] = ReplicateParallel(Shard(0) if sp else Replicate())
+    if model.ln_f is not None:
+        top["ln_f"] = SequenceParallel() if sp else ReplicateParallel()
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel(
+            input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate()
+        )
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if model.wte is not None:
+        # DTensor's embedding backward yields a replicated (full) gradient for the
+        # vocabulary-sharded table; keep only this rank's rows (a local slice, no
+        # communication), as the optimizer only updates those.
+        weight = model.wte.weight
+        weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
+    for block in model.blocks.values():
+        parallelize_module(block, tp_mesh, block_plan(sp))
+    return model
+
+
+def validate_tp(config: Config, tp: int) -> None:
+    """One-line errors for shapes that cannot be split ``tp`` ways."""
+    shape = PRESETS[config.model]
+    if shape.n_head % tp:
+        raise DistlabError(
+            f"tensor parallelism over {tp} ranks needs n_head divisible by {tp} "
+            f"(model '{config.model}' has {shape.n_head} heads); use a --tp dividing {shape.n_head}"
+        )
+    if shape.d_model % tp:
+        raise DistlabError(
+            f"tensor parallelism over {tp} ranks needs d_model divisible by {tp} "
+            f"(model '{config.model}' has d_model {shape.d_model})"
+        )
+    if shape.vocab_size % tp:
+        raise DistlabError(
+            f"tensor parallelism over {tp} ranks needs the vocabulary ({shape.vocab_size}) "
+            f"divisible by {tp} (embedding and LM head are split along it)"
+        )
+    seq_len = resolved_seq_len(config)
+    if config.sequence_parallel and seq_len % tp:
+        raise DistlabError(
+            f"--sequence-parallel over {tp} ranks needs seq_len divisible by {tp} "
+            f"(got {seq_len}); change --seq-len or --tp"
+        )
+
+
+def tp_sharded(name: str) -> bool:
+    """Whether tensor parallelism splits the parameter of the plain GPT called ``name``."""
+    module, _, kind = name.rpartition(".")
+    leaf = module.rpartition(".")[2]
+    if leaf in SHARDED_LINEARS or name in ("wte.weight", "lm_head.weight"):
+        return True
+    return leaf in ROW_LINEARS and kind == "weight"
+
+
+def tp_rank0_elements(shapes: dict[str, torch.Size], tp: int) -> dict[str, tuple[int, ...]]:
+    """Local shape of each parameter on tensor-parallel rank 0 (split ones / tp)."""
+    local = {}
+    for name, shape in shapes.items():
+        dims = list(shape)
+        if tp_sharded(name):
+            # Column-parallel and embedding/head: dim 0; row-parallel weights: dim 1.
+            axis = 1 if name.rpartition(".")[0].endswith(ROW_LINEARS) else 0
+            dims[axis] = -(-dims[axis] // tp)
+        local[name] = tuple(dims)
+    return local
+
+
+class TPStrategy(Strategy):
+    """Split every block's matmuls (and embedding/head) across all ranks."""
+
+    name = "tp"
+    summary = (
+        "tensor parallel (DTensor): q/k/v/up column-, proj/down row-parallel over all ranks "
+        "(--sequence-parallel shards the norm regions)"
+    )
+
+    def dims(self, config: Config) -> ParallelDims:
+        return resolve_dims(
+            config, self.name, data_parallel=False, tensor_parallel=True, pipeline=False
+        )
+
+    def validate(self, config: Config) -> None:
+        validate_tp(config, self.dims(config).tp)
+
+    def data_parallel_size(self, config: Config) -> int:
+        return 1
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        from distlab.strategies.composed import predicted_rank0_bytes
+
+        return predicted_rank0_bytes(config, self.dims(config), data_parallel=None)
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        mesh = self.dims(config).build_mesh(ctx.device_type)
+        model.to(ctx.device)
+        apply_tp(model, mesh["tp"], config.sequence_parallel)
+        return ModuleTrainStep(
+            model,
+            ctx,
+            config,
+            dp_rank=0,
+            dp_size=1,
+            dp_group=None,
+        )

@@ -1,0 +1,39 @@
+"""Measured model-state bytes per rank agree with each strategy's prediction.
+
+``predicted_state_bytes`` is the ZeRO paper's count plus the terms each library
+keeps beyond it (DeepSpeed's fp32 master slice and gradient bucket, OSS's
+uneven tensor shards; see ``docs/memory.md``). The measured bytes come from
+the tensors a rank actually holds. A prediction 10% off means a term is
+missing or a strategy shards less than it claims.
+
+The runs are the 2-rank AdamW parity runs (``parity_config``), shared with
+the parity tests through the session's ``parity_workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distlab.parity import _run_name, _run_once, parity_config
+
+TOLERANCE = 0.10
+NEEDS = {"zero": "deepspeed", "fairscale": "fairscale"}
+
+
+@pytest.mark.parametrize(
+    "strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3", "fairscale-oss", "fairscale-sdp"]
+)
+def test_measured_state_bytes_match_prediction(strategy: str, parity_workdir: Path) -> None:
+    for prefix, module in NEEDS.items():
+        if strategy.startswith(prefix):
+            pytest.importorskip(module)
+    config = parity_config(strategy, 2, "adamw")
+    run_dir = _run_once(config, parity_workdir / _run_name(config))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    measured = summary["model_state_bytes_per_rank"]
+    predicted = summary["predicted_model_state_bytes_per_rank"]
+    ratio = measured["total"] / predicted["total"]
+    assert abs(ratio - 1) <= TOLERANCE, f"{strategy}: measured {measured}, predicted {predicted}"

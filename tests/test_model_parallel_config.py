@@ -1,0 +1,98 @@
+"""Degrees and settings of tp / pp / compositions: resolution and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from distlab.config import load_config
+from distlab.errors import DistlabError
+from distlab.strategies import registry
+from distlab.strategies.pipeline_parallel import resolve_microbatches
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        # Shapes tensor parallelism cannot split.
+        ({"strategy": "tp", "nproc": 3, "model": "tiny"}, "n_head divisible by 3"),
+        ({"strategy": "fsdp+tp", "nproc": 6, "tp": 3, "model": "tiny"}, "n_head divisible by 3"),
+        (
+            {"strategy": "tp", "nproc": 2, "sequence_parallel": True, "seq_len": 31},
+            "seq_len divisible by 2",
+        ),
+        # Pipeline settings.
+        ({"strategy": "pp", "nproc": 8, "model": "tiny"}, "only 4 layers"),
+        (
+            {"strategy": "pp", "nproc": 4, "model": "tiny", "schedule": "interleaved-1f1b"},
+            "8 pipeline stages (2 per rank",
+        ),
+        ({"strategy": "pp", "nproc": 4, "microbatches": 2}, "at least as many microbatches"),
+        ({"strategy": "pp", "nproc": 2, "microbatches": 3}, "does not divide the local batch"),
+        ({"strategy": "pp", "nproc": 2, "schedule": "zigzag"}, "unknown pipeline schedule"),
+        (
+            {"strategy": "pp", "nproc": 2, "micro_batch": 2, "microbatches": 4},
+            "--micro-batch 2 x --microbatches 4",
+        ),
+        # Degrees.
+        ({"strategy": "fsdp+tp+pp", "nproc": 8, "dp": 1, "tp": 2, "pp": 2}, "multiply to nproc"),
+        ({"strategy": "fsdp+tp", "nproc": 6, "tp": 4}, "not divisible by --tp 4"),
+        ({"strategy": "tp", "nproc": 4, "tp": 2}, "--tp must equal --nproc"),
+        ({"strategy": "pp", "nproc": 2, "tp": 2}, "no tensor parallelism"),
+        ({"strategy": "fsdp+tp", "nproc": 4, "pp": 2}, "no pipeline parallelism"),
+        ({"strategy": "pp", "nproc": 2, "dp": 2}, "no data parallelism"),
+        ({"strategy": "fsdp+tp", "nproc": 4}, "needs --tp >= 2"),
+        ({"strategy": "ddp+pp", "nproc": 4, "pp": 2, "sequence_parallel": True}, "tensor par"),
+        (
+            {"strategy": "fsdp+tp", "nproc": 4, "tp": 2, "global_batch": 3},
+            "data-parallel size 2",
+        ),
+    ],
+)
+def test_invalid_settings_raise_one_line_errors(overrides: dict, fragment: str) -> None:
+    with pytest.raises(DistlabError) as error:
+        load_config(None, overrides)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dp", "tp", "pp"),
+    [
+        ({"strategy": "tp", "nproc": 4}, 1, 4, 1),  # tp defaults to nproc
+        ({"strategy": "pp", "nproc": 4}, 1, 1, 4),  # pp defaults to nproc
+        ({"strategy": "fsdp+tp", "nproc": 4, "tp": 2}, 2, 2, 1),
+        ({"strategy": "ddp+pp", "nproc": 4, "pp": 2}, 2, 1, 2),
+        ({"strategy": "fsdp+pp", "nproc": 8, "pp": 4}, 2, 1, 4),
+        ({"strategy": "fsdp+tp+pp", "nproc": 8, "tp": 2, "pp": 2, "model": "tiny"}, 2, 2, 2),
+        ({"strategy": "fsdp+tp+pp", "nproc": 8, "dp": 2, "tp": 2, "pp": 2}, 2, 2, 2),
+    ],
+)
+def test_degrees(overrides: dict, dp: int, tp: int, pp: int) -> None:
+    config = load_config(None, overrides)
+    strategy = registry.describe(config.strategy)
+    dims = strategy.dims(config)
+    assert (dims.dp, dims.tp, dims.pp) == (dp, tp, pp)
+    assert strategy.data_parallel_size(config) == dp
+
+
+def test_default_microbatches_are_two_per_stage_and_divide_the_local_batch() -> None:
+    config = load_config(None, {"strategy": "pp", "nproc": 4, "global_batch": 16})
+    assert resolve_microbatches(config, registry.describe("pp").dims(config)) == 8
+    config = load_config(None, {"strategy": "fsdp+pp", "nproc": 4, "pp": 2, "global_batch": 12})
+    assert resolve_microbatches(config, registry.describe("fsdp+pp").dims(config)) == 3
+    config = load_config(None, {"strategy": "pp", "nproc": 2, "global_batch": 8, "micro_batch": 2})
+    assert resolve_microbatches(config, registry.describe("pp").dims(config)) == 4
+
+
+def test_predicted_bytes_split_the_model() -> None:
+    """Rank 0 of tp/pp holds about 1/degree of the model (plus what is replicated)."""
+    full = load_config(None, {"model": "tiny"})
+    single = registry.describe("single").predicted_state_bytes(full, 139_296).params
+    for overrides, lower, upper in [
+        ({"strategy": "tp", "nproc": 2}, 0.5, 0.55),
+        ({"strategy": "pp", "nproc": 2}, 0.4, 0.6),
+        ({"strategy": "fsdp+tp+pp", "nproc": 8, "tp": 2, "pp": 2}, 0.12, 0.14),
+    ]:
+        config = load_config(None, {"model": "tiny", **overrides})
+        params = registry.describe(config.strategy).predicted_state_bytes(config, 0).params
+        assert lower * single <= params <= upper * single, (overrides, params / single)
