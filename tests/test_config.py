@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distlab.config import Config, grad_accum_steps, load_config
 from distlab.errors import DistlabError
+from distlab.sweep import load_sweep
 
 
 def test_defaults_are_valid() -> None:
@@ -66,4 +68,8 @@ def test_grad_accumulation_steps() -> None:
     "name", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
 )
 def test_shipped_configs_load(name: Path) -> None:
-    load_config(str(name))
+    """Run configs load as a Config; sweep files (with a matrix) load as a sweep."""
+    if "matrix" in yaml.safe_load(name.read_text()):
+        load_sweep(str(name))
+    else:
+        load_config(str(name))

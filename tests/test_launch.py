@@ -14,7 +14,17 @@ import pytest
 import yaml
 from tests.helpers import ROOT, assert_one_line_error, run_command
 
-TINY = ["--model", "tiny", "--steps", "6", "--global-batch", "8", "--no-wandb"]
+TINY = [
+    "--launcher",
+    "local",
+    "--model",
+    "tiny",
+    "--steps",
+    "6",
+    "--global-batch",
+    "8",
+    "--no-wandb",
+]
 
 
 def test_run_dir_contract(tmp_path: Path) -> None:
@@ -58,7 +68,9 @@ def test_run_dir_contract(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_a_one_line_error(args: list[str], fragment: str) -> None:
-    assert_one_line_error(run_command("distlab.launch", *args, "--no-wandb"), fragment)
+    assert_one_line_error(
+        run_command("distlab.launch", *args, "--launcher", "local", "--no-wandb"), fragment
+    )
 
 
 def test_unwritable_run_dir(tmp_path: Path) -> None:
@@ -98,6 +110,8 @@ def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
             "ddp",
             "--nproc",
             "2",
+            "--launcher",
+            "local",
             "--model",
             "tiny",
             "--steps",
@@ -136,6 +150,8 @@ def test_wandb_offline_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_command(
         "distlab.launch",
+        "--launcher",
+        "local",
         "--model",
         "tiny",
         "--steps",

@@ -1,23 +1,55 @@
-"""Atomic, rotating checkpoints inside a run dir.
+"""Atomic, rotating, sharded checkpoints inside a run dir, and loading them back safely.
 
 A checkpoint is written by every rank into ``checkpoints/.tmp-step_NNNNNN`` and
 renamed to ``checkpoints/step_NNNNNN`` by rank 0 only after every rank has
 finished writing, so a crash during a save leaves the previous checkpoint
-intact. ``meta.json`` inside records the next step to run and the run's shape.
+intact. NNNNNN is the number of completed steps, i.e. the step a resume runs next.
+
+Inside a checkpoint:
+
+- the strategy's state, written by ``TrainStep.save_checkpoint``. Torch-native
+  strategies write DCP (``torch.distributed.checkpoint``): model and optimizer
+  state under the plain model's parameter names (FQNs), each rank writing the
+  shards it holds, so it loads into any strategy at any world size. Only
+  tensors go in: DCP pickles non-tensor values and unpickles them on load, so
+  the learning-rate schedule is not saved but derived from the step.
+- ``rng_rankR.pt``: rank R's random-number generator states, a dict of tensors
+  (loaded with ``weights_only=True``).
+- ``meta.json``: the step, the strategy and world size that wrote it, and its
+  format (``dcp`` or the strategy's own, e.g. DeepSpeed's), written last.
+
+Loading never unpickles arbitrary objects: DCP's ``.metadata`` is read with an
+unpickler that admits only DCP's own metadata classes, and a planner refuses
+any non-tensor entry.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from distlab.distributed import RankContext
-from distlab.strategies.base import TrainStep
+from distlab.errors import DistlabError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from distlab.strategies.base import TrainStep
 
 META_FILE = "meta.json"
+RNG_FILE = "rng_rank{rank}.pt"
+DCP_FORMAT = "dcp"
+DCP_METADATA_FILE = ".metadata"
+STAGING_PREFIX = ".tmp-"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -33,21 +65,56 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest committed checkpoint of a run, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete uncommitted ``.tmp-*`` checkpoints a killed save left behind."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for staging in root.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_checkpoint(
-    train_step: TrainStep, run_dir: Path, next_step: int, ctx: RankContext, meta: dict, keep: int
+    train_step: TrainStep,
+    run_dir: Path,
+    next_step: int,
+    ctx: RankContext,
+    meta: dict,
+    keep: int,
+    on_written: Callable[[], None] | None = None,
 ) -> Path:
-    """Write a checkpoint after step ``next_step - 1`` on every rank, then commit it."""
+    """Write a checkpoint after ``next_step`` completed steps on every rank, then commit it.
+
+    ``on_written`` runs on this rank after its strategy state is written and
+    before its RNG file (fault injection kills a rank there, mid-save).
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{next_step:06d}"
-    staging = root / f".tmp-step_{next_step:06d}"
+    staging = root / f"{STAGING_PREFIX}step_{next_step:06d}"
     if ctx.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
     train_step.save_checkpoint(staging)
+    if on_written is not None:
+        on_written()
+    torch.save(rng_state(ctx), staging / RNG_FILE.format(rank=ctx.rank))
     dist.barrier()
     if ctx.is_main:
-        (staging / META_FILE).write_text(json.dumps({**meta, "next_step": next_step}, indent=2))
+        fmt = DCP_FORMAT if (staging / DCP_METADATA_FILE).is_file() else meta["strategy"]
+        full_meta = {
+            **meta,
+            "next_step": next_step,
+            "world_size": ctx.world_size,
+            "format": fmt,
+            "saved_at": time.time(),
+        }
+        (staging / META_FILE).write_text(json.dumps(full_meta, indent=2))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -55,3 +122,256 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+# --- meta.json ------------------------------------------------------------------------
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``, checked; a one-line error if it is missing or corrupt."""
+    file = directory / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DistlabError(f"checkpoint {directory} is incomplete: it has no {META_FILE}") from None
+    except (OSError, ValueError) as exc:
+        raise DistlabError(f"checkpoint {directory} is corrupt ({META_FILE}: {exc})") from None
+    required = {"next_step": int, "strategy": str, "world_size": int, "format": str}
+    for key, kind in required.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind):
+            raise DistlabError(
+                f"checkpoint {directory} is corrupt ({META_FILE} lacks a valid '{key}')"
+            )
+    if meta["next_step"] < 0 or meta["world_size"] < 1:
+        raise DistlabError(f"checkpoint {directory} is corrupt ({META_FILE} has impossible values)")
+    return meta
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The number of completed steps a checkpoint holds (the step a resume runs next)."""
+    return read_meta(directory)["next_step"]
+
+
+# --- RNG ------------------------------------------------------------------------------
+
+
+def rng_state(ctx: RankContext) -> dict[str, torch.Tensor]:
+    """This rank's generator states as tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if ctx.device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def restore_rng(directory: Path, ctx: RankContext) -> bool:
+    """Restore this rank's generators if the checkpoint was written at this world size.
+
+    At another world size rank R is another shard of the work, so its old
+    generator state means nothing; the generators then keep their seeded state.
+    """
+    file = directory / RNG_FILE.format(rank=ctx.rank)
+    if read_meta(directory)["world_size"] != ctx.world_size or not file.is_file():
+        return False
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+        raise DistlabError(f"checkpoint {directory} is corrupt ({file.name}: {exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise DistlabError(f"checkpoint {directory} is corrupt ({file.name} holds no RNG state)")
+    torch.set_rng_state(state["cpu"])
+    if ctx.device_type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+    return True
+
+
+# --- The learning-rate schedule ---------------------------------------------------------
+
+
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR where it is after ``step`` optimizer steps (and set the lr to match)."""
+    scheduler.last_epoch = step
+    lrs = [
+        base * factor(step)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+# --- DCP: save and load model + optimizer state, tensors only ---------------------------
+
+
+def save_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Save model and optimizer state (FQN-keyed, sharded as they live) through DCP.
+
+    Only tensors are written: the optimizer's param_groups (hyperparameters) come
+    from the config on load and the lr from the step.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save(_tensor_state(model_state, optim_state), checkpoint_id=directory)
+
+
+def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what ``save_dcp_state`` wrote, resharded to how this model and optimizer live."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # The template: this rank's tensors (shards), with the optimizer state initialised.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = _tensor_state(model_state, optim_state)
+    try:
+        dcp.load(
+            state,
+            checkpoint_id=directory,
+            storage_reader=SafeFileSystemReader(directory),
+            planner=_tensor_only_load_planner(),
+        )
+    except DistlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DCP wraps per-rank failures in its own types
+        raise DistlabError(
+            f"checkpoint {directory} cannot be loaded into this model: {_first_line(exc)}"
+        ) from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={
+            "state": state["optim"]["state"],
+            "param_groups": optim_state["param_groups"],
+        },
+    )
+
+
+def _tensor_state(model_state: dict, optim_state: dict) -> dict[str, Any]:
+    return {"model": model_state, "optim": {"state": optim_state["state"]}}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    interesting = [line for line in lines if "Error" in line or "key" in line.lower()]
+    return ((interesting or lines or [type(exc).__name__])[0])[:300]
+
+
+def _tensor_only_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+        """Refuses pickled (non-tensor) entries instead of unpickling them."""
+
+        def load_bytes(self, read_item, value) -> None:
+            raise DistlabError(
+                f"checkpoint entry '{read_item.dest_index.fqn}' is a pickled object; "
+                "distlab loads tensors only"
+            )
+
+    return TensorOnlyLoadPlanner()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` admitting only the classes DCP itself writes there."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = False
+        if module in (
+            "torch.distributed.checkpoint.metadata",
+            "torch.distributed.checkpoint.filesystem",
+        ):
+            obj = super().find_class(module, name)
+            allowed = isinstance(obj, type)
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            allowed = name == "Size" or isinstance(obj, torch.dtype)
+        elif module == "torch.serialization":
+            allowed = name == "_get_layout"
+        elif module == "pathlib":
+            allowed = name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")
+        elif module == "collections":
+            allowed = name == "OrderedDict"
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(directory: Path):
+    """DCP's ``.metadata`` of a checkpoint, read safely; one-line error if unreadable."""
+    return _read_metadata_file(directory / DCP_METADATA_FILE)
+
+
+def _read_metadata_file(file: Path):
+    try:
+        with file.open("rb") as stream:
+            return _MetadataUnpickler(stream).load()
+    except FileNotFoundError:
+        raise DistlabError(f"checkpoint {file.parent} is corrupt (no DCP {file.name})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        raise DistlabError(
+            f"checkpoint {file.parent} is corrupt ({file.name}: {_first_line(exc)})"
+        ) from None
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        """A FileSystemReader whose metadata is read with ``_MetadataUnpickler``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = _read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeFileSystemReader
+
+
+def SafeFileSystemReader(directory: Path):  # noqa: N802 - reads like the class it returns
+    """A DCP storage reader that never unpickles anything but DCP's own metadata."""
+    return _safe_reader_class()(directory)
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """Check a checkpoint before a resume starts ranks; return its meta. One-line errors.
+
+    For DCP checkpoints: the metadata reads safely, every entry the model and
+    optimizer need is a tensor, and every data file is there at its full length.
+    """
+    meta = read_meta(directory)
+    if meta["format"] != DCP_FORMAT:
+        return meta
+    metadata = read_dcp_metadata(directory)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not any(k.startswith("model.") for k in entries):
+        raise DistlabError(f"checkpoint {directory} is corrupt (it holds no model weights)")
+    for key, entry in entries.items():
+        if key.startswith(("model.", "optim.state.")) and not isinstance(
+            entry, TensorStorageMetadata
+        ):
+            raise DistlabError(
+                f"checkpoint {directory} holds a non-tensor entry '{key}'; "
+                "distlab loads tensors only"
+            )
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in needed.items():
+        file = directory / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual is None or actual < size:
+            found = "missing" if actual is None else f"{actual} of {size} bytes"
+            raise DistlabError(f"checkpoint {directory} is corrupt ({name} is {found})")
+    return meta
+
+
+def describe_checkpoint(directory: Path) -> str:
+    """``run/checkpoints/step_000004`` shortened for messages."""
+    return os.path.join(directory.parent.parent.name, directory.parent.name, directory.name)

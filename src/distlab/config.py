@@ -20,7 +20,7 @@ from distlab.errors import DistlabError
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("ray", "local")
 
 
 @dataclass
@@ -61,12 +61,28 @@ class Config:
     """fp32, or bf16 autocast (parameters and optimizer state stay fp32)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
-    launcher: str = "local"
-    """How ranks are started: local (a process per rank on this machine)."""
+    launcher: str = "ray"
+    """How ranks are started: ray (Ray Train workers, restarted on failure) or local
+    (a spawned process per rank on this machine; for debugging and fast tests)."""
+    ray_address: str | None = None
+    """Ray cluster to join (host:port of its head); default: $RAY_ADDRESS, else a local
+    Ray instance started for this run and shut down at its end."""
     timeout_s: float = 60.0
-    """Collective timeout: a rank blocked this long in a collective fails the run."""
+    """Collective timeout: a rank blocked this long in a collective fails the run
+    (which turns a hung rank into a failure that --max-failures can recover from)."""
+    max_failures: int = 0
+    """Restart all ranks from the newest complete checkpoint after up to this many
+    failures (a rank that dies, crashes or hangs); 0 fails the run at the first one."""
+    inject_fault: str | None = None
+    """Testing: comma-separated RANK@STEP (SIGKILL that rank when STEP steps are done)
+    or RANK@STEP:save (kill it while it writes checkpoint step_STEP); each fires once."""
+    resume: str | None = None
+    """Run dir (its newest complete checkpoint) or checkpoint dir to continue from, in a
+    new run dir; the source run's config is the base that flags override."""
     threads_per_rank: int = 1
     """CPU threads per rank (intra-op); one keeps ranks from oversubscribing cores."""
+    comm_stats: bool = True
+    """Count every collective per step (CPU/gloo): a counting process group wraps gloo."""
     quiet: bool = False
     """Print nothing but errors (no progress, no summary table)."""
     log_every: int = 10
@@ -144,9 +160,16 @@ def _coerce(name: str, value: Any) -> Any:
         ) from None
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Build a Config from an optional YAML file and CLI overrides (which win)."""
-    values: dict[str, Any] = {}
+def load_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build a Config from ``base`` values, an optional YAML file and CLI overrides (which win).
+
+    ``base`` is what a resumed run inherits from its source run's ``config.yaml``.
+    """
+    values: dict[str, Any] = dict(base or {})
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -159,6 +182,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise DistlabError(f"config file {path} must hold a mapping of field: value")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if isinstance(values.get("inject_fault"), list | tuple):
+        values["inject_fault"] = ",".join(str(v) for v in values["inject_fault"])
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
         raise DistlabError(
@@ -210,7 +235,12 @@ def validate(config: Config) -> None:
         config.launcher in LAUNCHERS,
         f"launcher must be one of {', '.join(LAUNCHERS)} (got '{config.launcher}')",
     )
+    _require(
+        config.ray_address is None or config.launcher == "ray",
+        "--ray-address needs --launcher ray",
+    )
     _require(config.timeout_s > 0, "timeout_s must be > 0")
+    _require(config.max_failures >= 0, "max_failures must be >= 0")
     _require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     _require(config.log_every >= 1, "log_every must be >= 1")
     _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
@@ -222,6 +252,7 @@ def validate(config: Config) -> None:
         f"seq_len must be between 1 and the model's context length {preset.block_size} "
         f"(got {seq_len})",
     )
+    fault_specs(config)
     strategy = registry.describe(config.strategy)
     strategy.validate(config)
     dp = strategy.data_parallel_size(config)
@@ -252,3 +283,51 @@ def grad_accum_steps(config: Config, dp_size: int) -> int:
     local = config.global_batch // dp_size
     micro = config.micro_batch or local
     return local // micro
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One injected fault: kill ``rank`` when ``step`` steps are done (or while saving them)."""
+
+    rank: int
+    step: int
+    during_save: bool
+
+    @property
+    def name(self) -> str:
+        """The spec as written on the command line, e.g. ``1@4:save``."""
+        return f"{self.rank}@{self.step}" + (":save" if self.during_save else "")
+
+
+def fault_specs(config: Config) -> list[FaultSpec]:
+    """Parse and check ``inject_fault``; a one-line error names a bad or impossible spec."""
+    specs: list[FaultSpec] = []
+    for text in (config.inject_fault or "").split(","):
+        text = text.strip()
+        if not text:
+            continue
+        where, _, phase = text.partition(":")
+        rank, _, step = where.partition("@")
+        if not (rank.isdigit() and step.isdigit() and phase in ("", "save")):
+            raise DistlabError(
+                f"inject_fault '{text}' must look like RANK@STEP or RANK@STEP:save (e.g. 1@4)"
+            )
+        spec = FaultSpec(int(rank), int(step), phase == "save")
+        _require(
+            spec.rank < config.nproc,
+            f"inject_fault '{text}': rank {spec.rank} does not exist with nproc {config.nproc}",
+        )
+        if spec.during_save:
+            every = config.checkpoint_every
+            _require(
+                spec.step == config.steps or (every > 0 and spec.step % every == 0),
+                f"inject_fault '{text}' never fires: no checkpoint is saved after step "
+                f"{spec.step} (checkpoint_every {every}, steps {config.steps})",
+            )
+        else:
+            _require(
+                spec.step < config.steps,
+                f"inject_fault '{text}' never fires: the run has only {config.steps} steps",
+            )
+        specs.append(spec)
+    return specs

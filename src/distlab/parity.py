@@ -51,6 +51,7 @@ def parity_config(
         "wandb": False,
         "save_final_weights": True,
         "quiet": True,
+        "launcher": "local",
     }
     config = Config(**{**settings, **fields})
     validate(config)
@@ -68,6 +69,10 @@ def reference_config(config: Config) -> Config:
         pp=1,
         offload="none",
         micro_batch=None,
+        microbatches=None,
+        schedule="1f1b",
+        sequence_parallel=False,
+        reshard_after_forward=True,
         run_dir=None,
     )
 

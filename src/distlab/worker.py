@@ -1,4 +1,10 @@
-"""The entry point of one rank process: join the group, train, report failures."""
+"""The entry points of one rank: join the group, train, report failures.
+
+``run_rank`` is a process of the local launcher; ``ray_train_loop`` runs in a
+Ray Train worker, where Ray has already set up the process group (TorchConfig).
+Both record a crash as a ``fault`` event in the run dir before failing, so the
+launcher can print it and the run's summary can count it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from distlab.config import Config
-from distlab.distributed import init_rank, shutdown
+from distlab.distributed import RankContext, init_rank, shutdown
 from distlab.errors import DistlabError
+from distlab.launch.events import append_event
 from distlab.train import train
+
+ERROR_FILE = "error_rank{rank}.txt"
 
 
 def run_rank(
@@ -28,18 +40,65 @@ def run_rank(
     try:
         ctx = init_rank(rank, world_size, init_method, config)
         train(ctx, config, Path(token_file), Path(run_dir))
+        done_marker(Path(run_dir), rank).touch()
         shutdown()
     except DistlabError as exc:
         errors.put((rank, str(exc)))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BaseException as exc:  # report any crash in one line, keep the traceback in a file
-        log_dir = Path(run_dir) / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = log_dir / f"rank{rank}.traceback"
-        log_file.write_text(traceback.format_exc())
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        errors.put((rank, f"{type(exc).__name__}: {first_line} (traceback: {log_file})"))
+    except BaseException:  # report any crash in one line, keep the traceback in a file
+        errors.put((rank, record_crash(rank, Path(run_dir))))
         sys.stdout.flush()
         os._exit(1)
+
+
+def done_marker(run_dir: Path, rank: int) -> Path:
+    """``logs/rankR.done``: this rank finished training (a crash after it costs nothing)."""
+    return run_dir / "logs" / f"rank{rank}.done"
+
+
+def record_crash(rank: int, run_dir: Path) -> str:
+    """Write the traceback to ``logs/rankR.traceback``, log a fault event; return one line."""
+    exc = sys.exc_info()[1]
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"rank{rank}.traceback"
+    log_file.write_text(traceback.format_exc())
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    reason = f"{type(exc).__name__}: {first_line} (traceback: {log_file})"
+    try:
+        append_event(run_dir, "fault", rank=rank, kind="error", reason=reason)
+    except OSError:
+        pass
+    return reason
+
+
+def ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """A Ray Train worker's loop: build the RankContext from Ray's process group, train.
+
+    A ``DistlabError`` (bad input, found identically on every rank) is written
+    to ``logs/error_rankR.txt`` and the loop returns, so Ray does not retry a
+    run that cannot work; the launcher reports it. Any other failure is raised
+    to Ray, whose FailureConfig restarts the worker group.
+    """
+    import ray.train
+
+    config = Config(**loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(config.threads_per_rank)
+    ctx = RankContext(rank=rank, world_size=world_size, device=device)
+    try:
+        train(ctx, config, Path(loop_config["token_file"]), run_dir)
+    except DistlabError as exc:
+        log_dir = run_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / ERROR_FILE.format(rank=rank)).write_text(str(exc) + "\n")
+    except BaseException:
+        record_crash(rank, run_dir)
+        raise

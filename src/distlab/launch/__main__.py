@@ -3,6 +3,15 @@
 python -m distlab.launch --strategy fsdp --nproc 4
 python -m distlab.launch --config configs/small.yaml --steps 50 --no-wandb
 python -m distlab.launch --list
+python -m distlab.launch --strategy ddp --nproc 2 --checkpoint-every 10 --max-failures 2
+python -m distlab.launch --resume runs/ddp-n2-... --strategy fsdp --nproc 4 --run-dir runs/more
+
+``--resume RUN_DIR`` continues a finished or killed run from its newest complete
+checkpoint (or ``--resume RUN_DIR/checkpoints/step_N`` from that one) in a new
+run dir. The source run's config.yaml is the base that ``--config`` and flags
+override, so by default it trains to the source's ``--steps`` with the same
+settings; ``--steps`` sets a new total (the cosine schedule is then laid over
+the new total from the resumed step on). The source run dir is only read.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
 from distlab.config import load_config
 from distlab.launch import run
+from distlab.launch.prepare import inherited_config
 from distlab.strategies import registry
 
 
@@ -21,7 +31,15 @@ def build_parser() -> OneLineErrorParser:
     )
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     parser.add_argument("--list", action="store_true", help="list the strategies and exit")
-    add_config_flags(parser)
+    add_config_flags(parser, skip={"inject_fault"})
+    parser.add_argument(
+        "--inject-fault",
+        dest="inject_fault",
+        action="append",
+        metavar="RANK@STEP[:save]",
+        help="testing: SIGKILL RANK when STEP steps are done, or (:save) while it writes "
+        "checkpoint step_STEP; once per run; repeatable",
+    )
     return parser
 
 
@@ -32,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in registry.names():
             print(f"{name:16s} {registry.describe(name).summary}")
         return 0
-    config = load_config(args.config, config_overrides(args))
+    overrides = config_overrides(args)
+    if overrides.get("inject_fault"):
+        overrides["inject_fault"] = ",".join(overrides["inject_fault"])
+    base = inherited_config(overrides["resume"]) if overrides.get("resume") else None
+    config = load_config(args.config, overrides, base=base)
     run_dir = run(config)
     print(f"run dir: {run_dir}")
     return 0

@@ -1,25 +1,44 @@
 """The local launcher: one spawned process per rank on this machine, watched until done.
 
 If any rank exits non-zero (a crash, an error, a kill), the others are stopped
-within about a second and the launch fails with that rank's one-line reason,
-instead of waiting for the survivors to time out in a collective.
+within about a second. Then, while ``--max-failures`` allows, all ranks are
+started again on a fresh port and resume from the newest complete checkpoint
+(``distlab.train``); otherwise the launch fails with that rank's one-line
+reason, instead of waiting for the survivors to time out in a collective. A
+rank that reports a ``DistlabError`` (bad input) is never restarted: it would
+fail the same way again. A hung rank becomes a failure when the others time
+out in a collective (``--timeout-s``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from distlab.config import Config
 from distlab.distributed import free_port
 from distlab.errors import DistlabError
-from distlab.worker import run_rank
+from distlab.launch.events import EventPrinter, append_event
+from distlab.worker import done_marker, run_rank
 
 POLL_S = 0.2
 GRACE_S = 3.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one attempt failed."""
+
+    message: str
+    """One line: which rank, and why."""
+    retryable: bool
+    """False for a DistlabError: restarting would fail the same way."""
 
 
 def _stop(processes: list[mp.Process]) -> None:
@@ -27,6 +46,8 @@ def _stop(processes: list[mp.Process]) -> None:
     for process in processes:
         if process.is_alive():
             process.terminate()
+            with contextlib.suppress(OSError):  # a stopped (hung) rank acts on SIGTERM only
+                os.kill(process.pid, signal.SIGCONT)  # once continued
     deadline = time.monotonic() + GRACE_S
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
@@ -36,7 +57,26 @@ def _stop(processes: list[mp.Process]) -> None:
 
 
 def launch_local(config: Config, token_file: Path, run_dir: Path) -> None:
-    """Run ``config.nproc`` ranks to completion; raise DistlabError if any fails."""
+    """Run ``config.nproc`` ranks to completion, restarting up to ``max_failures`` times."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
+    printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet)
+    failures = 0
+    while True:
+        failure = _attempt(config, token_file, run_dir, printer)
+        printer.poll()
+        printer.flush()
+        if failure is None:
+            return
+        if not failure.retryable or failures >= config.max_failures:
+            suffix = f" (after {failures} restarts)" if failures else ""
+            raise DistlabError(failure.message + suffix)
+        failures += 1
+
+
+def _attempt(
+    config: Config, token_file: Path, run_dir: Path, printer: EventPrinter
+) -> Failure | None:
+    """Start every rank on a fresh port and watch them; None if all finished."""
     context = mp.get_context("spawn")
     errors = context.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -56,30 +96,50 @@ def launch_local(config: Config, token_file: Path, run_dir: Path) -> None:
         )
         for rank in range(config.nproc)
     ]
-    os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
+    for rank in range(config.nproc):
+        done_marker(run_dir, rank).unlink(missing_ok=True)
     try:
         for process in processes:
             process.start()
+        ignored: set[int] = set()
         while True:
             codes = [p.exitcode for p in processes]
+            for rank, code in enumerate(codes):
+                if code not in (None, 0) and rank not in ignored:
+                    if done_marker(run_dir, rank).exists():
+                        ignored.add(rank)
+                        print(
+                            f"distlab: warning: rank {rank} exited with status {code} after "
+                            "it finished training (ignored)",
+                            flush=True,
+                        )
+            codes = [0 if rank in ignored else code for rank, code in enumerate(codes)]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 _stop(processes)
                 killed = [(rank, code) for rank, code in failed if code < 0]
-                raise DistlabError(_failure_message((killed or failed)[0], errors))
+                first = (killed or failed)[0]
+                if first[1] < 0:
+                    append_event(run_dir, "fault", rank=first[0], kind="signal", signal=-first[1])
+                printer.poll()
+                printer.flush()
+                return _failure(first, dict(failed), errors)
             if all(code == 0 for code in codes):
-                return
+                return None
+            printer.poll()
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         _stop(processes)
         raise DistlabError("interrupted; all ranks stopped") from None
 
 
-def _failure_message(first: tuple[int, int], errors: mp.Queue) -> str:
-    """Why the run failed: a killed rank's signal, else the reason a rank reported."""
+def _failure(first: tuple[int, int], codes: dict[int, int], errors: mp.Queue) -> Failure:
+    """Why the attempt failed: a killed rank's signal, else the reason a rank reported."""
     rank, code = first
     if code < 0:
-        return f"rank {rank} was killed by signal {-code}; the other ranks were stopped"
+        return Failure(
+            f"rank {rank} was killed by signal {-code}; the other ranks were stopped", True
+        )
     reasons = {}
     while True:
         try:
@@ -87,7 +147,10 @@ def _failure_message(first: tuple[int, int], errors: mp.Queue) -> str:
         except queue.Empty:
             break
         reasons.setdefault(rank, reason)
+    bad_input = [r for r, c in codes.items() if c == 2]
     if reasons:
-        rank = min(reasons)
-        return f"rank {rank} failed: {reasons[rank]}"
-    return f"rank {rank} exited with status {code}; the other ranks were stopped"
+        rank = min((r for r in reasons if r in bad_input), default=min(reasons))
+        return Failure(f"rank {rank} failed: {reasons[rank]}", not bad_input)
+    return Failure(
+        f"rank {rank} exited with status {code}; the other ranks were stopped", not bad_input
+    )

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from distlab.config import Config, resolved_seq_len
+import yaml
+
+from distlab.checkpoint import DCP_FORMAT, META_FILE, newest_checkpoint, verify_checkpoint
+from distlab.config import FIELD_TYPES, Config, resolved_seq_len
 from distlab.data import load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
+
+NOT_INHERITED = ("run_dir", "resume", "inject_fault", "ray_address")
+"""Fields a resumed run does not take from its source run's config.yaml."""
 
 
 def make_run_dir(config: Config) -> Path:
@@ -35,11 +43,75 @@ def make_run_dir(config: Config) -> Path:
     return run_dir.resolve()
 
 
-def prepare_run(config: Config) -> tuple[Path, Path]:
-    """Check the device, tokenise the data and create the run dir; return (token file, run dir)."""
+def resume_source(path: str) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint dir or None for "its newest") of a ``--resume`` argument."""
+    target = Path(path)
+    if not target.exists():
+        raise DistlabError(f"--resume {path}: no such run dir or checkpoint")
+    if (target / META_FILE).exists() or target.parent.name == "checkpoints":
+        return target.parent.parent, target
+    return target, None
+
+
+def inherited_config(path: str) -> dict[str, Any]:
+    """The source run's config.yaml as base values for a resumed run (empty if absent)."""
+    run_dir, _ = resume_source(path)
+    file = run_dir / "config.yaml"
+    if not file.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DistlabError(f"--resume {path}: {file} is not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise DistlabError(f"--resume {path}: {file} does not hold a config")
+    return {k: v for k, v in values.items() if k in FIELD_TYPES and k not in NOT_INHERITED}
+
+
+def resolve_resume(config: Config) -> Config:
+    """Check ``config.resume`` and pin it to one verified checkpoint dir (absolute).
+
+    One-line errors for a missing or corrupt checkpoint, a run already at its
+    last step, or a strategy-specific (non-DCP) checkpoint that this strategy
+    or world size cannot load.
+    """
+    if not config.resume:
+        return config
+    run_dir, checkpoint = resume_source(config.resume)
+    if checkpoint is None:
+        checkpoint = newest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise DistlabError(
+                f"--resume {config.resume}: no complete checkpoint in {run_dir / 'checkpoints'} "
+                "(a run saves one every --checkpoint-every steps and at its end)"
+            )
+    meta = verify_checkpoint(checkpoint)
+    if meta["format"] != DCP_FORMAT and (
+        meta["strategy"] != config.strategy or meta["world_size"] != config.nproc
+    ):
+        raise DistlabError(
+            f"checkpoint {checkpoint} is in {meta['format']}'s own format, written by "
+            f"{meta['strategy']} on {meta['world_size']} ranks; only --strategy "
+            f"{meta['strategy']} --nproc {meta['world_size']} can resume it (DCP checkpoints "
+            "of single/ddp/fsdp reshard to any of them)"
+        )
+    if meta["next_step"] >= config.steps:
+        raise DistlabError(
+            f"checkpoint {checkpoint} already holds all {config.steps} steps; "
+            f"pass --steps N with N > {meta['next_step']} to continue it"
+        )
+    return dataclasses.replace(config, resume=str(checkpoint.resolve()))
+
+
+def prepare_run(config: Config) -> tuple[Config, Path, Path]:
+    """Check the device and resume point, tokenise the data, create the run dir.
+
+    Returns (config with the resume checkpoint pinned, token file, run dir).
+    """
     device = resolve_device(config)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    config = resolve_resume(config)
     token_file = prepare_tokens(config.data)
     tokens = load_tokens(token_file)
     seq_len = resolved_seq_len(config)
@@ -48,4 +120,4 @@ def prepare_run(config: Config) -> tuple[Path, Path]:
             f"the data has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
             "use more data or a shorter --seq-len"
         )
-    return token_file, make_run_dir(config)
+    return config, token_file, make_run_dir(config)

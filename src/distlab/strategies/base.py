@@ -23,6 +23,7 @@ from torch import nn
 
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
+from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes, predicted_bytes, tensor_bytes
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -64,6 +65,19 @@ class TrainStep(ABC):
     @abstractmethod
     def save_checkpoint(self, directory: Path) -> None:
         """Write this rank's part of model, optimizer and schedule state into ``directory``."""
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore model, optimizer and schedule from a committed checkpoint ``directory``.
+
+        ``directory/meta.json`` holds the step (``distlab.checkpoint.checkpoint_step``).
+        A DCP checkpoint may come from another strategy or world size; load it
+        resharded (``distlab.checkpoint.load_dcp_state`` does that for a model and
+        optimizer). Strategies that cannot resume keep this default.
+        """
+        name = getattr(getattr(self, "config", None), "strategy", type(self).__name__)
+        raise DistlabError(
+            f"strategy {name} cannot resume yet (its TrainStep does not implement load_checkpoint)"
+        )
 
 
 class Strategy(ABC):
@@ -168,7 +182,8 @@ class ModuleTrainStep(TrainStep):
             loss_sum += loss.detach()
         grad_norm = clip_gradients(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        self.last_state_bytes = self._measure_state_bytes()
+        if self.last_state_bytes is None:  # sizes are fixed after the first step: measure once
+            self.last_state_bytes = self._measure_state_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
@@ -200,17 +215,17 @@ class ModuleTrainStep(TrainStep):
         return get_model_state_dict(self.plain_model, options=options)
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Model and optimizer state, sharded as they live, plus the schedule, through DCP."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        """Model and optimizer state through DCP, sharded as they live (the lr is the step's)."""
+        from distlab.checkpoint import save_dcp_state
 
-        model_state, optim_state = get_state_dict(self.plain_model, self.optimizer)
-        state = {
-            "model": model_state,
-            "optim": optim_state,
-            "scheduler": self.scheduler.state_dict(),
-        }
-        dcp.save(state, checkpoint_id=directory)
+        save_dcp_state(directory, self.plain_model, self.optimizer)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Load a DCP checkpoint of any DCP strategy and world size; set the schedule's step."""
+        from distlab.checkpoint import checkpoint_step, load_dcp_state, set_schedule_position
+
+        load_dcp_state(directory, self.plain_model, self.optimizer)
+        set_schedule_position(self.scheduler, checkpoint_step(directory))
 
 
 @contextlib.contextmanager

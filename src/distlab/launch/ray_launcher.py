@@ -1,0 +1,209 @@
+"""The Ray launcher: Ray Train's TorchTrainer runs one worker per rank and restarts them.
+
+With no ``--ray-address`` (and no ``RAY_ADDRESS``) it starts a private local
+Ray instance sized for the run (``nproc x threads_per_rank`` CPUs, one GPU per
+rank on GPUs) and shuts it down at the end; with one it joins that cluster and
+leaves it running. The trainer is:
+
+- ``ScalingConfig(num_workers=nproc)``: one worker per rank, each reserving
+  ``threads_per_rank`` CPUs (and one GPU with ``device`` cuda);
+- ``TorchConfig`` (``comm_ray.torch_config``: counted gloo or nccl): Ray creates the
+  process group, with distlab's collective timeout (a hung rank then fails);
+- ``RunConfig(failure_config=FailureConfig(max_failures))``: after a worker
+  dies or raises, Ray stops the whole group and starts a new one, whose ranks
+  resume from the run dir's newest complete checkpoint (``distlab.train``).
+  Ray's own checkpoint storage is not used: distlab's checkpoints already
+  live (atomically committed, rotated) in the run dir, which every worker
+  reads, so the run dir must be on a filesystem all Ray nodes share.
+
+Worker output stays in Ray's logs; the launcher prints progress, each fault
+and each resume from the run dir (``EventPrinter``) and the summary at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from distlab.config import Config
+from distlab.distributed import resolve_device
+from distlab.errors import DistlabError
+from distlab.launch.events import EventPrinter
+from distlab.worker import ERROR_FILE
+
+PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
+"""Environment variables the driver passes on to Ray workers (on any cluster)."""
+POLL_S = 0.5
+CONNECT_TIMEOUT_S = 5.0
+
+
+def resolve_address(config: Config) -> str | None:
+    """The cluster to join: --ray-address, else $RAY_ADDRESS, else None (start a local one)."""
+    return config.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_address(address: str) -> None:
+    """One-line error unless something listens at ``address`` (``[ray://]host:port``)."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistlabError(f"Ray address '{address}' is not HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise DistlabError(
+            f"no Ray cluster at {address} ({exc.strerror or exc}); start one with "
+            "'ray start --head' or drop --ray-address to start a local one"
+        ) from None
+
+
+def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | None) -> None:
+    """Run the ranks as Ray Train workers until done; one-line DistlabError if the run fails."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distlab import comm_ray
+    from distlab.launch.ray_callback import FaultRecorder
+    from distlab.worker import ray_train_loop
+
+    cuda = resolve_device(config) == "cuda"
+    cpus = config.nproc * config.threads_per_rank
+    env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
+    env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
+    common = {"log_to_driver": False, "logging_level": logging.ERROR}
+    try:
+        if address:  # a local instance inherits this process's environment; a cluster does not
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, **common)
+        else:
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                num_gpus=config.nproc if cuda else 0,
+                include_dashboard=False,
+                **common,
+            )
+    except Exception as exc:  # noqa: BLE001 - Ray raises many types for an unusable cluster
+        ray.shutdown()
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = " (if the cluster uses token authentication, set RAY_AUTH_MODE=token)"
+        raise DistlabError(f"could not start or join {where}: {_first_line(exc)}{hint}") from None
+    printer = EventPrinter(
+        run_dir,
+        config.max_failures,
+        quiet=config.quiet,
+        progress=True,
+        log_every=config.log_every,
+        steps=config.steps,
+    )
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(printer, stop), daemon=True)
+    try:
+        _check_capacity(ray.cluster_resources(), cpus, config.nproc if cuda else 0, address)
+        resources: dict[str, float] = {"CPU": config.threads_per_rank}
+        if cuda:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            ray_train_loop,
+            train_loop_config={
+                "config": config.to_dict(),
+                "token_file": str(token_file),
+                "run_dir": str(run_dir),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.nproc, use_gpu=cuda, resources_per_worker=resources
+            ),
+            torch_config=comm_ray.torch_config(
+                cuda, max(1, math.ceil(config.timeout_s)), config.comm_stats
+            ),
+            run_config=RunConfig(
+                name=f"distlab-{run_dir.name}",
+                storage_path=str(run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                callbacks=[FaultRecorder(str(run_dir))],
+            ),
+        )
+        watcher.start()
+        try:
+            trainer.fit()
+        except Exception as exc:  # noqa: BLE001 - TrainingFailedError and Ray's own errors
+            raise DistlabError(
+                _worker_error(run_dir) or _failure_message(exc, config.max_failures)
+            ) from None
+    except KeyboardInterrupt:
+        raise DistlabError("interrupted; all ranks stopped") from None
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        printer.poll()
+        printer.flush()
+        ray.shutdown()
+    error = _worker_error(run_dir)
+    if error:
+        raise DistlabError(error)
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise DistlabError(f"the ranks finished without writing {summary_file}; see Ray's logs")
+    if not config.quiet:
+        from rich.console import Console
+
+        from distlab.runlog import summary_table
+
+        Console().print(summary_table(json.loads(summary_file.read_text())))
+
+
+def _watch(printer: EventPrinter, stop: threading.Event) -> None:
+    while not stop.wait(POLL_S):
+        printer.poll()
+
+
+def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None):
+    have_cpus, have_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if have_cpus < cpus or have_gpus < gpus:
+        where = f"the Ray cluster at {address}" if address else "the local Ray instance"
+        raise DistlabError(
+            f"{where} has {have_cpus:g} CPUs and {have_gpus:g} GPUs; the run needs {cpus} CPUs "
+            f"and {gpus} GPUs (nproc x threads_per_rank CPUs, one GPU per rank on cuda)"
+        )
+
+
+def _worker_error(run_dir: Path) -> str | None:
+    """A DistlabError a worker recorded (bad input: the same on every rank)."""
+    files = sorted((run_dir / "logs").glob(ERROR_FILE.format(rank="*")))
+    if not files:
+        return None
+    rank = files[0].name.removeprefix("error_rank").removesuffix(".txt")
+    return f"rank {rank} failed: {files[0].read_text().strip()}"
+
+
+def _failure_message(exc: BaseException, max_failures: int) -> str:
+    """One line for a run Ray gave up on: the lowest failing rank's first error line."""
+    failures: dict[int, Any] = getattr(exc, "worker_failures", None) or {}
+    after = f" (after {max_failures} restarts)" if max_failures else ""
+    if failures:
+        rank = min(failures)
+        return f"rank {rank} failed: {_first_line(failures[rank])}{after}"
+    return f"the Ray run failed: {_first_line(exc)}{after}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of an error (Ray prefixes its own lines and tracebacks)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Traceback", "File ", "^", "The above exception")):
+            continue
+        if "Error" in line or "error" in line or "died" in line or "killed" in line:
+            return line[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]

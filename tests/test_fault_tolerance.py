@@ -1,0 +1,393 @@
+"""Fault tolerance with the local launcher: injected, external and hang faults; resharded resume.
+
+Every check compares per-step losses with an uninterrupted run of the same
+config. The tolerance for a restart at the same strategy and world size is
+1e-6 absolute (observed: bitwise equal, since the resumed state is bitwise the
+saved one and every batch depends only on the step). A resume at another
+strategy or world size sums the same numbers in another order, so it gets the
+parity tolerance (``distlab.parity.LOSS_RTOL``, 1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers import ROOT, assert_one_line_error, run_command
+
+from distlab.config import load_config
+from distlab.errors import DistlabError
+from distlab.launch.__main__ import main as launch_main
+from distlab.parity import LOSS_RTOL
+
+RESTART_ATOL = 1e-6
+COMMON = [
+    "--launcher",
+    "local",
+    "--model",
+    "tiny",
+    "--global-batch",
+    "8",
+    "--no-wandb",
+    "--quiet",
+    "--keep-checkpoints",
+    "10",
+]
+SHORT = [*COMMON, "--steps", "10", "--checkpoint-every", "2"]
+LONG = [*COMMON, "--steps", "40", "--checkpoint-every", "5"]
+"""Long enough (in steps) for a test to act on a rank while the run is going."""
+
+
+def launch(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    return run_command("distlab.launch", *args, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    assert [m["step"] for m in metrics] == list(range(len(metrics))), "one line per step"
+    return [m["loss"] for m in metrics]
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def max_abs_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted runs, each made once on first use: ``refs("ddp", 2, SHORT)``."""
+    root = tmp_path_factory.mktemp("refs")
+    made: dict[str, Path] = {}
+
+    def get(strategy: str, nproc: int, shape: list[str] = SHORT) -> Path:
+        name = f"{strategy}-n{nproc}-{'short' if shape is SHORT else 'long'}"
+        if name not in made:
+            run_dir = root / name
+            result = launch(
+                *shape, "--strategy", strategy, "--nproc", str(nproc), "--run-dir", str(run_dir)
+            )
+            assert result.returncode == 0, result.stderr
+            made[name] = run_dir
+        return made[name]
+
+    return get
+
+
+# --- Injected faults ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "faults", "lost_steps"),
+    [
+        ("ddp", ["1@5"], 1),
+        ("fsdp", ["1@3", "0@6:save"], 1 + 2),
+        pytest.param("ddp", ["0@2:save", "1@7"], 2 + 1, marks=pytest.mark.slow),
+        pytest.param("fsdp", ["0@5"], 1, marks=pytest.mark.slow),
+    ],
+)
+def test_recovery_equals_no_failure(
+    tmp_path: Path, refs, strategy: str, faults: list[str], lost_steps: int
+) -> None:
+    run_dir = tmp_path / "run"
+    fault_flags = [flag for fault in faults for flag in ("--inject-fault", fault)]
+    result = launch(
+        *SHORT,
+        "--strategy",
+        strategy,
+        "--nproc",
+        "2",
+        "--max-failures",
+        "2",
+        *fault_flags,
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert max_abs_diff(losses(refs(strategy, 2)), losses(run_dir)) <= RESTART_ATOL
+    # one line per fault and per resume, printed by the launcher
+    fault_lines = [line for line in result.stdout.splitlines() if "distlab: fault" in line]
+    resume_lines = [line for line in result.stdout.splitlines() if "distlab: resumed" in line]
+    assert len(fault_lines) == len(faults) and len(resume_lines) == len(faults), result.stdout
+    assert all("--inject-fault" in line for line in fault_lines)
+    figures = summary(run_dir)
+    assert figures["restarts"] == len(faults)
+    assert figures["lost_steps"] == lost_steps
+    assert len(figures["recovery_s_each"]) == len(faults)
+    assert all(r > 0 for r in figures["recovery_s_each"])
+    kinds = [e["event"] for e in events(run_dir)]
+    assert kinds[0] == "launch" and kinds[-1] == "finish"
+    assert kinds.count("start") == len(faults) + 1 and kinds.count("resume") == len(faults)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "partial checkpoint left"
+
+
+def test_fault_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = launch(
+        *SHORT,
+        "--strategy",
+        "ddp",
+        "--nproc",
+        "2",
+        "--inject-fault",
+        "1@3",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert_one_line_error(result, "rank 1 was killed by signal 9")
+    assert "no restarts left" in result.stdout
+    assert len(losses(run_dir)) == 3
+
+
+# --- Faults from outside: kill -9 and a hung rank ---------------------------------------
+
+
+def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distlab.launch",
+            *LONG,
+            "--strategy",
+            "ddp",
+            "--nproc",
+            "2",
+            "--max-failures",
+            "1",
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _rank_pids_after(launch_proc: subprocess.Popen, run_dir: Path, steps: int) -> list[int]:
+    """Wait until ``steps`` steps are recorded; return the rank processes' pids."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        assert time.monotonic() < deadline and launch_proc.poll() is None, "run did not start"
+        time.sleep(0.05)
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(launch_proc.pid)], capture_output=True, text=True
+    )
+    pids = [int(p) for p in out.stdout.split()]
+    ranks = [p for p in pids if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(ranks) == 2, ranks
+    return ranks
+
+
+def test_external_kill_recovers(tmp_path: Path, refs) -> None:
+    reference = refs("ddp", 2, LONG)
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    ranks = _rank_pids_after(proc, run_dir, 8)
+    os.kill(ranks[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "distlab: fault 1: rank 1 was killed by signal 9" in stdout
+    assert "distlab: resumed at step" in stdout
+    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
+    assert summary(run_dir)["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
+    timeout_s = 10
+    reference = refs("ddp", 2, LONG)
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, "--timeout-s", str(timeout_s))
+    ranks = _rank_pids_after(proc, run_dir, 8)
+    stopped_at = time.time()
+    os.kill(ranks[1], signal.SIGSTOP)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
+    log = events(run_dir)
+    fault = next(e for e in log if e["event"] == "fault")
+    resume = next(e for e in log if e["event"] == "resume")
+    detected_s = fault["t"] - stopped_at
+    # The survivor's collective times out after timeout_s (it may have been just
+    # entering one, or finishing a step, when the rank stopped: allow some slack).
+    assert timeout_s * 0.8 <= detected_s <= timeout_s + 15, detected_s
+    assert resume["t"] - stopped_at <= timeout_s + 15 + resume["recovery_s"]
+    assert "distlab: fault 1: rank" in stdout and "distlab: resumed at step" in stdout
+    status = Path(f"/proc/{ranks[1]}/status")
+    assert not status.exists() or "zombie" in status.read_text(), "hung rank left running"
+
+
+# --- Resume at another world size or strategy -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_fsdp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fsdp run at 4 ranks killed after step 7 (newest checkpoint: step_000006)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "fsdp4"
+    result = launch(
+        *SHORT,
+        "--strategy",
+        "fsdp",
+        "--nproc",
+        "4",
+        "--inject-fault",
+        "2@7",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 2
+    assert (run_dir / "checkpoints" / "step_000006" / "meta.json").is_file()
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("source", "flags", "from_step"),
+    [
+        ("fsdp4", ["--nproc", "2"], 6),
+        ("fsdp4", ["--strategy", "single", "--nproc", "1"], 6),
+        ("ddp2", ["--strategy", "fsdp", "--nproc", "4"], 4),
+    ],
+)
+def test_resharded_resume_matches_uninterrupted(
+    tmp_path: Path, refs, killed_fsdp4: Path, source: str, flags: list[str], from_step: int
+) -> None:
+    if source == "fsdp4":
+        resume = killed_fsdp4
+    else:  # an intermediate checkpoint of a finished ddp run
+        resume = refs("ddp", 2) / "checkpoints" / f"step_{from_step:06d}"
+    before = _tree_digest(resume)
+    run_dir = tmp_path / "resumed"
+    result = launch(
+        "--resume", str(resume), *flags, "--launcher", "local", "--run-dir", str(run_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"distlab: resumed at step {from_step} from" in result.stdout
+    assert _tree_digest(resume) == before, "the source run was changed"
+    assert max_rel_diff(losses(refs("single", 1)), losses(run_dir)) <= LOSS_RTOL
+    figures = summary(run_dir)
+    assert figures["resumed_from"]["step"] == from_step and figures["restarts"] == 0
+    assert figures["steps_run"] == 10
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    root = path if path.is_dir() else path.parent
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- Bad resumes: one-line errors, nothing lost -----------------------------------------
+
+
+def _corrupt_shard(run: Path) -> None:
+    shard = sorted((run / "checkpoints" / "step_000010").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _garbage_meta(run: Path) -> None:
+    (run / "checkpoints" / "step_000010" / "meta.json").write_text("{not json")
+
+
+def _pickle_bomb(run: Path) -> None:
+    import pickle
+
+    class Bomb:
+        def __reduce__(self):
+            return (os.system, (f"touch {run}/PWNED",))
+
+    (run / "checkpoints" / "step_000010" / ".metadata").write_bytes(pickle.dumps(Bomb()))
+
+
+def _zero2_checkpoint(run: Path) -> None:
+    meta_file = run / "checkpoints" / "step_000010" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(strategy="zero2", format="zero2")
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "fragment"),
+    [
+        (None, ["--steps", "12", "--resume", "/no/such/run"], "no such run dir or checkpoint"),
+        (None, [], "already holds all 10 steps"),
+        (_corrupt_shard, ["--steps", "12"], "is corrupt"),
+        (_garbage_meta, ["--steps", "12"], "is corrupt (meta.json"),
+        (_pickle_bomb, ["--steps", "12"], "refusing to load"),
+        (_zero2_checkpoint, ["--steps", "12", "--strategy", "fsdp"], "zero2's own format"),
+    ],
+)
+def test_bad_resume_is_refused(
+    tmp_path: Path, refs, damage, extra: list[str], fragment: str
+) -> None:
+    """In-process (the command's main), so each case costs no interpreter start."""
+    source = tmp_path / "source"
+    shutil.copytree(refs("ddp", 2), source)
+    if damage is not None:
+        damage(source)
+    before = _tree_digest(source)
+    target = tmp_path / "new"
+    args = ["--launcher", "local", "--run-dir", str(target)]
+    if "--resume" not in extra:
+        args += ["--resume", str(source)]
+    with pytest.raises(DistlabError) as error:
+        launch_main([*args, *extra])
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert _tree_digest(source) == before
+    assert not (source / "PWNED").exists()
+    assert not target.exists()
+
+
+def test_bad_resume_is_a_one_line_error_exit_2(tmp_path: Path, refs) -> None:
+    """The command itself: one ``distlab: error:`` line, exit 2, the source unchanged."""
+    source = tmp_path / "source"
+    shutil.copytree(refs("ddp", 2), source)
+    _corrupt_shard(source)
+    before = _tree_digest(source)
+    result = launch("--launcher", "local", "--resume", str(source), "--steps", "12")
+    assert_one_line_error(result, "is corrupt")
+    assert _tree_digest(source) == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("1", "must look like RANK@STEP"),
+        ("x@2", "must look like RANK@STEP"),
+        ("1@2:boom", "must look like RANK@STEP"),
+        ("5@2", "rank 5 does not exist"),
+        ("1@99", "never fires"),
+        ("1@3:save", "never fires"),
+    ],
+)
+def test_bad_fault_specs(spec: str, fragment: str) -> None:
+    overrides = {"strategy": "ddp", "nproc": 2, "steps": 10, "checkpoint_every": 2}
+    with pytest.raises(DistlabError, match=fragment.replace("(", r"\(")):
+        load_config(None, {**overrides, "inject_fault": spec})
