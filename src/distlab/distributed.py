@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from distlab import comm
 from distlab.config import Config
 from distlab.errors import DistlabError
 
@@ -51,7 +52,12 @@ def free_port() -> int:
 
 
 def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:
-    """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device."""
+    """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device.
+
+    On CPU the group is ``distlab_gloo`` (``distlab.comm``): gloo itself, behind a
+    process group that counts every collective for the per-step communication
+    metrics; ``comm_stats: false`` in the config uses plain gloo.
+    """
     device_type = resolve_device(config)
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -59,7 +65,7 @@ def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> R
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
+        backend = comm.backend_for("cpu", config.comm_stats)
         torch.set_num_threads(config.threads_per_rank)
     dist.init_process_group(
         backend=backend,

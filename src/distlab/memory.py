@@ -48,3 +48,18 @@ def predicted_bytes(
         grads=4 * n_params // grads_div,
         optimizer=optimizer_bytes_per_param(optimizer) * n_params // optim_div,
     )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: max_memory_allocated on a GPU, peak RSS on a CPU.
+
+    Peak RSS (``getrusage``'s ``ru_maxrss``) is the whole process (Python,
+    torch, buffers, activations), not only the tensors; it never goes down.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB

@@ -31,10 +31,18 @@ from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool) -> FSDPModule:
-    """Shard every transformer block, then the root (embeddings, final norm, head)."""
+    """Shard every transformer block, then the root (embeddings, final norm, head).
+
+    The root is never resharded after forward (FSDP2's default for it): backward
+    starts with the root's LM head, so freeing its parameters at the end of
+    forward would only mean gathering them again at once.
+    """
     for block in model.blocks.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # None: FSDP2 keeps the root's parameters gathered from forward into backward.
+    return fully_shard(
+        model, mesh=mesh, reshard_after_forward=None if reshard_after_forward else False
+    )
 
 
 class FSDPStrategy(Strategy):

@@ -1,0 +1,127 @@
+"""What every step measures beyond the loss, and the theory beside it (the train loop's hook).
+
+``RunMeasurements`` is created on every rank after ``strategy.prepare``; the
+train loop brackets each step with ``begin_step`` / ``end_step`` and calls
+``finish`` (a collective: every rank) after the last step::
+
+    measure = RunMeasurements(ctx, config, run_dir)
+    for step in ...:
+        measure.begin_step()
+        ...step...
+        metrics.update(measure.end_step(step, step_time, tokens_per_step))
+    summary.update(measure.finish())       # {} on ranks other than 0
+
+Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
+``comm/*`` keys of its own collectives; every rank appends the same figures for
+itself to ``ranks/rank<r>.jsonl`` in the run dir (no collective needed).
+``finish`` gathers each rank's peak memory and typical step communication
+once, and adds the predictions of ``distlab.theory``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from distlab import comm, mfu, theory
+from distlab.config import Config, resolved_seq_len
+from distlab.distributed import RankContext
+from distlab.memory import peak_memory_bytes
+from distlab.model import PRESETS, flops_per_token
+
+
+class RunMeasurements:
+    """Per-step MFU, peak memory and communication of one rank; run totals and theory."""
+
+    def __init__(self, ctx: RankContext, config: Config, run_dir: Path) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.counter = comm.counter() if comm.is_counting() else None
+        self.flops_per_token = flops_per_token(PRESETS[config.model], resolved_seq_len(config))
+        self.peak: mfu.PeakFlops | None = None
+        self.ranks = mfu.effective_ranks(ctx.device_type, ctx.world_size, config.threads_per_rank)
+        if ctx.is_main:
+            self.peak = mfu.peak_flops(ctx.device, config.precision, config.threads_per_rank)
+        rank_dir = Path(run_dir) / "ranks"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        self.rank_file = (rank_dir / f"rank{ctx.rank}.jsonl").open("a", buffering=1)
+        self.steps: list[dict[str, Any]] = []
+
+    def begin_step(self) -> None:
+        """Start counting this step's collectives."""
+        if self.counter is not None:
+            self.counter.begin_step()
+
+    def end_step(self, step: int, step_time: float, tokens_per_step: int) -> dict[str, Any]:
+        """Extra metrics of this step (rank 0 logs them); also in ``ranks/rank<r>.jsonl``."""
+        line: dict[str, Any] = {
+            "step": step,
+            "step_time_s": step_time,
+            "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
+        }
+        if self.counter is not None:
+            stats = self.counter.end_step()
+            line.update(stats.to_metrics())
+            line["comm/by_group"] = {
+                group: {kind: totals.bytes for kind, totals in kinds.items()}
+                for group, kinds in stats.groups.items()
+            }
+        self.rank_file.write(json.dumps(line) + "\n")
+        self.steps.append(line)
+        metrics = {
+            k: v for k, v in line.items() if k not in ("step", "step_time_s", "comm/by_group")
+        }
+        if self.peak is not None:
+            metrics["mfu"] = mfu.mfu(
+                self.flops_per_token, tokens_per_step / step_time, self.peak.flops, self.ranks
+            )
+        return metrics
+
+    def typical_step(self) -> dict[str, Any]:
+        """This rank's step with the median communication volume, first step excluded."""
+        steps = self.steps[1:] or self.steps
+        if not steps:
+            return {}
+        ordered = sorted(steps, key=lambda s: (s.get("comm/bytes", 0), s["step_time_s"]))
+        return ordered[(len(ordered) - 1) // 2]
+
+    def finish(self, tokens_per_s: float | None = None) -> dict[str, Any]:
+        """Gather every rank's figures (collective); rank 0 gets the summary additions."""
+        self.rank_file.close()
+        typical = self.typical_step()
+        local = {
+            "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
+            "comm_per_step": {
+                k.removeprefix("comm/"): v for k, v in typical.items() if k.startswith("comm/")
+            },
+        }
+        gathered: list[Any] = [None] * self.ctx.world_size
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        if not self.ctx.is_main:
+            return {}
+        summary: dict[str, Any] = {
+            "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
+            "comm_counted": self.counter is not None,
+            "comm_per_step": gathered[0]["comm_per_step"] if self.counter is not None else None,
+            "comm_per_step_by_rank": (
+                [g["comm_per_step"] for g in gathered] if self.counter is not None else None
+            ),
+            "peak_flops_per_rank": self.peak.flops if self.peak else None,
+            "peak_flops_source": self.peak.source if self.peak else None,
+            "effective_ranks": self.ranks,
+        }
+        if tokens_per_s is not None and self.peak is not None:
+            summary["mfu"] = mfu.mfu(
+                self.flops_per_token, tokens_per_s, self.peak.flops, self.ranks
+            )
+        try:
+            summary["predicted"] = theory.predict(self.config)
+        except Exception as exc:  # noqa: BLE001 - a theory gap must not fail a finished run
+            summary["predicted"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return summary

@@ -1,0 +1,378 @@
+"""Theory next to every measurement: model-state bytes, communication per step, pipeline bubble.
+
+Everything here is a prediction for rank 0 (first pipeline stage, first
+tensor-parallel shard, first data-parallel replica) computed from the config
+alone, so ``python -m distlab.compare`` can put it beside what a run measured.
+
+Communication is predicted per optimizer step in two currencies:
+
+- payload bytes per collective type, the nccl-tests convention that
+  ``distlab.comm`` counts (all-reduce: the buffer; all-gather: the gathered
+  output; reduce-scatter: the unreduced input; send/recv: the message);
+- wire bytes, what rank 0 sends over TCP under gloo's algorithms
+  (``distlab.comm.wire_bytes``: ring all-reduce 2 (N-1)/N of the buffer, ring
+  all-gather (N-1)/N, and gloo's reduce-scatter is an all-reduce, 2 (N-1)/N).
+
+The formulas (P parameters, fp32 gradients and parameters, N data-parallel
+ranks, L layers, d model width, V vocabulary, B x T tokens per rank per step,
+M pipeline microbatches; ``x4`` = bytes per fp32 element):
+
+    ddp    all-reduce 4 P (gradients, once per step, bucketed)
+    fsdp   all-gather 4 P' per micro-batch forward, again in backward when
+           resharding after forward; reduce-scatter 4 P' once (P': P with each
+           parameter's dim 0 padded to a multiple of N)
+    zero1/2 (DeepSpeed on gloo) all-reduce 4 P of gradients + all-gather 4 P of the
+           updated parameter partitions (the ZeRO paper's reduce-scatter + all-gather
+           would send the same as DDP; DeepSpeed all-reduces on this backend)
+    zero3  all-gather 4 P + reduce-scatter 4 P: DeepSpeed keeps gathered parameters
+           from forward to backward when their reuse distance is under
+           stage3_max_reuse_distance (default 1e9 elements), so it gathers once per
+           step (the ZeRO paper's 1.5x DDP assumes two gathers)
+    tp     all-reduce B T d x (1 + 2 L) forward (embedding, attention and MLP
+           outputs) + (4 L + 1) backward (the input gradients of q, k, v, up and
+           the LM head: DTensor reduces each column-parallel input separately, where
+           Megatron fuses q/k/v into one, 2 L), plus an all-gather of the B T V logits
+    pp     send M activations of (B/M) T d to the next stage, receive M gradients
+           back (and the reverse for later stages)
+
+Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
+parameter tensor) are predicted too, so counts can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distlab.comm import KINDS, wire_bytes
+from distlab.config import Config, grad_accum_steps, resolved_seq_len
+from distlab.model import GPT, PRESETS, count_parameters
+
+FP32 = 4
+
+
+@dataclass
+class CommPrediction:
+    """Predicted communication of rank 0 in one optimizer step."""
+
+    kinds: dict[str, float] = field(default_factory=dict)
+    """Payload bytes per collective type."""
+    calls: dict[str, int] = field(default_factory=dict)
+    """Number of collectives per type (where the schedule is known exactly)."""
+    wire_bytes: float = 0.0
+    """Bytes rank 0 sends over TCP under gloo's algorithms."""
+    formula: str = ""
+    notes: list[str] = field(default_factory=list)
+    uncounted: set[str] = field(default_factory=set)
+    """Types whose number of calls is not predicted (bucketing decides it)."""
+
+    @property
+    def bytes(self) -> float:
+        return sum(self.kinds.values())
+
+    def add(
+        self,
+        kind: str,
+        payload: float,
+        group_size: int,
+        calls: int | None = 1,
+        relative_rank: int = 0,
+    ) -> None:
+        """Add ``calls`` collectives of ``kind`` (None: number not predicted) moving ``payload``."""
+        if group_size <= 1 and kind not in ("send", "recv"):
+            return
+        self.kinds[kind] = self.kinds.get(kind, 0.0) + payload
+        if calls is None:
+            self.uncounted.add(kind)
+        else:
+            self.calls[kind] = self.calls.get(kind, 0) + calls
+        self.wire_bytes += wire_bytes(kind, int(payload), group_size, relative_rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = {k: self.kinds[k] for k in KINDS if k in self.kinds}
+        return {
+            "bytes": self.bytes,
+            "wire_bytes": round(self.wire_bytes),
+            "kinds": ordered,
+            "calls": {
+                k: self.calls[k] for k in KINDS if k in self.calls and k not in self.uncounted
+            },
+            "formula": self.formula,
+            "notes": self.notes,
+        }
+
+
+# --- Model shapes ---------------------------------------------------------------------
+
+
+def parameter_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the full GPT and its shape (built on the meta device)."""
+    with torch.device("meta"):
+        model = GPT(PRESETS[config.model])
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> dict[str, tuple[int, ...]]:
+    """Parameters of the pipeline stage(s) ``pp_rank`` holds."""
+    shapes = parameter_shapes(config)
+    if pp <= 1:
+        return shapes
+    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES, plan_stages, stages_of_rank
+
+    shape = PRESETS[config.model]
+    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+    plans = plan_stages(shape.n_layer, pp * virtual)
+    keep: set[str] = set()
+    for index in stages_of_rank(pp_rank, pp, virtual):
+        plan = plans[index]
+        if plan.embeddings:
+            keep |= {"wte", "wpe"}
+        if plan.head:
+            keep |= {"ln_f", "lm_head"}
+        keep |= {f"blocks.{i}" for i in plan.layers}
+    return {
+        name: s
+        for name, s in shapes.items()
+        if name.split(".")[0] in keep or ".".join(name.split(".")[:2]) in keep
+    }
+
+
+def numel(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def fsdp_padded_numel(shapes: dict[str, tuple[int, ...]], n: int) -> int:
+    """Elements FSDP2 all-gathers: each parameter's dim 0 padded to a multiple of ``n``."""
+    return sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in shapes.values())
+
+
+def tp_local_shapes(shapes: dict[str, tuple[int, ...]], tp: int) -> dict[str, tuple[int, ...]]:
+    """Local shapes on tensor-parallel rank 0."""
+    if tp <= 1:
+        return shapes
+    from distlab.strategies.tensor_parallel import tp_rank0_elements
+
+    return tp_rank0_elements({k: torch.Size(v) for k, v in shapes.items()}, tp)
+
+
+# --- Strategy degrees -----------------------------------------------------------------
+
+_DATA_PARALLEL = {"ddp": "ddp", "fsdp": "fsdp", "zero1": "zero1", "zero2": "zero2"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a strategy uses the ranks: data-parallel flavour and the three degrees."""
+
+    data_parallel: str | None
+    """ddp, fsdp, zero1/2/3 or None."""
+    dp: int
+    tp: int
+    pp: int
+
+
+def layout(config: Config) -> Layout | None:
+    """The layout of ``config.strategy``; None for strategies the theory does not model."""
+    name, n = config.strategy, config.nproc
+    if name == "single":
+        return Layout(None, 1, 1, 1)
+    if name in ("ddp", "fsdp", "zero1", "zero2", "zero3"):
+        return Layout(name, n, 1, 1)
+    if name in ("tp", "pp", "fsdp+tp", "ddp+pp", "fsdp+pp", "fsdp+tp+pp"):
+        from distlab.strategies import registry
+
+        dims = registry.describe(name).dims(config)
+        flavour = None if name in ("tp", "pp") else name.split("+")[0]
+        return Layout(flavour, dims.dp, dims.tp, dims.pp)
+    return None
+
+
+# --- The predictions ------------------------------------------------------------------
+
+
+def predict_comm(config: Config) -> CommPrediction | None:
+    """Rank 0's communication in one steady-state optimizer step (None: not modelled)."""
+    lay = layout(config)
+    if lay is None:
+        return None
+    shape = PRESETS[config.model]
+    seq = resolved_seq_len(config)
+    act = 2 if config.precision == "bf16" else FP32
+    pred = CommPrediction()
+    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    n_tensors = len(shapes)
+    p_local = numel(shapes)
+    rows = config.global_batch // lay.dp  # rows of the global batch on this data-parallel rank
+    accum = grad_accum_steps(config, lay.dp) if lay.pp == 1 else 1
+    dtensor_params = lay.data_parallel == "fsdp" or lay.tp > 1
+    formulas = []
+
+    # Data parallelism over the dp ranks.
+    dp = lay.dp
+    if lay.data_parallel == "ddp":
+        pred.add("all_reduce", FP32 * p_local, dp, calls=None)
+        formulas.append("all-reduce 4P")
+    elif lay.data_parallel == "fsdp":
+        padded = FP32 * fsdp_padded_numel(shapes, dp)
+        root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
+        root_padded = FP32 * fsdp_padded_numel(root, dp)
+        micro = accum if lay.pp == 1 else _microbatches(config, lay)
+        units = _layers_of(config, lay) + (1 if root else 0)
+        # Forward gathers every unit; backward regathers the blocks when resharding
+        # after forward (the root, whose LM head starts backward, is kept).
+        gathered, calls = padded, units
+        if config.reshard_after_forward:
+            gathered, calls = 2 * padded - root_padded, 2 * units - (1 if root else 0)
+        pred.add("all_gather", micro * gathered, dp, calls=micro * calls)
+        pred.add("reduce_scatter", padded, dp, calls=units)
+        twice = "2x" if config.reshard_after_forward else "1x"
+        formulas.append(
+            f"all-gather {twice}4P' (root once) per micro-batch + reduce-scatter 4P' "
+            f"(P' = P padded to {dp})"
+        )
+        if lay.pp > 1:
+            pred.notes.append("fsdp inside a pipeline: one gather per microbatch assumed")
+    elif lay.data_parallel in ("zero1", "zero2"):
+        pred.add("all_reduce", FP32 * p_local, dp, calls=None)
+        pred.add("all_gather", FP32 * p_local, dp, calls=None)
+        formulas.append("all-reduce 4P (gradients) + all-gather 4P (parameters)")
+        pred.notes.append(
+            "ZeRO paper: reduce-scatter + all-gather = DDP's volume; DeepSpeed all-reduces "
+            "the gradient buckets on gloo, so it sends 1.5x DDP"
+        )
+    elif lay.data_parallel == "zero3":
+        gathers = _zero3_gathers(config, p_local)
+        pred.add("all_gather", gathers * FP32 * p_local, dp, calls=None)
+        pred.add("reduce_scatter", FP32 * p_local, dp, calls=None)
+        formulas.append(f"all-gather {gathers}x4P + reduce-scatter 4P")
+        if gathers == 1:
+            pred.notes.append(
+                "DeepSpeed keeps forward's gathered parameters for backward "
+                "(reuse distance < stage3_max_reuse_distance): one all-gather per step, "
+                "not the ZeRO paper's two"
+            )
+    if lay.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
+        small = 8 if lay.data_parallel != "zero3" else 12
+        # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
+        pred.add("all_reduce", small, dp, calls=None)
+    elif dp > 1:
+        pred.add("all_reduce", FP32, dp)  # the loss mean over data-parallel ranks
+
+    # Tensor parallelism inside each replica/stage.
+    tp = lay.tp
+    if tp > 1:
+        if config.sequence_parallel:
+            pred.notes.append("sequence parallelism not modelled: tp traffic left out")
+        else:
+            layers = _layers_of(config, lay)
+            first, last = _has_first_last(config, lay)
+            tokens = rows * seq
+            count = 6 * layers + (1 if first else 0) + (1 if last else 0)
+            pred.add("all_reduce", count * tokens * shape.d_model * act, tp, calls=count)
+            if last:
+                pred.add("all_gather", tokens * shape.vocab_size * act, tp)
+            formulas.append("all-reduce BTd x (6L + 2) + all-gather BTV")
+    if dtensor_params:
+        # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
+        for degree in (lay.dp if lay.data_parallel == "fsdp" else 1, tp):
+            if degree > 1:
+                pred.add("all_reduce", FP32 * n_tensors, degree)
+
+    # Pipeline parallelism between stages.
+    if lay.pp > 1:
+        _pipeline_comm(pred, config, lay, rows, seq)
+        formulas.append("send/recv M activations of (B/M) T d per stage boundary")
+    if not formulas:
+        formulas.append("none")
+    pred.formula = "; ".join(formulas)
+    return pred
+
+
+def _microbatches(config: Config, lay: Layout) -> int:
+    from distlab.strategies.parallel_dims import ParallelDims
+    from distlab.strategies.pipeline_parallel import resolve_microbatches
+
+    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp))
+
+
+def _layers_of(config: Config, lay: Layout) -> int:
+    shape = PRESETS[config.model]
+    if lay.pp <= 1:
+        return shape.n_layer
+    return len({n.split(".")[1] for n in stage_shapes(config, lay.pp) if n.startswith("blocks.")})
+
+
+def _has_first_last(config: Config, lay: Layout) -> tuple[bool, bool]:
+    names = stage_shapes(config, lay.pp)
+    return "wte.weight" in names, "lm_head.weight" in names
+
+
+def _zero3_gathers(config: Config, p_local: int) -> int:
+    """All-gathers of the parameters per ZeRO-3 step under the strategy's DeepSpeed config."""
+    try:
+        from distlab.strategies.deepspeed_zero import deepspeed_config
+
+        zero = deepspeed_config(config, 3, config.nproc, p_local)["zero_optimization"]
+    except Exception:  # noqa: BLE001 - DeepSpeed strategy missing or changed: paper's count
+        return 2
+    reuse = zero.get("stage3_max_reuse_distance", 1e9)
+    live = zero.get("stage3_max_live_parameters", 1e9)
+    return 1 if p_local <= min(reuse, live) else 2
+
+
+def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int) -> None:
+    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce."""
+    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES, stages_of_rank
+
+    shape = PRESETS[config.model]
+    m = _microbatches(config, lay)
+    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+    n_stages = lay.pp * virtual
+    message = (rows // m) * seq * shape.d_model * FP32  # the residual stream stays fp32
+    if lay.tp > 1 and config.sequence_parallel:
+        message //= lay.tp
+    sends = recvs = 0
+    for stage in stages_of_rank(0, lay.pp, virtual):
+        if stage < n_stages - 1:
+            sends += m  # activations forward
+            recvs += m  # their gradients back
+        if stage > 0:
+            recvs += m
+            sends += m
+    pred.add("send", sends * message, lay.pp, calls=sends)
+    pred.add("recv", recvs * message, lay.pp, calls=recvs)
+    pred.add("broadcast", FP32, lay.pp, relative_rank=1)  # loss from the last stage
+    pred.add("all_reduce", FP32, lay.pp)  # squared gradient norm over the stages
+
+
+def pipeline_bubble(config: Config) -> float | None:
+    """Idle fraction of a step, (p - 1) / (v m + p - 1); None without pipelining.
+
+    p stages per pipeline (ranks), m microbatches, v stages per rank
+    (interleaved 1F1B: 2), so interleaving divides the bubble by about v.
+    """
+    lay = layout(config)
+    if lay is None or lay.pp <= 1:
+        return None
+    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES
+
+    m = _microbatches(config, lay)
+    v = VIRTUAL_STAGES.get(config.schedule, 1)
+    return (lay.pp - 1) / (v * m + lay.pp - 1)
+
+
+def predict(config: Config) -> dict[str, Any]:
+    """Every prediction for ``config``'s rank 0, as plain data (summary.json)."""
+    from distlab.strategies import registry
+
+    n_params = count_parameters(PRESETS[config.model])
+    strategy = registry.describe(config.strategy)
+    comm = predict_comm(config)
+    return {
+        "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
+        "comm_per_step": comm.to_dict() if comm is not None else None,
+        "pipeline_bubble": pipeline_bubble(config),
+    }
