@@ -29,7 +29,7 @@ import torch.distributed as dist
 from distlab import comm, mfu, theory
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
-from distlab.memory import peak_memory_bytes
+from distlab.memory import ModelStateBytes, peak_memory_bytes
 from distlab.model import PRESETS, flops_per_token
 
 
@@ -55,13 +55,21 @@ class RunMeasurements:
         if self.counter is not None:
             self.counter.begin_step()
 
-    def end_step(self, step: int, step_time: float, tokens_per_step: int) -> dict[str, Any]:
+    def end_step(
+        self,
+        step: int,
+        step_time: float,
+        tokens_per_step: int,
+        state_bytes: ModelStateBytes | None = None,
+    ) -> dict[str, Any]:
         """Extra metrics of this step (rank 0 logs them); also in ``ranks/rank<r>.jsonl``."""
         line: dict[str, Any] = {
             "step": step,
             "step_time_s": step_time,
             "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
         }
+        if state_bytes is not None:
+            line.update({f"model_state/{k}": v for k, v in state_bytes.to_dict().items()})
         if self.counter is not None:
             stats = self.counter.end_step()
             line.update(stats.to_metrics())

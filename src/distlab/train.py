@@ -118,7 +118,9 @@ def train(
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - tic
             step_times.append(step_time)
-            extra = measure.end_step(step, step_time, tokens_per_step)
+            extra = measure.end_step(
+                step, step_time, tokens_per_step, train_step.model_state_bytes()
+            )
             if recorder is not None:
                 recorder.log_step(
                     {
