@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -24,6 +26,23 @@ class ModelStateBytes:
     def to_dict(self) -> dict[str, int]:
         """Plain data for metrics and summary.json."""
         return {**asdict(self), "total": self.total}
+
+
+def measure_state_bytes(
+    parameters: Iterable[torch.Tensor], optimizer_state: Mapping[Any, Mapping[str, Any]]
+) -> ModelStateBytes:
+    """Bytes of the parameters, their gradients and the tensors of an optimizer's state."""
+    params = list(parameters)
+    return ModelStateBytes(
+        params=sum(tensor_bytes(p) for p in params),
+        grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        optimizer=sum(
+            tensor_bytes(v)
+            for state in optimizer_state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        ),
+    )
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

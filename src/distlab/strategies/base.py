@@ -24,7 +24,7 @@ from torch import nn
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, predicted_bytes, tensor_bytes
+from distlab.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 
 
@@ -180,30 +180,24 @@ class ModuleTrainStep(TrainStep):
                 loss = language_model_loss(logits, y.to(device, non_blocking=True))
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.model.parameters(), self.config.grad_clip)
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         if self.last_state_bytes is None:  # sizes are fixed after the first step: measure once
             self.last_state_bytes = self._measure_state_bytes()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         self.scheduler.step()
         mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=grad_norm)
+
+    def clip_gradients(self) -> float:
+        """Clip to ``config.grad_clip`` and return the global gradient norm."""
+        return clip_gradients(self.model.parameters(), self.config.grad_clip)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _measure_state_bytes(self) -> ModelStateBytes:
-        params = list(self.model.parameters())
-        return ModelStateBytes(
-            params=sum(tensor_bytes(p) for p in params),
-            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
-            optimizer=sum(
-                tensor_bytes(v)
-                for state in self.optimizer.state.values()
-                for v in state.values()
-                if isinstance(v, torch.Tensor)
-            ),
-        )
+        return measure_state_bytes(self.model.parameters(), self.optimizer.state)
 
     def model_state_bytes(self) -> ModelStateBytes:
         return self.last_state_bytes or self._measure_state_bytes()

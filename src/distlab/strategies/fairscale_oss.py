@@ -63,17 +63,17 @@ from torch.nn.parallel import DistributedDataParallel
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, optimizer_bytes_per_param, tensor_bytes
+from distlab.memory import (
+    ModelStateBytes,
+    measure_state_bytes,
+    optimizer_bytes_per_param,
+)
 from distlab.model import GPT, PRESETS
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
     ModuleTrainStep,
-    StepResult,
     Strategy,
     TrainStep,
-    autocast,
-    language_model_loss,
-    mean_over_group,
     no_sync_unless,
 )
 
@@ -110,38 +110,14 @@ class OSSTrainStep(ModuleTrainStep):
         self.optimizer = optimizer
         self.scheduler = build_scheduler(optimizer, config)
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
-        device = self.ctx.device
-        loss_sum = torch.zeros((), device=device)
-        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
-        for index, (x, y) in enumerate(micro_batches):
-            with self.gradient_sync(index == self.accum - 1):
-                with autocast(self.ctx.device_type, self.config.precision):
-                    logits = self.model(x.to(device, non_blocking=True))
-                loss = language_model_loss(logits, y.to(device, non_blocking=True))
-                (loss / self.accum).backward()
-            loss_sum += loss.detach()
+    def clip_gradients(self) -> float:
+        """OSS computes the global norm from every rank's shard of the gradients."""
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(self.optimizer.clip_grad_norm(max_norm))
-        self.optimizer.step()  # update the owned tensors, then broadcast them
-        self.last_state_bytes = self._measure_state_bytes()
-        self.model.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
-        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+        return float(self.optimizer.clip_grad_norm(max_norm))
 
     def _measure_state_bytes(self) -> ModelStateBytes:
-        params = list(self.plain_model.parameters())
-        return ModelStateBytes(
-            params=sum(tensor_bytes(p) for p in params),
-            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
-            optimizer=sum(
-                tensor_bytes(v)
-                for state in self.optimizer.optim.state.values()  # this rank's shard
-                for v in state.values()
-                if isinstance(v, torch.Tensor)
-            ),
-        )
+        # optimizer.optim is the wrapped optimizer: it holds only this rank's shard.
+        return measure_state_bytes(self.plain_model.parameters(), self.optimizer.optim.state)
 
     def save_checkpoint(self, directory: Path) -> None:
         """Rank 0 writes the weights and the optimizer state consolidated from every shard.

@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, tensor_bytes
+from distlab.memory import ModelStateBytes, measure_state_bytes
 from distlab.model import GPT, PRESETS
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
@@ -374,17 +374,7 @@ class PipelineTrainStep(TrainStep):
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _measure_state_bytes(self) -> ModelStateBytes:
-        params = list(self.model.parameters())
-        return ModelStateBytes(
-            params=sum(tensor_bytes(p) for p in params),
-            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
-            optimizer=sum(
-                tensor_bytes(v)
-                for state in self.optimizer.state.values()
-                for v in state.values()
-                if isinstance(v, torch.Tensor)
-            ),
-        )
+        return measure_state_bytes(self.model.parameters(), self.optimizer.state)
 
     def model_state_bytes(self) -> ModelStateBytes:
         return self.last_state_bytes or self._measure_state_bytes()
