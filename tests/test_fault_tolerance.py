@@ -105,6 +105,8 @@ def refs(tmp_path_factory: pytest.TempPathFactory):
         ("fsdp", ["1@3", "0@6:save"], 1 + 2),
         pytest.param("ddp", ["0@2:save", "1@7"], 2 + 1, marks=pytest.mark.slow),
         pytest.param("fsdp", ["0@5"], 1, marks=pytest.mark.slow),
+        ("zero2", ["1@3", "0@6:save"], 1 + 2),
+        ("pp", ["1@5"], 1),
     ],
 )
 def test_recovery_equals_no_failure(
