@@ -81,27 +81,11 @@ def _rank(
                 return train_step.step(inputs, targets).loss
 
             losses = [run(0)]
-            dist.barrier(group=side)
-            time.sleep(SETTLE_S)
-            before = comm.tcp_bytes(os.getpid(), exclude_ports=[port])
-            counter.begin_step()
-            losses += [run(step) for step in range(1, steps)]
-            stats = counter.end_step()
-            dist.barrier(group=side)
-            time.sleep(SETTLE_S)
-            after = comm.tcp_bytes(os.getpid(), exclude_ports=[port])
-            dist.barrier(group=side)
-            tcp = after - before
-            results.append(
-                {
-                    "cell": cell,
-                    "steps": steps - 1,
-                    "comm": stats.to_dict(),
-                    "tcp_sent": tcp.sent,
-                    "tcp_received": tcp.received,
-                    "losses": losses,
-                }
+            window = _measured_window(
+                lambda run=run: [run(step) for step in range(1, steps)], side, port, counter
             )
+            losses += window.pop("result")
+            results.append({"cell": cell, "steps": steps - 1, **window, "losses": losses})
             del train_step, model
         queue.put((rank, results))
         dist.barrier(group=side)
@@ -115,8 +99,6 @@ def _collective(cell: dict[str, Any], side: Any, port: int, counter: Any) -> dic
     """One raw collective of ``cell["numel"]`` fp32 elements, counted and measured."""
     import torch
     import torch.distributed as dist
-
-    from distlab import comm
 
     kind, numel = cell["collective"], int(cell["numel"])
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -141,11 +123,22 @@ def _collective(cell: dict[str, Any], side: Any, port: int, counter: Any) -> dic
     else:
         raise ValueError(f"unknown collective {kind}")
     run()  # warm-up: connections, buffers
+    window = _measured_window(run, side, port, counter)
+    del window["result"]
+    return {"cell": cell, "steps": 1, **window, "losses": []}
+
+
+def _measured_window(work, side, port: int, counter) -> dict[str, Any]:
+    """Run ``work()`` between synchronised, settled reads of the counter and the TCP bytes."""
+    import torch.distributed as dist
+
+    from distlab import comm
+
     dist.barrier(group=side)
     time.sleep(SETTLE_S)
     before = comm.tcp_bytes(os.getpid(), exclude_ports=[port])
     counter.begin_step()
-    run()
+    result = work()
     stats = counter.end_step()
     dist.barrier(group=side)
     time.sleep(SETTLE_S)
@@ -153,12 +146,10 @@ def _collective(cell: dict[str, Any], side: Any, port: int, counter: Any) -> dic
     dist.barrier(group=side)
     tcp = after - before
     return {
-        "cell": cell,
-        "steps": 1,
+        "result": result,
         "comm": stats.to_dict(),
         "tcp_sent": tcp.sent,
         "tcp_received": tcp.received,
-        "losses": [],
     }
 
 

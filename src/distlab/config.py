@@ -160,6 +160,17 @@ def _coerce(name: str, value: Any) -> Any:
         ) from None
 
 
+def read_yaml_mapping(file: Path, label: str, holds: str = "a mapping") -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a one-line DistlabError naming ``label`` if not."""
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DistlabError(f"{label} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise DistlabError(f"{label} must hold {holds}")
+    return loaded
+
+
 def load_config(
     path: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -174,13 +185,7 @@ def load_config(
         file = Path(path)
         if not file.is_file():
             raise DistlabError(f"config file not found: {path} (pass an existing --config FILE)")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise DistlabError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise DistlabError(f"config file {path} must hold a mapping of field: value")
-        values.update(loaded)
+        values.update(read_yaml_mapping(file, f"config file {path}", "a mapping of field: value"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if isinstance(values.get("inject_fault"), list | tuple):
         values["inject_fault"] = ",".join(str(v) for v in values["inject_fault"])

@@ -38,7 +38,7 @@ import yaml
 from rich.console import Console
 
 from distlab.cli import OneLineErrorParser, run_cli
-from distlab.config import load_config
+from distlab.config import load_config, read_yaml_mapping
 from distlab.errors import DistlabError
 
 SWEEP_KEYS = {"name", "runs_root", "report", "docs_dir", "timeout_s", "base", "matrix", "cells"}
@@ -85,12 +85,7 @@ def load_sweep(path: str, root: Path | None = None) -> Sweep:
     file = Path(path)
     if not file.is_file():
         raise DistlabError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DistlabError(f"sweep file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise DistlabError(f"sweep file {path} must be a mapping")
+    data = read_yaml_mapping(file, f"sweep file {path}")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise DistlabError(

@@ -9,10 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distlab.checkpoint import DCP_FORMAT, META_FILE, newest_checkpoint, verify_checkpoint
-from distlab.config import FIELD_TYPES, Config, resolved_seq_len
+from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
@@ -59,12 +57,7 @@ def inherited_config(path: str) -> dict[str, Any]:
     file = run_dir / "config.yaml"
     if not file.is_file():
         return {}
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DistlabError(f"--resume {path}: {file} is not valid YAML ({exc})") from None
-    if not isinstance(values, dict):
-        raise DistlabError(f"--resume {path}: {file} does not hold a config")
+    values = read_yaml_mapping(file, f"--resume {path}: {file}", "a config")
     return {k: v for k, v in values.items() if k in FIELD_TYPES and k not in NOT_INHERITED}
 
 

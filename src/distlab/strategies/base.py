@@ -139,7 +139,33 @@ def always_sync(enabled: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class ModuleTrainStep(TrainStep):
+class OptimizerTrainStep(TrainStep):
+    """A train step that updates ``self.model`` with a torch optimizer and distlab's lr schedule."""
+
+    model: nn.Module
+
+    def _build_optimizer(self, config: Config) -> None:
+        """The optimizer over ``self.model``'s (possibly sharded) parameters, and its schedule."""
+        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.last_state_bytes: ModelStateBytes | None = None
+
+    def _record_state_bytes(self) -> None:
+        """Call between optimizer step and zero_grad; sizes are fixed after the first step."""
+        if self.last_state_bytes is None:
+            self.last_state_bytes = self._measure_state_bytes()
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _measure_state_bytes(self) -> ModelStateBytes:
+        return measure_state_bytes(self.model.parameters(), self.optimizer.state)
+
+    def model_state_bytes(self) -> ModelStateBytes:
+        return self.last_state_bytes or self._measure_state_bytes()
+
+
+class ModuleTrainStep(OptimizerTrainStep):
     """Gradient accumulation, clipping, optimizer and schedule around a wrapped model.
 
     The wrapped model is responsible for reducing gradients across
@@ -165,9 +191,7 @@ class ModuleTrainStep(TrainStep):
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.gradient_sync = gradient_sync
         self.accum = grad_accum_steps(config, dp_size)
-        self.optimizer = build_optimizer(model.parameters(), config)
-        self.scheduler = build_scheduler(self.optimizer, config)
-        self.last_state_bytes: ModelStateBytes | None = None
+        self._build_optimizer(config)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         device = self.ctx.device
@@ -182,8 +206,7 @@ class ModuleTrainStep(TrainStep):
             loss_sum += loss.detach()
         grad_norm = self.clip_gradients()
         self.optimizer.step()
-        if self.last_state_bytes is None:  # sizes are fixed after the first step: measure once
-            self.last_state_bytes = self._measure_state_bytes()
+        self._record_state_bytes()
         self.model.zero_grad(set_to_none=True)
         self.scheduler.step()
         mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
@@ -192,15 +215,6 @@ class ModuleTrainStep(TrainStep):
     def clip_gradients(self) -> float:
         """Clip to ``config.grad_clip`` and return the global gradient norm."""
         return clip_gradients(self.model.parameters(), self.config.grad_clip)
-
-    def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def _measure_state_bytes(self) -> ModelStateBytes:
-        return measure_state_bytes(self.model.parameters(), self.optimizer.state)
-
-    def model_state_bytes(self) -> ModelStateBytes:
-        return self.last_state_bytes or self._measure_state_bytes()
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -58,10 +58,10 @@ from torch.distributed.tensor import DTensor
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, measure_state_bytes
+from distlab.memory import ModelStateBytes
 from distlab.model import GPT, PRESETS
-from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
+    OptimizerTrainStep,
     StepResult,
     Strategy,
     TrainStep,
@@ -268,7 +268,7 @@ StageWrapper = Callable[[GPT], nn.Module]
 module the PipelineStage runs."""
 
 
-class PipelineTrainStep(TrainStep):
+class PipelineTrainStep(OptimizerTrainStep):
     """One optimizer step driven by a pipeline schedule over this rank's stages."""
 
     def __init__(
@@ -320,9 +320,7 @@ class PipelineTrainStep(TrainStep):
             loss_fn=language_model_loss,
             scale_grads=True,
         )
-        self.optimizer = build_optimizer(self.model.parameters(), config)
-        self.scheduler = build_scheduler(self.optimizer, config)
-        self.last_state_bytes: ModelStateBytes | None = None
+        self._build_optimizer(config)
         self.timeline: list[StageEvent] | None = None
 
     def _stage_shapes(self, plan: StagePlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,20 +362,11 @@ class PipelineTrainStep(TrainStep):
             list(self.model.parameters()), self.config.grad_clip, self.pp_group
         )
         self.optimizer.step()
-        self.last_state_bytes = self._measure_state_bytes()
+        self._record_state_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         mean_loss = mean_over_group(loss, self.dp_group, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=grad_norm)
-
-    def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def _measure_state_bytes(self) -> ModelStateBytes:
-        return measure_state_bytes(self.model.parameters(), self.optimizer.state)
-
-    def model_state_bytes(self) -> ModelStateBytes:
-        return self.last_state_bytes or self._measure_state_bytes()
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """Stages gather their tp/fsdp shards, then send their weights to the pipeline's rank 0."""
