@@ -3,17 +3,11 @@
 Every case trains the tiny model 5 steps in fp32 (``distlab.parity.parity_config``)
 and compares per-step global-batch losses and final weights with ``single``.
 
-Tolerances: losses within ``LOSS_RTOL`` (1e-5 relative) for both optimizers;
-final weights within ``PARAM_ATOL`` (1e-5) for SGD. For AdamW the weights are
-held to ``ADAMW_PARAM_ATOL`` (1e-4): Adam divides each gradient element by its
-own running magnitude, so an element whose exact gradient is ~0 (the key
-bias, whose gradient vanishes because softmax ignores a per-query constant;
-dead GELU units) takes a step of up to lr * |g| / eps in a direction set by
-rounding. Splitting a matmul (tp) or the batch (pp microbatches) changes the
-summation order, so those few elements differ by ~1e-5 after 5 steps while
-the losses still agree to ~1e-7. A real bug (a missed gradient, a wrong batch
-slice) moves weights by ~lr = 3e-3, and a wrong gradient *scale*, which Adam
-hides, is what the SGD cases (held to 1e-5) catch.
+Tolerances: ``distlab.parity.tolerance`` (the one place that sets them, also
+for ``python -m distlab.verify``): losses within 1e-5 relative for both
+optimizers; final weights within 1e-5 for SGD and 1e-4 for AdamW, whose
+per-element normalisation turns rounding in near-zero gradients into full-size
+steps (the reasoning is in ``distlab.parity``'s docstring).
 
 Each parallelism is covered with SGD and AdamW at one world size and AdamW
 at the other. Interleaved 1F1B puts 2 stages on each rank, so 4 ranks need 8
@@ -28,9 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.parity import LOSS_RTOL, PARAM_ATOL, compare, parity_config
-
-ADAMW_PARAM_ATOL = 1e-4
+from distlab.parity import compare, parity_config
 
 SP = {"sequence_parallel": True}
 GPIPE = {"schedule": "gpipe"}
@@ -82,7 +74,5 @@ def test_model_parallel_parity(
     # Run names do not include the model: keep other presets' references apart.
     workdir = parity_workdir if config.model == "tiny" else parity_workdir / config.model
     report = compare(config, workdir)
-    assert report.max_rel_diff <= LOSS_RTOL, report.rel_diffs
-    param_atol = PARAM_ATOL if optimizer == "sgd" else ADAMW_PARAM_ATOL
-    assert report.max_param_diff <= param_atol, report.max_param_diff
+    assert report.passed, (report.rel_diffs, report.max_param_diff, report.tolerance)
     assert report.losses[-1] < report.losses[0]  # it trained

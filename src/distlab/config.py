@@ -128,6 +128,7 @@ class Config:
 
 
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -180,13 +181,14 @@ def load_config(
 
     ``base`` is what a resumed run inherits from its source run's ``config.yaml``.
     """
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
         if not file.is_file():
             raise DistlabError(f"config file not found: {path} (pass an existing --config FILE)")
         values.update(read_yaml_mapping(file, f"config file {path}", "a mapping of field: value"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = {**_inheritable(base or {}, values.get("strategy")), **values}
     if isinstance(values.get("inject_fault"), list | tuple):
         values["inject_fault"] = ",".join(str(v) for v in values["inject_fault"])
     unknown = sorted(set(values) - set(FIELD_TYPES))
@@ -197,6 +199,21 @@ def load_config(
     config = Config(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
     return config
+
+
+def _inheritable(base: dict[str, Any], strategy: str | None) -> dict[str, Any]:
+    """``base`` without the strategy options that ``strategy`` (if it replaces base's) ignores.
+
+    A run resumed under another strategy inherits the source's training settings,
+    not the source strategy's own flags (an fsdp run's ``reshard_after_forward``
+    means nothing to ddp and would be refused).
+    """
+    from distlab.strategies import registry
+
+    if strategy is None or strategy == base.get("strategy") or strategy not in registry.names():
+        return dict(base)
+    ignored = set(registry.option_users()) - registry.describe(strategy).options
+    return {k: v for k, v in base.items() if k not in ignored}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -259,6 +276,7 @@ def validate(config: Config) -> None:
     )
     fault_specs(config)
     strategy = registry.describe(config.strategy)
+    refuse_unused_options(config, strategy.options, registry.option_users())
     strategy.validate(config)
     dp = strategy.data_parallel_size(config)
     _require(
@@ -274,6 +292,31 @@ def validate(config: Config) -> None:
             f"micro_batch {config.micro_batch} does not divide the per-rank batch {local} "
             f"(global_batch {config.global_batch} / data-parallel size {dp})",
         )
+
+
+def option_flag(name: str, value: Any) -> str:
+    """How a field set to ``value`` reads on the command line (``--tp 2``, ``--no-x``)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def refuse_unused_options(
+    config: Config, used: frozenset[str], users: dict[str, list[str]]
+) -> None:
+    """One-line error for a strategy option set away from its default that the strategy ignores.
+
+    ``used``: the options of ``config.strategy``; ``users``: every strategy option and
+    the strategies that use it (both declared by the strategies themselves).
+    """
+    for name, strategies in users.items():
+        value = getattr(config, name)
+        if name not in used and value != DEFAULTS[name]:
+            raise DistlabError(
+                f"{option_flag(name, value)} is not used by strategy '{config.strategy}'; "
+                f"drop it, or choose a strategy that uses it: {', '.join(strategies)}"
+            )
 
 
 def resolved_seq_len(config: Config) -> int:

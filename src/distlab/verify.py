@@ -3,8 +3,9 @@
     python -m distlab.verify --strategy fsdp --nproc 4
     python -m distlab.verify --strategy ddp --nproc 2 --optimizer sgd --steps 8
 
-Prints a per-step loss comparison for each optimizer and exits non-zero if any
-step or final weight is outside the tolerance (see ``distlab.parity``).
+Prints a per-step loss comparison for each optimizer and exits 1 if any step
+or final weight is outside the tolerance: the same per-strategy, per-optimizer
+tolerance the tests hold the strategy to (``distlab.parity.tolerance``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.config import OPTIMIZERS
+from distlab.errors import DistlabError
 from distlab.parity import PARITY_STEPS, ParityReport, compare, parity_config
 
 
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if getattr(args, name) is not None
     }
+    if args.strategy == "single":
+        raise DistlabError(
+            "verify compares a strategy with 'single', so 'single' has nothing to be checked "
+            "against; pass another --strategy (python -m distlab.launch --list)"
+        )
     optimizers = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
     configs = [
         parity_config(args.strategy, args.nproc, opt, args.steps, **shape) for opt in optimizers

@@ -80,11 +80,26 @@ class TrainStep(ABC):
         )
 
 
+TP_OPTIONS = frozenset({"tp", "sequence_parallel"})
+"""Config fields of tensor parallelism."""
+PP_OPTIONS = frozenset({"pp", "schedule", "microbatches"})
+"""Config fields of pipeline parallelism."""
+FSDP_OPTIONS = frozenset({"reshard_after_forward"})
+"""Config fields of FSDP2."""
+
+
 class Strategy(ABC):
     """A named way of training the GPT on several ranks."""
 
     name: str = ""
     summary: str = ""
+    options: frozenset[str] = frozenset()
+    """The strategy-specific config fields this strategy reads (``tp``, ``offload``, ...).
+
+    A strategy option that another strategy declares and this one does not is
+    refused when set away from its default (``distlab.config.validate``), so a
+    flag is never silently ignored.
+    """
 
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""

@@ -30,10 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
-from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, PRESETS
-from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.base import (
+    FSDP_OPTIONS,
+    PP_OPTIONS,
+    TP_OPTIONS,
+    ModuleTrainStep,
+    Strategy,
+    TrainStep,
+)
 from distlab.strategies.fsdp import apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
 from distlab.strategies.pipeline_parallel import (
@@ -69,6 +75,18 @@ class ComposedStrategy(Strategy):
     tensor_parallel = False
     pipeline = False
 
+    @property
+    def options(self) -> frozenset[str]:  # type: ignore[override]
+        """``dp``, plus the fields of each parallelism this composition includes."""
+        fields = {"dp"}
+        if self.tensor_parallel:
+            fields |= TP_OPTIONS
+        if self.pipeline:
+            fields |= PP_OPTIONS
+        if self.data_parallel == "fsdp":
+            fields |= FSDP_OPTIONS
+        return frozenset(fields)
+
     def dims(self, config: Config) -> ParallelDims:
         return resolve_dims(config, self.name, True, self.tensor_parallel, self.pipeline)
 
@@ -76,8 +94,6 @@ class ComposedStrategy(Strategy):
         dims = self.dims(config)
         if self.tensor_parallel:
             validate_tp(config, dims.tp)
-        elif config.sequence_parallel:
-            raise DistlabError("--sequence-parallel needs tensor parallelism (a strategy with tp)")
         if self.pipeline:
             validate_pp(config, dims)
 

@@ -376,6 +376,7 @@ class DeepSpeedZeroStrategy(Strategy):
     """ZeRO stage ``stage`` through DeepSpeed's engine (subclasses fix the stage)."""
 
     stage: int = 0
+    options = frozenset({"offload"})
 
     def validate(self, config: Config) -> None:
         if importlib.util.find_spec("deepspeed") is None:

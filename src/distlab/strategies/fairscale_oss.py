@@ -163,11 +163,6 @@ class FairscaleStrategy(Strategy):
             raise DistlabError(
                 f"strategy '{self.name}' needs fairscale: pip install 'distlab[fairscale]'"
             )
-        if config.offload != "none":
-            raise DistlabError(
-                f"--offload {config.offload} is DeepSpeed ZeRO only (zero1, zero2, zero3); "
-                f"'{self.name}' keeps all state on the device: use --offload none"
-            )
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Rank 0's share under OSS's greedy tensor assignment (about P/N each)."""

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.memory import ModelStateBytes, predicted_bytes
-from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool) -> FSDPModule:
@@ -53,6 +53,7 @@ class FSDPStrategy(Strategy):
         "FSDP2 fully_shard per block: params, grads, optimizer state sharded "
         "(ZeRO-3; ZeRO-2-like with --no-reshard-after-forward)"
     )
+    options = FSDP_OPTIONS
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         n = config.nproc

@@ -49,31 +49,18 @@ def resolve_dims(
     """The degrees strategy ``name`` runs with; a one-line DistlabError if impossible.
 
     ``data_parallel``/``tensor_parallel``/``pipeline`` say which parallelisms the
-    strategy composes. A parallelism it does not use must have degree 1; one it
-    names must have degree >= 2 (otherwise another strategy says it better).
+    strategy composes. A parallelism it names must have degree >= 2 (otherwise
+    another strategy says it better); the flags of one it does not use are
+    refused by ``distlab.config.validate`` from ``Strategy.options``.
     """
     nproc = config.nproc
     tp, pp = config.tp, config.pp
     for flag, value in (("tp", tp), ("pp", pp), ("dp", config.dp)):
         if value is not None and value < 1:
             raise DistlabError(f"--{flag} must be >= 1 (got {value})")
-    if not tensor_parallel and tp != 1:
-        raise DistlabError(
-            f"strategy '{name}' has no tensor parallelism; drop --tp {tp} "
-            "or choose a strategy with tp (fsdp+tp, fsdp+tp+pp)"
-        )
-    if not pipeline and pp != 1:
-        raise DistlabError(
-            f"strategy '{name}' has no pipeline parallelism; drop --pp {pp} "
-            "or choose a strategy with pp (ddp+pp, fsdp+pp, fsdp+tp+pp)"
-        )
+    # A degree the strategy does not use is at its default: config.validate refuses others.
     if not data_parallel:
         # Plain tp / pp: the one parallelism spans every rank.
-        if config.dp not in (None, 1):
-            raise DistlabError(
-                f"strategy '{name}' has no data parallelism; drop --dp {config.dp} "
-                f"or use fsdp+{name}"
-            )
         if tensor_parallel:
             tp = nproc if tp == 1 else tp
         if pipeline:

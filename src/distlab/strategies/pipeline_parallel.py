@@ -61,6 +61,7 @@ from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes
 from distlab.model import GPT, PRESETS
 from distlab.strategies.base import (
+    PP_OPTIONS,
     OptimizerTrainStep,
     StepResult,
     Strategy,
@@ -405,6 +406,7 @@ class PPStrategy(Strategy):
         "pipeline parallel (torch.distributed.pipelining): layers split into stages; "
         "--schedule gpipe|1f1b|interleaved-1f1b, --microbatches M"
     )
+    options = PP_OPTIONS
 
     def dims(self, config: Config) -> ParallelDims:
         return resolve_dims(
@@ -412,10 +414,7 @@ class PPStrategy(Strategy):
         )
 
     def validate(self, config: Config) -> None:
-        dims = self.dims(config)
-        if config.sequence_parallel:
-            raise DistlabError("--sequence-parallel needs tensor parallelism (a strategy with tp)")
-        validate_pp(config, dims)
+        validate_pp(config, self.dims(config))
 
     def data_parallel_size(self, config: Config) -> int:
         return 1

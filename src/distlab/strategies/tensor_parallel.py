@@ -52,7 +52,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes
 from distlab.model import PRESETS
-from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
 
 SHARDED_LINEARS = ("q", "k", "v", "up")
@@ -205,6 +205,7 @@ class TPStrategy(Strategy):
         "tensor parallel (DTensor): q/k/v/up column-, proj/down row-parallel over all ranks "
         "(--sequence-parallel shards the norm regions)"
     )
+    options = TP_OPTIONS
 
     def dims(self, config: Config) -> ParallelDims:
         return resolve_dims(

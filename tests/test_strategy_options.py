@@ -1,0 +1,133 @@
+"""Every flag a strategy does not use is refused; verify's tolerances are the tests'.
+
+The refusal is derived from what each strategy declares (``Strategy.options``),
+so these tests walk the registry instead of a hand-kept list: for every
+strategy, every other strategy's option set away from its default is a
+one-line error naming the flag and the strategies that do use it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tests.helpers import assert_one_line_error, run_command
+
+from distlab.config import DEFAULTS, load_config, option_flag
+from distlab.errors import DistlabError
+from distlab.parity import parity_config, tolerance
+from distlab.strategies import registry
+
+NPROC = {"single": 1, "tp": 2, "pp": 2, "fsdp+tp+pp": 8}
+"""A valid world size per strategy (4 for the other compositions, 2 for the rest)."""
+SAMPLE = {
+    "dp": 2,
+    "tp": 2,
+    "pp": 2,
+    "schedule": "gpipe",
+    "microbatches": 4,
+    "sequence_parallel": True,
+    "reshard_after_forward": False,
+    "offload": "optimizer",
+}
+"""A value other than the default for every strategy option."""
+
+
+def nproc(strategy: str) -> int:
+    return NPROC.get(strategy, 4 if "+" in strategy else 2)
+
+
+def unused_options() -> list:
+    users = registry.option_users()
+    return [
+        pytest.param(strategy, option, id=f"{strategy}-{option}")
+        for strategy in registry.names()
+        for option in users
+        if option not in registry.describe(strategy).options
+    ]
+
+
+def test_every_option_has_a_sample_and_a_default() -> None:
+    assert set(registry.option_users()) == set(SAMPLE)
+    assert all(SAMPLE[name] != DEFAULTS[name] for name in SAMPLE)
+
+
+@pytest.mark.parametrize(("strategy", "option"), unused_options())
+def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: str) -> None:
+    overrides = {"strategy": strategy, "nproc": nproc(strategy), "model": "small"}
+    if strategy == "fsdp+tp+pp":
+        overrides.update(tp=2, pp=2)
+    elif "tp" in strategy:
+        overrides["tp"] = 2
+    elif "pp" in strategy:
+        overrides["pp"] = 2
+    load_config(None, overrides)  # valid without the option
+    with pytest.raises(DistlabError) as error:
+        load_config(None, {**overrides, option: SAMPLE[option]})
+    message = str(error.value)
+    assert message.startswith(f"{option_flag(option, SAMPLE[option])} is not used by strategy")
+    assert f"'{strategy}'" in message and "\n" not in message
+    assert ", ".join(registry.option_users()[option]) in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"strategy": "fsdp", "nproc": 2, "reshard_after_forward": False},
+        {"strategy": "zero2", "nproc": 2, "offload": "optimizer"},
+        {"strategy": "pp", "nproc": 2, "schedule": "gpipe", "microbatches": 4},
+        {"strategy": "tp", "nproc": 2, "sequence_parallel": True},
+        {"strategy": "fsdp+tp+pp", "nproc": 8, "dp": 2, "tp": 2, "pp": 2},
+        {"strategy": "ddp", "nproc": 2, "tp": 1, "offload": "none"},  # defaults are fine
+    ],
+)
+def test_an_option_the_strategy_uses_is_accepted(overrides: dict) -> None:
+    load_config(None, overrides)
+
+
+def test_a_resume_under_another_strategy_drops_the_source_strategys_options() -> None:
+    source = {"strategy": "fsdp", "nproc": 2, "reshard_after_forward": False, "lr": 0.01}
+    config = load_config(None, {"strategy": "ddp"}, base=source)
+    assert config.reshard_after_forward is True and config.lr == 0.01
+    kept = load_config(None, {"strategy": "fsdp+tp", "nproc": 4, "tp": 2}, base=source)
+    assert kept.reshard_after_forward is False  # fsdp+tp uses it too
+    with pytest.raises(DistlabError, match="is not used by strategy 'ddp'"):
+        load_config(None, {"strategy": "ddp", "reshard_after_forward": False}, base=source)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--strategy", "ddp", "--nproc", "2", "--tp", "2"], "--tp 2 is not used by strategy"),
+        (["--strategy", "ddp", "--offload", "params"], "--offload params is not used"),
+        (["--strategy", "fsdp", "--schedule", "gpipe"], "--schedule gpipe is not used"),
+        (["--strategy", "ddp", "--microbatches", "4"], "--microbatches 4 is not used"),
+        (["--strategy", "fsdp", "--sequence-parallel"], "--sequence-parallel is not used"),
+        (["--strategy", "zero3", "--no-reshard-after-forward"], "--no-reshard-after-forward"),
+    ],
+)
+def test_unused_flags_on_the_command_line(args: list[str], fragment: str) -> None:
+    result = run_command("distlab.launch", *args, "--launcher", "local", "--no-wandb")
+    assert_one_line_error(result, fragment)
+
+
+def test_verify_refuses_to_compare_single_with_itself() -> None:
+    result = run_command("distlab.verify", "--strategy", "single", "--nproc", "1")
+    assert_one_line_error(result, "compares a strategy with 'single'")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "nproc", "optimizer", "fields", "param_atol"),
+    [
+        ("ddp", 2, "adamw", {}, 1e-5),
+        ("zero3", 2, "adamw", {}, 1e-5),
+        ("tp", 2, "sgd", {}, 1e-5),
+        ("tp", 2, "adamw", {}, 1e-4),
+        ("pp", 2, "adamw", {}, 1e-4),
+        ("fsdp+tp+pp", 8, "adamw", {"dp": 2, "tp": 2, "pp": 2}, 1e-4),
+    ],
+)
+def test_one_tolerance_per_strategy_and_optimizer(
+    strategy: str, nproc: int, optimizer: str, fields: dict, param_atol: float
+) -> None:
+    held_to = tolerance(parity_config(strategy, nproc, optimizer, **fields))
+    assert held_to.loss_rtol == 1e-5
+    assert held_to.param_atol == param_atol
