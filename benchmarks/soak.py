@@ -1,0 +1,344 @@
+"""Soak test of fault tolerance: random strategy, world size, victim, step, fault and launcher.
+
+    python benchmarks/soak.py --trials 32                      # writes docs/fault_tolerance.md
+    python benchmarks/soak.py --trials 4 --launchers local --no-docs
+
+Each trial draws, from its own seeded generator (``--seed``, trial index):
+
+- a registered strategy (each once per round of 13 trials, in a shuffled
+  order) and a world size it accepts (single x1; data-parallel strategies, tp
+  and pp x2 or x4; the 2D compositions x4);
+- a launcher (``local`` and ``ray`` alternate, so both get as many trials);
+- a victim rank and a step;
+- a fault kind: ``sigkill`` (SIGKILL of the victim's process from outside,
+  once the run has recorded that many steps), ``sigstop`` (SIGSTOP from
+  outside: a hang, which the collective timeout or the step watchdog turns
+  into a failure after ``--timeout-s``), ``save-kill`` (the victim is killed
+  while it writes a checkpoint: ``--inject-fault RANK@STEP:save``) or
+  ``raise`` (an exception inside the training step:
+  ``--inject-fault RANK@STEP:raise``).
+
+The run trains the tiny model for ``STEPS`` steps with a checkpoint every
+``CHECKPOINT_EVERY`` and ``--max-failures 1``. A trial passes when the run
+finishes, its per-step losses equal those of an uninterrupted run of the same
+strategy and world size within 1e-6 (made once per shape, local launcher: the
+losses do not depend on the launcher), it redid at most ``CHECKPOINT_EVERY``
+steps (``summary.json``'s ``lost_steps``), and no staging (``.tmp-*``) or trash
+(``.trash-*``) directory is left in its checkpoints.
+
+Recovery time is measured from the fault to the end of the first resumed step
+(the ``resume`` event rank 0 writes): for an outside signal from the moment
+this script sent it, for an injected fault from the victim's ``fault`` event.
+The script prints one line per trial, then N/N and the median and worst
+recovery per launcher, and (unless ``--no-docs``) writes the table into
+docs/fault_tolerance.md between the ``soak`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "fault_tolerance.md"
+START_MARK, END_MARK = "<!-- soak:start -->", "<!-- soak:end -->"
+STEPS = 12
+CHECKPOINT_EVERY = 3
+TIMEOUT_S = 8
+LOSS_ATOL = 1e-6
+FAULT_KINDS = ("sigkill", "sigstop", "save-kill", "raise")
+SHAPES = {
+    "single": [1],
+    "ddp": [2, 4],
+    "fsdp": [2, 4],
+    "zero1": [2],
+    "zero2": [2, 4],
+    "zero3": [2, 4],
+    "fairscale-oss": [2],
+    "fairscale-sdp": [2, 4],
+    "tp": [2, 4],
+    "pp": [2, 4],
+    "fsdp+tp": [4],
+    "ddp+pp": [4],
+    "fsdp+pp": [4],
+}
+"""Strategy -> the world sizes a trial may draw (at most 4 ranks: this is a 2-core machine)."""
+DEGREES = {"fsdp+tp": ["--tp", "2"], "ddp+pp": ["--pp", "2"], "fsdp+pp": ["--pp", "2"]}
+COMMON = [
+    "--model", "tiny", "--global-batch", "8", "--steps", str(STEPS),
+    "--checkpoint-every", str(CHECKPOINT_EVERY), "--keep-checkpoints", "2",
+    "--timeout-s", str(TIMEOUT_S), "--no-wandb", "--quiet",
+]  # fmt: skip
+
+
+@dataclass
+class Trial:
+    """One drawn trial and what came of it."""
+
+    index: int
+    strategy: str
+    nproc: int
+    launcher: str
+    kind: str
+    victim: int
+    step: int
+    passed: bool = False
+    recovery_s: float | None = None
+    lost_steps: int | None = None
+    max_loss_diff: float | None = None
+    wall_s: float = 0.0
+    reason: str = ""
+
+
+def draw(index: int, seed: int, launchers: list[str]) -> Trial:
+    """Trial ``index``: its strategy, world size, victim, step and fault, from its own seed."""
+    order = sorted(SHAPES)
+    random.Random(f"{seed}-round-{index // len(order)}").shuffle(order)
+    strategy = order[index % len(order)]  # every strategy once per round of len(SHAPES) trials
+    rng = random.Random(f"{seed}-{index}")
+    nproc = rng.choice(SHAPES[strategy])
+    kind = rng.choice(FAULT_KINDS)
+    if kind == "save-kill":
+        step = rng.choice(range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY))
+    else:
+        step = rng.randrange(1, STEPS - 1)
+    launcher = launchers[index % len(launchers)]
+    return Trial(index, strategy, nproc, launcher, kind, rng.randrange(nproc), step)
+
+
+def shape_args(strategy: str, nproc: int) -> list[str]:
+    """The flags that pick a strategy at a world size."""
+    return ["--strategy", strategy, "--nproc", str(nproc), *DEGREES.get(strategy, [])]
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    """Start ``python -m distlab.launch`` with ``args`` (output captured)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distlab.launch", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def losses(run_dir: Path) -> list[float]:
+    """Per-step losses of a finished run, checking there is exactly one line per step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if [r["step"] for r in rows] != list(range(len(rows))):
+        raise ValueError("metrics.jsonl does not hold one line per step")
+    return [r["loss"] for r in rows]
+
+
+def reference(strategy: str, nproc: int, workdir: Path) -> list[float]:
+    """Losses of an uninterrupted run of this shape (made once, then reused)."""
+    run_dir = workdir / "reference" / f"{strategy}-n{nproc}"
+    if not (run_dir / "summary.json").is_file():
+        shape = shape_args(strategy, nproc)
+        process = launch([*COMMON, *shape, "--launcher", "local", "--run-dir", str(run_dir)])
+        _, err = process.communicate(timeout=900)
+        if process.returncode != 0:
+            raise RuntimeError(f"reference {strategy} x{nproc} failed: {err.strip()[-300:]}")
+    return losses(run_dir)
+
+
+def recorded_steps(run_dir: Path) -> int:
+    """How many lines metrics.jsonl has right now."""
+    try:
+        return len((run_dir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The run's events.jsonl."""
+    file = run_dir / "events.jsonl"
+    lines = file.read_text().splitlines() if file.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def signal_victim(trial: Trial, run_dir: Path, process: subprocess.Popen) -> float | None:
+    """Wait until the run has recorded ``trial.step`` steps, signal the victim; return when."""
+    signum = signal.SIGKILL if trial.kind == "sigkill" else signal.SIGSTOP
+    pid_file = run_dir / "logs" / f"rank{trial.victim}.pid"
+    while process.poll() is None:
+        if recorded_steps(run_dir) >= trial.step and pid_file.is_file():
+            sent = time.time()
+            os.kill(int(pid_file.read_text()), signum)
+            return sent
+        time.sleep(0.05)
+    return None
+
+
+def release_victim(trial: Trial, run_dir: Path) -> None:
+    """Kill a stopped victim the launcher left behind (it must not outlive its trial)."""
+    pid_file = run_dir / "logs" / f"rank{trial.victim}.pid"
+    if trial.kind == "sigstop" and pid_file.is_file():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def run_trial(trial: Trial, workdir: Path) -> Trial:
+    """Run one trial to the end and judge it."""
+    expected = reference(trial.strategy, trial.nproc, workdir)
+    run_dir = workdir / "trials" / f"{trial.index:03d}-{trial.strategy}-n{trial.nproc}"
+    args = [*COMMON, *shape_args(trial.strategy, trial.nproc), "--launcher", trial.launcher]
+    args += ["--max-failures", "1", "--run-dir", str(run_dir)]
+    if trial.kind == "save-kill":
+        args += ["--inject-fault", f"{trial.victim}@{trial.step}:save"]
+    elif trial.kind == "raise":
+        args += ["--inject-fault", f"{trial.victim}@{trial.step}:raise"]
+    started = time.time()
+    process = launch(args)
+    fault_at = None
+    if trial.kind in ("sigkill", "sigstop"):
+        fault_at = signal_victim(trial, run_dir, process)
+    try:
+        _, err = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+    finally:
+        release_victim(trial, run_dir)
+    trial.wall_s = time.time() - started
+    if process.returncode != 0:
+        trial.reason = (err.strip().splitlines() or ["exit status"])[-1][:200]
+        return trial
+    log = events(run_dir)
+    if fault_at is None:
+        fault_at = next((e["t"] for e in log if e["event"] == "fault"), None)
+    resume = next((e for e in log if e["event"] == "resume" and e.get("restart")), None)
+    if fault_at is None or resume is None:
+        trial.reason = "no fault and resume recorded (did the fault fire?)"
+        return trial
+    trial.recovery_s = resume["t"] - fault_at
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trial.lost_steps = summary["lost_steps"]
+    got = losses(run_dir)
+    if len(got) != len(expected):
+        trial.reason = f"{len(got)} steps recorded, {len(expected)} expected"
+        return trial
+    trial.max_loss_diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
+    leftovers = [p.name for p in (run_dir / "checkpoints").glob(".*")]
+    if trial.max_loss_diff > LOSS_ATOL:
+        trial.reason = f"losses differ by {trial.max_loss_diff:.2e}"
+    elif trial.lost_steps > CHECKPOINT_EVERY:
+        trial.reason = f"{trial.lost_steps} steps redone (checkpoint interval {CHECKPOINT_EVERY})"
+    elif leftovers:
+        trial.reason = f"left behind: {', '.join(leftovers)}"
+    else:
+        trial.passed = True
+    return trial
+
+
+def describe(trial: Trial) -> str:
+    """One line for the progress display."""
+    verdict = "pass" if trial.passed else f"FAIL ({trial.reason})"
+    recovery = f"{trial.recovery_s:5.1f} s" if trial.recovery_s is not None else "    -  "
+    return (
+        f"{trial.index + 1:3d}  {trial.launcher:5s} {trial.strategy:13s} x{trial.nproc}  "
+        f"{trial.kind:9s} rank {trial.victim} step {trial.step:2d}  recovery {recovery}  "
+        f"redone {trial.lost_steps if trial.lost_steps is not None else '-'}  {verdict}"
+    )
+
+
+def figures(trials: list[Trial], launcher: str) -> tuple[int, int, float | None, float | None]:
+    """(passed, count, median recovery, worst recovery) of one launcher's trials."""
+    mine = [t for t in trials if t.launcher == launcher]
+    times = [t.recovery_s for t in mine if t.passed and t.recovery_s is not None]
+    median = statistics.median(times) if times else None
+    return sum(t.passed for t in mine), len(mine), median, max(times) if times else None
+
+
+def report(trials: list[Trial], launchers: list[str], seed: int) -> str:
+    """The Markdown section written into docs/fault_tolerance.md."""
+    passed = sum(t.passed for t in trials)
+    lines = [
+        f"`python benchmarks/soak.py --trials {len(trials)} --seed {seed}`: "
+        f"**{passed}/{len(trials)} trials passed** (tiny model, {STEPS} steps, a checkpoint "
+        f"every {CHECKPOINT_EVERY}, `--timeout-s {TIMEOUT_S}`, `--max-failures 1`).",
+        "",
+        "| launcher | trials passed | recovery median | recovery worst |",
+        "|---|---|---|---|",
+    ]
+    for launcher in launchers:
+        ok, count, median, worst = figures(trials, launcher)
+        fmt = lambda s: f"{s:.1f} s" if s is not None else "-"  # noqa: E731
+        lines.append(f"| {launcher} | {ok}/{count} | {fmt(median)} | {fmt(worst)} |")
+    by_kind = {kind: [t for t in trials if t.kind == kind] for kind in FAULT_KINDS}
+    lines += ["", "| fault | trials | recovery median |", "|---|---|---|"]
+    for kind, mine in by_kind.items():
+        times = [t.recovery_s for t in mine if t.recovery_s is not None]
+        median = f"{statistics.median(times):.1f} s" if times else "-"
+        lines.append(f"| {kind} | {sum(t.passed for t in mine)}/{len(mine)} | {median} |")
+    lines += [
+        "",
+        "| # | launcher | strategy | ranks | fault | victim | step | recovery | redone | result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        recovery = f"{t.recovery_s:.1f} s" if t.recovery_s is not None else "-"
+        result = "pass" if t.passed else f"FAIL: {t.reason}"
+        lines.append(
+            f"| {t.index + 1} | {t.launcher} | {t.strategy} | {t.nproc} | {t.kind} | {t.victim} "
+            f"| {t.step} | {recovery} | {t.lost_steps} | {result} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    """Replace the text between the soak markers of docs/fault_tolerance.md."""
+    text = DOCS.read_text()
+    if START_MARK not in text or END_MARK not in text:
+        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} section to fill")
+    head, rest = text.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    DOCS.write_text(f"{head}{START_MARK}\n{section}\n{END_MARK}{tail}")
+
+
+def main() -> int:
+    """Run the trials; exit 0 when all pass."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--launchers", default="local,ray", help="comma-separated")
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
+    parser.add_argument("--json", help="also write every trial to this JSON file")
+    parser.add_argument("--no-docs", action="store_true", help="do not touch the docs")
+    args = parser.parse_args()
+    launchers = args.launchers.split(",")
+    trials = [draw(i, args.seed, launchers) for i in range(args.trials)]
+    with tempfile.TemporaryDirectory(prefix="distlab-soak-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        for trial in trials:
+            print(describe(run_trial(trial, workdir)), flush=True)
+    section = report(trials, launchers, args.seed)
+    passed = sum(t.passed for t in trials)
+    print(f"\n{passed}/{len(trials)} trials passed")
+    for launcher in launchers:
+        ok, count, median, worst = figures(trials, launcher)
+        if median is not None:
+            print(f"{launcher}: {ok}/{count}, recovery median {median:.1f} s, worst {worst:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(t) for t in trials], indent=2))
+    if not args.no_docs:
+        write_docs(section)
+    return 0 if passed == len(trials) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
