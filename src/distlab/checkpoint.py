@@ -18,9 +18,11 @@ Inside a checkpoint:
 - ``meta.json``: the step, the strategy and world size that wrote it, and its
   format (``dcp`` or the strategy's own, e.g. DeepSpeed's), written last.
 
-Loading never unpickles arbitrary objects: DCP's ``.metadata`` is read with an
-unpickler that admits only DCP's own metadata classes, and a planner refuses
-any non-tensor entry.
+Loading runs nothing from a checkpoint: before the launcher resumes and before
+any rank loads, ``verify_checkpoint`` checks every file of the checkpoint dir
+(``distlab.safe_unpickle``: exact-name allow-lists, no tensor bytes read).
+DCP's ``.metadata`` is read with the same unpickler, and a planner refuses any
+non-tensor entry. docs/fault_tolerance.md lists what each format may contain.
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ def _safe_reader_class():
 
 
 def SafeFileSystemReader(directory: Path):  # noqa: N802 - reads like the class it returns
-    """A DCP storage reader that never unpickles anything but DCP's own metadata."""
+    """A DCP storage reader that reads ``.metadata`` with the safe unpickler."""
     return _safe_reader_class()(directory)
 
 
