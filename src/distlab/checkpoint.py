@@ -18,16 +18,17 @@ Inside a checkpoint:
 - ``meta.json``: the step, the strategy and world size that wrote it, and its
   format (``dcp`` or the strategy's own, e.g. DeepSpeed's), written last.
 
-Loading never unpickles arbitrary objects: DCP's ``.metadata`` is read with an
-unpickler that admits only DCP's own metadata classes, and a planner refuses
-any non-tensor entry.
+Loading runs nothing from a checkpoint: before the launcher resumes and before
+any rank loads, ``verify_checkpoint`` checks every file of the checkpoint dir
+(``distlab.safe_unpickle``: exact-name allow-lists, no tensor bytes read).
+DCP's ``.metadata`` is read with the same unpickler, and a planner refuses any
+non-tensor entry. docs/fault_tolerance.md lists what each format may contain.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
+from distlab.safe_unpickle import Refused, allow_list, load_pickle, scan_torch_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -172,6 +174,7 @@ def restore_rng(directory: Path, ctx: RankContext) -> bool:
     file = directory / RNG_FILE.format(rank=ctx.rank)
     if read_meta(directory)["world_size"] != ctx.world_size or not file.is_file():
         return False
+    check_torch_file(directory, file)  # before torch reads it
     try:
         state = torch.load(file, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
@@ -220,6 +223,7 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    verify_checkpoint(directory)  # every file, before DCP reads any (restarts come here too)
     # The template: this rank's tensors (shards), with the optimizer state initialised.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = _tensor_state(model_state, optim_state)
@@ -272,46 +276,28 @@ def _tensor_only_load_planner():
     return TensorOnlyLoadPlanner()
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` admitting only the classes DCP itself writes there."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = False
-        if module in (
-            "torch.distributed.checkpoint.metadata",
-            "torch.distributed.checkpoint.filesystem",
-        ):
-            obj = super().find_class(module, name)
-            allowed = isinstance(obj, type)
-        elif module == "torch":
-            obj = getattr(torch, name, None)
-            allowed = name == "Size" or isinstance(obj, torch.dtype)
-        elif module == "torch.serialization":
-            allowed = name == "_get_layout"
-        elif module == "pathlib":
-            allowed = name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")
-        elif module == "collections":
-            allowed = name == "OrderedDict"
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
 def read_dcp_metadata(directory: Path):
     """DCP's ``.metadata`` of a checkpoint, read safely; one-line error if unreadable."""
     return _read_metadata_file(directory / DCP_METADATA_FILE)
 
 
 def _read_metadata_file(file: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
     try:
         with file.open("rb") as stream:
-            return _MetadataUnpickler(stream).load()
+            metadata = load_pickle(stream, allow_list("dcp-metadata"))
     except FileNotFoundError:
         raise DistlabError(f"checkpoint {file.parent} is corrupt (no DCP {file.name})") from None
+    except Refused as exc:
+        raise _refused(file.parent, file, exc) from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
         raise DistlabError(
             f"checkpoint {file.parent} is corrupt ({file.name}: {_first_line(exc)})"
         ) from None
+    if type(metadata) is not Metadata:
+        raise DistlabError(f"checkpoint {file.parent} is corrupt ({file.name} is not DCP metadata)")
+    return metadata
 
 
 def _safe_reader_class():
@@ -319,7 +305,7 @@ def _safe_reader_class():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class _SafeFileSystemReader(FileSystemReader):
-        """A FileSystemReader whose metadata is read with ``_MetadataUnpickler``."""
+        """A FileSystemReader whose metadata is read with distlab's safe unpickler."""
 
         def read_metadata(self, *args: Any, **kwargs: Any):
             metadata = _read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
@@ -332,18 +318,118 @@ def _safe_reader_class():
 
 
 def SafeFileSystemReader(directory: Path):  # noqa: N802 - reads like the class it returns
-    """A DCP storage reader that never unpickles anything but DCP's own metadata."""
+    """A DCP storage reader that reads ``.metadata`` with the safe unpickler."""
     return _safe_reader_class()(directory)
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Check a checkpoint before a resume starts ranks; return its meta. One-line errors.
+# --- Checking every file before anything reads it -------------------------------------
 
-    For DCP checkpoints: the metadata reads safely, every entry the model and
-    optimizer need is a tensor, and every data file is there at its full length.
+DEEPSPEED_TAG = "deepspeed"
+"""The sub-directory DeepSpeed writes into (``deepspeed_zero.CHECKPOINT_TAG``)."""
+NOT_READ = {
+    "latest": "DeepSpeed's tag file: distlab passes the tag, so DeepSpeed never reads it",
+    "zero_to_fp32.py": "a script DeepSpeed copies in; distlab never runs it",
+    "zero_to_torch.py": "a script DeepSpeed copies in; distlab never runs it",
+}
+"""Files DeepSpeed writes that no load path opens."""
+
+
+def _refused(directory: Path, file: Path, reason: object) -> DistlabError:
+    name = file.relative_to(directory).as_posix() if file.is_relative_to(directory) else file
+    return DistlabError(
+        f"checkpoint {directory} refused: {name} {reason} "
+        "(loading runs nothing from a checkpoint: it holds only tensors and plain data)"
+    )
+
+
+def check_torch_file(directory: Path, file: Path, kind: str = "tensors") -> Any:
+    """Scan one ``torch.save`` file of a checkpoint with the ``kind`` allow-list; one-line errors.
+
+    Returns its content with tensors on the meta device (no tensor bytes read).
+    """
+    try:
+        return scan_torch_file(file, allow_list(kind))
+    except Refused as exc:
+        raise _refused(directory, file, exc) from None
+    except FileNotFoundError:
+        raise DistlabError(f"checkpoint {directory} is corrupt ({file.name} is missing)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        rel = file.relative_to(directory).as_posix()
+        raise DistlabError(
+            f"checkpoint {directory} is corrupt ({rel}: {_first_line(exc)})"
+        ) from None
+
+
+def check_checkpoint_files(directory: Path, metadata: Any = None) -> None:
+    """Check every file of a checkpoint dir, whatever its format, without running any of it.
+
+    ``meta.json`` is JSON; DCP's ``.metadata`` goes through the metadata allow-list
+    and every tensor item of its ``*.distcp`` files through the tensor one;
+    DeepSpeed's ``deepspeed/*.pt`` through DeepSpeed's; every other ``*.pt``
+    (RNG states, fairscale's files) through the tensor one. DeepSpeed's
+    ``latest`` and its scripts are never opened by a load; any other file is refused.
+    """
+    if (directory / DCP_METADATA_FILE).is_file():
+        _check_dcp_files(directory, metadata or read_dcp_metadata(directory))
+    for file in sorted(directory.rglob("*")):
+        if file.is_dir() and not file.is_symlink():
+            continue
+        rel = file.relative_to(directory).as_posix()
+        if rel in (META_FILE, DCP_METADATA_FILE) or rel in NOT_READ:
+            continue
+        if "/" not in rel and rel.endswith(".distcp") and (directory / DCP_METADATA_FILE).is_file():
+            continue  # its items were checked through .metadata
+        if rel.endswith(".pt") and file.is_file() and not file.is_symlink():
+            in_tag = rel.startswith(DEEPSPEED_TAG + "/") and rel.count("/") == 1
+            check_torch_file(directory, file, "deepspeed" if in_tag else "tensors")
+            continue
+        raise _refused(directory, file, "is not a file distlab or its libraries write")
+
+
+def _check_dcp_files(directory: Path, metadata: Any) -> None:
+    """Every tensor item a DCP load reads: inside the dir, untransformed, a safe torch.save."""
+    items = (getattr(metadata, "storage_data", None) or {}).values()
+    for info in items:
+        name = info.relative_path
+        if not isinstance(name, str) or "/" in name or not name.endswith(".distcp"):
+            raise _refused(directory, directory / DCP_METADATA_FILE, f"points at {name!r}")
+        if info.transform_descriptors:
+            raise _refused(directory, directory / name, "holds transformed items")
+    for name in sorted({info.relative_path for info in items}):
+        file = directory / name
+        if not file.is_file() or file.is_symlink():
+            raise DistlabError(f"checkpoint {directory} is corrupt ({name} is missing)")
+        data = file.read_bytes()
+        for info in items:
+            if info.relative_path != name:
+                continue
+            end = info.offset + info.length
+            if len(data) < end:
+                raise DistlabError(
+                    f"checkpoint {directory} is corrupt ({name} is {len(data)} of {end} bytes)"
+                )
+            try:
+                scan_torch_file(data[info.offset : end], allow_list("tensors"))
+            except Refused as exc:
+                raise _refused(directory, file, f"at byte {info.offset} {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a damaged item raises many types
+                raise DistlabError(
+                    f"checkpoint {directory} is corrupt ({name}: {_first_line(exc)})"
+                ) from None
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """Check a checkpoint before anything loads it; return its meta. One-line errors.
+
+    Run by the launcher before a resume starts ranks and by every rank before it
+    loads (so restarts from a run's own checkpoints are checked too). Every file
+    is checked (``check_checkpoint_files``); for DCP checkpoints also: every
+    entry the model and optimizer need is a tensor, and every data file is there
+    at its full length.
     """
     meta = read_meta(directory)
     if meta["format"] != DCP_FORMAT:
+        check_checkpoint_files(directory)
         return meta
     metadata = read_dcp_metadata(directory)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -359,16 +445,7 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
                 f"checkpoint {directory} holds a non-tensor entry '{key}'; "
                 "distlab loads tensors only"
             )
-    needed: dict[str, int] = {}
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        end = info.offset + info.length
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, size in needed.items():
-        file = directory / name
-        actual = file.stat().st_size if file.is_file() else None
-        if actual is None or actual < size:
-            found = "missing" if actual is None else f"{actual} of {size} bytes"
-            raise DistlabError(f"checkpoint {directory} is corrupt ({name} is {found})")
+    check_checkpoint_files(directory, metadata)
     return meta
 
 

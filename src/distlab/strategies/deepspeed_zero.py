@@ -292,9 +292,9 @@ class DeepSpeedTrainStep(TrainStep):
         (DeepSpeed can convert ZeRO checkpoints between world sizes with its
         "universal checkpoint" tools; this lab does not do that for you.)
         """
-        from distlab.checkpoint import read_meta, set_schedule_position
+        from distlab.checkpoint import set_schedule_position, verify_checkpoint
 
-        meta = read_meta(directory)
+        meta = verify_checkpoint(directory)  # every file, before DeepSpeed/torch reads any
         if (meta["format"], meta["world_size"]) != (self.config.strategy, self.dp_size):
             raise DistlabError(
                 f"checkpoint {directory} was written by {meta['format']} on "

@@ -135,9 +135,9 @@ class OSSTrainStep(ModuleTrainStep):
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore ``save_checkpoint``'s files on every rank (each keeps its own shard)."""
-        from distlab.checkpoint import read_meta, set_schedule_position
+        from distlab.checkpoint import set_schedule_position, verify_checkpoint
 
-        meta = read_meta(directory)
+        meta = verify_checkpoint(directory)  # every file, before torch reads any
         if not (directory / OPTIMIZER_FILE).is_file():
             raise DistlabError(
                 f"checkpoint {directory} was written by {meta['format']}, not by fairscale; "
