@@ -2,8 +2,11 @@
 
 A checkpoint is written by every rank into ``checkpoints/.tmp-step_NNNNNN`` and
 renamed to ``checkpoints/step_NNNNNN`` by rank 0 only after every rank has
-finished writing, so a crash during a save leaves the previous checkpoint
-intact. NNNNNN is the number of completed steps, i.e. the step a resume runs next.
+finished writing and every file is fsync'ed, so a crash during a save (of a
+process, or of the OS) leaves the previous checkpoints intact. NNNNNN is the
+number of completed steps, i.e. the step a resume runs next. The commit
+protocol, step by step, is ``save_checkpoint``'s docstring; old checkpoints
+are rotated out only after the new one is durable, through a ``.trash-`` name.
 
 Inside a checkpoint:
 
@@ -27,6 +30,7 @@ non-tensor entry. docs/fault_tolerance.md lists what each format may contain.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distlab import durable
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.safe_unpickle import Refused, allow_list, load_pickle, scan_torch_file
@@ -52,6 +57,7 @@ RNG_FILE = "rng_rank{rank}.pt"
 DCP_FORMAT = "dcp"
 DCP_METADATA_FILE = ".metadata"
 STAGING_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -74,11 +80,20 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete uncommitted ``.tmp-*`` checkpoints a killed save left behind."""
+    """Delete what a killed save left behind: uncommitted ``.tmp-*`` and rotated-out ``.trash-*``.
+
+    Neither is ever loaded (``complete_checkpoints`` sees ``step_*`` only), so
+    deleting them needs no care.
+    """
     root = checkpoint_dir(run_dir)
     if root.is_dir():
-        for staging in root.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(staging, ignore_errors=True)
+        for prefix in (STAGING_PREFIX, TRASH_PREFIX):
+            for leftover in root.glob(prefix + "*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+SaveHook = Callable[[str], None]
+"""Called with a stage name (``distlab.config.SAVE_STAGES``) at each crash point of a save."""
 
 
 def save_checkpoint(
@@ -88,24 +103,57 @@ def save_checkpoint(
     ctx: RankContext,
     meta: dict,
     keep: int,
-    on_written: Callable[[], None] | None = None,
+    on_stage: SaveHook | None = None,
 ) -> Path:
-    """Write a checkpoint after ``next_step`` completed steps on every rank, then commit it.
+    """Write a checkpoint after ``next_step`` completed steps on every rank, then commit it durably.
 
-    ``on_written`` runs on this rank after its strategy state is written and
-    before its RNG file (fault injection kills a rank there, mid-save).
+    The protocol (every rank calls this; barriers separate the phases):
+
+    1. rank 0 makes ``checkpoints/`` (fsync'ed in the run dir when new) and an
+       empty ``.tmp-step_N``;
+    2. every rank writes its strategy state (DCP, DeepSpeed's or fairscale's
+       files) and its RNG file into ``.tmp-step_N``;
+    3. every rank fsyncs every file and directory in ``.tmp-step_N``
+       (``durable.fsync_tree``);
+    4. rank 0 writes ``meta.json`` (fsync'ed), fsyncs ``.tmp-step_N`` again
+       (the new entry), renames it to ``step_N`` and fsyncs ``checkpoints/``:
+       from here on ``step_N`` is committed, also across a power loss;
+    5. rank 0 rotates: each checkpoint older than the newest ``keep`` is
+       renamed to ``.trash-step_K`` (``checkpoints/`` fsync'ed), then deleted.
+
+    If ``step_N`` is already committed (only possible when a run repeats a step
+    it had already saved), it is kept and the new copy discarded: the same step
+    holds the same state, and a committed checkpoint is never replaced.
+
+    ``on_stage`` is called with the name of each crash point as the save passes
+    it (fault injection, ``distlab.train.fire_fault``): ``save`` (this rank's
+    strategy state written, RNG file not), ``save-mid-shard`` (its RNG file half
+    written), and on rank 0 ``save-before-rename``, ``save-after-rename`` and
+    ``save-rotation`` (the first old checkpoint moved to trash, not deleted).
     """
+    stage = on_stage or (lambda name: None)
     root = checkpoint_dir(run_dir)
     final = root / f"step_{next_step:06d}"
     staging = root / f"{STAGING_PREFIX}step_{next_step:06d}"
     if ctx.is_main:
+        durable.make_dirs(root)
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging.mkdir()
     dist.barrier()
     train_step.save_checkpoint(staging)
-    if on_written is not None:
-        on_written()
-    torch.save(rng_state(ctx), staging / RNG_FILE.format(rank=ctx.rank))
+    stage("save")
+    durable.write_file(
+        staging / RNG_FILE.format(rank=ctx.rank),
+        _serialize(rng_state(ctx)),
+        fsync=False,  # step 3 does it, with the strategy's files
+        midway=lambda: stage("save-mid-shard"),
+    )
+    dist.barrier()
+    # Every rank fsyncs all files, not only its own: which rank wrote which file
+    # is DCP's and DeepSpeed's business, and on a file system shared by several
+    # machines only the machine that wrote a file can flush it. On one machine
+    # the repeated fsyncs of clean files cost a few microseconds each.
+    durable.fsync_tree(staging)
     dist.barrier()
     if ctx.is_main:
         fmt = DCP_FORMAT if (staging / DCP_METADATA_FILE).is_file() else meta["strategy"]
@@ -116,14 +164,50 @@ def save_checkpoint(
             "format": fmt,
             "saved_at": time.time(),
         }
-        (staging / META_FILE).write_text(json.dumps(full_meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        durable.write_file(staging / META_FILE, json.dumps(full_meta, indent=2).encode())
+        commit_checkpoint(staging, final, keep, stage)
     dist.barrier()
     return final
+
+
+def commit_checkpoint(staging: Path, final: Path, keep: int, stage: SaveHook) -> None:
+    """Rank 0's part of a save, once every file in ``staging`` is written and fsync'ed.
+
+    fsync ``staging`` (its entries, ``meta.json`` included), rename it to
+    ``final``, fsync the parent, then rotate the old checkpoints out
+    (``rotate_checkpoints``). An already committed ``final`` is kept and
+    ``staging`` discarded (see ``save_checkpoint``).
+    """
+    durable.fsync_dir(staging)
+    stage("save-before-rename")
+    if (final / META_FILE).is_file():
+        shutil.rmtree(staging)  # never committed: nothing refers to it
+        durable.fsync_dir(final.parent)
+    else:
+        if final.exists():  # a step dir without meta.json: never committed, safe to drop
+            durable.remove_tree(final, final.with_name(TRASH_PREFIX + final.name))
+        durable.rename(staging, final)
+    stage("save-after-rename")
+    rotate_checkpoints(final.parent.parent, keep, stage)
+
+
+def rotate_checkpoints(run_dir: Path, keep: int, stage: SaveHook | None = None) -> None:
+    """Remove all but the newest ``keep`` committed checkpoints, each via a ``.trash-`` name.
+
+    Each old ``step_K`` is renamed to ``.trash-step_K`` and the parent fsync'ed
+    before its files are deleted, so a crash never leaves a half-deleted
+    ``step_K`` that still has its ``meta.json``. ``stage("save-rotation")`` runs
+    after the first one is moved (fault injection).
+    """
+    for index, old in enumerate(complete_checkpoints(run_dir)[:-keep]):
+        hook = (lambda: stage("save-rotation")) if stage is not None and index == 0 else None
+        durable.remove_tree(old, old.with_name(TRASH_PREFIX + old.name), after_move=hook)
+
+
+def _serialize(state: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 # --- meta.json ------------------------------------------------------------------------

@@ -74,8 +74,13 @@ class Config:
     """Restart all ranks from the newest complete checkpoint after up to this many
     failures (a rank that dies, crashes or hangs); 0 fails the run at the first one."""
     inject_fault: str | None = None
-    """Testing: comma-separated RANK@STEP (SIGKILL that rank when STEP steps are done)
-    or RANK@STEP:save (kill it while it writes checkpoint step_STEP); each fires once."""
+    """Testing: comma-separated faults, each fired once per run. RANK@STEP SIGKILLs that
+    rank when STEP steps are done; RANK@STEP:raise makes it raise an exception there
+    instead (a crash, retried like a kill). RANK@STEP:STAGE SIGKILLs it at a crash point
+    of saving checkpoint step_STEP: save (its strategy state written, not its RNG file),
+    save-mid-shard (its RNG file half written), and on rank 0 only save-before-rename
+    (all written and fsync'ed, not renamed), save-after-rename (renamed, parent dir not
+    fsync'ed) and save-rotation (committed, one old checkpoint moved to trash)."""
     resume: str | None = None
     """Run dir (its newest complete checkpoint) or checkpoint dir to continue from, in a
     new run dir; the source run's config is the base that flags override."""
@@ -333,18 +338,50 @@ def grad_accum_steps(config: Config, dp_size: int) -> int:
     return local // micro
 
 
+SAVE_STAGES = (
+    "save",
+    "save-mid-shard",
+    "save-before-rename",
+    "save-after-rename",
+    "save-rotation",
+)
+"""Crash points of a checkpoint save, in the order a save passes them."""
+MAIN_RANK_STAGES = ("save-before-rename", "save-after-rename", "save-rotation")
+"""Save stages only rank 0 passes (it alone commits and rotates)."""
+FAULT_PHASES = ("", "raise", *SAVE_STAGES)
+"""What may follow ``RANK@STEP:`` in a fault spec ("" is a plain kill)."""
+FAULT_FORMS = f"RANK@STEP, RANK@STEP:raise or RANK@STEP:STAGE (STAGE: {', '.join(SAVE_STAGES)})"
+
+
 @dataclass(frozen=True)
 class FaultSpec:
-    """One injected fault: kill ``rank`` when ``step`` steps are done (or while saving them)."""
+    """One injected fault: ``rank`` fails when ``step`` steps are done, or while saving them.
+
+    ``phase`` is "" (SIGKILL before step ``step``), "raise" (raise an exception
+    there) or a save stage (SIGKILL at that crash point of saving checkpoint
+    step_``step``; ``SAVE_STAGES``).
+    """
 
     rank: int
     step: int
-    during_save: bool
+    phase: str = ""
+
+    @property
+    def during_save(self) -> bool:
+        """Whether it fires while checkpoint step_``step`` is being saved."""
+        return self.phase in SAVE_STAGES
 
     @property
     def name(self) -> str:
         """The spec as written on the command line, e.g. ``1@4:save``."""
-        return f"{self.rank}@{self.step}" + (":save" if self.during_save else "")
+        return f"{self.rank}@{self.step}" + (f":{self.phase}" if self.phase else "")
+
+
+def checkpoint_steps(config: Config) -> list[int]:
+    """The steps after which a checkpoint is saved (``step_N`` for N in the list)."""
+    every = config.checkpoint_every
+    steps = set(range(every, config.steps + 1, every)) if every > 0 else set()
+    return sorted(steps | {config.steps})
 
 
 def fault_specs(config: Config) -> list[FaultSpec]:
@@ -356,21 +393,29 @@ def fault_specs(config: Config) -> list[FaultSpec]:
             continue
         where, _, phase = text.partition(":")
         rank, _, step = where.partition("@")
-        if not (rank.isdigit() and step.isdigit() and phase in ("", "save")):
-            raise DistlabError(
-                f"inject_fault '{text}' must look like RANK@STEP or RANK@STEP:save (e.g. 1@4)"
-            )
-        spec = FaultSpec(int(rank), int(step), phase == "save")
+        if not (rank.isdigit() and step.isdigit() and phase in FAULT_PHASES):
+            raise DistlabError(f"inject_fault '{text}' must look like {FAULT_FORMS} (e.g. 1@4)")
+        spec = FaultSpec(int(rank), int(step), phase)
         _require(
             spec.rank < config.nproc,
             f"inject_fault '{text}': rank {spec.rank} does not exist with nproc {config.nproc}",
         )
+        _require(
+            spec.phase not in MAIN_RANK_STAGES or spec.rank == 0,
+            f"inject_fault '{text}' never fires: only rank 0 passes stage {spec.phase}",
+        )
         if spec.during_save:
-            every = config.checkpoint_every
+            saved = checkpoint_steps(config)
             _require(
-                spec.step == config.steps or (every > 0 and spec.step % every == 0),
+                spec.step in saved,
                 f"inject_fault '{text}' never fires: no checkpoint is saved after step "
-                f"{spec.step} (checkpoint_every {every}, steps {config.steps})",
+                f"{spec.step} (checkpoint_every {config.checkpoint_every}, steps {config.steps})",
+            )
+            before = len([s for s in saved if s <= spec.step])
+            _require(
+                spec.phase != "save-rotation" or before > config.keep_checkpoints,
+                f"inject_fault '{text}' never fires: saving step_{spec.step} removes no old "
+                f"checkpoint (keep_checkpoints {config.keep_checkpoints})",
             )
         else:
             _require(

@@ -107,9 +107,10 @@ def train(
     step_times: list[float] = []
     try:
         for step in range(start_step, config.steps):
-            fire_fault(faults, FaultSpec(ctx.rank, step, False), ctx, run_dir)
+            fire_fault(faults, FaultSpec(ctx.rank, step), ctx, run_dir)
             batch = global_batch(tokens, config.seed, step, config.global_batch, seq_len)
             inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
+            fire_fault(faults, FaultSpec(ctx.rank, step, "raise"), ctx, run_dir)
             lr = train_step.current_lr()
             measure.begin_step()
             tic = time.perf_counter()
@@ -139,7 +140,6 @@ def train(
             done = step + 1
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if due or done == config.steps:
-                spec = FaultSpec(ctx.rank, done, True)
                 save_checkpoint(
                     train_step,
                     run_dir,
@@ -147,7 +147,9 @@ def train(
                     ctx,
                     meta,
                     config.keep_checkpoints,
-                    on_written=lambda spec=spec: fire_fault(faults, spec, ctx, run_dir),
+                    on_stage=lambda stage, done=done: fire_fault(
+                        faults, FaultSpec(ctx.rank, done, stage), ctx, run_dir
+                    ),
                 )
         state_bytes = gather_state_bytes(train_step.model_state_bytes().to_dict(), ctx)
         measured = measure.finish(
@@ -322,13 +324,28 @@ def _fault_marker(run_dir: Path, spec: FaultSpec) -> Path:
     return run_dir / FAULTS_DIR / spec.name.replace(":", "-")
 
 
+class InjectedFault(RuntimeError):
+    """The exception ``RANK@STEP:raise`` raises: an ordinary crash, retried like any other."""
+
+
 def fire_fault(faults: set[FaultSpec], spec: FaultSpec, ctx: RankContext, run_dir: Path) -> None:
-    """If ``spec`` is pending, record that it fired and SIGKILL this process."""
+    """If ``spec`` is pending, record that it fired, then SIGKILL this process (or raise).
+
+    The marker ``faults/RANK@STEP[-PHASE]`` is written first, so a restarted
+    rank does not fire it again (``pending_faults``). A ``raise`` fault raises
+    ``InjectedFault``, which the rank reports as a crash (its ``fault`` event
+    and traceback come from ``distlab.worker.record_crash``).
+    """
     if spec not in faults:
         return
+    faults.discard(spec)
     marker = _fault_marker(run_dir, spec)
     marker.parent.mkdir(exist_ok=True)
     marker.write_text(f"{time.time()}\n")
+    if spec.phase == "raise":
+        raise InjectedFault(
+            f"rank {ctx.rank} raised at step {spec.step} (--inject-fault {spec.name})"
+        )
     append_event(
         run_dir,
         "fault",
@@ -336,6 +353,7 @@ def fire_fault(faults: set[FaultSpec], spec: FaultSpec, ctx: RankContext, run_di
         kind="injected",
         step=spec.step,
         during_save=spec.during_save,
+        stage=spec.phase or None,
         spec=spec.name,
     )
     sys.stdout.flush()

@@ -36,9 +36,11 @@ def build_parser() -> OneLineErrorParser:
         "--inject-fault",
         dest="inject_fault",
         action="append",
-        metavar="RANK@STEP[:save]",
-        help="testing: SIGKILL RANK when STEP steps are done, or (:save) while it writes "
-        "checkpoint step_STEP; once per run; repeatable",
+        metavar="RANK@STEP[:PHASE]",
+        help="testing: SIGKILL RANK when STEP steps are done; PHASE raise: raise an "
+        "exception there instead; PHASE save, save-mid-shard, save-before-rename, "
+        "save-after-rename, save-rotation (the last three rank 0 only): SIGKILL it at that "
+        "point of writing checkpoint step_STEP; once per run; repeatable",
     )
     return parser
 
