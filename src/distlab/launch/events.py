@@ -126,7 +126,7 @@ def describe_fault(event: dict[str, Any]) -> str:
         after = f" after step {event['step']}" if event.get("step") is not None else ""
         return (
             f"{who} hung (no progress for {event.get('idle_s', 0):.1f} s{after}); "
-            f"the watchdog killed it (--timeout-s {event.get('timeout_s')})"
+            f"the watchdog killed it (--timeout-s {event.get('timeout_s', 0):g})"
         )
     reason = event.get("reason", "unknown error")
     if "Timed out" in reason or "timed out" in reason:
