@@ -147,6 +147,7 @@ def launch_ray(
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
     common = {"log_to_driver": False, "logging_level": logging.ERROR}
+    captured: list[str] = []
     try:
         if address:  # a local instance inherits this process's environment; a cluster does not
             # Ray's C++ core logs connection and auth failures to fd 2 before raising:
@@ -170,13 +171,19 @@ def launch_ray(
     except Exception as exc:  # noqa: BLE001 - Ray raises many types for an unusable cluster
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = ""
-        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        reason, hint = _first_line(exc), ""
+        if address and any(s in "".join(captured) for s in ("Unauthenticated", "InvalidAuthToken")):
+            reason = "it rejected the authentication token"
+            hint = (
+                " (Ray reads the token from RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token; 'ray get-auth-token' on the head node prints the right one)"
+            )
+        elif address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             hint = (
                 " (if the cluster uses token authentication, put its token in "
                 "~/.ray/auth_token or RAY_AUTH_TOKEN)"
             )
-        raise DistlabError(f"could not start or join {where}: {_first_line(exc)}{hint}") from None
+        raise DistlabError(f"could not start or join {where}: {reason}{hint}") from None
     printer = EventPrinter(
         run_dir,
         config.max_failures,
