@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlab.launch.events import append_event
+from distlab.launch.events import append_event, first_fault_since_last_start, read_events
 
 HEARTBEAT_FILE = "rank{rank}.heartbeat"
 ARMED = ("step", "save")
@@ -120,8 +120,8 @@ class Watchdog:
                 and (record.get("host") != self.host or _alive(record.get("pid")))
             ):
                 stalled.append((idle, rank, record))
-        if not stalled:
-            return None
+        if not stalled or first_fault_since_last_start(read_events(self.run_dir)) is not None:
+            return None  # nothing stalled, or the attempt is failing already (peers wait)
         idle, rank, record = max(stalled, key=lambda item: item[0])
         if record.get("host") != self.host:
             if not self._remote_warned:
