@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +35,63 @@ def assert_one_line_error(result, fragment: str) -> None:
     assert lines[0].startswith("distlab: error:"), lines[0]
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def wandb_offline_runs(run_dir: Path) -> list[Path]:
+    """The run dir's offline W&B runs (``wandb/offline-run-*/run-ID.wandb``)."""
+    return sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def wandb_records(file: Path) -> Iterator[Any]:
+    """The records of an offline ``.wandb`` file, as W&B's own protobuf ``Record``s.
+
+    The file is W&B's transaction log: a 7-byte header (``:W&B``, magic, version),
+    then 32 KiB blocks of chunks, each with a 7-byte header (CRC32, length, type:
+    1 full, 2 first, 3 middle, 4 last), as in LevelDB's log format. wandb 0.31
+    has no Python reader for it any more (the writer is its Go core).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = file.read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B", ident
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            pos += left - 7
+            continue
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_history(file: Path) -> list[dict[str, Any]]:
+    """The history rows of an offline W&B run: ``{key: value, ..., "_step": step}``."""
+    rows = []
+    for record in wandb_records(file):
+        if record.WhichOneof("record_type") == "history":
+            row = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            row["_step"] = record.history.step.num
+            rows.append(row)
+    return rows
+
+
+def wandb_run_record(file: Path) -> Any:
+    """The offline W&B run's ``RunRecord`` (id, branch point, ...)."""
+    return next(r.run for r in wandb_records(file) if r.WhichOneof("record_type") == "run")

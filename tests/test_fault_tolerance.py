@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT, assert_one_line_error, run_command
+from tests.helpers import (
+    ROOT,
+    assert_one_line_error,
+    run_command,
+    wandb_history,
+    wandb_offline_runs,
+    wandb_run_record,
+)
 
 from distlab.config import load_config
 from distlab.errors import DistlabError
@@ -165,7 +172,9 @@ def test_fault_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
 # --- Faults from outside: kill -9 and a hung rank ---------------------------------------
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _start(
+    run_dir: Path, *extra: str, strategy: str = "ddp", nproc: int = 2, max_failures: int = 1
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -173,11 +182,11 @@ def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
             "distlab.launch",
             *LONG,
             "--strategy",
-            "ddp",
+            strategy,
             "--nproc",
-            "2",
+            str(nproc),
             "--max-failures",
-            "1",
+            str(max_failures),
             "--run-dir",
             str(run_dir),
             *extra,
@@ -243,6 +252,89 @@ def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
     assert "distlab: fault 1: rank" in stdout and "distlab: resumed at step" in stdout
     status = Path(f"/proc/{ranks[1]}/status")
     assert not status.exists() or "zombie" in status.read_text(), "hung rank left running"
+
+
+def _stop_rank0_after(launch_proc: subprocess.Popen, run_dir: Path, steps: int) -> float:
+    """Wait until ``steps`` steps are recorded, SIGSTOP rank 0 (its pid file); return when."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        assert time.monotonic() < deadline and launch_proc.poll() is None, "run did not start"
+        time.sleep(0.05)
+    pid = int((run_dir / "logs" / "rank0.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    return time.time()
+
+
+def test_hung_single_rank_is_killed_by_the_watchdog_and_recovers(tmp_path: Path, refs) -> None:
+    """One rank, so no peer's collective can time out: the watchdog must find the hang."""
+    timeout_s = 5
+    reference = refs("single", 1, LONG)
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, "--timeout-s", str(timeout_s), strategy="single", nproc=1)
+    stopped_at = _stop_rank0_after(proc, run_dir, 8)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
+    fault = next(e for e in events(run_dir) if e["event"] == "fault")
+    assert fault["kind"] == "hang" and fault["rank"] == 0
+    # the heartbeat stops at the stop (or one step before it); polls every 0.2 s
+    assert timeout_s * 0.8 <= fault["t"] - stopped_at <= timeout_s + 3, fault["t"] - stopped_at
+    assert "distlab: fault 1: rank 0 hung (no progress for" in stdout, stdout
+    assert "distlab: resumed at step" in stdout
+    assert summary(run_dir)["restarts"] == 1
+
+
+def test_hung_single_rank_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
+    timeout_s = 5
+    run_dir = tmp_path / "run"
+    proc = _start(
+        run_dir, "--timeout-s", str(timeout_s), strategy="single", nproc=1, max_failures=0
+    )
+    stopped_at = _stop_rank0_after(proc, run_dir, 8)
+    stdout, stderr = proc.communicate(timeout=120)
+    ended_s = time.time() - stopped_at
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_one_line_error(result, "rank 0 hung: no progress for")
+    assert f"(--timeout-s {timeout_s}); the watchdog killed it" in stderr
+    assert ended_s <= timeout_s + 6, ended_s  # detection, then GRACE_S at most to stop
+
+
+# --- One W&B run per distlab run ---------------------------------------------------------
+
+
+WANDB_RUN = [c for c in COMMON if c != "--no-wandb"] + ["--checkpoint-every", "2"]
+
+
+def test_restarts_and_resume_continue_one_wandb_run(tmp_path: Path) -> None:
+    """The launcher writes W&B: one run across a restart, each step once; --resume continues it."""
+    run_dir = tmp_path / "run"
+    result = launch(
+        *WANDB_RUN, "--strategy", "ddp", "--nproc", "2", "--steps", "8", "--max-failures", "1",
+        "--inject-fault", "1@3", "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads((run_dir / "wandb.json").read_text())
+    files = wandb_offline_runs(run_dir)
+    assert len(files) == 1 and files[0].name == f"run-{info['id']}.wandb", files
+    history = wandb_history(files[0])
+    assert [row["_step"] for row in history] == list(range(8)), "each step once"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in history] == [m["loss"] for m in metrics]
+    attempts = [row["attempt"] for row in history]
+    assert attempts == sorted(attempts) and attempts[0] == 1 and attempts[-1] == 2, attempts
+
+    resumed = tmp_path / "resumed"
+    result = launch("--resume", str(run_dir), "--steps", "10", "--run-dir", str(resumed))
+    assert result.returncode == 0, result.stderr
+    continued = json.loads((resumed / "wandb.json").read_text())
+    assert continued["id"] == info["id"] and continued["continues"] == info["id"]
+    files = wandb_offline_runs(resumed)
+    assert len(files) == 1 and files[0].name == f"run-{info['id']}.wandb", files
+    record = wandb_run_record(files[0])
+    branch = record.branch_point  # resume_from="ID?_step=7": rewind to the step before 8
+    assert (branch.run, branch.metric, branch.value) == (info["id"], "_step", 7)
+    assert [row["_step"] for row in wandb_history(files[0])] == [8, 9]
 
 
 # --- Resume at another world size or strategy -------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import ROOT, assert_one_line_error, wandb_history, wandb_offline_runs
 
 from distlab.distributed import free_port
 
@@ -27,9 +27,12 @@ RUN = ["--model", "tiny", "--global-batch", "8", "--no-wandb", "--steps", "8"]
 RUN += ["--checkpoint-every", "2", "--strategy", "ddp", "--nproc", "2"]
 
 
+RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 480):
-    """The launch command without RAY_ADDRESS from the test's environment (unless given)."""
-    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """The launch command without Ray's address and auth variables from the test's environment."""
+    base = {k: v for k, v in os.environ.items() if k not in RAY_ENV}
     return subprocess.run(
         [sys.executable, "-m", "distlab.launch", *args],
         capture_output=True,
@@ -57,7 +60,10 @@ def test_default_launcher_is_ray_and_restarts_a_killed_worker(tmp_path: Path) ->
     result = launch(*RUN, "--launcher", "local", "--quiet", "--run-dir", str(reference))
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ray"
-    result = launch(*RUN, "--max-failures", "1", "--inject-fault", "1@5", "--run-dir", str(run_dir))
+    with_wandb = [arg for arg in RUN if arg != "--no-wandb"]
+    result = launch(
+        *with_wandb, "--max-failures", "1", "--inject-fault", "1@5", "--run-dir", str(run_dir)
+    )
     assert result.returncode == 0, result.stderr
     log = events(run_dir)
     assert log[0]["event"] == "launch" and log[0]["launcher"] == "ray"
@@ -68,6 +74,13 @@ def test_default_launcher_is_ray_and_restarts_a_killed_worker(tmp_path: Path) ->
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["lost_steps"] == 1
     assert summary["recovery_s"] > 0 and summary["startup_s"] > 0
+    # the driver wrote one W&B run across the restart, each step once
+    files = wandb_offline_runs(run_dir)
+    assert len(files) == 1, files
+    history = wandb_history(files[0])
+    assert [row["_step"] for row in history] == list(range(8))
+    assert [row["loss"] for row in history] == losses(run_dir)
+    assert history[-1]["attempt"] == 2
 
 
 @pytest.fixture
@@ -112,13 +125,16 @@ def ray_cluster() -> Iterator[str]:
 
 @pytest.mark.slow
 def test_run_on_a_separately_started_cluster(tmp_path: Path, ray_cluster: str) -> None:
-    run_dir = tmp_path / "run"
-    # ray start --head enables token authentication (the token is in ~/.ray); a client
-    # that names an address must opt in to sending it (Ray's rule, not distlab's)
-    result = launch(
-        *RUN, "--steps", "4", "--ray-address", ray_cluster, "--run-dir", str(run_dir),
-        env={"RAY_AUTH_MODE": "token"},
+    # ray start --head enables token authentication (the token is in ~/.ray/auth_token);
+    # Ray sends it only with RAY_AUTH_MODE=token, which distlab sets when a token exists
+    wrong = launch(
+        *RUN, "--steps", "4", "--ray-address", ray_cluster, "--run-dir", str(tmp_path / "bad"),
+        env={"RAY_AUTH_TOKEN": "0" * 32}, timeout=120,
     )  # fmt: skip
+    assert_one_line_error(wrong, "rejected the authentication token")
+    assert wrong.stdout == ""
+    run_dir = tmp_path / "run"
+    result = launch(*RUN, "--steps", "4", "--ray-address", ray_cluster, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert events(run_dir)[0]["ray_address"] == ray_cluster
     assert len(losses(run_dir)) == 4
@@ -136,4 +152,5 @@ def test_unknown_ray_address_is_a_one_line_error(tmp_path: Path, how: str) -> No
     else:
         result = launch(*RUN, "--run-dir", str(run_dir), env={"RAY_ADDRESS": address}, timeout=60)
     assert_one_line_error(result, f"no Ray cluster at {address}")
+    assert result.stdout == ""
     assert not run_dir.exists()

@@ -1,4 +1,8 @@
-"""What rank 0 records about a run: the run dir files, W&B, the progress display."""
+"""What rank 0 records about a run (the run dir files, the progress display), and W&B's mode.
+
+W&B itself is written by the launcher's driver process (``distlab.launch.wandb_run``),
+which outlives restarts, so rank code never needs W&B.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +33,14 @@ def wandb_mode() -> str:
 
 
 class RunRecorder:
-    """Writes config.yaml, metrics.jsonl and summary.json; logs to W&B; shows progress."""
+    """Writes config.yaml, metrics.jsonl and summary.json; shows progress."""
 
-    def __init__(self, config: Config, run_dir: Path, extra_config: dict[str, Any]) -> None:
+    def __init__(self, config: Config, run_dir: Path) -> None:
         self.config = config
         self.run_dir = run_dir
         self.console = Console(file=sys.stdout)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.metrics_file = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self.wandb_run = self._start_wandb(extra_config) if config.wandb else None
         self.progress: Progress | None = None
         self.task = None
         if self.console.is_terminal and not config.quiet:
@@ -52,25 +55,9 @@ class RunRecorder:
             self.task = self.progress.add_task("train", total=config.steps, status="")
             self.progress.start()
 
-    def _start_wandb(self, extra_config: dict[str, Any]):
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
-
-        return wandb.init(
-            project=self.config.wandb_project,
-            group=self.config.wandb_group,
-            name=self.config.wandb_name or self.run_dir.name,
-            dir=str(self.run_dir),
-            mode=wandb_mode(),
-            config={**self.config.to_dict(), **extra_config},
-            reinit="finish_previous",
-        )
-
     def log_step(self, metrics: dict[str, Any], start_step: int) -> None:
         """Record one optimizer step's metrics and advance the progress display."""
         self.metrics_file.write(json.dumps(metrics) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=metrics["step"])
         step = metrics["step"]
         status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
         if self.progress is not None:
@@ -81,31 +68,26 @@ class RunRecorder:
             print(f"step {step + 1}/{self.config.steps}  {status}", flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write summary.json, close W&B and print the end-of-run summary."""
+        """Write summary.json and print the end-of-run summary."""
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(_flatten(summary))
-            self.wandb_run.finish()
         if not self.config.quiet:
             self.console.print(summary_table(summary))
 
     def close_on_error(self) -> None:
-        """Stop the display and W&B after a failed run."""
+        """Stop the display after a failed run."""
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=1)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
+            flat.update(flatten(value, f"{prefix}{key}/"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -41,6 +41,7 @@ from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
 from distlab.launch.events import append_event, first_fault_since_last_start, read_events
 from distlab.launch.events import fault_figures as event_figures
+from distlab.launch.watchdog import beat
 from distlab.measure import RunMeasurements
 from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
 from distlab.runlog import RunRecorder
@@ -56,6 +57,7 @@ def train(
     """Train up to ``config.steps`` steps; return the summary on rank 0 (None elsewhere)."""
     started = time.time()
     write_pid(run_dir, ctx.rank)
+    beat(run_dir, ctx.rank, "setup")
     model_config = PRESETS[config.model]
     seq_len = resolved_seq_len(config)
     tokens = load_tokens(token_file)
@@ -92,11 +94,7 @@ def train(
         )
     tokens_per_step = config.global_batch * seq_len
     parameters = count_parameters(model_config)
-    recorder = (
-        RunRecorder(config, run_dir, {"parameters": parameters, "dp_size": train_step.dp_size})
-        if ctx.is_main
-        else None
-    )
+    recorder = RunRecorder(config, run_dir) if ctx.is_main else None
     meta = {
         "strategy": config.strategy,
         "nproc": config.nproc,
@@ -137,9 +135,11 @@ def train(
                 )
                 if step == start_step and (checkpoint is not None or restart):
                     record_resume(run_dir, attempt, start_step, checkpoint, restart)
+            beat(run_dir, ctx.rank, "step", step)
             done = step + 1
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if due or done == config.steps:
+                beat(run_dir, ctx.rank, "save", step)
                 save_checkpoint(
                     train_step,
                     run_dir,
@@ -151,6 +151,8 @@ def train(
                         faults, FaultSpec(ctx.rank, done, stage), ctx, run_dir
                     ),
                 )
+                beat(run_dir, ctx.rank, "step", step)
+        beat(run_dir, ctx.rank, "finish", config.steps - 1)
         state_bytes = gather_state_bytes(train_step.model_state_bytes().to_dict(), ctx)
         measured = measure.finish(
             tokens_per_step / statistics.median(step_times) if step_times else None

@@ -6,11 +6,14 @@
 - ``local``: one spawned process per rank; the launcher itself restarts them.
 
 Either way a restarted group resumes from the run dir's newest complete
-checkpoint, and ``events.jsonl`` records each fault and resume.
+checkpoint, ``events.jsonl`` records each fault and resume, a watchdog on the
+ranks' step progress kills a hung rank (``launch.watchdog``), and the
+launcher's own process writes the run's one W&B run (``launch.wandb_run``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from distlab.config import Config
@@ -24,6 +27,7 @@ def run(config: Config) -> Path:
     """
     from distlab.launch.events import append_event
     from distlab.launch.prepare import prepare_run
+    from distlab.launch.wandb_run import WandbFeed
 
     address = None
     if config.launcher == "ray":
@@ -42,12 +46,19 @@ def run(config: Config) -> Path:
         resume=config.resume,
         ray_address=address,
     )
-    if config.launcher == "ray":
-        from distlab.launch.ray_launcher import launch_ray
+    feed = WandbFeed.start(config, run_dir)
+    summary = None
+    try:
+        if config.launcher == "ray":
+            from distlab.launch.ray_launcher import launch_ray
 
-        launch_ray(config, token_file, run_dir, address)
-    else:
-        from distlab.launch.local import launch_local
+            launch_ray(config, token_file, run_dir, address, feed)
+        else:
+            from distlab.launch.local import launch_local
 
-        launch_local(config, token_file, run_dir)
+            launch_local(config, token_file, run_dir, feed)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    finally:
+        if feed is not None:
+            feed.finish(summary)
     return run_dir

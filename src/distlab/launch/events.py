@@ -67,7 +67,7 @@ COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "Read err
 
 def fault_rank(event: dict[str, Any]) -> int:
     """How telling a fault event is about the cause (lower: more)."""
-    if event.get("kind") == "injected":
+    if event.get("kind") in ("injected", "hang"):
         return 0
     if event.get("kind") == "signal":
         return 1
@@ -122,6 +122,12 @@ def describe_fault(event: dict[str, Any]) -> str:
         )
     if kind == "signal":
         return f"{who} was killed by signal {event.get('signal')}"
+    if kind == "hang":
+        after = f" after step {event['step']}" if event.get("step") is not None else ""
+        return (
+            f"{who} hung (no progress for {event.get('idle_s', 0):.1f} s{after}); "
+            f"the watchdog killed it (--timeout-s {event.get('timeout_s', 0):g})"
+        )
     reason = event.get("reason", "unknown error")
     if "Timed out" in reason or "timed out" in reason:
         reason += " [a collective timed out (--timeout-s): a rank hung or died]"

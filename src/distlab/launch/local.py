@@ -6,8 +6,10 @@ started again on a fresh port and resume from the newest complete checkpoint
 (``distlab.train``); otherwise the launch fails with that rank's one-line
 reason, instead of waiting for the survivors to time out in a collective. A
 rank that reports a ``DistlabError`` (bad input) is never restarted: it would
-fail the same way again. A hung rank becomes a failure when the others time
-out in a collective (``--timeout-s``).
+fail the same way again. A hung rank is killed by the watchdog once its step
+progress has stalled for ``--timeout-s`` (``launch.watchdog``; with several
+ranks its peers' collectives time out too), which makes it a failure like any
+other.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distlab.config import Config
 from distlab.distributed import free_port
 from distlab.errors import DistlabError
 from distlab.launch.events import EventPrinter, append_event
+from distlab.launch.watchdog import Watchdog
 from distlab.worker import done_marker, run_rank
+
+if TYPE_CHECKING:
+    from distlab.launch.wandb_run import WandbFeed
 
 POLL_S = 0.2
 GRACE_S = 3.0
@@ -56,13 +63,16 @@ def _stop(processes: list[mp.Process]) -> None:
             process.join()
 
 
-def launch_local(config: Config, token_file: Path, run_dir: Path) -> None:
+def launch_local(
+    config: Config, token_file: Path, run_dir: Path, feed: WandbFeed | None = None
+) -> None:
     """Run ``config.nproc`` ranks to completion, restarting up to ``max_failures`` times."""
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
     printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet)
+    watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
     failures = 0
     while True:
-        failure = _attempt(config, token_file, run_dir, printer)
+        failure = _attempt(config, token_file, run_dir, printer, watchdog, feed)
         printer.poll()
         printer.flush()
         if failure is None:
@@ -74,7 +84,12 @@ def launch_local(config: Config, token_file: Path, run_dir: Path) -> None:
 
 
 def _attempt(
-    config: Config, token_file: Path, run_dir: Path, printer: EventPrinter
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    printer: EventPrinter,
+    watchdog: Watchdog,
+    feed: WandbFeed | None,
 ) -> Failure | None:
     """Start every rank on a fresh port and watch them; None if all finished."""
     context = mp.get_context("spawn")
@@ -98,6 +113,8 @@ def _attempt(
     ]
     for rank in range(config.nproc):
         done_marker(run_dir, rank).unlink(missing_ok=True)
+    watchdog.reset()
+    hang = None
     try:
         for process in processes:
             process.start()
@@ -117,6 +134,10 @@ def _attempt(
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 _stop(processes)
+                if hang is not None:  # the watchdog killed it (and logged the fault)
+                    printer.poll()
+                    printer.flush()
+                    return Failure(hang.message(), True)
                 killed = [(rank, code) for rank, code in failed if code < 0]
                 first = (killed or failed)[0]
                 if first[1] < 0:
@@ -126,7 +147,10 @@ def _attempt(
                 return _failure(first, dict(failed), errors)
             if all(code == 0 for code in codes):
                 return None
+            hang = hang or watchdog.poll()
             printer.poll()
+            if feed is not None:
+                feed.poll()
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         _stop(processes)

@@ -18,6 +18,15 @@ leaves it running. The trainer is:
 
 Worker output stays in Ray's logs; the launcher prints progress, each fault
 and each resume from the run dir (``EventPrinter``) and the summary at the end.
+Its watcher thread also runs the step-progress watchdog (``launch.watchdog``:
+a hung worker on this machine is SIGKILLed, which makes Ray restart the group)
+and feeds the run's W&B run (``launch.wandb_run``).
+
+Joining a cluster started with ``ray start``: such clusters use token
+authentication, and Ray sends the token only when ``RAY_AUTH_MODE=token``. If
+that variable is unset and a token is where Ray looks for one
+(``RAY_AUTH_TOKEN``, the file at ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``),
+distlab sets it for the join.
 """
 
 from __future__ import annotations
@@ -27,15 +36,23 @@ import logging
 import math
 import os
 import socket
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distlab.config import Config
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.launch.events import EventPrinter
+from distlab.launch.watchdog import Watchdog
 from distlab.worker import ERROR_FILE
+
+if TYPE_CHECKING:
+    from distlab.launch.wandb_run import WandbFeed
 
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
 """Environment variables the driver passes on to Ray workers (on any cluster)."""
@@ -66,8 +83,57 @@ def check_address(address: str) -> None:
         ) from None
 
 
-def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | None) -> None:
+def auth_token_available() -> bool:
+    """Whether a Ray auth token is where Ray 2.60 reads one (env, RAY_AUTH_TOKEN_PATH, ~/.ray)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        return bool(Path(path).expanduser().read_text().strip())
+    except OSError:
+        return False
+
+
+def use_token_auth_for_join() -> bool:
+    """Set ``RAY_AUTH_MODE=token`` if it is unset and a token exists; return whether set."""
+    if "RAY_AUTH_MODE" in os.environ or not auth_token_available():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True
+
+
+@contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Send fd 2 (Python's and Ray's C++ core's writes) to a temporary file while inside.
+
+    The caller gets a list that holds the captured text afterwards: replay it on
+    success, drop it when the failure is reported in one line.
+    """
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.append(file.read().decode(errors="replace"))
+
+
+def launch_ray(
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    address: str | None,
+    feed: WandbFeed | None = None,
+) -> None:
     """Run the ranks as Ray Train workers until done; one-line DistlabError if the run fails."""
+    if address:
+        use_token_auth_for_join()
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -81,9 +147,19 @@ def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | N
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
     common = {"log_to_driver": False, "logging_level": logging.ERROR}
+    captured: list[str] = []
     try:
         if address:  # a local instance inherits this process's environment; a cluster does not
-            ray.init(address=address, runtime_env={"env_vars": env_vars}, **common)
+            # Ray's C++ core logs connection and auth failures to fd 2 before raising:
+            # keep them out of the way, replay them only if the join works
+            with captured_stderr() as captured:
+                try:
+                    ray.init(address=address, runtime_env={"env_vars": env_vars}, **common)
+                except BaseException:
+                    ray.shutdown()
+                    raise
+            if captured[0]:
+                sys.stderr.write(captured[0])
         else:
             ray.init(
                 address="local",
@@ -95,10 +171,19 @@ def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | N
     except Exception as exc:  # noqa: BLE001 - Ray raises many types for an unusable cluster
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = ""
-        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            hint = " (if the cluster uses token authentication, set RAY_AUTH_MODE=token)"
-        raise DistlabError(f"could not start or join {where}: {_first_line(exc)}{hint}") from None
+        reason, hint = _first_line(exc), ""
+        if address and any(s in "".join(captured) for s in ("Unauthenticated", "InvalidAuthToken")):
+            reason = "it rejected the authentication token"
+            hint = (
+                " (Ray reads the token from RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token; 'ray get-auth-token' on the head node prints the right one)"
+            )
+        elif address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = (
+                " (if the cluster uses token authentication, put its token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            )
+        raise DistlabError(f"could not start or join {where}: {reason}{hint}") from None
     printer = EventPrinter(
         run_dir,
         config.max_failures,
@@ -107,8 +192,9 @@ def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | N
         log_every=config.log_every,
         steps=config.steps,
     )
+    watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(printer, stop), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(printer, watchdog, feed, stop), daemon=True)
     try:
         _check_capacity(ray.cluster_resources(), cpus, config.nproc if cuda else 0, address)
         resources: dict[str, float] = {"CPU": config.threads_per_rank}
@@ -138,8 +224,11 @@ def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | N
         try:
             trainer.fit()
         except Exception as exc:  # noqa: BLE001 - TrainingFailedError and Ray's own errors
+            hang = watchdog.hangs[-1].message() if watchdog.hangs else None
+            after = f" (after {config.max_failures} restarts)" if config.max_failures else ""
             raise DistlabError(
-                _worker_error(run_dir) or _failure_message(exc, config.max_failures)
+                _worker_error(run_dir)
+                or (hang + after if hang else _failure_message(exc, config.max_failures))
             ) from None
     except KeyboardInterrupt:
         raise DistlabError("interrupted; all ranks stopped") from None
@@ -164,9 +253,14 @@ def launch_ray(config: Config, token_file: Path, run_dir: Path, address: str | N
         Console().print(summary_table(json.loads(summary_file.read_text())))
 
 
-def _watch(printer: EventPrinter, stop: threading.Event) -> None:
+def _watch(
+    printer: EventPrinter, watchdog: Watchdog, feed: WandbFeed | None, stop: threading.Event
+) -> None:
     while not stop.wait(POLL_S):
+        watchdog.poll()
         printer.poll()
+        if feed is not None:
+            feed.poll()
 
 
 def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None):
