@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_LOCAL_RUN = [
+    "--launcher", "local", "--model", "tiny", "--global-batch", "8", "--no-wandb", "--quiet",
+]  # fmt: skip
+"""Launch flags of a fast run: spawned ranks, the tiny model, no W&B, no progress output."""
 
 
 def run_command(module: str, *args: str, timeout: float = 300, cwd: Path | None = None):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tests.helpers import run_command
+from tests.helpers import TINY_LOCAL_RUN, run_command
 
 from distlab import checkpoint as ckpt
 from distlab.config import load_config
@@ -33,14 +33,7 @@ from distlab.errors import DistlabError
 RESTART_ATOL = 1e-6
 STEPS = 8
 RUN = [
-    "--launcher",
-    "local",
-    "--model",
-    "tiny",
-    "--global-batch",
-    "8",
-    "--no-wandb",
-    "--quiet",
+    *TINY_LOCAL_RUN,
     "--steps",
     str(STEPS),
     "--checkpoint-every",

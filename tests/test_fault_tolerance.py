@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     ROOT,
+    TINY_LOCAL_RUN,
     assert_one_line_error,
     run_command,
     wandb_history,
@@ -36,18 +37,7 @@ from distlab.launch.__main__ import main as launch_main
 from distlab.parity import LOSS_RTOL
 
 RESTART_ATOL = 1e-6
-COMMON = [
-    "--launcher",
-    "local",
-    "--model",
-    "tiny",
-    "--global-batch",
-    "8",
-    "--no-wandb",
-    "--quiet",
-    "--keep-checkpoints",
-    "10",
-]
+COMMON = [*TINY_LOCAL_RUN, "--keep-checkpoints", "10"]
 SHORT = [*COMMON, "--steps", "10", "--checkpoint-every", "2"]
 LONG = [*COMMON, "--steps", "40", "--checkpoint-every", "5"]
 """Long enough (in steps) for a test to act on a rank while the run is going."""

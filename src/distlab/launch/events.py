@@ -61,6 +61,43 @@ def first_fault_since_last_start(events: list[dict[str, Any]]) -> dict[str, Any]
     return fault
 
 
+class JsonlTail:
+    """The new complete lines of a JSON-lines file, read incrementally by a polling process.
+
+    A torn last line waits for the next read. When the file is replaced or cut
+    back (a restart rewinds ``metrics.jsonl``), reading starts over from its
+    beginning if ``replay``, else from its current end (lines already shown).
+    """
+
+    def __init__(self, file: Path, replay: bool = True) -> None:
+        self.file = file
+        self.replay = replay
+        self.inode: int | None = None
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete line written since the last read, parsed (unparsable ones skipped)."""
+        try:
+            stat = self.file.stat()
+        except FileNotFoundError:
+            return []
+        if self.inode is not None and (stat.st_ino != self.inode or stat.st_size < self.offset):
+            self.offset = 0 if self.replay else stat.st_size
+        self.inode = stat.st_ino
+        with self.file.open("rb") as stream:
+            stream.seek(self.offset)
+            data = stream.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        records = []
+        for line in data[:end].decode(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a kill
+        return records
+
+
 COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "Read error", "Broken pipe")
 """Errors a rank gets because another rank died (its cause is reported elsewhere)."""
 
@@ -161,8 +198,8 @@ class EventPrinter:
         self.progress = progress and not quiet
         self.log_every = log_every
         self.steps = steps
-        self.events_offset = 0
-        self.metrics_offset = 0
+        self.events = JsonlTail(self.run_dir / EVENTS_FILE)
+        self.metrics = JsonlTail(self.run_dir / "metrics.jsonl", replay=False)
         self.failures = 0
         self.fault_open = False
         self.pending: list[dict[str, Any]] = []
@@ -170,39 +207,17 @@ class EventPrinter:
 
     def poll(self) -> None:
         """Print whatever happened since the last poll."""
-        for event in self._new_lines(EVENTS_FILE, "events_offset"):
+        for event in self.events.read():
             self._on_event(event)
         self.flush(settle_s=self.settle_s)
         if self.progress:
-            for metrics in self._new_lines("metrics.jsonl", "metrics_offset"):
+            for metrics in self.metrics.read():
                 step = metrics.get("step", -1)
                 if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
                     self._print(
                         f"step {step + 1}/{self.steps}  loss {metrics['loss']:.4f}  "
                         f"{metrics['tokens_per_s']:,.0f} tok/s"
                     )
-
-    def _new_lines(self, name: str, offset_attr: str) -> list[dict[str, Any]]:
-        file = self.run_dir / name
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            return []
-        offset = getattr(self, offset_attr)
-        if size < offset:  # metrics.jsonl was rewound on a resume
-            offset = 0 if name == EVENTS_FILE else size
-        with file.open("rb") as stream:
-            stream.seek(offset)
-            data = stream.read()
-        end = data.rfind(b"\n") + 1
-        setattr(self, offset_attr, offset + end)
-        records = []
-        for line in data[:end].decode().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distlab.config import Config
-from distlab.launch.events import EVENTS_FILE
+from distlab.launch.events import EVENTS_FILE, JsonlTail
 from distlab.runlog import flatten, wandb_mode
 
 WANDB_FILE = "wandb.json"
@@ -43,35 +43,6 @@ def read_wandb_info(run_dir: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and info.get("id") else None
 
 
-class _Tail:
-    """New complete lines of a JSON-lines file; starts over when the file is replaced."""
-
-    def __init__(self, file: Path) -> None:
-        self.file = file
-        self.inode: int | None = None
-        self.offset = 0
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            stat = self.file.stat()
-        except FileNotFoundError:
-            return []
-        if stat.st_ino != self.inode or stat.st_size < self.offset:
-            self.inode, self.offset = stat.st_ino, 0  # rewritten (a restart cut it back)
-        with self.file.open("rb") as stream:
-            stream.seek(self.offset)
-            data = stream.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        records = []
-        for line in data[:end].decode().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
-
-
 class WandbFeed:
     """Opens the W&B run, logs the run dir's new steps to it, closes it with the summary."""
 
@@ -80,8 +51,8 @@ class WandbFeed:
         self.run_dir = Path(run_dir)
         self.next_step = next_step
         self.attempt = 1
-        self.events = _Tail(self.run_dir / EVENTS_FILE)
-        self.metrics = _Tail(self.run_dir / METRICS_FILE)
+        self.events = JsonlTail(self.run_dir / EVENTS_FILE)
+        self.metrics = JsonlTail(self.run_dir / METRICS_FILE)
 
     @classmethod
     def start(cls, config: Config, run_dir: Path) -> WandbFeed | None:
