@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlab.config import Config, load_config
+from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.launch import run
 from distlab.strategies import registry
+from distlab.strategies.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ["zero2:offload=optimizer", "zero3:offload=params"]

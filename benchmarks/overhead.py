@@ -86,11 +86,12 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
     import torch.distributed as dist
 
     from distlab import comm
-    from distlab.config import load_config, resolved_seq_len
+    from distlab.config import resolved_seq_len
     from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
     from distlab.distributed import RankContext
     from distlab.model import build_model
     from distlab.strategies import registry
+    from distlab.strategies.resolve import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -39,11 +39,12 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
     """One pipeline rank: train a few steps, time every chunk, send the timings to rank 0."""
     import torch.distributed as dist
 
-    from distlab.config import load_config, resolved_seq_len
+    from distlab.config import resolved_seq_len
     from distlab.data import global_batch, load_tokens, prepare_tokens
     from distlab.distributed import init_rank, shutdown
     from distlab.model import build_model
     from distlab.strategies import registry
+    from distlab.strategies.resolve import load_config
 
     config = load_config(None, settings["config"])
     ctx = init_rank(rank, world, init_method, config)

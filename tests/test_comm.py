@@ -170,7 +170,7 @@ def test_is_counting_false_without_a_group():
 
 
 def test_pipeline_bubble_formula():
-    from distlab.config import load_config
+    from distlab.strategies.resolve import load_config
     from distlab.theory import pipeline_bubble
 
     config = load_config(None, {"strategy": "pp", "nproc": 4, "microbatches": 8})
@@ -183,9 +183,9 @@ def test_pipeline_bubble_formula():
 
 
 def test_predictions_for_every_valid_strategy():
-    from distlab.config import load_config
     from distlab.errors import DistlabError
     from distlab.strategies import registry
+    from distlab.strategies.resolve import load_config
     from distlab.theory import predict
 
     predicted = {}

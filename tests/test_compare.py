@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from distlab import compare
-from distlab.config import load_config
 from distlab.errors import DistlabError
+from distlab.strategies.resolve import load_config
 from distlab.theory import predict
 
 

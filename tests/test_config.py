@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distlab.config import Config, grad_accum_steps, load_config
+from distlab.config import Config, grad_accum_steps
 from distlab.errors import DistlabError
+from distlab.strategies.resolve import load_config
 from distlab.sweep import load_sweep
 
 

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from tests.helpers import TINY_LOCAL_RUN, run_command
 
 from distlab import checkpoint as ckpt
-from distlab.config import load_config
 from distlab.distributed import RankContext, free_port
 from distlab.errors import DistlabError
+from distlab.strategies.resolve import load_config
 
 RESTART_ATOL = 1e-6
 STEPS = 8

@@ -31,10 +31,10 @@ from tests.helpers import (
     wandb_run_record,
 )
 
-from distlab.config import load_config
 from distlab.errors import DistlabError
 from distlab.launch.__main__ import main as launch_main
 from distlab.parity import LOSS_RTOL
+from distlab.strategies.resolve import load_config
 
 RESTART_ATOL = 1e-6
 COMMON = [*TINY_LOCAL_RUN, "--keep-checkpoints", "10"]

@@ -51,9 +51,9 @@ def test_mfu_and_effective_ranks():
 
 
 def test_run_measurements_without_a_process_group(tmp_path, monkeypatch):
-    from distlab.config import load_config
     from distlab.distributed import RankContext
     from distlab.measure import RunMeasurements
+    from distlab.strategies.resolve import load_config
 
     monkeypatch.setenv("DISTLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mfu, "probe_matmul_flops", lambda threads, dtype: 1e11)

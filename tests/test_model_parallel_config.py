@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from distlab.config import load_config
 from distlab.errors import DistlabError
 from distlab.strategies import registry
 from distlab.strategies.pipeline_parallel import resolve_microbatches
+from distlab.strategies.resolve import load_config
 
 
 @pytest.mark.parametrize(

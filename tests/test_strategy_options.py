@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 from tests.helpers import assert_one_line_error, run_command
 
-from distlab.config import DEFAULTS, load_config, option_flag
+from distlab.config import DEFAULTS, option_flag
 from distlab.errors import DistlabError
 from distlab.parity import parity_config, tolerance
 from distlab.strategies import registry
+from distlab.strategies.resolve import load_config
 
 NPROC = {"single": 1, "tp": 2, "pp": 2, "fsdp+tp+pp": 8}
 """A valid world size per strategy (4 for the other compositions, 2 for the rest)."""

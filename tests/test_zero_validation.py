@@ -6,11 +6,12 @@ import importlib.util
 
 import pytest
 
-from distlab.config import Config, validate
+from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.strategies import registry
 from distlab.strategies.deepspeed_zero import bucket_elements, deepspeed_config
 from distlab.strategies.fairscale_oss import oss_partition
+from distlab.strategies.resolve import validate
 
 
 def config(**fields) -> Config:

@@ -45,11 +45,12 @@ def _rank(
     import torch.distributed as dist
 
     from distlab import comm
-    from distlab.config import load_config, resolved_seq_len
+    from distlab.config import resolved_seq_len
     from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
     from distlab.distributed import RankContext
     from distlab.model import build_model
     from distlab.strategies import registry
+    from distlab.strategies.resolve import load_config
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -207,7 +208,7 @@ def summarize(
     cells: list[dict[str, Any]], results: list[list[dict[str, Any]]], nproc: int
 ) -> list[dict[str, Any]]:
     """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank)."""
-    from distlab.config import load_config
+    from distlab.strategies.resolve import load_config
     from distlab.theory import predict_comm
 
     rows = []

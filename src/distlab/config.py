@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from distlab.errors import DistlabError
+from distlab.model import PRESETS
 
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
@@ -177,15 +178,10 @@ def read_yaml_mapping(file: Path, label: str, holds: str = "a mapping") -> dict[
     return loaded
 
 
-def load_config(
-    path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    base: dict[str, Any] | None = None,
-) -> Config:
-    """Build a Config from ``base`` values, an optional YAML file and CLI overrides (which win).
-
-    ``base`` is what a resumed run inherits from its source run's ``config.yaml``.
-    """
+def read_config_values(
+    path: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The raw field values of an optional YAML file and CLI overrides (which win)."""
     values: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
@@ -193,7 +189,16 @@ def load_config(
             raise DistlabError(f"config file not found: {path} (pass an existing --config FILE)")
         values.update(read_yaml_mapping(file, f"config file {path}", "a mapping of field: value"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values = {**_inheritable(base or {}, values.get("strategy")), **values}
+    return values
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """A Config of raw field values, each converted to its field's type; unknown fields refused.
+
+    Only types are checked here: ``distlab.strategies.resolve.load_config`` is the
+    way to a Config that its strategy accepts (``check_fields`` plus the strategy).
+    """
+    values = dict(values)
     if isinstance(values.get("inject_fault"), list | tuple):
         values["inject_fault"] = ",".join(str(v) for v in values["inject_fault"])
     unknown = sorted(set(values) - set(FIELD_TYPES))
@@ -201,24 +206,7 @@ def load_config(
         raise DistlabError(
             f"unknown config field '{unknown[0]}' (valid fields: {', '.join(FIELD_TYPES)})"
         )
-    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
-    validate(config)
-    return config
-
-
-def _inheritable(base: dict[str, Any], strategy: str | None) -> dict[str, Any]:
-    """``base`` without the strategy options that ``strategy`` (if it replaces base's) ignores.
-
-    A run resumed under another strategy inherits the source's training settings,
-    not the source strategy's own flags (an fsdp run's ``reshard_after_forward``
-    means nothing to ddp and would be refused).
-    """
-    from distlab.strategies import registry
-
-    if strategy is None or strategy == base.get("strategy") or strategy not in registry.names():
-        return dict(base)
-    ignored = set(registry.option_users()) - registry.describe(strategy).options
-    return {k: v for k, v in base.items() if k not in ignored}
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
 
 
 def _require(condition: bool, message: str) -> None:
@@ -226,11 +214,8 @@ def _require(condition: bool, message: str) -> None:
         raise DistlabError(message)
 
 
-def validate(config: Config) -> None:
-    """Check every field's range and the relations between fields."""
-    from distlab.model import PRESETS
-    from distlab.strategies import registry
-
+def check_fields(config: Config) -> None:
+    """Check every field's range and the relations between fields that need no strategy."""
     _require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
     _require(config.steps >= 1, f"steps must be >= 1 (got {config.steps})")
     _require(
@@ -280,23 +265,6 @@ def validate(config: Config) -> None:
         f"(got {seq_len})",
     )
     fault_specs(config)
-    strategy = registry.describe(config.strategy)
-    refuse_unused_options(config, strategy.options, registry.option_users())
-    strategy.validate(config)
-    dp = strategy.data_parallel_size(config)
-    _require(
-        config.global_batch % dp == 0,
-        f"global_batch {config.global_batch} is not divisible by the data-parallel size {dp}; "
-        f"use a multiple of {dp}",
-    )
-    local = config.global_batch // dp
-    if config.micro_batch is not None:
-        _require(config.micro_batch >= 1, "micro_batch must be >= 1")
-        _require(
-            local % config.micro_batch == 0,
-            f"micro_batch {config.micro_batch} does not divide the per-rank batch {local} "
-            f"(global_batch {config.global_batch} / data-parallel size {dp})",
-        )
 
 
 def option_flag(name: str, value: Any) -> str:
@@ -307,26 +275,8 @@ def option_flag(name: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
-def refuse_unused_options(
-    config: Config, used: frozenset[str], users: dict[str, list[str]]
-) -> None:
-    """One-line error for a strategy option set away from its default that the strategy ignores.
-
-    ``used``: the options of ``config.strategy``; ``users``: every strategy option and
-    the strategies that use it (both declared by the strategies themselves).
-    """
-    for name, strategies in users.items():
-        value = getattr(config, name)
-        if name not in used and value != DEFAULTS[name]:
-            raise DistlabError(
-                f"{option_flag(name, value)} is not used by strategy '{config.strategy}'; "
-                f"drop it, or choose a strategy that uses it: {', '.join(strategies)}"
-            )
-
-
 def resolved_seq_len(config: Config) -> int:
     """Sequence length: the configured one, else the model preset's context length."""
-    from distlab.model import PRESETS
 
     return config.seq_len if config.seq_len is not None else PRESETS[config.model].block_size
 

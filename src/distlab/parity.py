@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from distlab.config import DEFAULTS, Config, validate
+from distlab.config import DEFAULTS, Config
 from distlab.launch import run
 from distlab.strategies import registry
+from distlab.strategies.resolve import validate
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
@@ -98,9 +99,7 @@ def tolerance(config: Config) -> Tolerance:
 def reference_config(config: Config) -> Config:
     """The ``single`` run with the same training settings as ``config``."""
     defaults = {name: DEFAULTS[name] for name in registry.option_users()}
-    return replace(
-        config, strategy="single", nproc=1, micro_batch=None, run_dir=None, **defaults
-    )
+    return replace(config, strategy="single", nproc=1, micro_batch=None, run_dir=None, **defaults)
 
 
 @dataclass

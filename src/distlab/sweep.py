@@ -38,8 +38,9 @@ import yaml
 from rich.console import Console
 
 from distlab.cli import OneLineErrorParser, run_cli
-from distlab.config import load_config, read_yaml_mapping
+from distlab.config import read_yaml_mapping
 from distlab.errors import DistlabError
+from distlab.strategies.resolve import load_config
 
 SWEEP_KEYS = {"name", "runs_root", "report", "docs_dir", "timeout_s", "base", "matrix", "cells"}
 MARKER = "<!-- measured:"

@@ -45,11 +45,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from distlab.comm import KINDS, wire_bytes
 from distlab.config import Config, grad_accum_steps, resolved_seq_len
-from distlab.model import GPT, PRESETS, count_parameters
+from distlab.model import PRESETS, count_parameters
+from distlab.strategies import registry
+from distlab.strategies.deepspeed_zero import deepspeed_config
+from distlab.strategies.parallel_dims import (
+    VIRTUAL_STAGES,
+    ParallelDims,
+    numel,
+    stage_shapes,
+    stages_of_rank,
+    tp_local_shapes,
+)
+from distlab.strategies.pipeline_parallel import resolve_microbatches
 
 FP32 = 4
 
@@ -108,59 +117,15 @@ class CommPrediction:
 # --- Model shapes ---------------------------------------------------------------------
 
 
-def parameter_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the full GPT and its shape (built on the meta device)."""
-    with torch.device("meta"):
-        model = GPT(PRESETS[config.model])
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> dict[str, tuple[int, ...]]:
-    """Parameters of the pipeline stage(s) ``pp_rank`` holds."""
-    shapes = parameter_shapes(config)
-    if pp <= 1:
-        return shapes
-    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES, plan_stages, stages_of_rank
-
-    shape = PRESETS[config.model]
-    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    plans = plan_stages(shape.n_layer, pp * virtual)
-    keep: set[str] = set()
-    for index in stages_of_rank(pp_rank, pp, virtual):
-        plan = plans[index]
-        if plan.embeddings:
-            keep |= {"wte", "wpe"}
-        if plan.head:
-            keep |= {"ln_f", "lm_head"}
-        keep |= {f"blocks.{i}" for i in plan.layers}
-    return {
-        name: s
-        for name, s in shapes.items()
-        if name.split(".")[0] in keep or ".".join(name.split(".")[:2]) in keep
-    }
-
-
-def numel(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(math.prod(s) for s in shapes.values())
-
-
 def fsdp_padded_numel(shapes: dict[str, tuple[int, ...]], n: int) -> int:
     """Elements FSDP2 all-gathers: each parameter's dim 0 padded to a multiple of ``n``."""
     return sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in shapes.values())
 
 
-def tp_local_shapes(shapes: dict[str, tuple[int, ...]], tp: int) -> dict[str, tuple[int, ...]]:
-    """Local shapes on tensor-parallel rank 0."""
-    if tp <= 1:
-        return shapes
-    from distlab.strategies.tensor_parallel import tp_rank0_elements
-
-    return tp_rank0_elements({k: torch.Size(v) for k, v in shapes.items()}, tp)
-
-
 # --- Strategy degrees -----------------------------------------------------------------
 
-_DATA_PARALLEL = {"ddp": "ddp", "fsdp": "fsdp", "zero1": "zero1", "zero2": "zero2"}
+MODELLED_DATA_PARALLEL = (None, "ddp", "fsdp", "zero1", "zero2", "zero3")
+"""The data-parallel flavours (``Strategy.data_parallel``) whose communication is modelled."""
 
 
 @dataclass(frozen=True)
@@ -175,19 +140,12 @@ class Layout:
 
 
 def layout(config: Config) -> Layout | None:
-    """The layout of ``config.strategy``; None for strategies the theory does not model."""
-    name, n = config.strategy, config.nproc
-    if name == "single":
-        return Layout(None, 1, 1, 1)
-    if name in ("ddp", "fsdp", "zero1", "zero2", "zero3"):
-        return Layout(name, n, 1, 1)
-    if name in ("tp", "pp", "fsdp+tp", "ddp+pp", "fsdp+pp", "fsdp+tp+pp"):
-        from distlab.strategies import registry
-
-        dims = registry.describe(name).dims(config)
-        flavour = None if name in ("tp", "pp") else name.split("+")[0]
-        return Layout(flavour, dims.dp, dims.tp, dims.pp)
-    return None
+    """What ``config.strategy`` declares (its flavour and mesh); None if not modelled."""
+    strategy = registry.describe(config.strategy)
+    if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
+        return None
+    dims = strategy.dims(config)
+    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -292,9 +250,6 @@ def predict_comm(config: Config) -> CommPrediction | None:
 
 
 def _microbatches(config: Config, lay: Layout) -> int:
-    from distlab.strategies.parallel_dims import ParallelDims
-    from distlab.strategies.pipeline_parallel import resolve_microbatches
-
     return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp))
 
 
@@ -313,8 +268,6 @@ def _has_first_last(config: Config, lay: Layout) -> tuple[bool, bool]:
 def _zero3_gathers(config: Config, p_local: int) -> int:
     """All-gathers of the parameters per ZeRO-3 step under the strategy's DeepSpeed config."""
     try:
-        from distlab.strategies.deepspeed_zero import deepspeed_config
-
         zero = deepspeed_config(config, 3, config.nproc, p_local)["zero_optimization"]
     except Exception:  # noqa: BLE001 - DeepSpeed strategy missing or changed: paper's count
         return 2
@@ -325,8 +278,6 @@ def _zero3_gathers(config: Config, p_local: int) -> int:
 
 def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int) -> None:
     """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce."""
-    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES, stages_of_rank
-
     shape = PRESETS[config.model]
     m = _microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
@@ -357,8 +308,6 @@ def pipeline_bubble(config: Config) -> float | None:
     lay = layout(config)
     if lay is None or lay.pp <= 1:
         return None
-    from distlab.strategies.pipeline_parallel import VIRTUAL_STAGES
-
     m = _microbatches(config, lay)
     v = VIRTUAL_STAGES.get(config.schedule, 1)
     return (lay.pp - 1) / (v * m + lay.pp - 1)
@@ -366,8 +315,6 @@ def pipeline_bubble(config: Config) -> float | None:
 
 def predict(config: Config) -> dict[str, Any]:
     """Every prediction for ``config``'s rank 0, as plain data (summary.json)."""
-    from distlab.strategies import registry
-
     n_params = count_parameters(PRESETS[config.model])
     strategy = registry.describe(config.strategy)
     comm = predict_comm(config)

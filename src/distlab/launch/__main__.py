@@ -17,10 +17,10 @@ the new total from the resumed step on). The source run dir is only read.
 from __future__ import annotations
 
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
-from distlab.config import load_config
 from distlab.launch import run
 from distlab.launch.prepare import inherited_config
 from distlab.strategies import registry
+from distlab.strategies.resolve import load_config
 
 
 def build_parser() -> OneLineErrorParser:

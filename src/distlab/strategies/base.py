@@ -26,6 +26,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+from distlab.strategies.parallel_dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,25 @@ class Strategy(ABC):
     """The strategy-specific config fields this strategy reads (``tp``, ``offload``, ...).
 
     A strategy option that another strategy declares and this one does not is
-    refused when set away from its default (``distlab.config.validate``), so a
+    refused when set away from its default (``distlab.strategies.resolve.validate``), so a
     flag is never silently ignored.
     """
 
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
 
+    data_parallel: str | None = None
+    """How the data-parallel replicas share the work, the flavour ``distlab.theory``
+    models: ``ddp``, ``fsdp``, ``zero1``/``zero2``/``zero3``; None without data
+    parallelism; any other name is a flavour the theory does not model."""
+
+    def dims(self, config: Config) -> ParallelDims:
+        """The degrees this strategy runs ``config`` with (default: data parallel on every rank)."""
+        return ParallelDims(dp=config.nproc, tp=1, pp=1)
+
     def data_parallel_size(self, config: Config) -> int:
-        """How many data-parallel replicas split the global batch (default: every rank)."""
-        return config.nproc
+        """How many data-parallel replicas split the global batch."""
+        return self.dims(config).dp
 
     @abstractmethod
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:

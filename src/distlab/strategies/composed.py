@@ -20,18 +20,16 @@ tensor-parallel pairs and {0,2}, {1,3} FSDP pairs.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
-from distlab.memory import ModelStateBytes, predicted_bytes
-from distlab.model import GPT, PRESETS
+from distlab.memory import ModelStateBytes
+from distlab.model import GPT
 from distlab.strategies.base import (
     FSDP_OPTIONS,
     PP_OPTIONS,
@@ -41,16 +39,9 @@ from distlab.strategies.base import (
     TrainStep,
 )
 from distlab.strategies.fsdp import apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
-from distlab.strategies.pipeline_parallel import (
-    VIRTUAL_STAGES,
-    PipelineTrainStep,
-    plan_stages,
-    split_model,
-    stages_of_rank,
-    validate_pp,
-)
-from distlab.strategies.tensor_parallel import apply_tp, tp_rank0_elements, validate_tp
+from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
+from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
+from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 
 
 def parallelize(
@@ -97,11 +88,8 @@ class ComposedStrategy(Strategy):
         if self.pipeline:
             validate_pp(config, dims)
 
-    def data_parallel_size(self, config: Config) -> int:
-        return self.dims(config).dp
-
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        return predicted_rank0_bytes(config, self.dims(config), self.data_parallel)
+        return rank0_state_bytes(config, self.dims(config), self.data_parallel)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
@@ -155,30 +143,3 @@ class FSDPTPPPStrategy(ComposedStrategy):
     summary = "3D: pipeline stages, tensor parallel inside each, FSDP2 over --dp replicas"
     tensor_parallel = True
     pipeline = True
-
-
-def predicted_rank0_bytes(
-    config: Config, dims: ParallelDims, data_parallel: str | None
-) -> ModelStateBytes:
-    """Theory for rank 0 (first stage, tp shard 0, dp replica 0), tensor by tensor.
-
-    Pipeline: only the first stage's (or, interleaved, stages') parameters.
-    Tensor parallel: split matrices and the embedding/head / tp, norms, the
-    position embedding and row-parallel biases whole. FSDP: what is left,
-    split along dim 0 over dp (rank 0 takes the rounded-up share). DDP keeps
-    everything of its stage.
-    """
-    shape = PRESETS[config.model]
-    with torch.device("meta"):
-        model = GPT(shape)
-    if dims.pp > 1:
-        virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-        plans = plan_stages(shape.n_layer, dims.pp * virtual)
-        split_model(model, [plans[i] for i in stages_of_rank(0, dims.pp, virtual)])
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    if dims.tp > 1:
-        shapes = tp_rank0_elements(shapes, dims.tp)
-    if data_parallel == "fsdp":
-        shapes = {n: (-(-s[0] // dims.dp), *s[1:]) for n, s in shapes.items()}
-    elements = sum(math.prod(s) for s in shapes.values())
-    return predicted_bytes(elements, config.optimizer)

@@ -34,6 +34,7 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
+    data_parallel = "ddp"
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)

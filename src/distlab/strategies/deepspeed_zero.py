@@ -112,7 +112,7 @@ from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes, optimizer_bytes_per_param
-from distlab.model import GPT, PRESETS
+from distlab.model import PRESETS
 from distlab.optim import ADAMW_BETAS, ADAMW_EPS, build_scheduler
 from distlab.strategies.base import (
     StepResult,
@@ -121,6 +121,7 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
+from distlab.strategies.parallel_dims import parameter_sizes
 
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
 CHECKPOINT_TAG = "deepspeed"
@@ -145,12 +146,6 @@ def largest_tensor_elements(config: Config) -> int:
     shape = PRESETS[config.model]
     d = shape.d_model
     return max(shape.vocab_size * d, shape.block_size * d, 4 * d * d)
-
-
-def parameter_sizes(config: Config) -> list[int]:
-    """Elements of each parameter tensor of the configured model, in order (no memory used)."""
-    with torch.device("meta"):
-        return [p.numel() for p in GPT(PRESETS[config.model]).parameters()]
 
 
 def first_slice_tensor_elements(config: Config) -> int:
@@ -451,15 +446,18 @@ class Zero1Strategy(DeepSpeedZeroStrategy):
     name = "zero1"
     summary = "DeepSpeed ZeRO-1: optimizer state sharded (optional --offload optimizer)"
     stage = 1
+    data_parallel = "zero1"
 
 
 class Zero2Strategy(DeepSpeedZeroStrategy):
     name = "zero2"
     summary = "DeepSpeed ZeRO-2: optimizer state and gradients sharded (optional offload)"
     stage = 2
+    data_parallel = "zero2"
 
 
 class Zero3Strategy(DeepSpeedZeroStrategy):
     name = "zero3"
     summary = "DeepSpeed ZeRO-3: params, grads, optimizer state sharded (offload optimizer|params)"
     stage = 3
+    data_parallel = "zero3"

@@ -68,7 +68,6 @@ from distlab.memory import (
     measure_state_bytes,
     optimizer_bytes_per_param,
 )
-from distlab.model import GPT, PRESETS
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
     ModuleTrainStep,
@@ -76,6 +75,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.parallel_dims import parameter_sizes
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -166,9 +166,7 @@ class FairscaleStrategy(Strategy):
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Rank 0's share under OSS's greedy tensor assignment (about P/N each)."""
-        with torch.device("meta"):
-            sizes = [p.numel() for p in GPT(PRESETS[config.model]).parameters()]
-        owned = oss_partition(sizes, config.nproc)[0]
+        owned = oss_partition(parameter_sizes(config), config.nproc)[0]
         return ModelStateBytes(
             params=4 * n_params,
             grads=4 * owned if self.shard_gradients else 4 * n_params,
@@ -200,9 +198,11 @@ class FairscaleStrategy(Strategy):
 class FairscaleOSSStrategy(FairscaleStrategy):
     name = "fairscale-oss"
     summary = "fairscale OSS + DDP: optimizer state sharded by tensor (ZeRO-1)"
+    data_parallel = "fairscale-oss"
 
 
 class FairscaleSDPStrategy(FairscaleStrategy):
     name = "fairscale-sdp"
     summary = "fairscale OSS + ShardedDataParallel: optimizer state and grads sharded (ZeRO-2)"
+    data_parallel = "fairscale-sdp"
     shard_gradients = True

@@ -54,6 +54,7 @@ class FSDPStrategy(Strategy):
         "(ZeRO-3; ZeRO-2-like with --no-reshard-after-forward)"
     )
     options = FSDP_OPTIONS
+    data_parallel = "fsdp"
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         n = config.nproc

@@ -16,16 +16,31 @@ Degrees come from ``--dp``, ``--tp``, ``--pp`` and must multiply to ``--nproc``.
 ``--dp`` may be left out (it is then ``nproc / (tp * pp)``). The plain ``tp``
 and ``pp`` strategies use every rank for their one parallelism: ``--tp`` (or
 ``--pp``) defaults to ``--nproc`` when left at 1.
+
+Besides the degrees, this module owns the arithmetic of what a rank holds:
+which layers form which pipeline stage and which stages a rank runs, which
+parameters tensor parallelism splits and along which dimension, and so the
+parameter shapes on rank 0 under any mesh. The strategies build their modules
+from it and ``distlab.theory`` predicts from it, so the two cannot disagree.
+It imports only the declaring layer (config, model, memory arithmetic).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from distlab.config import Config
 from distlab.errors import DistlabError
+from distlab.memory import ModelStateBytes, predicted_bytes
+from distlab.model import GPT, PRESETS
+
+Shapes = dict[str, tuple[int, ...]]
+"""Parameter name (the plain GPT's) -> shape."""
 
 MESH_DIMS = ("pp", "dp", "tp")
 
@@ -51,14 +66,14 @@ def resolve_dims(
     ``data_parallel``/``tensor_parallel``/``pipeline`` say which parallelisms the
     strategy composes. A parallelism it names must have degree >= 2 (otherwise
     another strategy says it better); the flags of one it does not use are
-    refused by ``distlab.config.validate`` from ``Strategy.options``.
+    refused by ``distlab.strategies.resolve.validate`` from ``Strategy.options``.
     """
     nproc = config.nproc
     tp, pp = config.tp, config.pp
     for flag, value in (("tp", tp), ("pp", pp), ("dp", config.dp)):
         if value is not None and value < 1:
             raise DistlabError(f"--{flag} must be >= 1 (got {value})")
-    # A degree the strategy does not use is at its default: config.validate refuses others.
+    # A degree the strategy does not use is at its default: resolve.validate refuses others.
     if not data_parallel:
         # Plain tp / pp: the one parallelism spans every rank.
         if tensor_parallel:
@@ -97,3 +112,136 @@ def resolve_dims(
             "without pipelining use a strategy without pp"
         )
     return dims
+
+
+# --- Parameters of the plain GPT --------------------------------------------------------
+
+
+@functools.cache
+def parameter_shapes(model: str) -> Shapes:
+    """Every parameter of the ``model`` preset's GPT and its shape (built once, on meta)."""
+    with torch.device("meta"):
+        gpt = GPT(PRESETS[model])
+    return {name: tuple(p.shape) for name, p in gpt.named_parameters()}
+
+
+def parameter_sizes(config: Config) -> list[int]:
+    """Elements of each parameter tensor of ``config``'s model, in the model's order."""
+    return [math.prod(shape) for shape in parameter_shapes(config.model).values()]
+
+
+def numel(shapes: Shapes) -> int:
+    """Elements of all ``shapes`` together."""
+    return sum(math.prod(s) for s in shapes.values())
+
+
+# --- Pipeline stages ----------------------------------------------------------------------
+
+VIRTUAL_STAGES = {"interleaved-1f1b": 2}
+"""Stages per rank for each schedule (1 unless listed)."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one pipeline stage holds."""
+
+    index: int
+    layers: range
+    """Contiguous block indices."""
+    embeddings: bool
+    """Token and position embeddings (first stage only)."""
+    head: bool
+    """Final LayerNorm and LM head (last stage only)."""
+
+    def holds(self, name: str) -> bool:
+        """Whether the plain GPT's parameter ``name`` belongs to this stage."""
+        part, _, rest = name.partition(".")
+        if part == "blocks":
+            return int(rest.partition(".")[0]) in self.layers
+        return self.embeddings if part in ("wte", "wpe") else self.head
+
+
+def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
+    """Cut ``n_layer`` blocks into ``n_stages`` contiguous, balanced (within 1) stages."""
+    if not 1 <= n_stages <= n_layer:
+        raise ValueError(f"cannot cut {n_layer} layers into {n_stages} stages")
+    base, extra = divmod(n_layer, n_stages)
+    plans, start = [], 0
+    for index in range(n_stages):
+        size = base + (1 if index < extra else 0)
+        plans.append(
+            StagePlan(index, range(start, start + size), index == 0, index == n_stages - 1)
+        )
+        start += size
+    return plans
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """Stage indices held by pipeline rank ``pp_rank`` (looped: r, r + pp, ...)."""
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def rank_stage_plans(config: Config, pp: int, pp_rank: int) -> list[StagePlan]:
+    """The stages pipeline rank ``pp_rank`` runs under ``config``'s schedule."""
+    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+    plans = plan_stages(PRESETS[config.model].n_layer, pp * virtual)
+    return [plans[i] for i in stages_of_rank(pp_rank, pp, virtual)]
+
+
+def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> Shapes:
+    """Parameters of the pipeline stage(s) ``pp_rank`` holds (all of them when ``pp`` is 1)."""
+    shapes = parameter_shapes(config.model)
+    if pp <= 1:
+        return dict(shapes)
+    plans = rank_stage_plans(config, pp, pp_rank)
+    return {n: s for n, s in shapes.items() if any(plan.holds(n) for plan in plans)}
+
+
+# --- Tensor-parallel shards ---------------------------------------------------------------
+
+SHARDED_LINEARS = ("q", "k", "v", "up")
+"""Column-parallel linears: weight and bias split along the output features."""
+ROW_LINEARS = ("proj", "down")
+"""Row-parallel linears: weight split along the input features, bias replicated."""
+
+
+def tp_sharded(name: str) -> bool:
+    """Whether tensor parallelism splits the parameter of the plain GPT called ``name``."""
+    module, _, kind = name.rpartition(".")
+    leaf = module.rpartition(".")[2]
+    if leaf in SHARDED_LINEARS or name in ("wte.weight", "lm_head.weight"):
+        return True
+    return leaf in ROW_LINEARS and kind == "weight"
+
+
+def tp_local_shapes(shapes: Shapes, tp: int) -> Shapes:
+    """Local shape of each parameter on tensor-parallel rank 0 (split ones / tp, rounded up)."""
+    local = {}
+    for name, shape in shapes.items():
+        dims = list(shape)
+        if tp > 1 and tp_sharded(name):
+            # Column-parallel and embedding/head: dim 0; row-parallel weights: dim 1.
+            axis = 1 if name.rpartition(".")[0].endswith(ROW_LINEARS) else 0
+            dims[axis] = -(-dims[axis] // tp)
+        local[name] = tuple(dims)
+    return local
+
+
+# --- What rank 0 holds --------------------------------------------------------------------
+
+
+def rank0_state_bytes(
+    config: Config, dims: ParallelDims, data_parallel: str | None
+) -> ModelStateBytes:
+    """Theory for rank 0 (first stage, tp shard 0, dp replica 0), tensor by tensor.
+
+    Pipeline: only the first stage's (or, interleaved, stages') parameters.
+    Tensor parallel: split matrices and the embedding/head / tp, norms, the
+    position embedding and row-parallel biases whole. FSDP (``data_parallel``
+    ``fsdp``): what is left, split along dim 0 over dp (rank 0 takes the
+    rounded-up share). DDP (or none) keeps everything of its stage.
+    """
+    shapes = tp_local_shapes(stage_shapes(config, dims.pp), dims.tp)
+    if data_parallel == "fsdp":
+        shapes = {n: (-(-s[0] // dims.dp), *s[1:]) for n, s in shapes.items()}
+    return predicted_bytes(numel(shapes), config.optimizer)

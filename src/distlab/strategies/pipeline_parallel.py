@@ -70,51 +70,21 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
-from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
+from distlab.strategies.parallel_dims import (
+    VIRTUAL_STAGES,
+    ParallelDims,
+    StagePlan,
+    rank0_state_bytes,
+    rank_stage_plans,
+    resolve_dims,
+)
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved-1f1b": ScheduleInterleaved1F1B,
 }
-VIRTUAL_STAGES = {"interleaved-1f1b": 2}
-"""Stages per rank for each schedule (1 unless listed)."""
-
-
-# --- The split: which layers go to which stage ----------------------------------------
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """What one pipeline stage holds."""
-
-    index: int
-    layers: range
-    """Contiguous block indices."""
-    embeddings: bool
-    """Token and position embeddings (first stage only)."""
-    head: bool
-    """Final LayerNorm and LM head (last stage only)."""
-
-
-def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
-    """Cut ``n_layer`` blocks into ``n_stages`` contiguous, balanced (within 1) stages."""
-    if not 1 <= n_stages <= n_layer:
-        raise ValueError(f"cannot cut {n_layer} layers into {n_stages} stages")
-    base, extra = divmod(n_layer, n_stages)
-    plans, start = [], 0
-    for index in range(n_stages):
-        size = base + (1 if index < extra else 0)
-        plans.append(
-            StagePlan(index, range(start, start + size), index == 0, index == n_stages - 1)
-        )
-        start += size
-    return plans
-
-
-def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
-    """Stage indices held by pipeline rank ``pp_rank`` (looped: r, r + pp, ...)."""
-    return [pp_rank + k * pp for k in range(virtual)]
+# --- The split: this rank's stages as modules -----------------------------------------
 
 
 def _stage_shell(model: GPT, plan: StagePlan) -> GPT:
@@ -183,7 +153,7 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
             f"{shape.n_layer} layers; use at most {shape.n_layer // virtual} for --pp"
         )
     if config.global_batch % dims.dp:
-        return  # config.validate reports the indivisible global batch
+        return  # resolve.validate reports the indivisible global batch
     local = config.global_batch // dims.dp
     if config.micro_batch is not None and config.microbatches is not None:
         if config.micro_batch * config.microbatches != local:
@@ -192,7 +162,7 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
                 f"!= the local batch {local}; give only --microbatches for pipelines"
             )
     if config.micro_batch is not None and local % config.micro_batch:
-        return  # config.validate reports it
+        return  # resolve.validate reports it
     m = resolve_microbatches(config, dims)
     if m < dims.pp:
         raise DistlabError(
@@ -289,8 +259,7 @@ class PipelineTrainStep(OptimizerTrainStep):
         self.dp_group = mesh["dp"].get_group() if dims.dp > 1 else None
         virtual = VIRTUAL_STAGES.get(config.schedule, 1)
         n_stages = dims.pp * virtual
-        all_plans = plan_stages(model.config.n_layer, n_stages)
-        plans = [all_plans[i] for i in stages_of_rank(self.pp_rank, dims.pp, virtual)]
+        plans = rank_stage_plans(config, dims.pp, self.pp_rank)
         model.to(ctx.device)
         self.model, stage_modules = split_model(model, plans)
         if wrap_stage is not None:
@@ -416,13 +385,8 @@ class PPStrategy(Strategy):
     def validate(self, config: Config) -> None:
         validate_pp(config, self.dims(config))
 
-    def data_parallel_size(self, config: Config) -> int:
-        return 1
-
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        from distlab.strategies.composed import predicted_rank0_bytes
-
-        return predicted_rank0_bytes(config, self.dims(config), data_parallel=None)
+        return rank0_state_bytes(config, self.dims(config), data_parallel=None)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)

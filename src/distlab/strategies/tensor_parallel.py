@@ -34,7 +34,6 @@ activations (with SP: all-gathers + reduce-scatters of the same total volume).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
@@ -53,12 +52,11 @@ from distlab.errors import DistlabError
 from distlab.memory import ModelStateBytes
 from distlab.model import PRESETS
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
-from distlab.strategies.parallel_dims import ParallelDims, resolve_dims
-
-SHARDED_LINEARS = ("q", "k", "v", "up")
-"""Column-parallel linears: weight and bias split along the output features."""
-ROW_LINEARS = ("proj", "down")
-"""Row-parallel linears: weight split along the input features, bias replicated."""
+from distlab.strategies.parallel_dims import (
+    ParallelDims,
+    rank0_state_bytes,
+    resolve_dims,
+)
 
 
 class ReplicateParallel(ParallelStyle):
@@ -175,28 +173,6 @@ def validate_tp(config: Config, tp: int) -> None:
         )
 
 
-def tp_sharded(name: str) -> bool:
-    """Whether tensor parallelism splits the parameter of the plain GPT called ``name``."""
-    module, _, kind = name.rpartition(".")
-    leaf = module.rpartition(".")[2]
-    if leaf in SHARDED_LINEARS or name in ("wte.weight", "lm_head.weight"):
-        return True
-    return leaf in ROW_LINEARS and kind == "weight"
-
-
-def tp_rank0_elements(shapes: dict[str, torch.Size], tp: int) -> dict[str, tuple[int, ...]]:
-    """Local shape of each parameter on tensor-parallel rank 0 (split ones / tp)."""
-    local = {}
-    for name, shape in shapes.items():
-        dims = list(shape)
-        if tp_sharded(name):
-            # Column-parallel and embedding/head: dim 0; row-parallel weights: dim 1.
-            axis = 1 if name.rpartition(".")[0].endswith(ROW_LINEARS) else 0
-            dims[axis] = -(-dims[axis] // tp)
-        local[name] = tuple(dims)
-    return local
-
-
 class TPStrategy(Strategy):
     """Split every block's matmuls (and embedding/head) across all ranks."""
 
@@ -215,13 +191,8 @@ class TPStrategy(Strategy):
     def validate(self, config: Config) -> None:
         validate_tp(config, self.dims(config).tp)
 
-    def data_parallel_size(self, config: Config) -> int:
-        return 1
-
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        from distlab.strategies.composed import predicted_rank0_bytes
-
-        return predicted_rank0_bytes(config, self.dims(config), data_parallel=None)
+        return rank0_state_bytes(config, self.dims(config), data_parallel=None)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         mesh = self.dims(config).build_mesh(ctx.device_type)

@@ -1,0 +1,91 @@
+"""From YAML and flags to a config its strategy accepts: how every command builds a Config.
+
+``distlab.config`` declares the fields and checks each on its own
+(``check_fields``); whether a strategy can run the config (its options, its
+degrees, the batch split over its data-parallel replicas) is the strategy's
+to say, so the whole check lives here, above the strategies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distlab.config import (
+    DEFAULTS,
+    Config,
+    build_config,
+    check_fields,
+    option_flag,
+    read_config_values,
+)
+from distlab.errors import DistlabError
+from distlab.strategies import registry
+
+
+def load_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """A validated Config from ``base`` values, an optional YAML file and CLI overrides.
+
+    Later sources win. ``base`` is what a resumed run inherits from its source
+    run's ``config.yaml``.
+    """
+    values = read_config_values(path, overrides)
+    config = build_config({**inheritable(base or {}, values.get("strategy")), **values})
+    validate(config)
+    return config
+
+
+def inheritable(base: dict[str, Any], strategy: str | None) -> dict[str, Any]:
+    """``base`` without the strategy options that ``strategy`` (if it replaces base's) ignores.
+
+    A run resumed under another strategy inherits the source's training settings,
+    not the source strategy's own flags (an fsdp run's ``reshard_after_forward``
+    means nothing to ddp and would be refused).
+    """
+    if strategy is None or strategy == base.get("strategy") or strategy not in registry.names():
+        return dict(base)
+    ignored = set(registry.option_users()) - registry.describe(strategy).options
+    return {k: v for k, v in base.items() if k not in ignored}
+
+
+def validate(config: Config) -> None:
+    """Every field on its own, then what the strategy says of the whole; one-line errors."""
+    check_fields(config)
+    strategy = registry.describe(config.strategy)
+    refuse_unused_options(config, strategy.options, registry.option_users())
+    strategy.validate(config)
+    dp = strategy.data_parallel_size(config)
+    if config.global_batch % dp:
+        raise DistlabError(
+            f"global_batch {config.global_batch} is not divisible by the data-parallel size "
+            f"{dp}; use a multiple of {dp}"
+        )
+    local = config.global_batch // dp
+    if config.micro_batch is not None:
+        if config.micro_batch < 1:
+            raise DistlabError("micro_batch must be >= 1")
+        if local % config.micro_batch:
+            raise DistlabError(
+                f"micro_batch {config.micro_batch} does not divide the per-rank batch {local} "
+                f"(global_batch {config.global_batch} / data-parallel size {dp})"
+            )
+
+
+def refuse_unused_options(
+    config: Config, used: frozenset[str], users: dict[str, list[str]]
+) -> None:
+    """One-line error for a strategy option set away from its default that the strategy ignores.
+
+    ``used``: the options of ``config.strategy``; ``users``: every strategy option and
+    the strategies that use it (both declared by the strategies themselves).
+    """
+    for name, strategies in users.items():
+        value = getattr(config, name)
+        if name not in used and value != DEFAULTS[name]:
+            raise DistlabError(
+                f"{option_flag(name, value)} is not used by strategy '{config.strategy}'; "
+                f"drop it, or choose a strategy that uses it: {', '.join(strategies)}"
+            )
