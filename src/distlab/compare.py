@@ -31,6 +31,7 @@ from rich.table import Table
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.comm import KINDS
 from distlab.errors import DistlabError
+from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 
 MIB = 2**20
 NOTES_MARKER = "<!-- notes: written by hand, kept when the report is regenerated -->"
@@ -78,13 +79,9 @@ class Run:
         return predicted
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """JSON lines; for a step written twice (a restarted run), the last one wins."""
-    rows: dict[Any, dict] = {}
-    for index, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            row = json.loads(line)
-            rows[row.get("step", index)] = row
+def _one_row_per_step(path: Path) -> list[dict]:
+    """A JSON-lines file's rows; for a step written twice (a restarted run), the last one wins."""
+    rows = {row.get("step", index): row for index, row in enumerate(read_jsonl(path))}
     return [rows[k] for k in sorted(rows, key=lambda k: (isinstance(k, str), k))]
 
 
@@ -96,17 +93,17 @@ def load_runs(patterns: list[str]) -> list[Run]:
         paths += [Path(m) for m in matches]
     runs = []
     for path in paths:
-        summary_file, metrics_file = path / "summary.json", path / "metrics.jsonl"
+        summary_file, metrics_file = path / SUMMARY_FILE, path / METRICS_FILE
         if not summary_file.is_file() or not metrics_file.is_file():
             raise DistlabError(f"{path} is not a finished run dir (no summary.json/metrics.jsonl)")
         try:
             summary = json.loads(summary_file.read_text())
-            metrics = _read_jsonl(metrics_file)
-            config_file = path / "config.yaml"
+            metrics = _one_row_per_step(metrics_file)
+            config_file = path / CONFIG_FILE
             config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
             ranks = {}
             for rank_file in sorted((path / "ranks").glob("rank*.jsonl")):
-                ranks[int(rank_file.stem.removeprefix("rank"))] = _read_jsonl(rank_file)
+                ranks[int(rank_file.stem.removeprefix("rank"))] = _one_row_per_step(rank_file)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise DistlabError(f"{path} has a corrupt summary or metrics file: {exc}") from None
         runs.append(Run(path, summary, metrics, config or {}, ranks))
@@ -117,7 +114,7 @@ def load_runs(patterns: list[str]) -> list[Run]:
 
 def load_wandb_runs(project: str, group: str | None = None) -> list[Run]:
     """Finished runs of a W&B project (``entity/project``), optionally one group (online only)."""
-    from distlab.runlog import wandb_mode
+    from distlab.launch.wandb_run import wandb_mode
 
     if wandb_mode() != "online":
         raise DistlabError(

@@ -32,7 +32,6 @@ AdamW too (measured: 2.2e-6).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 
 from distlab.config import DEFAULTS, Config
 from distlab.launch import run
+from distlab.run.files import FINAL_WEIGHTS_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.strategies import registry
 from distlab.strategies.resolve import validate
 
@@ -139,13 +139,12 @@ class ParityReport:
 
 
 def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [row["loss"] for row in read_jsonl(run_dir / METRICS_FILE)]
 
 
 def _run_once(config: Config, run_dir: Path) -> Path:
     """Run ``config`` into ``run_dir`` unless a finished run is already there."""
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / SUMMARY_FILE).is_file():
         return run_dir
     return run(replace(config, run_dir=str(run_dir)))
 
@@ -175,8 +174,8 @@ def compare(config: Config, workdir: Path) -> ParityReport:
 
 def compare_runs(ref_dir: Path, run_dir: Path, held_to: Tolerance) -> ParityReport:
     """Compare two finished runs that saved their final weights, at tolerance ``held_to``."""
-    ref_weights = torch.load(ref_dir / "final_weights.pt", weights_only=True)
-    weights = torch.load(run_dir / "final_weights.pt", weights_only=True)
+    ref_weights = torch.load(ref_dir / FINAL_WEIGHTS_FILE, weights_only=True)
+    weights = torch.load(run_dir / FINAL_WEIGHTS_FILE, weights_only=True)
     missing = set(ref_weights) ^ set(weights)
     if missing:
         raise AssertionError(f"final weights differ in names: {sorted(missing)[:5]}")

@@ -40,6 +40,7 @@ from rich.console import Console
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.config import read_yaml_mapping
 from distlab.errors import DistlabError
+from distlab.run.files import SUMMARY_FILE
 from distlab.strategies.resolve import load_config
 
 SWEEP_KEYS = {"name", "runs_root", "report", "docs_dir", "timeout_s", "base", "matrix", "cells"}
@@ -152,7 +153,7 @@ def run_cell(sweep: Sweep, cell: Cell, log_dir: Path) -> None:
     """Run one cell in a subprocess; record done/reused/failed and why."""
     run_dir = sweep.runs_root / cell.name
     cell.run_dir = run_dir
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / SUMMARY_FILE).is_file():
         cell.status = "reused"
         return
     if run_dir.exists():
@@ -172,7 +173,7 @@ def run_cell(sweep: Sweep, cell: Cell, log_dir: Path) -> None:
         except subprocess.TimeoutExpired:
             code = None
     cell.seconds = time.monotonic() - tic
-    if code == 0 and (run_dir / "summary.json").is_file():
+    if code == 0 and (run_dir / SUMMARY_FILE).is_file():
         cell.status = "done"
         return
     cell.status = "failed"
@@ -294,7 +295,7 @@ def log_wandb_report(sweep: Sweep, runs, images: list[Path]) -> None:
         import wandb
 
         from distlab.compare import COLUMNS, table_rows
-        from distlab.runlog import wandb_mode
+        from distlab.launch.wandb_run import wandb_mode
     except ImportError:
         return
     run = wandb.init(

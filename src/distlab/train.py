@@ -39,16 +39,14 @@ from distlab.checkpoint import (
 from distlab.config import Config, FaultSpec, fault_specs, resolved_seq_len
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
-from distlab.launch.events import append_event, first_fault_since_last_start, read_events
-from distlab.launch.events import fault_figures as event_figures
-from distlab.launch.watchdog import beat
 from distlab.measure import RunMeasurements
 from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
-from distlab.runlog import RunRecorder
+from distlab.run.events import append_event, first_fault_since_last_start, read_events
+from distlab.run.events import fault_figures as event_figures
+from distlab.run.files import FAULTS_DIR, FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_jsonl
+from distlab.run.heartbeat import beat
+from distlab.run.recorder import RunRecorder
 from distlab.strategies import registry
-
-METRICS_FILE = "metrics.jsonl"
-FAULTS_DIR = "faults"
 
 
 def train(
@@ -160,14 +158,14 @@ def train(
         if config.save_final_weights:
             weights = train_step.full_model_state_dict()
             if ctx.is_main:
-                torch.save(weights, run_dir / "final_weights.pt")
+                torch.save(weights, run_dir / FINAL_WEIGHTS_FILE)
     except BaseException:
         if recorder is not None:
             recorder.close_on_error()
         raise
     if recorder is None:
         return None
-    metrics = read_metrics(run_dir / METRICS_FILE)
+    metrics = read_jsonl(run_dir / METRICS_FILE)
     median_step = statistics.median(step_times or [m["step_time_s"] for m in metrics])
     summary = {
         "strategy": config.strategy,
@@ -206,7 +204,7 @@ def gather_state_bytes(local: dict[str, int], ctx: RankContext) -> list[dict[str
 
 def write_pid(run_dir: Path, rank: int) -> None:
     """``logs/rankR.pid``: this rank's process id, e.g. to kill or stop it from outside."""
-    log_dir = run_dir / "logs"
+    log_dir = run_dir / LOGS_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
 
@@ -246,29 +244,16 @@ def rewind_metrics(run_dir: Path, start_step: int, source_run_dir: Path | None) 
     those steps, so its ``metrics.jsonl`` still has one line per step.
     """
     file = run_dir / METRICS_FILE
-    own = read_metrics(file)
+    own = read_jsonl(file)
     kept = [m for m in own if m["step"] < start_step]
     lost = len(own) - len(kept)
     if source_run_dir is not None and len(kept) < start_step:
-        kept = [m for m in read_metrics(source_run_dir / METRICS_FILE) if m["step"] < start_step]
+        kept = [m for m in read_jsonl(source_run_dir / METRICS_FILE) if m["step"] < start_step]
     if own or kept:
         temporary = file.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(temporary, file)
     return lost
-
-
-def read_metrics(file: Path) -> list[dict[str, Any]]:
-    """The complete lines of a ``metrics.jsonl`` (none if it does not exist)."""
-    if not file.is_file():
-        return []
-    records = []
-    for line in file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a kill
-    return records
 
 
 def record_resume(

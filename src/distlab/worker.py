@@ -20,7 +20,8 @@ import torch.distributed as dist
 from distlab.config import Config
 from distlab.distributed import RankContext, init_rank, shutdown
 from distlab.errors import DistlabError
-from distlab.launch.events import append_event
+from distlab.run.events import append_event
+from distlab.run.files import LOGS_DIR
 from distlab.train import train
 
 ERROR_FILE = "error_rank{rank}.txt"
@@ -55,13 +56,13 @@ def run_rank(
 
 def done_marker(run_dir: Path, rank: int) -> Path:
     """``logs/rankR.done``: this rank finished training (a crash after it costs nothing)."""
-    return run_dir / "logs" / f"rank{rank}.done"
+    return run_dir / LOGS_DIR / f"rank{rank}.done"
 
 
 def record_crash(rank: int, run_dir: Path) -> str:
     """Write the traceback to ``logs/rankR.traceback``, log a fault event; return one line."""
     exc = sys.exc_info()[1]
-    log_dir = run_dir / "logs"
+    log_dir = run_dir / LOGS_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"rank{rank}.traceback"
     log_file.write_text(traceback.format_exc())
@@ -96,7 +97,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     try:
         train(ctx, config, Path(loop_config["token_file"]), run_dir)
     except DistlabError as exc:
-        log_dir = run_dir / "logs"
+        log_dir = run_dir / LOGS_DIR
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / ERROR_FILE.format(rank=rank)).write_text(str(exc) + "\n")
     except BaseException:

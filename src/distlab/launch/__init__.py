@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from distlab.config import Config
+from distlab.run.files import SUMMARY_FILE
 
 
 def run(config: Config) -> Path:
@@ -25,9 +26,9 @@ def run(config: Config) -> Path:
     Raises ``DistlabError`` with a one-line reason if the run cannot start or a rank fails
     more often than ``config.max_failures`` allows.
     """
-    from distlab.launch.events import append_event
     from distlab.launch.prepare import prepare_run
     from distlab.launch.wandb_run import WandbFeed
+    from distlab.run.events import append_event
 
     address = None
     if config.launcher == "ray":
@@ -57,7 +58,7 @@ def run(config: Config) -> Path:
             from distlab.launch.local import launch_local
 
             launch_local(config, token_file, run_dir, feed)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     finally:
         if feed is not None:
             feed.finish(summary)

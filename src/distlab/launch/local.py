@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from distlab.config import Config
 from distlab.distributed import free_port
 from distlab.errors import DistlabError
-from distlab.launch.events import EventPrinter, append_event
+from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
+from distlab.run.events import append_event
 from distlab.worker import done_marker, run_rank
 
 if TYPE_CHECKING:

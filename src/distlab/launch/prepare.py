@@ -14,6 +14,7 @@ from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_
 from distlab.data import load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
+from distlab.run.files import CONFIG_FILE, METRICS_FILE
 
 NOT_INHERITED = ("run_dir", "resume", "inject_fault", "ray_address")
 """Fields a resumed run does not take from its source run's config.yaml."""
@@ -26,7 +27,7 @@ def make_run_dir(config: Config) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.runs_root) / f"{config.strategy}-n{config.nproc}-{stamp}"
-    if (run_dir / "metrics.jsonl").exists():
+    if (run_dir / METRICS_FILE).exists():
         raise DistlabError(
             f"run dir {run_dir} already holds a run; choose a new --run-dir (nothing was changed)"
         )
@@ -54,7 +55,7 @@ def resume_source(path: str) -> tuple[Path, Path | None]:
 def inherited_config(path: str) -> dict[str, Any]:
     """The source run's config.yaml as base values for a resumed run (empty if absent)."""
     run_dir, _ = resume_source(path)
-    file = run_dir / "config.yaml"
+    file = run_dir / CONFIG_FILE
     if not file.is_file():
         return {}
     values = read_yaml_mapping(file, f"--resume {path}: {file}", "a config")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from distlab.launch.events import append_event
+from distlab.run.events import append_event
 
 
 class FaultRecorder(UserCallback):

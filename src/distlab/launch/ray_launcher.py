@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from distlab.config import Config
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
-from distlab.launch.events import EventPrinter
+from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
+from distlab.run.files import LOGS_DIR, SUMMARY_FILE
 from distlab.worker import ERROR_FILE
 
 if TYPE_CHECKING:
@@ -242,13 +243,13 @@ def launch_ray(
     error = _worker_error(run_dir)
     if error:
         raise DistlabError(error)
-    summary_file = run_dir / "summary.json"
+    summary_file = run_dir / SUMMARY_FILE
     if not summary_file.is_file():
         raise DistlabError(f"the ranks finished without writing {summary_file}; see Ray's logs")
     if not config.quiet:
         from rich.console import Console
 
-        from distlab.runlog import summary_table
+        from distlab.run.recorder import summary_table
 
         Console().print(summary_table(json.loads(summary_file.read_text())))
 
@@ -275,7 +276,7 @@ def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: 
 
 def _worker_error(run_dir: Path) -> str | None:
     """A DistlabError a worker recorded (bad input: the same on every rank)."""
-    files = sorted((run_dir / "logs").glob(ERROR_FILE.format(rank="*")))
+    files = sorted((run_dir / LOGS_DIR).glob(ERROR_FILE.format(rank="*")))
     if not files:
         return None
     rank = files[0].name.removeprefix("error_rank").removesuffix(".txt")

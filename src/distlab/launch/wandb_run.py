@@ -27,11 +27,29 @@ from pathlib import Path
 from typing import Any
 
 from distlab.config import Config
-from distlab.launch.events import EVENTS_FILE, JsonlTail
-from distlab.runlog import flatten, wandb_mode
+from distlab.run.files import EVENTS_FILE, METRICS_FILE, WANDB_FILE, JsonlTail
 
-WANDB_FILE = "wandb.json"
-METRICS_FILE = "metrics.jsonl"
+
+def wandb_mode() -> str:
+    """``online`` when the user has a W&B API key (or forces a mode), else ``offline``."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_wandb_info(run_dir: Path) -> dict[str, Any] | None:

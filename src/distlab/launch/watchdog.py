@@ -27,36 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlab.launch.events import append_event, first_fault_since_last_start, read_events
+from distlab.run.events import append_event, first_fault_since_last_start, read_events
+from distlab.run.heartbeat import heartbeat_file
 
-HEARTBEAT_FILE = "rank{rank}.heartbeat"
 ARMED = ("step", "save")
 """Phases after which a stalled heartbeat is a hang (the rank has started stepping)."""
-
-
-def heartbeat_file(run_dir: Path, rank: int) -> Path:
-    """``logs/rankR.heartbeat``."""
-    return Path(run_dir) / "logs" / HEARTBEAT_FILE.format(rank=rank)
-
-
-def beat(run_dir: Path, rank: int, phase: str, step: int | None = None) -> None:
-    """Record that this rank made progress (atomically replaced, so never read torn)."""
-    file = heartbeat_file(run_dir, rank)
-    record = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "phase": phase,
-        "step": step,
-        "t": time.time(),
-    }
-    temporary = file.with_name(file.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, file)
-    except FileNotFoundError:  # logs/ not made yet (write_pid makes it first)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, file)
 
 
 @dataclass(frozen=True)

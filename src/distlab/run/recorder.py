@@ -1,13 +1,12 @@
-"""What rank 0 records about a run (the run dir files, the progress display), and W&B's mode.
+"""What rank 0 records about a run: config.yaml, metrics.jsonl, summary.json, progress.
 
-W&B itself is written by the launcher's driver process (``distlab.launch.wandb_run``),
+W&B is written by the launcher's driver process (``distlab.launch.wandb_run``),
 which outlives restarts, so rank code never needs W&B.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from distlab.config import Config
-
-
-def wandb_mode() -> str:
-    """``online`` when the user has a W&B API key (or forces a mode), else ``offline``."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 
 class RunRecorder:
@@ -39,8 +27,8 @@ class RunRecorder:
         self.config = config
         self.run_dir = run_dir
         self.console = Console(file=sys.stdout)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        self.metrics_file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.metrics_file = (run_dir / METRICS_FILE).open("a", buffering=1)
         self.progress: Progress | None = None
         self.task = None
         if self.console.is_terminal and not config.quiet:
@@ -72,7 +60,7 @@ class RunRecorder:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if not self.config.quiet:
             self.console.print(summary_table(summary))
 
@@ -81,16 +69,6 @@ class RunRecorder:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

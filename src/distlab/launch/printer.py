@@ -1,0 +1,99 @@
+"""The launcher's console: one line per fault and per resume, and progress, from the run dir."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from distlab.run.events import describe_fault, main_fault
+from distlab.run.files import EVENTS_FILE, METRICS_FILE, JsonlTail
+
+
+class EventPrinter:
+    """Prints each failed attempt's main fault and each resume as one line.
+
+    Faults are held until no new one has come for ``settle_s`` (or ``flush``):
+    a dying rank takes its peers down with it, and the line should name the
+    cause, not the collateral connection errors, whichever was logged first.
+
+    With ``progress`` it also prints a line every ``log_every`` steps from
+    ``metrics.jsonl`` (for launchers whose ranks' output is not shown, i.e. Ray).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        max_failures: int,
+        quiet: bool = False,
+        progress: bool = False,
+        log_every: int = 10,
+        steps: int = 0,
+        settle_s: float = 3.0,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.max_failures = max_failures
+        self.quiet = quiet
+        self.progress = progress and not quiet
+        self.log_every = log_every
+        self.steps = steps
+        self.events = JsonlTail(self.run_dir / EVENTS_FILE)
+        self.metrics = JsonlTail(self.run_dir / METRICS_FILE, replay=False)
+        self.failures = 0
+        self.fault_open = False
+        self.pending: list[dict[str, Any]] = []
+        self.settle_s = settle_s
+
+    def poll(self) -> None:
+        """Print whatever happened since the last poll."""
+        for event in self.events.read():
+            self._on_event(event)
+        self.flush(settle_s=self.settle_s)
+        if self.progress:
+            for metrics in self.metrics.read():
+                step = metrics.get("step", -1)
+                if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+                    self._print(
+                        f"step {step + 1}/{self.steps}  loss {metrics['loss']:.4f}  "
+                        f"{metrics['tokens_per_s']:,.0f} tok/s"
+                    )
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self.flush()
+            self.fault_open = False
+        elif kind == "fault" and not self.fault_open:
+            self.pending.append(event)
+        elif kind == "resume":
+            source = event.get("checkpoint") or "the start (no checkpoint yet)"
+            if event.get("restart"):
+                recovery = event.get("recovery_s")
+                took = f"; recovered in {recovery:.1f} s" if recovery is not None else ""
+                self._print(
+                    f"distlab: resumed at step {event['from_step']} from {source} "
+                    f"(attempt {event['attempt']}, steps redone: {event.get('lost_steps', 0)}"
+                    f"{took})"
+                )
+            else:
+                self._print(f"distlab: resumed at step {event['from_step']} from {source}")
+
+    def flush(self, settle_s: float = 0.0) -> None:
+        """Print the failed attempt's main fault once its faults have settled for ``settle_s``."""
+        if not self.pending or time.time() - self.pending[0]["t"] < settle_s:
+            return
+        fault = main_fault(self.pending)
+        self.pending = []
+        self.fault_open = True
+        self.failures += 1
+        then = (
+            "restarting all ranks from the newest checkpoint"
+            if self.failures <= self.max_failures
+            else f"no restarts left (--max-failures {self.max_failures})"
+        )
+        self._print(f"distlab: fault {self.failures}: {describe_fault(fault)}; {then}")
+
+    def _print(self, line: str) -> None:
+        if self.quiet and not line.startswith("distlab:"):
+            return
+        print(line, flush=True)

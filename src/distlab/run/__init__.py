@@ -1,0 +1,1 @@
+"""The run dir: what a run leaves on disk, and the code that writes and reads it."""

@@ -1,0 +1,74 @@
+"""The run dir's file names, and reading its JSON-lines files (whole, or as they grow).
+
+A run dir holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one
+line per optimizer step), ``events.jsonl`` (launches, starts, faults, resumes),
+``summary.json``, ``wandb.json`` (the W&B run it logs to), ``logs/`` (per-rank
+pid, heartbeat, traceback and error files), ``faults/`` (injected faults that
+fired) and ``checkpoints/``. Every module names them through this one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+SUMMARY_FILE = "summary.json"
+WANDB_FILE = "wandb.json"
+FINAL_WEIGHTS_FILE = "final_weights.pt"
+LOGS_DIR = "logs"
+FAULTS_DIR = "faults"
+
+
+def read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """Every complete line of a JSON-lines file (none if it does not exist; torn lines skipped)."""
+    file = Path(file)
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill
+    return records
+
+
+class JsonlTail:
+    """The new complete lines of a JSON-lines file, read incrementally by a polling process.
+
+    A torn last line waits for the next read. When the file is replaced or cut
+    back (a restart rewinds ``metrics.jsonl``), reading starts over from its
+    beginning if ``replay``, else from its current end (lines already shown).
+    """
+
+    def __init__(self, file: Path, replay: bool = True) -> None:
+        self.file = file
+        self.replay = replay
+        self.inode: int | None = None
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete line written since the last read, parsed (unparsable ones skipped)."""
+        try:
+            stat = self.file.stat()
+        except FileNotFoundError:
+            return []
+        if self.inode is not None and (stat.st_ino != self.inode or stat.st_size < self.offset):
+            self.offset = 0 if self.replay else stat.st_size
+        self.inode = stat.st_ino
+        with self.file.open("rb") as stream:
+            stream.seek(self.offset)
+            data = stream.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        records = []
+        for line in data[:end].decode(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a kill
+        return records
