@@ -29,16 +29,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.helpers import assert_one_line_error, run_command
 
-from distlab.checkpoint import (
-    check_torch_file,
-    load_dcp_state,
-    newest_checkpoint,
-    restore_rng,
-    verify_checkpoint,
-)
+from distlab.checkpoint.layout import newest_checkpoint
+from distlab.checkpoint.safe_unpickle import Refused, SafeUnpickler, allow_list, load_pickle
+from distlab.checkpoint.state import load_dcp_state, restore_rng
+from distlab.checkpoint.verify import check_torch_file, verify_checkpoint
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.safe_unpickle import Refused, SafeUnpickler, allow_list, load_pickle
 
 TINY = [
     "--model",

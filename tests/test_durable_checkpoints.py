@@ -25,7 +25,13 @@ import torch
 import torch.distributed as dist
 from tests.helpers import TINY_LOCAL_RUN, run_command
 
-from distlab import checkpoint as ckpt
+from distlab.checkpoint.layout import (
+    checkpoint_step,
+    complete_checkpoints,
+    remove_partial_checkpoints,
+)
+from distlab.checkpoint.save import save_checkpoint
+from distlab.checkpoint.verify import verify_checkpoint
 from distlab.distributed import RankContext, free_port
 from distlab.errors import DistlabError
 from distlab.strategies.resolve import load_config
@@ -108,12 +114,12 @@ def assert_no_torn_checkpoint(run_dir: Path, nproc: int) -> list[Path]:
     """Every ``step_*`` dir is a whole committed checkpoint; return them, oldest first."""
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     for directory in steps:
-        meta = ckpt.verify_checkpoint(directory)  # raises on a torn checkpoint
+        meta = verify_checkpoint(directory)  # raises on a torn checkpoint
         assert meta["world_size"] == nproc
         for rank in range(nproc):
             rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)
             assert isinstance(rng["cpu"], torch.Tensor)
-    assert steps == ckpt.complete_checkpoints(run_dir)
+    assert steps == complete_checkpoints(run_dir)
     return steps
 
 
@@ -128,7 +134,7 @@ def test_crash_point_leaves_a_resumable_run(
     assert f"--inject-fault {fault}" in result.stdout, result.stdout
 
     steps = assert_no_torn_checkpoint(dead, nproc)
-    assert ckpt.checkpoint_step(steps[-1]) == newest
+    assert checkpoint_step(steps[-1]) == newest
     assert leftovers(dead) == left
     staging = dead / "checkpoints" / ".tmp-step_000006"
     if fault.endswith(":save-mid-shard"):  # rank 1's RNG file is half written
@@ -220,7 +226,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def save(ctx: RankContext, run_dir: Path, step: int, payload: bytes, keep: int = 1) -> Path:
     meta = {"strategy": "single", "nproc": 1, "model": "tiny", "seed": 0, "steps": 8}
-    return ckpt.save_checkpoint(FakeTrainStep(payload), run_dir, step, ctx, meta, keep)
+    return save_checkpoint(FakeTrainStep(payload), run_dir, step, ctx, meta, keep)
 
 
 def index(log: list[tuple[str, str]], op: str, path: Path | str) -> int:
@@ -288,7 +294,7 @@ def test_next_start_removes_staging_and_trash(tmp_path: Path) -> None:
     for name in (".tmp-step_000006", ".trash-step_000002", "step_000004"):
         (root / name).mkdir(parents=True)
         (root / name / "x").write_text("x")
-    ckpt.remove_partial_checkpoints(tmp_path)
+    remove_partial_checkpoints(tmp_path)
     assert [p.name for p in root.iterdir()] == ["step_000004"]
 
 

@@ -52,8 +52,8 @@ def test_mfu_and_effective_ranks():
 
 def test_run_measurements_without_a_process_group(tmp_path, monkeypatch):
     from distlab.distributed import RankContext
-    from distlab.measure import RunMeasurements
     from distlab.strategies.resolve import load_config
+    from distlab.train.measurements import RunMeasurements
 
     monkeypatch.setenv("DISTLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mfu, "probe_matmul_flops", lambda threads, dtype: 1e11)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,11 @@ def option_flag(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     return f"{flag} {value}"
+
+
+def cache_dir() -> Path:
+    """Where distlab caches corpora and measured peaks: $DISTLAB_CACHE, else ~/.cache/distlab."""
+    return Path(os.environ.get("DISTLAB_CACHE") or Path.home() / ".cache" / "distlab")
 
 
 def resolved_seq_len(config: Config) -> int:

@@ -25,15 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distlab.config import cache_dir
 from distlab.errors import DistlabError
 
 DEFAULT_CORPUS_FILES = 400
 """How many standard-library source files (sorted by path) form the default corpus."""
-
-
-def cache_dir() -> Path:
-    """Where tokenised corpora are cached (``DISTLAB_CACHE`` or ~/.cache/distlab)."""
-    return Path(os.environ.get("DISTLAB_CACHE", Path.home() / ".cache" / "distlab"))
 
 
 def default_corpus_files() -> list[Path]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from distlab.config import cache_dir
+
 # Dense datasheet peaks in FLOP/s: (bf16/fp16 tensor core, tf32 tensor core, fp32 CUDA core).
 # Matched against torch.cuda.get_device_name() in order (first substring match wins).
 GPU_PEAKS: list[tuple[str, tuple[float, float, float]]] = [
@@ -58,11 +60,6 @@ class PeakFlops:
     flops: float
     source: str
     """``table: <GPU>`` or ``probe: <matmul> (cached in <file>)``."""
-
-
-def cache_dir() -> Path:
-    """Where measured peaks are cached: ``$DISTLAB_CACHE`` or ``~/.cache/distlab``."""
-    return Path(os.environ.get("DISTLAB_CACHE") or Path.home() / ".cache" / "distlab")
 
 
 def gpu_peak(name: str, precision: str, tf32: bool) -> float | None:

@@ -30,7 +30,7 @@ from distlab.errors import DistlabError
 from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
 from distlab.run.events import append_event
-from distlab.worker import done_marker, run_rank
+from distlab.train.rank import done_marker, run_rank
 
 if TYPE_CHECKING:
     from distlab.launch.wandb_run import WandbFeed

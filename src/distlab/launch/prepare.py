@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distlab.checkpoint import DCP_FORMAT, META_FILE, newest_checkpoint, verify_checkpoint
+from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
+from distlab.checkpoint.verify import verify_checkpoint
 from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import load_tokens, prepare_tokens
 from distlab.distributed import resolve_device

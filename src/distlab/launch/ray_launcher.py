@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, Any
 
 from distlab.config import Config
 from distlab.distributed import resolve_device
-from distlab.errors import DistlabError
+from distlab.errors import DistlabError, first_line
 from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
 from distlab.run.files import LOGS_DIR, SUMMARY_FILE
-from distlab.worker import ERROR_FILE
+from distlab.train.rank import ERROR_FILE
 
 if TYPE_CHECKING:
     from distlab.launch.wandb_run import WandbFeed
@@ -141,7 +141,7 @@ def launch_ray(
 
     from distlab import comm_ray
     from distlab.launch.ray_callback import FaultRecorder
-    from distlab.worker import ray_train_loop
+    from distlab.train.rank import ray_train_loop
 
     cuda = resolve_device(config) == "cuda"
     cpus = config.nproc * config.threads_per_rank
@@ -172,7 +172,7 @@ def launch_ray(
     except Exception as exc:  # noqa: BLE001 - Ray raises many types for an unusable cluster
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        reason, hint = _first_line(exc), ""
+        reason, hint = first_line(exc), ""
         if address and any(s in "".join(captured) for s in ("Unauthenticated", "InvalidAuthToken")):
             reason = "it rejected the authentication token"
             hint = (
@@ -289,16 +289,5 @@ def _failure_message(exc: BaseException, max_failures: int) -> str:
     after = f" (after {max_failures} restarts)" if max_failures else ""
     if failures:
         rank = min(failures)
-        return f"rank {rank} failed: {_first_line(failures[rank])}{after}"
-    return f"the Ray run failed: {_first_line(exc)}{after}"
-
-
-def _first_line(exc: BaseException) -> str:
-    """The most telling line of an error (Ray prefixes its own lines and tracebacks)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith(("Traceback", "File ", "^", "The above exception")):
-            continue
-        if "Error" in line or "error" in line or "died" in line or "killed" in line:
-            return line[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+        return f"rank {rank} failed: {first_line(failures[rank])}{after}"
+    return f"the Ray run failed: {first_line(exc)}{after}"

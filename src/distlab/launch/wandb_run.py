@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distlab.config import Config
+from distlab.errors import first_line
 from distlab.run.files import EVENTS_FILE, METRICS_FILE, WANDB_FILE, JsonlTail
 
 
@@ -83,7 +84,7 @@ class WandbFeed:
         except ImportError:
             print("distlab: warning: wandb is not installed; not logging to W&B", flush=True)
             return None
-        from distlab.checkpoint import checkpoint_step
+        from distlab.checkpoint.layout import checkpoint_step
         from distlab.model import PRESETS, count_parameters
 
         mode = wandb_mode()
@@ -116,7 +117,7 @@ class WandbFeed:
             except Exception as exc:  # noqa: BLE001 - W&B raises many types
                 print(
                     f"distlab: warning: could not continue W&B run {source['id']} "
-                    f"({_first_line(exc)}); starting a new W&B run",
+                    f"({first_line(exc)}); starting a new W&B run",
                     flush=True,
                 )
         if run is None:
@@ -124,7 +125,7 @@ class WandbFeed:
             try:
                 run = wandb.init(project=config.wandb_project, **common)
             except Exception as exc:  # noqa: BLE001
-                print(f"distlab: warning: not logging to W&B: {_first_line(exc)}", flush=True)
+                print(f"distlab: warning: not logging to W&B: {first_line(exc)}", flush=True)
                 return None
         info = {
             "id": run.id,
@@ -160,9 +161,4 @@ class WandbFeed:
             self.run.summary.update(flatten(summary))
             self.run.finish()
         except Exception as exc:  # noqa: BLE001 - never fail a finished run over W&B
-            print(f"distlab: warning: closing the W&B run failed: {_first_line(exc)}", flush=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+            print(f"distlab: warning: closing the W&B run failed: {first_line(exc)}", flush=True)

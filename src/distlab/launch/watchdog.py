@@ -95,8 +95,14 @@ class Watchdog:
                 and (record.get("host") != self.host or _alive(record.get("pid")))
             ):
                 stalled.append((idle, rank, record))
-        if not stalled or first_fault_since_last_start(read_events(self.run_dir)) is not None:
-            return None  # nothing stalled, or the attempt is failing already (peers wait)
+        if first_fault_since_last_start(read_events(self.run_dir)) is not None:
+            # The attempt is failing already (a peer timed out waiting for the hung rank):
+            # it is torn down without the watchdog, but a stopped process never exits on
+            # its own request, and Ray would wait for it, so it is killed.
+            self._kill_stopped()
+            return None
+        if not stalled:
+            return None
         idle, rank, record = max(stalled, key=lambda item: item[0])
         if record.get("host") != self.host:
             if not self._remote_warned:
@@ -129,18 +135,32 @@ class Watchdog:
         return hang
 
 
-def _alive(pid: object) -> bool:
-    """Whether a process with this pid exists on this machine and is not a zombie."""
+    def _kill_stopped(self) -> None:
+        """SIGKILL every local rank whose process is stopped (SIGSTOP, state T)."""
+        for rank in range(self.nproc):
+            try:
+                record = json.loads(heartbeat_file(self.run_dir, rank).read_text())
+            except (OSError, ValueError):
+                continue
+            pid = record.get("pid")
+            if record.get("host") == self.host and _state(pid) in ("T", "t"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _state(pid: object) -> str | None:
+    """The process state letter of a local pid (``R``, ``S``, ``T``, ``Z``...), None if none."""
     if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def _alive(pid: object) -> bool:
+    """Whether a process with this pid exists on this machine and is not a zombie."""
+    return _state(pid) not in (None, "Z")

@@ -287,7 +287,8 @@ class DeepSpeedTrainStep(TrainStep):
         (DeepSpeed can convert ZeRO checkpoints between world sizes with its
         "universal checkpoint" tools; this lab does not do that for you.)
         """
-        from distlab.checkpoint import set_schedule_position, verify_checkpoint
+        from distlab.checkpoint.state import set_schedule_position
+        from distlab.checkpoint.verify import verify_checkpoint
 
         meta = verify_checkpoint(directory)  # every file, before DeepSpeed/torch reads any
         if (meta["format"], meta["world_size"]) != (self.config.strategy, self.dp_size):

@@ -135,7 +135,8 @@ class OSSTrainStep(ModuleTrainStep):
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore ``save_checkpoint``'s files on every rank (each keeps its own shard)."""
-        from distlab.checkpoint import set_schedule_position, verify_checkpoint
+        from distlab.checkpoint.state import set_schedule_position
+        from distlab.checkpoint.verify import verify_checkpoint
 
         meta = verify_checkpoint(directory)  # every file, before torch reads any
         if not (directory / OPTIMIZER_FILE).is_file():

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,25 +26,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distlab.checkpoint import (
+from distlab.checkpoint.layout import (
     checkpoint_dir,
     checkpoint_step,
     newest_checkpoint,
     remove_partial_checkpoints,
-    restore_rng,
-    save_checkpoint,
 )
-from distlab.config import Config, FaultSpec, fault_specs, resolved_seq_len
+from distlab.checkpoint.save import save_checkpoint
+from distlab.checkpoint.state import restore_rng
+from distlab.config import Config, FaultSpec, resolved_seq_len
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
-from distlab.measure import RunMeasurements
 from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, first_fault_since_last_start, read_events
 from distlab.run.events import fault_figures as event_figures
-from distlab.run.files import FAULTS_DIR, FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_jsonl
+from distlab.run.files import FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_jsonl
 from distlab.run.heartbeat import beat
 from distlab.run.recorder import RunRecorder
 from distlab.strategies import registry
+from distlab.train.faults import fire_fault, pending_faults
+from distlab.train.measurements import RunMeasurements
 
 
 def train(
@@ -293,55 +292,3 @@ def run_fault_figures(run_dir: Path, config: Config) -> dict[str, Any]:
             "step": checkpoint_step(Path(config.resume)),
         }
     return figures
-
-
-# --- Fault injection --------------------------------------------------------------------
-
-
-def pending_faults(config: Config, rank: int, run_dir: Path) -> set[FaultSpec]:
-    """This rank's injected faults that have not fired yet (a restart must not re-fire them)."""
-    return {
-        spec
-        for spec in fault_specs(config)
-        if spec.rank == rank and not _fault_marker(run_dir, spec).exists()
-    }
-
-
-def _fault_marker(run_dir: Path, spec: FaultSpec) -> Path:
-    return run_dir / FAULTS_DIR / spec.name.replace(":", "-")
-
-
-class InjectedFault(RuntimeError):
-    """The exception ``RANK@STEP:raise`` raises: an ordinary crash, retried like any other."""
-
-
-def fire_fault(faults: set[FaultSpec], spec: FaultSpec, ctx: RankContext, run_dir: Path) -> None:
-    """If ``spec`` is pending, record that it fired, then SIGKILL this process (or raise).
-
-    The marker ``faults/RANK@STEP[-PHASE]`` is written first, so a restarted
-    rank does not fire it again (``pending_faults``). A ``raise`` fault raises
-    ``InjectedFault``, which the rank reports as a crash (its ``fault`` event
-    and traceback come from ``distlab.worker.record_crash``).
-    """
-    if spec not in faults:
-        return
-    faults.discard(spec)
-    marker = _fault_marker(run_dir, spec)
-    marker.parent.mkdir(exist_ok=True)
-    marker.write_text(f"{time.time()}\n")
-    if spec.phase == "raise":
-        raise InjectedFault(
-            f"rank {ctx.rank} raised at step {spec.step} (--inject-fault {spec.name})"
-        )
-    append_event(
-        run_dir,
-        "fault",
-        rank=ctx.rank,
-        kind="injected",
-        step=spec.step,
-        during_save=spec.during_save,
-        stage=spec.phase or None,
-        spec=spec.name,
-    )
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -22,7 +22,7 @@ from distlab.distributed import RankContext, init_rank, shutdown
 from distlab.errors import DistlabError
 from distlab.run.events import append_event
 from distlab.run.files import LOGS_DIR
-from distlab.train import train
+from distlab.train.loop import train
 
 ERROR_FILE = "error_rank{rank}.txt"
 

@@ -1,0 +1,139 @@
+"""Saving and loading model, optimizer, schedule and RNG state; tensors only, checked first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distlab.checkpoint.layout import RNG_FILE, read_meta
+from distlab.checkpoint.verify import (
+    check_torch_file,
+    read_metadata_file,
+    verify_checkpoint,
+)
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError, first_line
+
+
+def restore_rng(directory: Path, ctx: RankContext) -> bool:
+    """Restore this rank's generators if the checkpoint was written at this world size.
+
+    At another world size rank R is another shard of the work, so its old
+    generator state means nothing; the generators then keep their seeded state.
+    """
+    file = directory / RNG_FILE.format(rank=ctx.rank)
+    if read_meta(directory)["world_size"] != ctx.world_size or not file.is_file():
+        return False
+    check_torch_file(directory, file)  # before torch reads it
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+        raise DistlabError(f"checkpoint {directory} is corrupt ({file.name}: {exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise DistlabError(f"checkpoint {directory} is corrupt ({file.name} holds no RNG state)")
+    torch.set_rng_state(state["cpu"])
+    if ctx.device_type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+    return True
+
+
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR where it is after ``step`` optimizer steps (and set the lr to match)."""
+    scheduler.last_epoch = step
+    lrs = [
+        base * factor(step)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def save_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Save model and optimizer state (FQN-keyed, sharded as they live) through DCP.
+
+    Only tensors are written: the optimizer's param_groups (hyperparameters) come
+    from the config on load and the lr from the step.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save(_tensor_state(model_state, optim_state), checkpoint_id=directory)
+
+
+def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what ``save_dcp_state`` wrote, resharded to how this model and optimizer live."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    verify_checkpoint(directory)  # every file, before DCP reads any (restarts come here too)
+    # The template: this rank's tensors (shards), with the optimizer state initialised.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = _tensor_state(model_state, optim_state)
+    try:
+        dcp.load(
+            state,
+            checkpoint_id=directory,
+            storage_reader=SafeFileSystemReader(directory),
+            planner=_tensor_only_load_planner(),
+        )
+    except DistlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DCP wraps per-rank failures in its own types
+        raise DistlabError(
+            f"checkpoint {directory} cannot be loaded into this model: {first_line(exc)}"
+        ) from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={
+            "state": state["optim"]["state"],
+            "param_groups": optim_state["param_groups"],
+        },
+    )
+
+
+def _tensor_state(model_state: dict, optim_state: dict) -> dict[str, Any]:
+    return {"model": model_state, "optim": {"state": optim_state["state"]}}
+
+
+def _tensor_only_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+        """Refuses pickled (non-tensor) entries instead of unpickling them."""
+
+        def load_bytes(self, read_item, value) -> None:
+            raise DistlabError(
+                f"checkpoint entry '{read_item.dest_index.fqn}' is a pickled object; "
+                "distlab loads tensors only"
+            )
+
+    return TensorOnlyLoadPlanner()
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        """A FileSystemReader whose metadata is read with distlab's safe unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeFileSystemReader
+
+
+def SafeFileSystemReader(directory: Path):  # noqa: N802 - reads like the class it returns
+    """A DCP storage reader that reads ``.metadata`` with the safe unpickler."""
+    return _safe_reader_class()(directory)

@@ -1,0 +1,1 @@
+"""What every rank runs: the entry points, the strategy-agnostic loop, faults, measurements."""
