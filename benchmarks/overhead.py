@@ -85,17 +85,17 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
     import torch
     import torch.distributed as dist
 
-    from distlab import comm
     from distlab.config import resolved_seq_len
     from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
     from distlab.distributed import RankContext
+    from distlab.measure.process_group import register_backend
     from distlab.model import build_model
     from distlab.strategies import registry
     from distlab.strategies.resolve import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        comm.register_backend(),
+        register_backend(),
         init_method=init_method,
         rank=rank,
         world_size=world,

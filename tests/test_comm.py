@@ -15,15 +15,10 @@ import shutil
 
 import pytest
 
-from distlab import comm
-from distlab.comm import (
-    CommCounter,
-    KindTotals,
-    binomial_children,
-    interval_union,
-    parse_ss,
-    wire_bytes,
-)
+from distlab.measure.counter import CommCounter, KindTotals, interval_union
+from distlab.measure.process_group import BACKEND, backend_for, is_counting
+from distlab.measure.tcp import parse_ss
+from distlab.measure.wire import binomial_children, wire_bytes
 
 needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
 
@@ -94,7 +89,7 @@ NUMEL = 2**18  # 1 MiB of fp32: protocol headers are noise next to it
 
 @pytest.fixture(scope="module")
 def two_rank_check():
-    from distlab.comm_check import check, summarize
+    from distlab.report.comm_check import check, summarize
 
     cells = [{"strategy": s, "model": "tiny", "global_batch": 8} for s in STRATEGIES]
     cells += [{"collective": c, "numel": NUMEL} for c in COLLECTIVES]
@@ -150,7 +145,7 @@ def test_losses_are_the_same_under_counting(two_rank_check):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_zero3_counted_bytes_match_theory():
-    from distlab.comm_check import check, summarize
+    from distlab.report.comm_check import check, summarize
 
     cells = [{"strategy": "zero3", "model": "tiny", "global_batch": 8}]
     rows = summarize(cells, check(cells, nproc=2, steps=3), 2)
@@ -160,10 +155,10 @@ def test_zero3_counted_bytes_match_theory():
 
 
 def test_is_counting_false_without_a_group():
-    assert comm.is_counting() is False
-    assert comm.backend_for("cuda") == "nccl"
-    assert comm.backend_for("cpu", count=False) == "gloo"
-    assert comm.backend_for("cpu") == comm.BACKEND
+    assert is_counting() is False
+    assert backend_for("cuda") == "nccl"
+    assert backend_for("cpu", count=False) == "gloo"
+    assert backend_for("cpu") == BACKEND
 
 
 # --- Theory ---------------------------------------------------------------------------

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distlab import compare
 from distlab.errors import DistlabError
+from distlab.report import runs as report_runs
+from distlab.report.compare import main
+from distlab.report.markdown import write_report
+from distlab.report.runs import load_runs, load_wandb_runs
+from distlab.report.tables import markdown_table
 from distlab.strategies.resolve import load_config
 from distlab.theory import predict
 
@@ -63,13 +67,13 @@ def make_run(root: Path, strategy: str, nproc: int, scale: float = 1.0, new: boo
 def test_table_shows_measured_predicted_and_ratio(tmp_path):
     make_run(tmp_path, "ddp", 2)
     make_run(tmp_path, "fsdp", 2, scale=1.1)
-    runs = compare.load_runs([str(tmp_path / "*")])
-    figures = {compare.figures(r)["label"]: compare.figures(r) for r in runs}
+    runs = load_runs([str(tmp_path / "*")])
+    figures = {report_runs.figures(r)["label"]: report_runs.figures(r) for r in runs}
     assert figures["ddp x2"]["comm_ratio"] == pytest.approx(1.0)
     assert figures["fsdp x2"]["comm_ratio"] == pytest.approx(1.1)
     assert figures["ddp x2"]["state_ratio"] == pytest.approx(1.0)
     assert figures["fsdp x2"]["peak_memory_by_rank"] == [400 * 2**20] * 2
-    text = compare.markdown_table(runs)
+    text = markdown_table(runs)
     assert "| ddp x2 |" in text and "1.100" in text and "5.00" in text  # MFU 5 %
 
 
@@ -77,7 +81,7 @@ def test_report_writes_markdown_and_plots(tmp_path, capsys):
     for strategy, nproc in (("single", 1), ("ddp", 2), ("pp", 2)):
         make_run(tmp_path / "runs", strategy, nproc)
     report = tmp_path / "docs" / "report.md"
-    code = compare.main([str(tmp_path / "runs" / "*"), "--report", str(report)])
+    code = main([str(tmp_path / "runs" / "*"), "--report", str(report)])
     assert code == 0
     out = capsys.readouterr().out
     assert "pp x2" in out and "ratio" in out
@@ -92,26 +96,26 @@ def test_report_writes_markdown_and_plots(tmp_path, capsys):
 
 def test_runs_from_before_the_measurements_still_compare(tmp_path):
     make_run(tmp_path, "ddp", 2, new=False)
-    (run,) = compare.load_runs([str(tmp_path / "ddp-n2")])
-    figures = compare.figures(run)
+    (run,) = load_runs([str(tmp_path / "ddp-n2")])
+    figures = report_runs.figures(run)
     assert figures["comm_bytes"] is None and figures["mfu"] is None
     assert figures["comm_pred"] > 0  # theory recomputed from config.yaml
-    assert "ddp x2" in compare.markdown_table([run])
-    compare.write_report([run], tmp_path / "r.md")
+    assert "ddp x2" in markdown_table([run])
+    write_report([run], tmp_path / "r.md")
 
 
 def test_restarted_run_keeps_the_last_line_of_each_step(tmp_path):
     path = make_run(tmp_path, "ddp", 2)
     with (path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 3, "loss": 1.0, "tokens_per_s": 1.0}) + "\n")
-    (run,) = compare.load_runs([str(path)])
+    (run,) = load_runs([str(path)])
     assert [m["step"] for m in run.metrics] == [0, 1, 2, 3]
     assert run.metrics[-1]["loss"] == 1.0
 
 
 def test_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(DistlabError, match="not a finished run dir"):
-        compare.load_runs([str(tmp_path / "missing")])
+        load_runs([str(tmp_path / "missing")])
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(DistlabError, match="needs an API key"):
-        compare.load_wandb_runs("me/distlab")
+        load_wandb_runs("me/distlab")

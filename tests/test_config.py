@@ -9,8 +9,8 @@ import yaml
 
 from distlab.config import Config, grad_accum_steps
 from distlab.errors import DistlabError
+from distlab.report.sweep import load_sweep
 from distlab.strategies.resolve import load_config
-from distlab.sweep import load_sweep
 
 
 def test_defaults_are_valid() -> None:

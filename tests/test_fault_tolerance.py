@@ -33,7 +33,7 @@ from tests.helpers import (
 
 from distlab.errors import DistlabError
 from distlab.launch.__main__ import main as launch_main
-from distlab.parity import LOSS_RTOL
+from distlab.report.parity import LOSS_RTOL
 from distlab.strategies.resolve import load_config
 
 RESTART_ATOL = 1e-6

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.parity import _run_name, _run_once, parity_config
+from distlab.report.parity import _run_name, _run_once, parity_config
 
 TOLERANCE = 0.10
 NEEDS = {"zero": "deepspeed", "fairscale": "fairscale"}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distlab import mfu
+from distlab.measure import mfu
 
 
 def test_gpu_table_picks_precision_and_most_specific_name():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.parity import compare, parity_config
+from distlab.report.parity import compare, parity_config
 
 SP = {"sequence_parallel": True}
 GPIPE = {"schedule": "gpipe"}

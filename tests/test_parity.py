@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from distlab.launch import run
-from distlab.parity import LOSS_RTOL, compare, compare_runs, parity_config, tolerance
+from distlab.report.parity import LOSS_RTOL, compare, compare_runs, parity_config, tolerance
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

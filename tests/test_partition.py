@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distlab.model import GPT, GPTConfig
-from distlab.strategies.parallel_dims import plan_stages, stages_of_rank
-from distlab.strategies.pipeline_parallel import bubble_fraction, split_model
+from distlab.strategies.parallel_dims import bubble_fraction, plan_stages, stages_of_rank
+from distlab.strategies.pipeline_parallel import split_model
 
 
 @st.composite

@@ -13,7 +13,7 @@ from tests.helpers import assert_one_line_error, run_command
 
 from distlab.config import DEFAULTS, option_flag
 from distlab.errors import DistlabError
-from distlab.parity import parity_config, tolerance
+from distlab.report.parity import parity_config, tolerance
 from distlab.strategies import registry
 from distlab.strategies.resolve import load_config
 

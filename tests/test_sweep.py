@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distlab import sweep
 from distlab.errors import DistlabError
+from distlab.report import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.parity import compare, parity_config
+from distlab.report.parity import compare, parity_config
 
 STRATEGIES = ["zero1", "zero2", "zero3", "fairscale-oss", "fairscale-sdp"]
 

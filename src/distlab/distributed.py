@@ -9,9 +9,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distlab import comm
 from distlab.config import Config
 from distlab.errors import DistlabError
+from distlab.measure.process_group import backend_for
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> R
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = comm.backend_for("cpu", config.comm_stats)
+        backend = backend_for("cpu", config.comm_stats)
         torch.set_num_threads(config.threads_per_rank)
     dist.init_process_group(
         backend=backend,

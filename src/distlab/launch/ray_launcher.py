@@ -7,7 +7,7 @@ leaves it running. The trainer is:
 
 - ``ScalingConfig(num_workers=nproc)``: one worker per rank, each reserving
   ``threads_per_rank`` CPUs (and one GPU with ``device`` cuda);
-- ``TorchConfig`` (``comm_ray.torch_config``: counted gloo or nccl): Ray creates the
+- ``TorchConfig`` (``ray_backend.torch_config``: counted gloo or nccl): Ray creates the
   process group, with distlab's collective timeout (a hung rank then fails);
 - ``RunConfig(failure_config=FailureConfig(max_failures))``: after a worker
   dies or raises, Ray stops the whole group and starts a new one, whose ranks
@@ -139,7 +139,7 @@ def launch_ray(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from distlab import comm_ray
+    from distlab.launch import ray_backend
     from distlab.launch.ray_callback import FaultRecorder
     from distlab.train.rank import ray_train_loop
 
@@ -211,7 +211,7 @@ def launch_ray(
             scaling_config=ScalingConfig(
                 num_workers=config.nproc, use_gpu=cuda, resources_per_worker=resources
             ),
-            torch_config=comm_ray.torch_config(
+            torch_config=ray_backend.torch_config(
                 cuda, max(1, math.ceil(config.timeout_s)), config.comm_stats
             ),
             run_config=RunConfig(

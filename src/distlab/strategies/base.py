@@ -24,7 +24,7 @@ from torch import nn
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.parallel_dims import ParallelDims
 

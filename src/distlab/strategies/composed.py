@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
-from distlab.memory import ModelStateBytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
 from distlab.strategies.base import (
     FSDP_OPTIONS,

@@ -111,7 +111,7 @@ from torch.autograd import Variable
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, optimizer_bytes_per_param
+from distlab.measure.memory import ModelStateBytes, optimizer_bytes_per_param
 from distlab.model import PRESETS
 from distlab.optim import ADAMW_BETAS, ADAMW_EPS, build_scheduler
 from distlab.strategies.base import (

@@ -63,11 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import (
-    ModelStateBytes,
-    measure_state_bytes,
-    optimizer_bytes_per_param,
-)
+from distlab.measure.memory import ModelStateBytes, measure_state_bytes, optimizer_bytes_per_param
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
     ModuleTrainStep,

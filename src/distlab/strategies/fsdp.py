@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from distlab.config import Config
 from distlab.distributed import RankContext
-from distlab.memory import ModelStateBytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 
 

@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from distlab.config import Config
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, PRESETS
 
 Shapes = dict[str, tuple[int, ...]]
@@ -179,6 +179,15 @@ def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
 def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
     """Stage indices held by pipeline rank ``pp_rank`` (looped: r, r + pp, ...)."""
     return [pp_rank + k * pp for k in range(virtual)]
+
+
+def bubble_fraction(stages: int, microbatches: int, virtual: int = 1) -> float:
+    """Idle fraction of each stage in a step: (p - 1) / (v m + p - 1).
+
+    p stages per pipeline, m microbatches, v stages per rank (interleaved 1F1B:
+    2); GPipe and 1F1B (v = 1) have the textbook (p - 1) / (m + p - 1).
+    """
+    return (stages - 1) / (virtual * microbatches + stages - 1)
 
 
 def rank_stage_plans(config: Config, pp: int, pp_rank: int) -> list[StagePlan]:

@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT, PRESETS
 from distlab.strategies.base import (
     PP_OPTIONS,
@@ -392,8 +392,3 @@ class PPStrategy(Strategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
         return PipelineTrainStep(model, ctx, config, dims, dims.build_mesh(ctx.device_type))
-
-
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Theory: idle fraction of each stage in GPipe/1F1B, (p - 1) / (m + p - 1)."""
-    return (stages - 1) / (microbatches + stages - 1)

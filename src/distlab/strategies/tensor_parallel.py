@@ -49,7 +49,7 @@ from torch.distributed.tensor.parallel import (
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.memory import ModelStateBytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.model import PRESETS
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.parallel_dims import (

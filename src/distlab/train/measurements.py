@@ -26,10 +26,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from distlab import comm, mfu, theory
+from distlab import theory
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
-from distlab.memory import ModelStateBytes, peak_memory_bytes
+from distlab.measure import mfu
+from distlab.measure.counter import counter
+from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
+from distlab.measure.process_group import is_counting
 from distlab.model import PRESETS, flops_per_token
 
 
@@ -39,7 +42,7 @@ class RunMeasurements:
     def __init__(self, ctx: RankContext, config: Config, run_dir: Path) -> None:
         self.ctx = ctx
         self.config = config
-        self.counter = comm.counter() if comm.is_counting() else None
+        self.counter = counter() if is_counting() else None
         self.flops_per_token = flops_per_token(PRESETS[config.model], resolved_seq_len(config))
         self.peak: mfu.PeakFlops | None = None
         self.ranks = mfu.effective_ranks(ctx.device_type, ctx.world_size, config.threads_per_rank)

@@ -5,7 +5,7 @@ the training function runs, so the ``distlab_gloo`` backend must be
 registered in each worker first. ``torch_config`` returns a ``TorchConfig``
 whose backend does that and then lets Ray set the group up as usual::
 
-    TorchTrainer(..., torch_config=comm_ray.torch_config(cuda, timeout_s))
+    TorchTrainer(..., torch_config=ray_backend.torch_config(cuda, timeout_s))
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
-from distlab import comm
+from distlab.measure.process_group import BACKEND, register_backend
 
 
 class _CountingTorchBackend(_TorchBackend):
     """Ray's torch backend, registering ``distlab_gloo`` in every worker before the group."""
 
     def on_start(self, worker_group, backend_config) -> None:
-        worker_group.execute(comm.register_backend)
+        worker_group.execute(register_backend)
         super().on_start(worker_group, backend_config)
 
 
@@ -39,4 +39,4 @@ def torch_config(cuda: bool, timeout_s: int, count: bool = True) -> TorchConfig:
     """NCCL on GPUs; on CPUs counted gloo (``count``) or plain gloo."""
     if cuda or not count:
         return TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=timeout_s)
-    return CountingTorchConfig(backend=comm.BACKEND, timeout_s=timeout_s)
+    return CountingTorchConfig(backend=BACKEND, timeout_s=timeout_s)

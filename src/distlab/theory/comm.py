@@ -1,16 +1,12 @@
-"""Theory next to every measurement: model-state bytes, communication per step, pipeline bubble.
-
-Everything here is a prediction for rank 0 (first pipeline stage, first
-tensor-parallel shard, first data-parallel replica) computed from the config
-alone, so ``python -m distlab.compare`` can put it beside what a run measured.
+"""Theory: rank 0's communication in one optimizer step, from the config alone.
 
 Communication is predicted per optimizer step in two currencies:
 
 - payload bytes per collective type, the nccl-tests convention that
-  ``distlab.comm`` counts (all-reduce: the buffer; all-gather: the gathered
+  ``distlab.measure`` counts (all-reduce: the buffer; all-gather: the gathered
   output; reduce-scatter: the unreduced input; send/recv: the message);
 - wire bytes, what rank 0 sends over TCP under gloo's algorithms
-  (``distlab.comm.wire_bytes``: ring all-reduce 2 (N-1)/N of the buffer, ring
+  (``distlab.measure.wire.wire_bytes``: ring all-reduce 2 (N-1)/N of the buffer, ring
   all-gather (N-1)/N, and gloo's reduce-scatter is an all-reduce, 2 (N-1)/N).
 
 The formulas (P parameters, fp32 gradients and parameters, N data-parallel
@@ -45,9 +41,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlab.comm import KINDS, wire_bytes
 from distlab.config import Config, grad_accum_steps, resolved_seq_len
-from distlab.model import PRESETS, count_parameters
+from distlab.measure.wire import KINDS, wire_bytes
+from distlab.model import PRESETS
 from distlab.strategies import registry
 from distlab.strategies.deepspeed_zero import deepspeed_config
 from distlab.strategies.parallel_dims import (
@@ -177,7 +173,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
         padded = FP32 * fsdp_padded_numel(shapes, dp)
         root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
         root_padded = FP32 * fsdp_padded_numel(root, dp)
-        micro = accum if lay.pp == 1 else _microbatches(config, lay)
+        micro = accum if lay.pp == 1 else microbatches(config, lay)
         units = _layers_of(config, lay) + (1 if root else 0)
         # Forward gathers every unit; backward regathers the blocks when resharding
         # after forward (the root, whose LM head starts backward, is kept).
@@ -249,7 +245,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
     return pred
 
 
-def _microbatches(config: Config, lay: Layout) -> int:
+def microbatches(config: Config, lay: Layout) -> int:
+    """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
     return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp))
 
 
@@ -279,7 +276,7 @@ def _zero3_gathers(config: Config, p_local: int) -> int:
 def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int) -> None:
     """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce."""
     shape = PRESETS[config.model]
-    m = _microbatches(config, lay)
+    m = microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = lay.pp * virtual
     message = (rows // m) * seq * shape.d_model * FP32  # the residual stream stays fp32
@@ -297,29 +294,3 @@ def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int,
     pred.add("recv", recvs * message, lay.pp, calls=recvs)
     pred.add("broadcast", FP32, lay.pp, relative_rank=1)  # loss from the last stage
     pred.add("all_reduce", FP32, lay.pp)  # squared gradient norm over the stages
-
-
-def pipeline_bubble(config: Config) -> float | None:
-    """Idle fraction of a step, (p - 1) / (v m + p - 1); None without pipelining.
-
-    p stages per pipeline (ranks), m microbatches, v stages per rank
-    (interleaved 1F1B: 2), so interleaving divides the bubble by about v.
-    """
-    lay = layout(config)
-    if lay is None or lay.pp <= 1:
-        return None
-    m = _microbatches(config, lay)
-    v = VIRTUAL_STAGES.get(config.schedule, 1)
-    return (lay.pp - 1) / (v * m + lay.pp - 1)
-
-
-def predict(config: Config) -> dict[str, Any]:
-    """Every prediction for ``config``'s rank 0, as plain data (summary.json)."""
-    n_params = count_parameters(PRESETS[config.model])
-    strategy = registry.describe(config.strategy)
-    comm = predict_comm(config)
-    return {
-        "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
-        "comm_per_step": comm.to_dict() if comm is not None else None,
-        "pipeline_bubble": pipeline_bubble(config),
-    }

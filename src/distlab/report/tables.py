@@ -1,0 +1,110 @@
+"""The comparison table, measured beside predicted, for the terminal and for Markdown."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from distlab.measure.wire import KINDS
+from distlab.report.runs import MIB, Run, figures, ratio
+
+
+def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def _mib(value: float | None) -> str:
+    return _num(None if value is None else value / MIB, "{:.2f}")
+
+
+def _kib(value: float | None) -> str:
+    return _num(None if value is None else value / 1024, "{:,.1f}")
+
+
+def _ratio(value: float | None) -> str:
+    return _num(value, "{:.3f}")
+
+
+COLUMNS = [
+    ("run", "left"),
+    ("final loss", "right"),
+    ("tokens/s", "right"),
+    ("MFU %", "right"),
+    ("peak mem/rank MiB", "right"),
+    ("state/rank MiB", "right"),
+    ("pred", "right"),
+    ("ratio", "right"),
+    ("comm/step KiB", "right"),
+    ("pred", "right"),
+    ("ratio", "right"),
+    ("wire KiB", "right"),
+    ("comm s", "right"),
+    ("bubble", "right"),
+]
+
+
+def table_rows(runs: list[Run]) -> list[list[str]]:
+    """The comparison table's cells, one row per run."""
+    rows = []
+    for run in runs:
+        f = figures(run)
+        memory = f["peak_memory_by_rank"]
+        rows.append(
+            [
+                f["label"],
+                _num(f["final_loss"], "{:.4f}"),
+                _num(f["tokens_per_s"]),
+                _num(None if f["mfu"] is None else 100 * f["mfu"], "{:.2f}"),
+                " / ".join(_mib(m) for m in memory) if memory else "-",
+                _mib(f["state_bytes"]),
+                _mib(f["state_pred"]),
+                _ratio(f["state_ratio"]),
+                _kib(f["comm_bytes"]),
+                _kib(f["comm_pred"]),
+                _ratio(f["comm_ratio"]),
+                _kib(f["wire_bytes"]),
+                _num(f["comm_time_s"], "{:.3f}"),
+                _num(f["bubble"], "{:.3f}"),
+            ]
+        )
+    return rows
+
+
+def comparison_table(runs: list[Run]) -> Table:
+    """Strategy, world size, loss, throughput, MFU, memory and communication vs theory."""
+    table = Table(title="distlab runs: measured vs predicted (rank 0 unless per rank)")
+    for name, justify in COLUMNS:
+        table.add_column(name, justify=justify)
+    for row in table_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """The comparison table as GitHub Markdown."""
+    header = [name for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+    return "\n".join(lines)
+
+
+def comm_breakdown_markdown(runs: list[Run]) -> str:
+    """Per collective type: measured and predicted payload bytes per step (rank 0)."""
+    lines = [
+        "| run | collective | measured bytes/step | predicted | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        f = figures(run)
+        for kind in KINDS:
+            measured, predicted = f["comm_kinds"].get(kind), f["comm_kinds_pred"].get(kind)
+            if measured is None and predicted is None:
+                continue
+            lines.append(
+                f"| {f['label']} | {kind} | {_num(measured)} | {_num(predicted)} | "
+                f"{_ratio(ratio(measured, predicted))} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""``python -m distlab.verify``: check a strategy's parity with the single-process run.
+
+    python -m distlab.verify --strategy fsdp --nproc 4
+    python -m distlab.verify --strategy ddp --nproc 2 --optimizer sgd --steps 8
+
+Prints a per-step loss comparison for each optimizer and exits 1 if any step
+or final weight is outside the tolerance: the same per-strategy, per-optimizer
+tolerance the tests hold the strategy to (``distlab.parity.tolerance``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from distlab.cli import OneLineErrorParser, run_cli
+from distlab.config import OPTIMIZERS
+from distlab.errors import DistlabError
+from distlab.report.parity import PARITY_STEPS, ParityReport, compare, parity_config
+
+
+def build_parser() -> OneLineErrorParser:
+    """Flags: the strategy and its shape, optimizers and steps."""
+    parser = OneLineErrorParser(
+        prog="python -m distlab.verify", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--nproc", type=int, required=True)
+    parser.add_argument("--optimizer", choices=[*OPTIMIZERS, "both"], default="both")
+    parser.add_argument("--steps", type=int, default=PARITY_STEPS)
+    for flag in ("--tp", "--pp", "--dp", "--microbatches", "--micro-batch"):
+        parser.add_argument(flag, type=int)
+    parser.add_argument("--schedule")
+    parser.add_argument("--offload")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None)
+    parser.add_argument(
+        "--no-reshard-after-forward",
+        dest="reshard_after_forward",
+        action="store_false",
+        default=None,
+    )
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
+    return parser
+
+
+def report_table(title: str, report: ParityReport) -> Table:
+    """The per-step comparison as a table."""
+    table = Table(title=title)
+    for column in ("step", "single loss", "strategy loss", "rel. diff"):
+        table.add_column(column, justify="right")
+    for step, (ref, loss, diff) in enumerate(
+        zip(report.reference_losses, report.losses, report.rel_diffs, strict=True)
+    ):
+        style = "" if diff <= report.loss_rtol else "bold red"
+        table.add_row(str(step), f"{ref:.7f}", f"{loss:.7f}", f"{diff:.2e}", style=style)
+    table.caption = (
+        f"max rel. loss diff {report.max_rel_diff:.2e} (tolerance {report.loss_rtol:.0e}); "
+        f"max |weight diff| {report.max_param_diff:.2e} (tolerance {report.param_atol:.0e}): "
+        + ("PASS" if report.passed else "FAIL")
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparisons and print them; 0 if all pass, 1 otherwise."""
+    args = build_parser().parse_args(argv)
+    shape = {
+        name: getattr(args, name)
+        for name in (
+            "tp",
+            "pp",
+            "dp",
+            "microbatches",
+            "micro_batch",
+            "schedule",
+            "offload",
+            "sequence_parallel",
+            "reshard_after_forward",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.strategy == "single":
+        raise DistlabError(
+            "verify compares a strategy with 'single', so 'single' has nothing to be checked "
+            "against; pass another --strategy (python -m distlab.launch --list)"
+        )
+    optimizers = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
+    configs = [
+        parity_config(args.strategy, args.nproc, opt, args.steps, **shape) for opt in optimizers
+    ]
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="distlab-verify-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        all_passed = True
+        for config in configs:
+            console.print(
+                f"running single and {config.strategy} x{config.nproc} ({config.optimizer})..."
+            )
+            report = compare(config, workdir)
+            console.print(
+                report_table(f"{config.strategy} x{config.nproc}, {config.optimizer}", report)
+            )
+            all_passed &= report.passed
+    return 0 if all_passed else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,44 @@
+"""Theory next to every measurement: model-state bytes, communication per step, pipeline bubble.
+
+Everything here is a prediction for rank 0 (first pipeline stage, first
+tensor-parallel shard, first data-parallel replica) computed from the config
+alone, so ``python -m distlab.compare`` can put it beside what a run measured.
+One place per quantity: model-state bytes are the strategy's own
+(``Strategy.predicted_state_bytes``, from ``strategies.parallel_dims``'s shard
+arithmetic), communication is ``theory.comm``, the bubble is below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distlab.config import Config
+from distlab.model import PRESETS, count_parameters
+from distlab.strategies import registry
+from distlab.strategies.parallel_dims import VIRTUAL_STAGES, bubble_fraction
+from distlab.theory.comm import layout, microbatches, predict_comm
+
+
+def pipeline_bubble(config: Config) -> float | None:
+    """Idle fraction of a step, (p - 1) / (v m + p - 1); None without pipelining.
+
+    p stages per pipeline (ranks), m microbatches, v stages per rank
+    (interleaved 1F1B: 2), so interleaving divides the bubble by about v.
+    """
+    lay = layout(config)
+    if lay is None or lay.pp <= 1:
+        return None
+    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
+    return bubble_fraction(lay.pp, microbatches(config, lay), virtual)
+
+
+def predict(config: Config) -> dict[str, Any]:
+    """Every prediction for ``config``'s rank 0, as plain data (summary.json)."""
+    n_params = count_parameters(PRESETS[config.model])
+    strategy = registry.describe(config.strategy)
+    comm = predict_comm(config)
+    return {
+        "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
+        "comm_per_step": comm.to_dict() if comm is not None else None,
+        "pipeline_bubble": pipeline_bubble(config),
+    }
