@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,12 @@ from distlab.checkpoint.layout import (
 )
 from distlab.distributed import RankContext
 
-if TYPE_CHECKING:
-    from distlab.strategies.base import TrainStep
+
+class StateWriter(Protocol):
+    """What a save needs of a train step (``TrainStep``): it writes this rank's state."""
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of model, optimizer and schedule state into ``directory``."""
 
 
 SaveHook = Callable[[str], None]
@@ -39,7 +43,7 @@ SaveHook = Callable[[str], None]
 
 
 def save_checkpoint(
-    train_step: TrainStep,
+    train_step: StateWriter,
     run_dir: Path,
     next_step: int,
     ctx: RankContext,

@@ -17,6 +17,11 @@ import json
 from pathlib import Path
 
 from distlab.config import Config
+from distlab.launch.local import launch_local
+from distlab.launch.prepare import prepare_run
+from distlab.launch.ray_launcher import check_address, launch_ray, resolve_address
+from distlab.launch.wandb_run import WandbFeed
+from distlab.run.events import append_event
 from distlab.run.files import SUMMARY_FILE
 
 
@@ -26,14 +31,8 @@ def run(config: Config) -> Path:
     Raises ``DistlabError`` with a one-line reason if the run cannot start or a rank fails
     more often than ``config.max_failures`` allows.
     """
-    from distlab.launch.prepare import prepare_run
-    from distlab.launch.wandb_run import WandbFeed
-    from distlab.run.events import append_event
-
     address = None
     if config.launcher == "ray":
-        from distlab.launch.ray_launcher import check_address, resolve_address
-
         address = resolve_address(config)
         if address:
             check_address(address)
@@ -51,12 +50,8 @@ def run(config: Config) -> Path:
     summary = None
     try:
         if config.launcher == "ray":
-            from distlab.launch.ray_launcher import launch_ray
-
             launch_ray(config, token_file, run_dir, address, feed)
         else:
-            from distlab.launch.local import launch_local
-
             launch_local(config, token_file, run_dir, feed)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     finally:

@@ -50,7 +50,8 @@ from distlab.errors import DistlabError, first_line
 from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
 from distlab.run.files import LOGS_DIR, SUMMARY_FILE
-from distlab.train.rank import ERROR_FILE
+from distlab.run.recorder import summary_table
+from distlab.train.rank import ERROR_FILE, ray_train_loop
 
 if TYPE_CHECKING:
     from distlab.launch.wandb_run import WandbFeed
@@ -141,7 +142,6 @@ def launch_ray(
 
     from distlab.launch import ray_backend
     from distlab.launch.ray_callback import FaultRecorder
-    from distlab.train.rank import ray_train_loop
 
     cuda = resolve_device(config) == "cuda"
     cpus = config.nproc * config.threads_per_rank
@@ -248,8 +248,6 @@ def launch_ray(
         raise DistlabError(f"the ranks finished without writing {summary_file}; see Ray's logs")
     if not config.quiet:
         from rich.console import Console
-
-        from distlab.run.recorder import summary_table
 
         Console().print(summary_table(json.loads(summary_file.read_text())))
 

@@ -26,8 +26,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distlab.checkpoint.layout import checkpoint_step
 from distlab.config import Config
 from distlab.errors import first_line
+from distlab.model import PRESETS, count_parameters
 from distlab.run.files import EVENTS_FILE, METRICS_FILE, WANDB_FILE, JsonlTail
 
 
@@ -84,8 +86,6 @@ class WandbFeed:
         except ImportError:
             print("distlab: warning: wandb is not installed; not logging to W&B", flush=True)
             return None
-        from distlab.checkpoint.layout import checkpoint_step
-        from distlab.model import PRESETS, count_parameters
 
         mode = wandb_mode()
         source, from_step = None, 0

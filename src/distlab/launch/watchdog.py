@@ -134,7 +134,6 @@ class Watchdog:
         self.hangs.append(hang)
         return hang
 
-
     def _kill_stopped(self) -> None:
         """SIGKILL every local rank whose process is stopped (SIGSTOP, state T)."""
         for rank in range(self.nproc):

@@ -28,6 +28,16 @@ from datetime import timedelta
 from typing import Any
 
 from distlab.cli import OneLineErrorParser, run_cli
+from distlab.config import resolved_seq_len
+from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
+from distlab.distributed import RankContext, free_port
+from distlab.measure.counter import counter
+from distlab.measure.process_group import register_backend
+from distlab.measure.tcp import tcp_bytes
+from distlab.model import build_model
+from distlab.strategies import registry
+from distlab.strategies.resolve import load_config
+from distlab.theory.comm import predict_comm
 
 SETTLE_S = 0.2
 """Pause before reading TCP counters, so the last segments are acknowledged."""
@@ -43,15 +53,6 @@ def _rank(
 ) -> None:
     import torch
     import torch.distributed as dist
-
-    from distlab.config import resolved_seq_len
-    from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
-    from distlab.distributed import RankContext
-    from distlab.measure.counter import counter
-    from distlab.measure.process_group import register_backend
-    from distlab.model import build_model
-    from distlab.strategies import registry
-    from distlab.strategies.resolve import load_config
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -134,8 +135,6 @@ def _measured_window(work, side, port: int, counter) -> dict[str, Any]:
     """Run ``work()`` between synchronised, settled reads of the counter and the TCP bytes."""
     import torch.distributed as dist
 
-    from distlab.measure.tcp import tcp_bytes
-
     dist.barrier(group=side)
     time.sleep(SETTLE_S)
     before = tcp_bytes(os.getpid(), exclude_ports=[port])
@@ -167,8 +166,6 @@ def check(
     the ``steps - 1`` measured steps, ``tcp_sent``/``tcp_received`` bytes in the
     same window, and the losses.
     """
-    from distlab.distributed import free_port
-
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
@@ -209,9 +206,6 @@ def summarize(
     cells: list[dict[str, Any]], results: list[list[dict[str, Any]]], nproc: int
 ) -> list[dict[str, Any]]:
     """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank)."""
-    from distlab.strategies.resolve import load_config
-    from distlab.theory.comm import predict_comm
-
     rows = []
     for index, cell in enumerate(cells):
         if "collective" in cell:

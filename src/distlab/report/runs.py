@@ -11,9 +11,12 @@ from typing import Any
 
 import yaml
 
+from distlab.config import Config
 from distlab.errors import DistlabError
+from distlab.launch.wandb_run import wandb_mode
 from distlab.measure.wire import KINDS
 from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from distlab.theory import predict
 
 MIB = 2**20
 
@@ -45,9 +48,6 @@ class Run:
     def _predict(self) -> dict[str, Any]:
         if self.config:
             try:
-                from distlab.config import Config
-                from distlab.theory import predict
-
                 known = {k: v for k, v in self.config.items() if k in Config.__dataclass_fields__}
                 return predict(Config(**known))
             except Exception:  # noqa: BLE001 - old or foreign config: fall back to the summary
@@ -95,8 +95,6 @@ def load_runs(patterns: list[str]) -> list[Run]:
 
 def load_wandb_runs(project: str, group: str | None = None) -> list[Run]:
     """Finished runs of a W&B project (``entity/project``), optionally one group (online only)."""
-    from distlab.launch.wandb_run import wandb_mode
-
     if wandb_mode() != "online":
         raise DistlabError(
             "reading runs from W&B needs an API key (wandb login or WANDB_API_KEY); "

@@ -40,6 +40,10 @@ from rich.console import Console
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.config import read_yaml_mapping
 from distlab.errors import DistlabError
+from distlab.launch.wandb_run import wandb_mode
+from distlab.report.markdown import NOTES_MARKER, write_report
+from distlab.report.runs import load_runs
+from distlab.report.tables import COLUMNS, comparison_table, markdown_table, table_rows
 from distlab.run.files import SUMMARY_FILE
 from distlab.strategies.resolve import load_config
 
@@ -225,10 +229,6 @@ def finished_runs(cells: list[Cell]) -> list[Path]:
 
 def write_outputs(sweep: Sweep, cells: list[Cell], command: str, console: Console) -> None:
     """Comparison table, report with plots, strategy pages' measured tables, W&B report run."""
-    from distlab.report.markdown import NOTES_MARKER, write_report
-    from distlab.report.runs import load_runs
-    from distlab.report.tables import comparison_table, markdown_table
-
     paths = finished_runs(cells)
     if not paths:
         return
@@ -290,8 +290,6 @@ def log_wandb_report(sweep: Sweep, runs, images: list[Path]) -> None:
     try:
         import wandb
 
-        from distlab.launch.wandb_run import wandb_mode
-        from distlab.report.tables import COLUMNS, table_rows
     except ImportError:
         return
     run = wandb.init(

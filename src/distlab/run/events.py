@@ -123,5 +123,3 @@ def describe_fault(event: dict[str, Any]) -> str:
     if "Timed out" in reason or "timed out" in reason:
         reason += " [a collective timed out (--timeout-s): a rank hung or died]"
     return f"{who} failed: {reason}"
-
-

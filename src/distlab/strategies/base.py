@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distlab.checkpoint.layout import checkpoint_step
+from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
@@ -249,15 +251,10 @@ class ModuleTrainStep(OptimizerTrainStep):
 
     def save_checkpoint(self, directory: Path) -> None:
         """Model and optimizer state through DCP, sharded as they live (the lr is the step's)."""
-        from distlab.checkpoint.state import save_dcp_state
-
         save_dcp_state(directory, self.plain_model, self.optimizer)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load a DCP checkpoint of any DCP strategy and world size; set the schedule's step."""
-        from distlab.checkpoint.layout import checkpoint_step
-        from distlab.checkpoint.state import load_dcp_state, set_schedule_position
-
         load_dcp_state(directory, self.plain_model, self.optimizer)
         set_schedule_position(self.scheduler, checkpoint_step(directory))
 

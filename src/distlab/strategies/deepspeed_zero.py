@@ -108,6 +108,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from distlab.checkpoint.state import set_schedule_position
+from distlab.checkpoint.verify import verify_checkpoint
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
@@ -287,9 +289,6 @@ class DeepSpeedTrainStep(TrainStep):
         (DeepSpeed can convert ZeRO checkpoints between world sizes with its
         "universal checkpoint" tools; this lab does not do that for you.)
         """
-        from distlab.checkpoint.state import set_schedule_position
-        from distlab.checkpoint.verify import verify_checkpoint
-
         meta = verify_checkpoint(directory)  # every file, before DeepSpeed/torch reads any
         if (meta["format"], meta["world_size"]) != (self.config.strategy, self.dp_size):
             raise DistlabError(

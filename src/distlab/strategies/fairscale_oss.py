@@ -60,6 +60,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distlab.checkpoint.state import set_schedule_position
+from distlab.checkpoint.verify import verify_checkpoint
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
@@ -131,9 +133,6 @@ class OSSTrainStep(ModuleTrainStep):
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore ``save_checkpoint``'s files on every rank (each keeps its own shard)."""
-        from distlab.checkpoint.state import set_schedule_position
-        from distlab.checkpoint.verify import verify_checkpoint
-
         meta = verify_checkpoint(directory)  # every file, before torch reads any
         if not (directory / OPTIMIZER_FILE).is_file():
             raise DistlabError(

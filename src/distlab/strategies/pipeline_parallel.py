@@ -55,6 +55,8 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
+from distlab.checkpoint.layout import checkpoint_step
+from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
@@ -352,15 +354,10 @@ class PipelineTrainStep(OptimizerTrainStep):
 
     def save_checkpoint(self, directory: Path) -> None:
         """This rank's stages' model and optimizer state (plain GPT names) through DCP."""
-        from distlab.checkpoint.state import save_dcp_state
-
         save_dcp_state(directory, self.model, self.optimizer)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load a DCP checkpoint (any DCP strategy, any world size) into this rank's stages."""
-        from distlab.checkpoint.layout import checkpoint_step
-        from distlab.checkpoint.state import load_dcp_state, set_schedule_position
-
         load_dcp_state(directory, self.model, self.optimizer)
         set_schedule_position(self.scheduler, checkpoint_step(directory))
 
