@@ -6,9 +6,10 @@
 For each (schedule, stages p, microbatches m) it starts p ranks (gloo, CPU),
 trains the ``small`` preset with the ``pp`` strategy and records, on every
 rank, when each forward and backward of a microbatch starts and ends
-(``PipelineTrainStep.enable_timeline``) and when the schedule's step starts
-and ends. Per measured step, the window is from the first rank entering the
-schedule to the last one leaving it; a stage's idle fraction is
+(``record_timeline``, wrapped around each stage's forward and backward chunks)
+and when the schedule's step starts and ends. Per measured step, the window
+is from the first rank entering the schedule to the last one leaving it; a
+stage's idle fraction is
 1 - (its forward + backward time) / window. Theory for equal stages and free
 communication: (p - 1) / (m + p - 1), for GPipe and 1F1B alike.
 
@@ -27,12 +28,43 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES_MARKER = "<!-- notes: written by hand, kept when the tables are regenerated -->"
 ROWS_PER_MICROBATCH = 4
 """Sequences per microbatch: enough work per action that compute, not Python, dominates."""
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """One forward or backward of one microbatch on one stage (perf_counter seconds)."""
+
+    stage: int
+    kind: str
+    """``F`` (forward) or ``B`` (backward)."""
+    microbatch: int
+    start: float
+    end: float
+
+
+def record_timeline(stage: Any, events: list[StageEvent]) -> None:
+    """Time every forward/backward chunk ``stage`` runs, appending to ``events``."""
+
+    def timed(kind: str, work: Callable) -> Callable:
+        def run(chunk_id: int, *args, **kwargs):
+            start = time.perf_counter()
+            result = work(chunk_id, *args, **kwargs)
+            events.append(StageEvent(stage.stage_index, kind, chunk_id, start, time.perf_counter()))
+            return result
+
+        return run
+
+    stage.forward_one_chunk = timed("F", stage.forward_one_chunk)
+    stage.backward_one_chunk = timed("B", stage.backward_one_chunk)
 
 
 def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) -> None:
@@ -50,7 +82,9 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
     ctx = init_rank(rank, world, init_method, config)
     tokens = load_tokens(prepare_tokens(None))
     step = registry.describe("pp").prepare(build_model(config.model, config.seed), ctx, config)
-    events = step.enable_timeline()
+    events: list[StageEvent] = []
+    for stage in step.stages:
+        record_timeline(stage, events)
     windows: list[tuple[float, float]] = []
     run_schedule = step.schedule.step
 

@@ -38,9 +38,7 @@ Memory per rank: its stages' parameters, gradients and optimizer state (about
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -206,34 +204,6 @@ def clip_pipeline_gradients(
 # --- Timeline (for the bubble benchmark) ----------------------------------------------
 
 
-@dataclass(frozen=True)
-class StageEvent:
-    """One forward or backward of one microbatch on one stage (perf_counter seconds)."""
-
-    stage: int
-    kind: str
-    """``F`` (forward) or ``B`` (backward)."""
-    microbatch: int
-    start: float
-    end: float
-
-
-def record_timeline(stage: PipelineStage, events: list[StageEvent]) -> None:
-    """Time every forward/backward chunk ``stage`` runs, appending to ``events``."""
-
-    def timed(kind: str, work: Callable) -> Callable:
-        def run(chunk_id: int, *args, **kwargs):
-            start = time.perf_counter()
-            result = work(chunk_id, *args, **kwargs)
-            events.append(StageEvent(stage.stage_index, kind, chunk_id, start, time.perf_counter()))
-            return result
-
-        return run
-
-    stage.forward_one_chunk = timed("F", stage.forward_one_chunk)
-    stage.backward_one_chunk = timed("B", stage.backward_one_chunk)
-
-
 # --- The training step ----------------------------------------------------------------
 
 StageWrapper = Callable[[GPT], nn.Module]
@@ -293,7 +263,6 @@ class PipelineTrainStep(OptimizerTrainStep):
             scale_grads=True,
         )
         self._build_optimizer(config)
-        self.timeline: list[StageEvent] | None = None
 
     def _stage_shapes(self, plan: StagePlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Static input/output examples (meta tensors) so stages need no shape handshake.
@@ -309,13 +278,6 @@ class PipelineTrainStep(OptimizerTrainStep):
         tokens = torch.empty(rows, seq, dtype=torch.long, device="meta")
         logits = torch.empty(rows, seq, shape.vocab_size, device="meta", requires_grad=True)
         return (tokens if plan.embeddings else hidden), (logits if plan.head else hidden)
-
-    def enable_timeline(self) -> list[StageEvent]:
-        """Start recording forward/backward timings of this rank's stages."""
-        self.timeline = []
-        for stage in self.stages:
-            record_timeline(stage, self.timeline)
-        return self.timeline
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         device = self.ctx.device

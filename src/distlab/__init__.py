@@ -1,0 +1,1 @@
+"""distlab: a distributed-training lab for one workstation (see the README)."""

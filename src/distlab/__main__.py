@@ -1,0 +1,55 @@
+"""``distlab COMMAND ...`` (or ``python -m distlab COMMAND``): one entry point for every command.
+
+    distlab launch --strategy fsdp --nproc 4      (= python -m distlab.launch ...)
+    distlab verify --strategy tp --nproc 2        (= python -m distlab.verify ...)
+    distlab compare runs/*                        (= python -m distlab.compare ...)
+    distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
+    distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import NoReturn
+
+from distlab.cli import run_cli
+from distlab.launch.__main__ import main as launch
+from distlab.report.comm_check import main as comm_check
+from distlab.report.compare import main as compare
+from distlab.report.sweep import main as sweep
+from distlab.report.verify import main as verify
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "launch": (launch, "train the GPT with a parallelism strategy"),
+    "verify": (verify, "check a strategy's parity with the single-process run"),
+    "compare": (compare, "runs side by side, measured against theory"),
+    "sweep": (sweep, "run a matrix of strategies x world sizes, then report"),
+    "comm-check": (comm_check, "counted communication vs theory vs the kernel's TCP bytes"),
+}
+
+
+def usage() -> str:
+    """The list of commands."""
+    rows = "\n".join(f"  {name:11s} {summary}" for name, (_, summary) in COMMANDS.items())
+    return f"usage: distlab COMMAND [ARGS...]   (distlab COMMAND --help for its flags)\n\n{rows}\n"
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run ``distlab COMMAND ARGS...``; a one-line error for an unknown command."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(usage())
+        sys.exit(0 if args else 2)
+    if args[0] not in COMMANDS:
+        sys.stderr.write(
+            f"distlab: error: unknown command '{args[0]}' (choose one of: {', '.join(COMMANDS)})\n"
+        )
+        sys.exit(2)
+    command, _ = COMMANDS[args[0]]
+    run_cli(partial(command, args[1:]))
+
+
+if __name__ == "__main__":
+    main()

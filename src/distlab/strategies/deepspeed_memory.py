@@ -1,0 +1,179 @@
+"""What DeepSpeed's ZeRO keeps per rank: predicted term by term, and measured from the engine.
+
+Memory per rank, fp32 AdamW, P parameters. The ZeRO paper counts 4 B/param of
+params, 4 of grads, 8 of optimizer state, and ZeRO-1 divides the 8 by N,
+ZeRO-2 also the grads, ZeRO-3 also the params. DeepSpeed keeps more, and
+``predicted_zero_bytes`` adds each term (``docs/memory.md`` measures them):
+
+    stage  params  grads              optimizer
+    1      4P      4P     + 4B        4P/N + 8P/N
+    2      4P      4P/N   + 4B        4P/N + 8P/N
+    3      4P/N    4P/N   + 4B        4P/N + 8P/N
+
+- 4P/N *master copy*: DeepSpeed's optimizer updates a separate fp32 copy of the
+  rank's parameter slice even when the model is fp32 (it is built for bf16 and
+  fp16 models, where that copy is the master weights). Counted, as the paper
+  does, with the optimizer state.
+- 4B *gradient bucket*: backward copies gradients into a contiguous bucket of
+  B = ``reduce_bucket_size`` elements before reducing it. DeepSpeed's default
+  (5e8 elements, 2 GB) exceeds every lab model and would hold all gradients
+  at once; distlab sets B = P/8, a fixed cost that does not shrink with N.
+- smaller terms: ZeRO-2's gradient partition keeps every tensor that overlaps
+  the rank's slice whole (up to one tensor more than P/N), and with gradient
+  accumulation keeps the earlier micro-batches' slice apart (twice that);
+  offload adds the CPU optimizer's fp32 gradient slice and staging buffers;
+  bf16 a second (bf16) bucket.
+
+The measurement (``measure_grad_bytes``, ``measure_optimizer_bytes``) walks
+the engine's own buffers: the parameters as stored, ZeRO's gradient buckets and
+partitions, the fp32 master slice, the inner optimizer's state and offload's
+staging copies, each storage counted once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from distlab.config import Config, grad_accum_steps
+from distlab.measure.memory import ModelStateBytes, optimizer_bytes_per_param
+from distlab.model import PRESETS
+from distlab.strategies.parallel_dims import parameter_sizes
+
+BUCKET_FRACTION = 8
+"""The gradient bucket holds 1/8 of the model's elements (see ``bucket_elements``)."""
+
+
+def bucket_elements(n_params: int) -> int:
+    """Elements of DeepSpeed's gradient bucket (``reduce_bucket_size``) for a P-parameter model.
+
+    DeepSpeed's default, 5e8 elements (2 GB in fp32), is larger than every lab
+    model: all gradients would sit in one bucket, a full extra copy that hides
+    ZeRO-2's gradient sharding. P/8 is still larger than any single tensor of
+    the lab's models (larger ones would bypass the bucket).
+    """
+    return max(1, n_params // BUCKET_FRACTION)
+
+
+def largest_tensor_elements(config: Config) -> int:
+    """Elements of the model's largest parameter (embedding, LM head or MLP matrix)."""
+    shape = PRESETS[config.model]
+    d = shape.d_model
+    return max(shape.vocab_size * d, shape.block_size * d, 4 * d * d)
+
+
+def first_slice_tensor_elements(config: Config) -> int:
+    """Elements of the tensors that overlap rank 0's 1/N slice of DeepSpeed's flat buffer.
+
+    ZeRO-2 (without offload) keeps the reduced gradients of every tensor that
+    overlaps the rank's slice whole, so a tensor crossing a slice boundary
+    counts on both ranks: rank 0's partition is slightly more than P/N.
+    """
+    sizes = parameter_sizes(config)
+    slice_end = -(-sum(sizes) // config.nproc)
+    total, start = 0, 0
+    for size in sizes:
+        if start < slice_end:
+            total += size
+        start += size
+    return total
+
+
+GRADIENT_ATTRIBUTE = re.compile(r"grad|ipg")
+"""ZeRO optimizer attributes that hold gradients: partitions, buckets ("ipg"), offload buffers."""
+
+
+def _tensors(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+    """Tensors reachable from ``obj`` through lists, dicts and DeepSpeed's own objects."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item, depth - 1)
+    elif depth > 0 and type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
+        for item in vars(obj).values():
+            yield from _tensors(item, depth - 1)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _parameter_tensors(engine) -> list[torch.Tensor]:
+    """The model parameters as this rank stores them (ZeRO-3: each one's local slice)."""
+    return [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+
+
+def _master_tensors(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master slice: what DeepSpeed's inner (torch) optimizer updates."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zero.single_partition_of_fp32_groups)
+    return list(zero.fp32_partitioned_groups_flat)  # ZeRO-3
+
+
+def measure_parameter_bytes(engine) -> int:
+    """Parameter storage as this rank holds it (ZeRO-3: the local slices)."""
+    return storage_bytes(_parameter_tensors(engine))
+
+
+def measure_grad_bytes(engine) -> int:
+    """Gradient storage held right now: on the parameters, in ZeRO's buckets and partitions."""
+    found = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    found += [p.grad for p in _master_tensors(engine) if p.grad is not None]
+    for name, value in vars(engine.optimizer).items():
+        if GRADIENT_ATTRIBUTE.search(name):
+            # A tensor that requires grad is a parameter, not a gradient: count its .grad.
+            found += [
+                t.grad if t.requires_grad else t
+                for t in _tensors(value)
+                if not t.requires_grad or t.grad is not None
+            ]
+    return storage_bytes(found)
+
+
+def measure_optimizer_bytes(engine) -> int:
+    """The fp32 master slice, the inner optimizer's state and offload's staging copy."""
+    inner = engine.optimizer.optimizer
+    state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    staging = getattr(engine.optimizer, "param_buffer_of_bit16_for_cpu_offload_groups", [])
+    return storage_bytes([*_master_tensors(engine), *state, *staging])
+
+
+def predicted_zero_bytes(config: Config, stage: int, n_params: int) -> ModelStateBytes:
+    """The ZeRO paper's count for this stage plus what DeepSpeed keeps besides (see above)."""
+    n, p = config.nproc, n_params
+    offload = config.offload != "none"
+    params = 4 * p // n if stage == 3 else 4 * p
+    # ZeRO-1: full gradients until the end of backward; ZeRO-2/3: this rank's slice
+    # (ZeRO-2: whole tensors overlapping it, unless they go straight to the CPU).
+    grad_slice = p // n
+    if stage == 2 and not offload:
+        grad_slice = first_slice_tensor_elements(config)
+    grads = 4 * p if stage == 1 else 4 * grad_slice
+    grads += 4 * bucket_elements(p)
+    if stage == 2 and grad_accum_steps(config, n) > 1:
+        grads += 4 * grad_slice  # earlier micro-batches' slice, accumulated apart
+    if offload and stage != 2:
+        grads += 4 * p // n  # the fp32 gradient slice the CPU optimizer reads
+    if offload and stage != 3:
+        grads += 2 * 4 * largest_tensor_elements(config)  # two staging buffers
+    if config.precision == "bf16":
+        # A second bucket, for the gradients reduced in bf16 (ZeRO-1/2 stage it in fp32).
+        grads += (2 if stage == 3 else 4) * bucket_elements(p)
+    optimizer = 4 * p // n + optimizer_bytes_per_param(config.optimizer) * p // n
+    if offload and stage != 3:
+        optimizer += 4 * p // n  # staging copy of the updated slice for the way back
+    return ModelStateBytes(params=params, grads=grads, optimizer=optimizer)
