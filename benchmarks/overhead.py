@@ -11,7 +11,7 @@ on the same global batches, interleaved block by block so that machine noise
   forward, cross-entropy, backward, clip_grad_norm_, AdamW step, zero_grad, LR
   schedule step) on a plain ``gloo`` process group;
 - ``hand+count``: the same loop on distlab's counting process group
-  (``distlab.comm``), to show what counting the collectives costs;
+  (``distlab.measure``), to show what counting the collectives costs;
 - ``distlab``: ``registry.describe(strategy).prepare(model, ctx, config)`` and its
   ``TrainStep.step`` (loss averaged over ranks, model-state bytes measured), on
   the counting group as in ``python -m distlab.launch``.

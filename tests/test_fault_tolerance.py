@@ -5,7 +5,7 @@ config. The tolerance for a restart at the same strategy and world size is
 1e-6 absolute (observed: bitwise equal, since the resumed state is bitwise the
 saved one and every batch depends only on the step). A resume at another
 strategy or world size sums the same numbers in another order, so it gets the
-parity tolerance (``distlab.parity.LOSS_RTOL``, 1e-5 relative).
+parity tolerance (``distlab.report.parity.LOSS_RTOL``, 1e-5 relative).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Parity: tensor, pipeline and composed parallelism reproduce the single-process run.
 
-Every case trains the tiny model 5 steps in fp32 (``distlab.parity.parity_config``)
+Every case trains the tiny model 5 steps in fp32 (``distlab.report.parity.parity_config``)
 and compares per-step global-batch losses and final weights with ``single``.
 
-Tolerances: ``distlab.parity.tolerance`` (the one place that sets them, also
+Tolerances: ``distlab.report.parity.tolerance`` (the one place that sets them, also
 for ``python -m distlab.verify``): losses within 1e-5 relative for both
 optimizers; final weights within 1e-5 for SGD and 1e-4 for AdamW, whose
 per-element normalisation turns rounding in near-zero gradients into full-size
-steps (the reasoning is in ``distlab.parity``'s docstring).
+steps (the reasoning is in ``distlab.report.parity``'s docstring).
 
 Each parallelism is covered with SGD and AdamW at one world size and AdamW
 at the other. Interleaved 1F1B puts 2 stages on each rank, so 4 ranks need 8

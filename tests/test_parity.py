@@ -1,4 +1,4 @@
-"""Parity: ddp and fsdp reproduce the single-process run (tolerances in distlab.parity)."""
+"""Parity: ddp and fsdp reproduce the single-process run (tolerances in distlab.report.parity)."""
 
 from __future__ import annotations
 

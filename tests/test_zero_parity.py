@@ -1,6 +1,6 @@
 """Parity: DeepSpeed ZeRO-1/2/3 and fairscale OSS/ShardedDDP reproduce the single-process run.
 
-Every case trains the tiny model 5 steps in fp32 (``distlab.parity.parity_config``)
+Every case trains the tiny model 5 steps in fp32 (``distlab.report.parity.parity_config``)
 and compares per-step global-batch losses and final weights with ``single``,
 at the lab's default tolerances: losses within ``LOSS_RTOL`` (1e-5 relative),
 final weights within ``PARAM_ATOL`` (1e-5 absolute), for SGD and AdamW.

@@ -1,5 +1,8 @@
 """The run configuration: a typed dataclass, loaded from YAML plus CLI overrides.
 
+One cohesive thing over 300 lines: every field with its docstring (the flags'
+help), then parsing and the per-field checks.
+
 Precedence, lowest to highest: the defaults below, ``configs/*.yaml`` given
 with ``--config``, then command-line flags. ``validate`` turns every impossible
 value into a one-line ``DistlabError`` that names the field.

@@ -54,7 +54,7 @@ def free_port() -> int:
 def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:
     """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device.
 
-    On CPU the group is ``distlab_gloo`` (``distlab.comm``): gloo itself, behind a
+    On CPU the group is ``distlab_gloo`` (``distlab.measure``): gloo itself, behind a
     process group that counts every collective for the per-step communication
     metrics; ``comm_stats: false`` in the config uses plain gloo.
     """

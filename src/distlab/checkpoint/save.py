@@ -72,7 +72,7 @@ def save_checkpoint(
     holds the same state, and a committed checkpoint is never replaced.
 
     ``on_stage`` is called with the name of each crash point as the save passes
-    it (fault injection, ``distlab.train.fire_fault``): ``save`` (this rank's
+    it (fault injection, ``distlab.train.faults.fire_fault``): ``save`` (this rank's
     strategy state written, RNG file not), ``save-mid-shard`` (its RNG file half
     written), and on rank 0 ``save-before-rename``, ``save-after-rename`` and
     ``save-rotation`` (the first old checkpoint moved to trash, not deleted).

@@ -1,4 +1,4 @@
-"""Ray Train on distlab's counting gloo backend (``distlab.comm``).
+"""Ray Train on distlab's counting gloo backend (``distlab.measure``).
 
 Ray Train creates the process group itself, in its worker processes, before
 the training function runs, so the ``distlab_gloo`` backend must be

@@ -4,14 +4,14 @@
     python -m distlab.comm_check ddp fsdp zero3 --nproc 4 --model small
     python -m distlab.comm_check fsdp+tp:tp=2 ddp+pp:pp=2 --nproc 4
 
-Starts N local ranks on the counting gloo backend (``distlab.comm``), trains
+Starts N local ranks on the counting gloo backend (``distlab.measure``), trains
 each strategy for a few steps and, over the steady-state steps (the first is
 left out: DDP rebuilds its buckets, FSDP and pipelines initialise lazily),
 compares three independent numbers per rank and step:
 
 - counted: the payload and estimated wire bytes of every collective the
   process group saw (``CommCounter``);
-- predicted: ``distlab.theory.predict_comm`` for the config (rank 0);
+- predicted: ``distlab.theory.comm.predict_comm`` for the config (rank 0);
 - on the wire: bytes the kernel acknowledged on the rank's loopback TCP sockets
   (``ss -tin``'s ``bytes_acked``), the rendezvous store's connections excluded.
 

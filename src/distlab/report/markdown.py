@@ -45,7 +45,7 @@ def write_report(
         "measured / predicted. Communication is the payload of every collective rank 0 took "
         "part in during a typical step (nccl-tests convention: all-reduce = buffer, "
         "all-gather = gathered output, reduce-scatter = input), counted at the process group "
-        "(`distlab.comm`); *wire* is what rank 0 sends over TCP by gloo's algorithms (the "
+        "(`distlab.measure`); *wire* is what rank 0 sends over TCP by gloo's algorithms (the "
         "counter's estimate, checked against the kernel's TCP counters below); "
         "*comm s* is the time collectives were in flight. Peak memory is each rank's peak RSS "
         "on CPU. MFU uses the matmul-probe peak per core.",

@@ -5,7 +5,7 @@
 
 Prints a per-step loss comparison for each optimizer and exits 1 if any step
 or final weight is outside the tolerance: the same per-strategy, per-optimizer
-tolerance the tests hold the strategy to (``distlab.parity.tolerance``).
+tolerance the tests hold the strategy to (``distlab.report.parity.tolerance``).
 """
 
 from __future__ import annotations

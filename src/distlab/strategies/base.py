@@ -72,9 +72,9 @@ class TrainStep(ABC):
     def load_checkpoint(self, directory: Path) -> None:
         """Restore model, optimizer and schedule from a committed checkpoint ``directory``.
 
-        ``directory/meta.json`` holds the step (``distlab.checkpoint.checkpoint_step``).
+        ``directory/meta.json`` holds the step (``distlab.checkpoint.layout.checkpoint_step``).
         A DCP checkpoint may come from another strategy or world size; load it
-        resharded (``distlab.checkpoint.load_dcp_state`` does that for a model and
+        resharded (``distlab.checkpoint.state.load_dcp_state`` does that for a model and
         optimizer). Strategies that cannot resume keep this default.
         """
         name = getattr(getattr(self, "config", None), "strategy", type(self).__name__)
