@@ -136,7 +136,7 @@ def peak_flops(device: torch.device, precision: str = "fp32", threads: int = 1) 
         value = gpu_peak(name, precision, tf32)
         if value is not None:
             return PeakFlops(value, f"table: {name} ({precision}{', tf32' if tf32 else ''})")
-        return PeakFlops(float("nan"), f"unknown GPU {name}: add it to distlab.measure.mfu.GPU_PEAKS")
+        return PeakFlops(float("nan"), f"unknown GPU {name}: add it to measure.mfu.GPU_PEAKS")
     return cpu_peak(threads, precision)
 
 
