@@ -171,8 +171,12 @@ def test_wandb_offline_run(tmp_path: Path) -> None:
 def test_list_strategies() -> None:
     result = run_command("distlab.launch", "--list")
     assert result.returncode == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert {"single", "ddp", "fsdp"} <= set(names)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert {"single", "ddp", "fsdp"} <= set(lines)
+    # each strategy's own flags, from what it declares (Strategy.options)
+    assert lines["fsdp"].endswith("[--reshard-after-forward]")
+    assert "[--dp --microbatches --pp --schedule" in lines["fsdp+tp+pp"]
+    assert "[" not in lines["ddp"]
 
 
 def test_verify_command_prints_a_table() -> None:

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         for name in registry.names():
-            print(f"{name:16s} {registry.describe(name).summary}")
+            strategy = registry.describe(name)
+            flags = " ".join(f"--{option.replace('_', '-')}" for option in sorted(strategy.options))
+            print(f"{name:16s} {strategy.summary}" + (f"  [{flags}]" if flags else ""))
         return 0
     overrides = config_overrides(args)
     if overrides.get("inject_fault"):
