@@ -175,7 +175,9 @@ def test_list_strategies() -> None:
     assert {"single", "ddp", "fsdp"} <= set(lines)
     # each strategy's own flags, from what it declares (Strategy.options)
     assert lines["fsdp"].endswith("[--reshard-after-forward]")
-    assert "[--dp --microbatches --pp --schedule" in lines["fsdp+tp+pp"]
+    assert lines["fsdp+tp+pp"].endswith(
+        "[--dp --microbatches --pp --reshard-after-forward --schedule --sequence-parallel --tp]"
+    )
     assert "[" not in lines["ddp"]
 
 
