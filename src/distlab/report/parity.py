@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from distlab.config import DEFAULTS, Config
+from distlab.config import DEFAULTS, Config, build_config
 from distlab.launch import run
 from distlab.run.files import FINAL_WEIGHTS_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.strategies import registry
@@ -73,7 +73,7 @@ def parity_config(
         "quiet": True,
         "launcher": "local",
     }
-    config = Config(**{**settings, **fields})
+    config = build_config({**settings, **fields})  # flag values arrive as text
     validate(config)
     return config
 

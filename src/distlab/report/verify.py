@@ -16,10 +16,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distlab.cli import OneLineErrorParser, run_cli
-from distlab.config import OPTIMIZERS
+from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
+from distlab.config import FIELD_TYPES, OPTIMIZERS
 from distlab.errors import DistlabError
 from distlab.report.parity import PARITY_STEPS, ParityReport, compare, parity_config
+from distlab.strategies import registry
+
+
+def shape_fields() -> set[str]:
+    """The config fields verify passes on: every strategy option, and the micro-batch."""
+    return set(registry.option_users()) | {"micro_batch"}
 
 
 def build_parser() -> OneLineErrorParser:
@@ -31,17 +37,8 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--optimizer", choices=[*OPTIMIZERS, "both"], default="both")
     parser.add_argument("--steps", type=int, default=PARITY_STEPS)
-    for flag in ("--tp", "--pp", "--dp", "--microbatches", "--micro-batch"):
-        parser.add_argument(flag, type=int)
-    parser.add_argument("--schedule")
-    parser.add_argument("--offload")
-    parser.add_argument("--sequence-parallel", action="store_true", default=None)
-    parser.add_argument(
-        "--no-reshard-after-forward",
-        dest="reshard_after_forward",
-        action="store_false",
-        default=None,
-    )
+    # The strategies' own options (``Strategy.options``) and the micro-batch, as launch has them.
+    add_config_flags(parser, skip=set(FIELD_TYPES) - shape_fields())
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
     return parser
 
@@ -67,21 +64,7 @@ def report_table(title: str, report: ParityReport) -> Table:
 def main(argv: list[str] | None = None) -> int:
     """Run the comparisons and print them; 0 if all pass, 1 otherwise."""
     args = build_parser().parse_args(argv)
-    shape = {
-        name: getattr(args, name)
-        for name in (
-            "tp",
-            "pp",
-            "dp",
-            "microbatches",
-            "micro_batch",
-            "schedule",
-            "offload",
-            "sequence_parallel",
-            "reshard_after_forward",
-        )
-        if getattr(args, name) is not None
-    }
+    shape = {k: v for k, v in config_overrides(args).items() if k in shape_fields()}
     if args.strategy == "single":
         raise DistlabError(
             "verify compares a strategy with 'single', so 'single' has nothing to be checked "
