@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distlab.config import Config, resolved_seq_len
 from distlab.model import build_model
 from distlab.optim import build_optimizer, build_scheduler
+from distlab.strategies.deepspeed_zero import deepspeed_config
 from distlab.strategies.pipeline_parallel import SCHEDULES
 from distlab.strategies.tensor_parallel import apply_tp
 
@@ -54,6 +55,7 @@ HandStep = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy over all positions."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
@@ -106,12 +108,14 @@ class ModuleStep:
 
 
 def ddp_step(config: Config, group: dist.ProcessGroup) -> HandStep:
+    """DDP over ``group``: gradients all-reduced in buckets during backward."""
     model = build_model(config.model, config.seed)
     model = DistributedDataParallel(model, process_group=group, gradient_as_bucket_view=True)
     return ModuleStep(model, config, group, group.size())
 
 
 def fsdp_step(config: Config, group: dist.ProcessGroup) -> HandStep:
+    """FSDP2 over ``group``: every block a unit, then the root."""
     model = build_model(config.model, config.seed)
     mesh = hand_mesh(group)
     for block in model.blocks.values():
@@ -121,6 +125,7 @@ def fsdp_step(config: Config, group: dist.ProcessGroup) -> HandStep:
 
 
 def tp_step(config: Config, group: dist.ProcessGroup) -> HandStep:
+    """Tensor parallelism over ``group`` with distlab's plan (``apply_tp``)."""
     model = build_model(config.model, config.seed)
     mesh = hand_mesh(group)
     apply_tp(model, mesh, sequence_parallel=False)
@@ -128,10 +133,9 @@ def tp_step(config: Config, group: dist.ProcessGroup) -> HandStep:
 
 
 def zero2_step(config: Config, group: dist.ProcessGroup) -> HandStep:
+    """A DeepSpeed ZeRO-2 engine over ``group``, with the config dict distlab uses."""
     import deepspeed  # optional: the [deepspeed] extra
     from deepspeed.utils import groups
-
-    from distlab.strategies.deepspeed_zero import deepspeed_config
 
     model = build_model(config.model, config.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -159,6 +163,7 @@ def zero2_step(config: Config, group: dist.ProcessGroup) -> HandStep:
 
 
 def pp_step(config: Config, group: dist.ProcessGroup, microbatches: int) -> HandStep:
+    """One pipeline stage per rank of ``group``, driven by ``config.schedule``'s class."""
     if config.schedule not in ("gpipe", "1f1b"):
         raise ValueError("the hand-written pipeline runs one stage per rank (gpipe or 1f1b)")
     rank, stages = group.rank(), group.size()
