@@ -26,6 +26,10 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("ray", "local")
+AUTO = "auto"
+"""``--micro-batch auto``: the largest micro-batch that fits (``distlab.launch.micro_batch``)."""
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 @dataclass
@@ -44,8 +48,14 @@ class Config:
     """Number of optimizer steps."""
     global_batch: int = 16
     """Sequences per optimizer step, summed over all data-parallel ranks."""
-    micro_batch: int | None = None
-    """Sequences per forward pass on one rank; default: the whole local batch."""
+    micro_batch: int | str | None = None
+    """Sequences per forward pass on one rank, or auto: the largest that fits the device's
+    memory (found by short probe runs, then cached under the cache dir); default: auto on
+    a GPU, the whole local batch on a CPU."""
+    memory_budget: str | None = None
+    """Bytes one rank may use, e.g. 20GiB or 512MB (--micro-batch auto keeps each rank's
+    measured peak under it); default: 90% of the GPU's memory, or on a CPU the available
+    RAM / nproc."""
     seq_len: int | None = None
     """Tokens per sequence; default: the model preset's context length."""
     optimizer: str = "adamw"
@@ -149,10 +159,13 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         raise DistlabError(f"config field '{name}' must not be empty")
     try:
+        if kind.startswith("int | str"):  # a number or auto (micro_batch)
+            if str(value).strip().lower() == AUTO:
+                return AUTO
+            kind = f"a number or {AUTO}"
+            return _coerce_int(value)
         if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
+            return _coerce_int(value)
         if kind.startswith("float"):
             return float(value)
         if kind.startswith("bool"):
@@ -169,6 +182,28 @@ def _coerce(name: str, value: Any) -> Any:
         raise DistlabError(
             f"config field '{name}' expects {kind.split(' |')[0]}, got {value!r}"
         ) from None
+
+
+def _coerce_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def parse_bytes(text: str) -> int:
+    """``20GiB``, ``512MB``, ``1e9`` -> bytes; a one-line DistlabError for anything else."""
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("kmgtib")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number) * BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1.0
+    if not (math.isfinite(value) and value >= 1):
+        raise DistlabError(
+            f"memory_budget '{text}' is not a size: write bytes with a unit, e.g. 20GiB or 512MB"
+        )
+    return int(value)
 
 
 def read_yaml_mapping(file: Path, label: str, holds: str = "a mapping") -> dict[str, Any]:
@@ -268,6 +303,10 @@ def check_fields(config: Config) -> None:
         f"seq_len must be between 1 and the model's context length {preset.block_size} "
         f"(got {seq_len})",
     )
+    if isinstance(config.micro_batch, str) and config.micro_batch != AUTO:
+        raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
+    if config.memory_budget is not None:
+        parse_bytes(config.memory_budget)
     fault_specs(config)
 
 
@@ -290,10 +329,18 @@ def resolved_seq_len(config: Config) -> int:
     return config.seq_len if config.seq_len is not None else PRESETS[config.model].block_size
 
 
+def fixed_micro_batch(config: Config) -> int | None:
+    """The configured micro-batch size; None for the whole local batch or (not yet resolved) auto.
+
+    ``distlab.launch`` resolves auto to a number before any rank starts.
+    """
+    return None if config.micro_batch == AUTO else config.micro_batch  # type: ignore[return-value]
+
+
 def grad_accum_steps(config: Config, dp_size: int) -> int:
     """Micro-batches per optimizer step on one rank."""
     local = config.global_batch // dp_size
-    micro = config.micro_batch or local
+    micro = fixed_micro_batch(config) or local
     return local // micro
 
 

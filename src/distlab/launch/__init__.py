@@ -13,15 +13,19 @@ launcher's own process writes the run's one W&B run (``launch.wandb_run``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 from distlab.config import Config
+from distlab.errors import DistlabError
 from distlab.launch.local import launch_local
+from distlab.launch.micro_batch import PROBE_STEPS, resolve_micro_batch
 from distlab.launch.prepare import prepare_run
 from distlab.launch.ray_launcher import check_address, launch_ray, resolve_address
 from distlab.launch.wandb_run import WandbFeed
-from distlab.run.events import append_event
+from distlab.run.events import append_event, read_events
 from distlab.run.files import SUMMARY_FILE
 
 
@@ -31,6 +35,7 @@ def run(config: Config) -> Path:
     Raises ``DistlabError`` with a one-line reason if the run cannot start or a rank fails
     more often than ``config.max_failures`` allows.
     """
+    config = resolve_micro_batch(config, probe_peak, say=_say(config))
     address = None
     if config.launcher == "ray":
         address = resolve_address(config)
@@ -58,3 +63,45 @@ def run(config: Config) -> Path:
         if feed is not None:
             feed.finish(summary)
     return run_dir
+
+
+def probe_peak(config: Config) -> int | None:
+    """Train ``PROBE_STEPS`` steps of ``config`` in a throw-away run dir (local launcher);
+    the largest peak memory over its ranks, or None if a rank ran out of memory."""
+    with tempfile.TemporaryDirectory(prefix="distlab-probe-") as directory:
+        probe = dataclasses.replace(
+            config,
+            steps=PROBE_STEPS,
+            warmup_steps=min(config.warmup_steps, PROBE_STEPS),
+            run_dir=str(Path(directory) / "run"),
+            launcher="local",
+            wandb=False,
+            quiet=True,
+            checkpoint_every=0,
+            save_final_weights=False,
+            max_failures=0,
+            inject_fault=None,
+            resume=None,
+        )
+        try:
+            run_dir = run(probe)
+        except DistlabError as exc:
+            # The first failure reported may be a peer's lost connection: look at every fault.
+            reasons = [str(exc)] + [
+                str(e.get("reason", "")) for e in read_events(Path(probe.run_dir))
+            ]
+            if any("out of memory" in reason.lower() for reason in reasons):
+                return None
+            raise DistlabError(f"--micro-batch auto: a probe run failed: {exc}") from None
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        return max(summary["peak_memory_bytes_by_rank"])
+
+
+def _say(config: Config):
+    """Print a launcher line unless ``--quiet``."""
+
+    def say(line: str) -> None:
+        if not config.quiet:
+            print(line, flush=True)
+
+    return say

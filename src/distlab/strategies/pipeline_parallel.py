@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 
 from distlab.checkpoint.layout import checkpoint_step
 from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
-from distlab.config import Config, resolved_seq_len
+from distlab.config import AUTO, Config, fixed_micro_batch, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
@@ -135,8 +135,9 @@ def resolve_microbatches(config: Config, dims: ParallelDims) -> int:
     if config.microbatches is not None:
         return config.microbatches
     local = config.global_batch // dims.dp
-    if config.micro_batch is not None:
-        return local // config.micro_batch
+    micro = fixed_micro_batch(config)
+    if micro is not None:
+        return local // micro
     return max(d for d in range(1, min(local, 2 * dims.pp) + 1) if local % d == 0)
 
 
@@ -158,13 +159,19 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
     if config.global_batch % dims.dp:
         return  # resolve.validate reports the indivisible global batch
     local = config.global_batch // dims.dp
-    if config.micro_batch is not None and config.microbatches is not None:
-        if config.micro_batch * config.microbatches != local:
+    micro = fixed_micro_batch(config)
+    if config.micro_batch == AUTO and config.microbatches is not None:
+        raise DistlabError(
+            f"--micro-batch auto and --microbatches {config.microbatches} both set the "
+            "micro-batch size; give only one"
+        )
+    if micro is not None and config.microbatches is not None:
+        if micro * config.microbatches != local:
             raise DistlabError(
-                f"--micro-batch {config.micro_batch} x --microbatches {config.microbatches} "
+                f"--micro-batch {micro} x --microbatches {config.microbatches} "
                 f"!= the local batch {local}; give only --microbatches for pipelines"
             )
-    if config.micro_batch is not None and local % config.micro_batch:
+    if micro is not None and local % micro:
         return  # resolve.validate reports it
     m = resolve_microbatches(config, dims)
     if m < dims.pp:

@@ -15,6 +15,7 @@ from distlab.config import (
     Config,
     build_config,
     check_fields,
+    fixed_micro_batch,
     option_flag,
     read_config_values,
 )
@@ -64,12 +65,13 @@ def validate(config: Config) -> None:
             f"{dp}; use a multiple of {dp}"
         )
     local = config.global_batch // dp
-    if config.micro_batch is not None:
-        if config.micro_batch < 1:
+    micro = fixed_micro_batch(config)
+    if micro is not None:
+        if micro < 1:
             raise DistlabError("micro_batch must be >= 1")
-        if local % config.micro_batch:
+        if local % micro:
             raise DistlabError(
-                f"micro_batch {config.micro_batch} does not divide the per-rank batch {local} "
+                f"micro_batch {micro} does not divide the per-rank batch {local} "
                 f"(global_batch {config.global_batch} / data-parallel size {dp})"
             )
 
