@@ -17,11 +17,13 @@ there); its tokens/s come from the median step time. Rows, keyed RUN/MODE/SIZE:
 - ``hand``: the same hand-written loop over distlab's GPT (``build_model``);
   MODE ``compile`` wraps it in ``torch.compile``.
 
-SIZE ``8`` is ``--micro-batch`` (default 8); ``max`` is the largest power of two
-dividing the global batch that fits: tried from the global batch downward, a
-size is skipped when a step raises ``torch.OutOfMemoryError`` (a distlab rank
-reports it as its failure). The hand-written loops run in a fresh process per
-row, like distlab's ranks, so each row's peak memory is its own:
+SIZE ``8`` is ``--micro-batch`` (default 8); ``max`` is the largest micro-batch
+that fits. distlab finds its own: ``--micro-batch auto`` (probe runs, largest
+divisor of the batch whose peak stays under 90% of the GPU; cached in the
+distlab cache dir, so a rerun skips the probes). For the peers, powers of two
+dividing the global batch are tried from the batch downward, and a size is
+skipped when a step raises ``torch.OutOfMemoryError``. The peers run in a fresh
+process per row, like distlab's ranks, so each row's peak memory is its own:
 ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU
 (``distlab.measure.memory.peak_memory_bytes`` for both). MFU is distlab's
 (``distlab.model.flops_per_token`` over ``distlab.measure.mfu.peak_flops``).
@@ -29,7 +31,7 @@ row, like distlab's ranks, so each row's peak memory is its own:
 Defaults: on a GPU, ``configs/gpt2-gpu.yaml`` (the gpt2 preset, 64 x 1024 tokens
 per step, bf16 autocast); without one, a CPU smoke run of ``configs/tiny.yaml``
 at global batch 16 (fp32, one thread per process). Progress goes to stdout as
-rows finish; ``--out`` gets the JSON after every row, so a run cut short keeps
+rows start and finish; ``--out`` gets the JSON after every row, so a run cut short keeps
 what it measured. Nothing here imports ray, deepspeed or wandb.
 """
 
@@ -52,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from distlab.cli import run_cli
-from distlab.config import Config, resolved_seq_len
+from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.errors import DistlabError, first_line
 from distlab.launch import run
@@ -60,7 +62,7 @@ from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops
 from distlab.model import PRESETS, GPTConfig, build_model, count_parameters, flops_per_token
 from distlab.optim import build_optimizer, build_scheduler
-from distlab.run.files import METRICS_FILE, SUMMARY_FILE, read_jsonl
+from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.strategies.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,11 +123,6 @@ def size_candidates(size: str, global_batch_size: int) -> list[int]:
         return [int(size)]
     powers = [2**i for i in range(global_batch_size.bit_length())]
     return sorted((p for p in powers if global_batch_size % p == 0), reverse=True)
-
-
-def is_out_of_memory(error: DistlabError) -> bool:
-    """Whether a distlab run failed because a rank ran out of device memory."""
-    return "OutOfMemoryError" in str(error) or "out of memory" in str(error)
 
 
 # --- The hand-written loop (HF's GPT-2 and distlab's GPT), in a fresh process per row -----
@@ -234,8 +231,8 @@ def peer_row(row: Row, config: Config, token_file: str, device_type: str) -> dic
         except torch.OutOfMemoryError:
             too_big.append(micro_batch)
         else:
-            result["peak_memory_bytes"] = peak_memory_bytes(device)
-            return {**result, "out_of_memory_at": too_big}
+            note = f"out of memory at {too_big}" if too_big else ""
+            return {**result, "note": note, "peak_memory_bytes": peak_memory_bytes(device)}
         free_memory(device)
     raise DistlabError(f"out of memory at every micro-batch tried ({too_big})")
 
@@ -244,46 +241,34 @@ def peer_row(row: Row, config: Config, token_file: str, device_type: str) -> dic
 
 
 def distlab_row(
-    row: Row,
-    config_file: Path,
-    overrides: dict[str, Any],
-    work_dir: Path,
-    global_batch_size: int,
+    row: Row, config_file: Path, overrides: dict[str, Any], work_dir: Path
 ) -> dict[str, Any]:
-    """One distlab run on one rank: the first candidate micro-batch whose run does not OOM."""
-    too_big: list[int] = []
-    for micro_batch in size_candidates(row.size, global_batch_size):
-        run_dir = work_dir / f"{row.key.replace('/', '-')}-mb{micro_batch}"
-        values = {
-            **overrides,
-            "strategy": row.run,
-            "nproc": 1,
-            "micro_batch": micro_batch,
-            "checkpoint_every": 0,
-            "launcher": "local",
-            "wandb": False,
-            "quiet": True,
-            "run_dir": str(run_dir),
-        }
-        if row.mode == "compile":
-            values["compile"] = True
-        try:
-            run(load_config(str(config_file), values))
-        except DistlabError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            too_big.append(micro_batch)
-            continue
-        metrics = read_jsonl(run_dir / METRICS_FILE)
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        return {
-            "step_times_s": [m["step_time_s"] for m in metrics],
-            "final_loss": summary["final_loss"],
-            "micro_batch": micro_batch,
-            "out_of_memory_at": too_big,
-            "peak_memory_bytes": summary["peak_memory_bytes_by_rank"][0],
-        }
-    raise DistlabError(f"out of memory at every micro-batch tried ({too_big})")
+    """One distlab run on one rank; SIZE ``max`` is distlab's own ``--micro-batch auto``."""
+    run_dir = work_dir / row.key.replace("/", "-")
+    values = {
+        **overrides,
+        "strategy": row.run,
+        "nproc": 1,
+        "micro_batch": AUTO if row.size == "max" else int(row.size),
+        "checkpoint_every": 0,
+        "launcher": "local",
+        "wandb": False,
+        "quiet": True,
+        "run_dir": str(run_dir),
+    }
+    if row.mode == "compile":
+        values["compile"] = True
+    run(load_config(str(config_file), values))
+    resolved = read_yaml_mapping(run_dir / CONFIG_FILE, f"{run_dir}'s config")
+    metrics = read_jsonl(run_dir / METRICS_FILE)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    return {
+        "step_times_s": [m["step_time_s"] for m in metrics],
+        "final_loss": summary["final_loss"],
+        "micro_batch": resolved["micro_batch"],
+        "note": "found by --micro-batch auto" if row.size == "max" else "",
+        "peak_memory_bytes": summary["peak_memory_bytes_by_rank"][0],
+    }
 
 
 # --- The table -----------------------------------------------------------------------------
@@ -314,11 +299,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['size']} | - | - | - | - | {r['error'][:100]} |")
             continue
-        note = f"out of memory at {r['out_of_memory_at']}" if r["out_of_memory_at"] else ""
         lines.append(
             f"| {r['label']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
             f"{100 * r['mfu']:.3g}% | {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
-            f"{r['final_loss']:.4f} | {note} |"
+            f"{r['final_loss']:.4f} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -403,12 +387,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_step-") as work_dir:
         for index, row in enumerate(rows, 1):
             tic = time.perf_counter()
+            print(f"[{index}/{len(rows)} {tic - started:5.0f} s] {row.key} ...", flush=True)
             entry: dict[str, Any] = {"key": row.key, "label": row.label, "size": row.size}
             try:
                 if row.run in DISTLAB_RUNS:
-                    result = distlab_row(
-                        row, config_file, overrides, Path(work_dir), base.global_batch
-                    )
+                    result = distlab_row(row, config_file, overrides, Path(work_dir))
                 else:
                     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
                         result = pool.submit(peer_row, row, base, str(token_file), device).result()
