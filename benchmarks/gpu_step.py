@@ -66,16 +66,26 @@ from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json
 from distlab.strategies.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": {"config": "configs/gpt2-gpu.yaml", "warmup": 3, "steps": 8, "overrides": {}},
-    "cpu": {
-        "config": "configs/tiny.yaml",
-        "warmup": 2,
-        "steps": 5,
-        "overrides": {"global_batch": 16},
-    },
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What a run on one kind of device does unless flags say otherwise."""
+
+    config: str
+    """Base config file (relative to the project root)."""
+    warmup: int
+    """Untimed steps first (compiles happen there)."""
+    steps: int
+    """Timed steps after the warm-up."""
+    global_batch: int | None = None
+    """Sequences per step, if not the config file's."""
+
+
+DEVICE_DEFAULTS = {
+    "cuda": DeviceDefaults("configs/gpt2-gpu.yaml", warmup=3, steps=8),
+    "cpu": DeviceDefaults("configs/tiny.yaml", warmup=2, steps=5, global_batch=16),
 }
-"""Per device: base config, warm-up and timed steps, fields set over the config file."""
 
 RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "single": ("distlab single", ("eager", "compile")),
@@ -99,10 +109,12 @@ class Row:
 
     @property
     def key(self) -> str:
+        """``RUN/MODE/SIZE``, what ``--only`` matches."""
         return f"{self.run}/{self.mode}/{self.size}"
 
     @property
     def label(self) -> str:
+        """The table's name of the run."""
         return RUNS[self.run][0] + (" + compile" if self.mode == "compile" else "")
 
 
@@ -115,14 +127,6 @@ def all_rows(micro_batch: int) -> list[Row]:
         for run, (_, modes) in RUNS.items()
         if mode in modes
     ]
-
-
-def size_candidates(size: str, global_batch_size: int) -> list[int]:
-    """Micro-batches to try in order: the fixed one, or powers of two from the batch down."""
-    if size != "max":
-        return [int(size)]
-    powers = [2**i for i in range(global_batch_size.bit_length())]
-    return sorted((p for p in powers if global_batch_size % p == 0), reverse=True)
 
 
 # --- The hand-written loop (HF's GPT-2 and distlab's GPT), in a fresh process per row -----
@@ -216,6 +220,14 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def size_candidates(size: str, global_batch_size: int) -> list[int]:
+    """Micro-batches to try in order: the fixed one, or powers of two from the batch down."""
+    if size != "max":
+        return [int(size)]
+    powers = [2**i for i in range(global_batch_size.bit_length())]
+    return sorted((p for p in powers if global_batch_size % p == 0), reverse=True)
 
 
 def peer_row(row: Row, config: Config, token_file: str, device_type: str) -> dict[str, Any]:
@@ -341,14 +353,15 @@ def main() -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = DEVICE_DEFAULTS[device]
-    config_file = Path(args.config or ROOT / defaults["config"])
-    warmup = defaults["warmup"] if args.warmup is None else args.warmup
-    total_steps = warmup + (defaults["steps"] if args.steps is None else args.steps)
+    config_file = Path(args.config or ROOT / defaults.config)
+    warmup = defaults.warmup if args.warmup is None else args.warmup
+    total_steps = warmup + (defaults.steps if args.steps is None else args.steps)
     if warmup < 0 or total_steps <= warmup:
         raise DistlabError("--warmup must be >= 0 and --steps >= 1")
-    overrides = {**defaults["overrides"], "device": device, "steps": total_steps}
-    if args.global_batch is not None:
-        overrides["global_batch"] = args.global_batch
+    overrides: dict[str, Any] = {"device": device, "steps": total_steps}
+    global_batch_size = defaults.global_batch if args.global_batch is None else args.global_batch
+    if global_batch_size is not None:
+        overrides["global_batch"] = global_batch_size
     base = load_config(str(config_file), {**overrides, "micro_batch": args.micro_batch})
     rows = selected_rows(args.micro_batch, args.only)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -9,7 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tests.helpers import ROOT
+
+from distlab.data import prepare_tokens
+from distlab.errors import DistlabError
+from distlab.strategies.resolve import load_config
 
 SCRIPT = ROOT / "benchmarks" / "gpu_step.py"
 FORBIDDEN = ("ray", "deepspeed", "wandb")
@@ -25,15 +31,20 @@ COMPILED = "hand/compile/8"
 """One compiled row (a cold compile costs ~35 s or more here)."""
 
 
-def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python benchmarks/gpu_step.py args...`` from the source tree (PYTHONPATH=src)."""
+def source_tree_env() -> dict[str, str]:
+    """The environment with src/ first on PYTHONPATH, as the script runs on the GPU machine."""
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python benchmarks/gpu_step.py args...`` from the source tree."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
+        env=source_tree_env(),
         cwd=ROOT,
     )
 
@@ -46,13 +57,12 @@ def test_imports_no_library_the_gpu_machine_lacks():
         "spec.loader.exec_module(module)\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
-    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": path},
+        env=source_tree_env(),
     )
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -68,6 +78,51 @@ def test_list_and_a_filter_that_matches_nothing():
     refused = run_script("--device", "cpu", "--only", "nothing/*")
     assert refused.returncode == 2
     assert refused.stderr.strip() == "distlab: error: --only nothing/* matches no row (see --list)"
+
+
+def load_script():
+    """The benchmark script as a module (registered, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
+    module = sys.modules["gpu_step"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_peer_falls_back_to_the_largest_micro_batch_that_does_not_run_out_of_memory(
+    monkeypatch,
+):
+    gpu_step = load_script()
+    real_steps = gpu_step.peer_steps
+
+    def steps_under_a_limit(run, compiled, config, tokens, micro_batch, device):
+        if micro_batch > 4:
+            raise torch.OutOfMemoryError(f"no room for micro-batch {micro_batch}")
+        return real_steps(run, compiled, config, tokens, micro_batch, device)
+
+    monkeypatch.setattr(gpu_step, "peer_steps", steps_under_a_limit)
+    config = load_config("configs/tiny.yaml", {"global_batch": 16, "steps": 2, "device": "cpu"})
+    token_file = str(prepare_tokens(config.data))
+    result = gpu_step.peer_row(gpu_step.Row("hand", "eager", "max"), config, token_file, "cpu")
+    assert result["micro_batch"] == 4
+    assert result["note"] == "out of memory at [16, 8]"
+    assert len(result["step_times_s"]) == 2 and math.isfinite(result["final_loss"])
+    assert gpu_step.size_candidates("max", 48) == [16, 8, 4, 2, 1]
+
+
+def test_a_peer_that_never_fits_is_a_one_line_error(monkeypatch):
+    gpu_step = load_script()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(gpu_step, "peer_steps", out_of_memory)
+    config = load_config("configs/tiny.yaml", {"global_batch": 2, "device": "cpu"})
+    with pytest.raises(
+        DistlabError, match=r"out of memory at every micro-batch tried \(\[2, 1\]\)"
+    ):
+        gpu_step.peer_row(
+            gpu_step.Row("hf", "eager", "max"), config, str(prepare_tokens(None)), "cpu"
+        )
 
 
 @pytest.mark.slow
