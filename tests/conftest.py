@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from distlab.config import cache_dir
+from distlab.strategies.regional_compile import INDUCTOR_CACHE
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -16,3 +20,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def parity_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run dirs of parity checks; the ``single`` reference runs are shared by all tests."""
     return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A distlab cache dir for the session whose compile cache starts empty (``--compile`` tests).
+
+    ``DISTLAB_CACHE`` points at it from the first test that asks until the session
+    ends, so every compiled run of the session shares one inductor cache: a shape
+    compiles once per session, and never from a cache left by an earlier session.
+    The user's corpus and measured peaks are linked in, so nothing else starts cold.
+    """
+    root = tmp_path_factory.mktemp("distlab-cache")
+    if cache_dir().is_dir():
+        for entry in cache_dir().iterdir():
+            if entry.name != INDUCTOR_CACHE:
+                (root / entry.name).symlink_to(entry)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTLAB_CACHE", str(root))
+        yield root

@@ -103,6 +103,9 @@ class Config:
     """CPU threads per rank (intra-op); one keeps ranks from oversubscribing cores."""
     comm_stats: bool = True
     """Count every collective per step (CPU/gloo): a counting process group wraps gloo."""
+    compile: bool = False
+    """torch.compile each transformer block on its own (regional; inductor, cached under
+    the distlab cache dir); step 0 pays the compilation, reported apart as compile_s."""
     quiet: bool = False
     """Print nothing but errors (no progress, no summary table)."""
     log_every: int = 10

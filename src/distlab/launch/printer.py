@@ -8,6 +8,7 @@ from typing import Any
 
 from distlab.run.events import describe_fault, main_fault
 from distlab.run.files import EVENTS_FILE, METRICS_FILE, JsonlTail
+from distlab.run.recorder import step_status
 
 
 class EventPrinter:
@@ -53,10 +54,7 @@ class EventPrinter:
             for metrics in self.metrics.read():
                 step = metrics.get("step", -1)
                 if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
-                    self._print(
-                        f"step {step + 1}/{self.steps}  loss {metrics['loss']:.4f}  "
-                        f"{metrics['tokens_per_s']:,.0f} tok/s"
-                    )
+                    self._print(f"step {step + 1}/{self.steps}  {step_status(metrics)}")
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

@@ -2,6 +2,7 @@
 
     python -m distlab.verify --strategy fsdp --nproc 4
     python -m distlab.verify --strategy ddp --nproc 2 --optimizer sgd --steps 8
+    python -m distlab.verify --strategy fsdp --nproc 2 --compile   # compiled vs eager single
 
 Prints a per-step loss comparison for each optimizer and exits 1 if any step
 or final weight is outside the tolerance: the same per-strategy, per-optimizer
@@ -24,8 +25,8 @@ from distlab.strategies import registry
 
 
 def shape_fields() -> set[str]:
-    """The config fields verify passes on: every strategy option, and the micro-batch."""
-    return set(registry.option_users()) | {"micro_batch"}
+    """The config fields verify passes on: every strategy option, the micro-batch, compile."""
+    return set(registry.option_users()) | {"micro_batch", "compile"}
 
 
 def build_parser() -> OneLineErrorParser:
@@ -65,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the comparisons and print them; 0 if all pass, 1 otherwise."""
     args = build_parser().parse_args(argv)
     shape = {k: v for k, v in config_overrides(args).items() if k in shape_fields()}
-    if args.strategy == "single":
+    if args.strategy == "single" and not shape.get("compile"):
         raise DistlabError(
             "verify compares a strategy with 'single', so 'single' has nothing to be checked "
-            "against; pass another --strategy (python -m distlab.launch --list)"
+            "against; pass another --strategy (python -m distlab.launch --list), or --compile "
+            "to check compiled 'single' against eager"
         )
     optimizers = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
     configs = [

@@ -47,7 +47,7 @@ class RunRecorder:
         """Record one optimizer step's metrics and advance the progress display."""
         self.metrics_file.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
-        status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
+        status = step_status(metrics)
         if self.progress is not None:
             self.progress.update(self.task, completed=step + 1, status=status)
         elif not self.config.quiet and (
@@ -69,6 +69,25 @@ class RunRecorder:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
+
+
+def step_status(metrics: dict[str, Any]) -> str:
+    """A step's loss and throughput, and the seconds it spent compiling if any (--compile)."""
+    status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
+    if metrics.get("compile_s"):
+        status += f"  (compiling: {metrics['compile_s']:.1f} s)"
+    return status
+
+
+def compile_row(summary: dict[str, Any]) -> tuple[str, str]:
+    """The summary's compile row: time, steps, cache use; the throughput row leaves it out."""
+    cache = summary["compile_cache"]
+    steps = ", ".join(str(s) for s in summary["compile_steps"]) or "none"
+    return (
+        "compile",
+        f"{summary['compile_s']:.1f} s, slowest rank (in step {steps}; graphs loaded from "
+        f"cache {cache['hits']}, compiled {cache['misses']}); not in throughput",
+    )
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -96,6 +115,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("run dir", summary["run_dir"]),
     ]
+    if "compile_s" in summary:
+        rows.insert(4, compile_row(summary))
     for name, value in rows:
         table.add_row(name, value)
     return table

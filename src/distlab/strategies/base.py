@@ -104,6 +104,10 @@ class Strategy(ABC):
     flag is never silently ignored.
     """
 
+    compile_refusal: str | None = None
+    """Why ``--compile`` cannot run under this strategy (a one-line reason), or None if it can
+    (its ``prepare`` then applies ``distlab.strategies.regional_compile.apply_compile``)."""
+
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
 

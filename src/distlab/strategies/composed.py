@@ -5,6 +5,7 @@
 1. pipeline split: each rank keeps its stages' layers (``pipeline_parallel``);
 2. tensor parallelism inside each stage, over the mesh's ``tp`` dimension
    (``tensor_parallel.apply_tp``): parameters become DTensors on the tp mesh;
+   with ``--compile``, then each block is compiled (``regional_compile``);
 3. data parallelism around each stage over the ``dp`` dimension: FSDP2
    ``fully_shard`` (which shards the tp DTensors further, "2D") or DDP.
 
@@ -41,18 +42,21 @@ from distlab.strategies.base import (
 from distlab.strategies.fsdp import apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
+from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 
 
 def parallelize(
     module: GPT, mesh: DeviceMesh, dims: ParallelDims, config: Config, data_parallel: str
 ) -> nn.Module:
-    """Tensor parallelism, then ``data_parallel`` (fsdp or ddp), on a model or pipeline stage."""
+    """Tensor parallelism, ``--compile``, then ``data_parallel`` (fsdp or ddp) on a model/stage."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"], config.sequence_parallel)
         # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
         # in-place op on them would skip its pre-backward hook. Only the loss reads them.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    if config.compile:
+        apply_compile(module)
     if data_parallel == "fsdp":
         return apply_fsdp(module, mesh["dp"], config.reshard_after_forward)
     return DistributedDataParallel(module, process_group=mesh["dp"].get_group())

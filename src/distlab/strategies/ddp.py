@@ -27,6 +27,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.regional_compile import apply_compile
 
 
 class DDPStrategy(ReplicatedStateStrategy):
@@ -38,6 +39,8 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        if config.compile:
+            apply_compile(model)  # blocks first, then DDP's hooks on their parameters
         device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
         wrapped = DistributedDataParallel(
             model, device_ids=device_ids, gradient_as_bucket_view=True

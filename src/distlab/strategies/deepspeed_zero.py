@@ -108,6 +108,7 @@ from distlab.strategies.deepspeed_memory import (
     measure_parameter_bytes,
     predicted_zero_bytes,
 )
+from distlab.strategies.regional_compile import apply_compile
 
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
 CHECKPOINT_TAG = "deepspeed"
@@ -290,6 +291,8 @@ class DeepSpeedZeroStrategy(Strategy):
         if config.quiet:
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         model.to(ctx.device)
+        if config.compile:  # before DeepSpeed flattens the parameters; compiles lazily
+            apply_compile(model)
         n_params = sum(p.numel() for p in model.parameters())
         ds_config = deepspeed_config(config, self.stage, ctx.world_size, n_params)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -321,3 +324,8 @@ class Zero3Strategy(DeepSpeedZeroStrategy):
     summary = "DeepSpeed ZeRO-3: params, grads, optimizer state sharded (offload optimizer|params)"
     stage = 3
     data_parallel = "zero3"
+    compile_refusal = (
+        "ZeRO-3 gathers each layer's parameters in hooks on every Linear inside a block, "
+        "and DeepSpeed keeps those hooks out of torch.compile (torch.compiler.disable), "
+        "so a block cannot be one graph; use zero1, zero2 or fsdp"
+    )

@@ -74,6 +74,7 @@ from distlab.strategies.base import (
     no_sync_unless,
 )
 from distlab.strategies.parallel_dims import parameter_sizes
+from distlab.strategies.regional_compile import apply_compile
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -171,6 +172,8 @@ class FairscaleStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        if config.compile:  # before OSS and the wrapper take the parameters
+            apply_compile(model)
         optimizer = build_oss(model.parameters(), config)
         if self.shard_gradients:
             from fairscale.nn.data_parallel import ShardedDataParallel

@@ -28,6 +28,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.regional_compile import apply_compile
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool) -> FSDPModule:
@@ -63,6 +64,8 @@ class FSDPStrategy(Strategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
+        if config.compile:
+            apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
         sharded = apply_fsdp(model, mesh, config.reshard_after_forward)
 
         def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:

@@ -81,6 +81,7 @@ from distlab.strategies.parallel_dims import (
     rank_stage_plans,
     resolve_dims,
 )
+from distlab.strategies.regional_compile import apply_compile
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -360,4 +361,12 @@ class PPStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
-        return PipelineTrainStep(model, ctx, config, dims, dims.build_mesh(ctx.device_type))
+        mesh = dims.build_mesh(ctx.device_type)
+        if not config.compile:
+            return PipelineTrainStep(model, ctx, config, dims, mesh)
+
+        def compile_stage(stage: GPT) -> nn.Module:
+            apply_compile(stage)
+            return stage
+
+        return PipelineTrainStep(model, ctx, config, dims, mesh, compile_stage)

@@ -57,6 +57,11 @@ def validate(config: Config) -> None:
     check_fields(config)
     strategy = registry.describe(config.strategy)
     refuse_unused_options(config, strategy.options, registry.option_users())
+    if config.compile and strategy.compile_refusal:
+        raise DistlabError(
+            f"--compile is not supported by strategy '{config.strategy}': "
+            f"{strategy.compile_refusal}"
+        )
     strategy.validate(config)
     dp = strategy.data_parallel_size(config)
     if config.global_batch % dp:

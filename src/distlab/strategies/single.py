@@ -11,6 +11,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.strategies.base import ModuleTrainStep, ReplicatedStateStrategy, TrainStep
+from distlab.strategies.regional_compile import apply_compile
 
 
 class SingleStrategy(ReplicatedStateStrategy):
@@ -27,4 +28,6 @@ class SingleStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        if config.compile:
+            apply_compile(model)
         return ModuleTrainStep(model, ctx, config, dp_rank=0, dp_size=1, dp_group=None)

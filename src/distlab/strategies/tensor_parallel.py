@@ -57,6 +57,7 @@ from distlab.strategies.parallel_dims import (
     rank0_state_bytes,
     resolve_dims,
 )
+from distlab.strategies.regional_compile import apply_compile
 
 
 class ReplicateParallel(ParallelStyle):
@@ -198,6 +199,8 @@ class TPStrategy(Strategy):
         mesh = self.dims(config).build_mesh(ctx.device_type)
         model.to(ctx.device)
         apply_tp(model, mesh["tp"], config.sequence_parallel)
+        if config.compile:
+            apply_compile(model)  # after tp: its DTensor hooks are traced into the graphs
         return ModuleTrainStep(
             model,
             ctx,

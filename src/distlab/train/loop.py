@@ -99,7 +99,6 @@ def train(
         "seed": config.seed,
         "steps": config.steps,
     }
-    step_times: list[float] = []
     try:
         for step in range(start_step, config.steps):
             fire_fault(faults, FaultSpec(ctx.rank, step), ctx, run_dir)
@@ -113,7 +112,6 @@ def train(
             if ctx.device_type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - tic
-            step_times.append(step_time)
             extra = measure.end_step(
                 step, step_time, tokens_per_step, train_step.model_state_bytes()
             )
@@ -151,9 +149,8 @@ def train(
                 beat(run_dir, ctx.rank, "step", step)
         beat(run_dir, ctx.rank, "finish", config.steps - 1)
         state_bytes = gather_state_bytes(train_step.model_state_bytes().to_dict(), ctx)
-        measured = measure.finish(
-            tokens_per_step / statistics.median(step_times) if step_times else None
-        )
+        steady = measure.steady_step_times()  # without the steps that compiled (--compile)
+        measured = measure.finish(tokens_per_step / statistics.median(steady) if steady else None)
         if config.save_final_weights:
             weights = train_step.full_model_state_dict()
             if ctx.is_main:
@@ -165,7 +162,7 @@ def train(
     if recorder is None:
         return None
     metrics = read_jsonl(run_dir / METRICS_FILE)
-    median_step = statistics.median(step_times or [m["step_time_s"] for m in metrics])
+    median_step = statistics.median(steady or [m["step_time_s"] for m in metrics])
     summary = {
         "strategy": config.strategy,
         "nproc": config.nproc,

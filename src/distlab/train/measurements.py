@@ -16,6 +16,13 @@ Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
 itself to ``ranks/rank<r>.jsonl`` in the run dir (no collective needed).
 ``finish`` gathers each rank's peak memory and typical step communication
 once, and adds the predictions of ``distlab.theory``.
+
+With ``--compile`` each step also records ``compile_s``, the seconds this rank
+spent compiling in it (``distlab.measure.compile_time``: step 0's forward and
+backward, nothing after unless something recompiles). The steady-state step
+time (``steady_step_times``, behind the run's ``tokens_per_s`` and MFU) leaves
+out the steps in which rank 0 compiled; ``finish`` adds ``compile_s`` (the
+slowest rank's total), per rank, and the steps in which any rank compiled.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from distlab import theory
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.measure import mfu
+from distlab.measure.compile_time import compile_cache_counts, compile_seconds
 from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
 from distlab.measure.process_group import is_counting
@@ -52,11 +60,14 @@ class RunMeasurements:
         rank_dir.mkdir(parents=True, exist_ok=True)
         self.rank_file = (rank_dir / f"rank{ctx.rank}.jsonl").open("a", buffering=1)
         self.steps: list[dict[str, Any]] = []
+        self.compiled_before_step = 0.0
 
     def begin_step(self) -> None:
-        """Start counting this step's collectives."""
+        """Start counting this step's collectives (and its compile time with --compile)."""
         if self.counter is not None:
             self.counter.begin_step()
+        if self.config.compile:
+            self.compiled_before_step = compile_seconds()
 
     def end_step(
         self,
@@ -73,6 +84,8 @@ class RunMeasurements:
         }
         if state_bytes is not None:
             line.update({f"model_state/{k}": v for k, v in state_bytes.to_dict().items()})
+        if self.config.compile:
+            line["compile_s"] = compile_seconds() - self.compiled_before_step
         if self.counter is not None:
             stats = self.counter.end_step()
             line.update(stats.to_metrics())
@@ -90,6 +103,11 @@ class RunMeasurements:
                 self.flops_per_token, tokens_per_step / step_time, self.peak.flops, self.ranks
             )
         return metrics
+
+    def steady_step_times(self) -> list[float]:
+        """Step times of the steps in which this rank compiled nothing (all, if none)."""
+        steady = [s["step_time_s"] for s in self.steps if not s.get("compile_s")]
+        return steady or [s["step_time_s"] for s in self.steps]
 
     def typical_step(self) -> dict[str, Any]:
         """This rank's step with the median communication volume, first step excluded."""
@@ -109,6 +127,9 @@ class RunMeasurements:
                 k.removeprefix("comm/"): v for k, v in typical.items() if k.startswith("comm/")
             },
         }
+        if self.config.compile:
+            local["compile_s"] = compile_seconds()
+            local["compile_steps"] = [s["step"] for s in self.steps if s["compile_s"]]
         gathered: list[Any] = [None] * self.ctx.world_size
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.all_gather_object(gathered, local)
@@ -127,6 +148,14 @@ class RunMeasurements:
             "peak_flops_source": self.peak.source if self.peak else None,
             "effective_ranks": self.ranks,
         }
+        if self.config.compile:
+            summary.update(
+                compile_s=max(g["compile_s"] for g in gathered),
+                compile_s_by_rank=[g["compile_s"] for g in gathered],
+                compile_steps=sorted({s for g in gathered for s in g["compile_steps"]}),
+                compile_cache=compile_cache_counts(),
+                steady_state_steps=len([s for s in self.steps if not s["compile_s"]]),
+            )
         if tokens_per_s is not None and self.peak is not None:
             summary["mfu"] = mfu.mfu(
                 self.flops_per_token, tokens_per_s, self.peak.flops, self.ranks
