@@ -58,6 +58,7 @@ from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.errors import DistlabError, first_line
 from distlab.launch import run
+from distlab.measure.compile_time import compile_seconds
 from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops
 from distlab.model import PRESETS, GPTConfig, build_model, count_parameters, flops_per_token
@@ -210,7 +211,12 @@ def peer_steps(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - tic)
-    return {"step_times_s": step_times, "final_loss": loss, "micro_batch": micro_batch}
+    return {
+        "step_times_s": step_times,
+        "final_loss": loss,
+        "micro_batch": micro_batch,
+        "compile_s": compile_seconds() if compiled else None,
+    }
 
 
 def free_memory(device: torch.device) -> None:
@@ -279,6 +285,7 @@ def distlab_row(
         "final_loss": summary["final_loss"],
         "micro_batch": resolved["micro_batch"],
         "note": "found by --micro-batch auto" if row.size == "max" else "",
+        "compile_s": summary.get("compile_s"),
         "peak_memory_bytes": summary["peak_memory_bytes_by_rank"][0],
     }
 
@@ -311,10 +318,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['size']} | - | - | - | - | {r['error'][:100]} |")
             continue
+        notes = [r["note"]] if r["note"] else []
+        if r["compile_s"]:
+            notes.append(f"compiled in {r['compile_s']:.0f} s")
         lines.append(
             f"| {r['label']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
             f"{100 * r['mfu']:.3g}% | {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
-            f"{r['final_loss']:.4f} | {r['note']} |"
+            f"{r['final_loss']:.4f} | {'; '.join(notes)} |"
         )
     return "\n".join(lines)
 

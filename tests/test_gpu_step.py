@@ -27,8 +27,8 @@ EAGER_RUNS = {
     "hf": "HF GPT2LMHeadModel",
     "hand": "hand loop, distlab GPT",
 }
-COMPILED = "hand/compile/8"
-"""One compiled row (a cold compile costs ~35 s or more here)."""
+COMPILED = ("single/compile/8", "hand/compile/8")
+"""distlab's --compile and the compiled peer, once each (a cold compile costs ~35 s here)."""
 
 
 def source_tree_env() -> dict[str, str]:
@@ -130,7 +130,7 @@ def test_cpu_smoke_run_fills_every_row(tmp_path):
     out = tmp_path / "gpu_step.json"
     result = run_script(
         "--device", "cpu", "--warmup", "1", "--steps", "3",
-        "--only", "*/eager/*", COMPILED, "--out", str(out),
+        "--only", "*/eager/*", *COMPILED, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -138,7 +138,7 @@ def test_cpu_smoke_run_fills_every_row(tmp_path):
     assert report["timed_steps"] == 3 and report["peak_flops"] > 0
     rows = {row["key"]: row for row in report["rows"]}
     expected = {f"{run}/eager/{size}" for run in EAGER_RUNS for size in ("8", "max")}
-    assert set(rows) == expected | {COMPILED}
+    assert set(rows) == expected | set(COMPILED)
     for key, row in rows.items():
         assert "error" not in row, (key, row["error"])
         assert row["micro_batch"] == (16 if key.endswith("/max") else 8), key
@@ -147,15 +147,22 @@ def test_cpu_smoke_run_fills_every_row(tmp_path):
         assert len(row["step_times_s"]) == 4 and row["timed_steps"] == 3, key
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1, key
         assert row["peak_memory_bytes"] > 0 and math.isfinite(row["final_loss"]), key
+        assert (row["compile_s"] > 0) if key in COMPILED else row["compile_s"] is None, key
     # The hand-written loop trains distlab's GPT on the same batches with the same
     # optimizer and schedule: it must end at distlab's loss (same work, not a lighter one).
     for size in ("8", "max"):
         assert rows[f"hand/eager/{size}"]["final_loss"] == pytest.approx(
             rows[f"single/eager/{size}"]["final_loss"], rel=1e-4
         )
+    for key in COMPILED:
+        assert rows[key]["final_loss"] == pytest.approx(
+            rows["single/eager/8"]["final_loss"], rel=1e-3
+        ), key
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| run | micro-batch | tokens/s | MFU | peak memory")
     assert len(table) == 1 + len(rows)
     for label in EAGER_RUNS.values():
         assert sum(line.startswith(f"| {label} | ") for line in table) == 2, label
-    assert any(line.startswith("| hand loop, distlab GPT + compile | 8 | ") for line in table)
+    for label in ("distlab single + compile", "hand loop, distlab GPT + compile"):
+        (line,) = [line for line in table if line.startswith(f"| {label} | 8 | ")]
+        assert "compiled in" in line, line
