@@ -42,6 +42,7 @@ import fnmatch
 import gc
 import json
 import multiprocessing as mp
+import shutil
 import statistics
 import tempfile
 import time
@@ -280,6 +281,7 @@ def distlab_row(
     resolved = read_yaml_mapping(run_dir / CONFIG_FILE, f"{run_dir}'s config")
     metrics = read_jsonl(run_dir / METRICS_FILE)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    shutil.rmtree(run_dir)  # its checkpoint: about 1 GB for gpt2 with AdamW
     return {
         "step_times_s": [m["step_time_s"] for m in metrics],
         "final_loss": summary["final_loss"],
