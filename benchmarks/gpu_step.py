@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from distlab.cli import run_cli
 from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens
+from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
 from distlab.launch import run
 from distlab.measure.compile_time import compile_seconds
@@ -375,6 +376,7 @@ def main() -> int:
     if global_batch_size is not None:
         overrides["global_batch"] = global_batch_size
     base = load_config(str(config_file), {**overrides, "micro_batch": args.micro_batch})
+    resolve_device(base)  # a one-line error if a GPU is asked for and there is none
     rows = selected_rows(args.micro_batch, args.only)
 
     shape = PRESETS[base.model]

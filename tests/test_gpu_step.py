@@ -80,6 +80,14 @@ def test_list_and_a_filter_that_matches_nothing():
     assert refused.stderr.strip() == "distlab: error: --only nothing/* matches no row (see --list)"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_without_one_is_a_one_line_error():
+    refused = run_script("--device", "cuda")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("distlab: error: --device cuda was requested but no CUDA")
+    assert "Traceback" not in refused.stderr
+
+
 def load_script():
     """The benchmark script as a module (registered, as dataclasses need)."""
     spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
