@@ -59,6 +59,11 @@ so it cannot reproduce the schedule the other strategies use. bf16 is
 DeepSpeed's ``torch_autocast`` (fp32 parameters, bf16 matmuls): the meaning
 ``--precision bf16`` has everywhere in distlab.
 
+``--compile`` (zero1, zero2): each block is compiled before ``deepspeed.initialize``
+(``regional_compile``); compilation happens in the first forward, after
+DeepSpeed has moved the parameters into its flat buffers, which it then updates
+in place. ZeRO-3 refuses it (``Zero3Strategy.compile_refusal``).
+
 When to use it: ZeRO-1/2 when the optimizer state (and gradients) no longer fit
 but the parameters do: up to 4-8x less state per rank for DDP-like traffic.
 ZeRO-3 when even the parameters do not fit at rest (bound how many stay

@@ -38,6 +38,9 @@ consolidated from all shards (tensors and plain values only, readable with
 ``torch.load(weights_only=True)``); loading hands each rank its own shard of
 it, whatever partition wrote it.
 
+``--compile``: each block is compiled before OSS and the wrapper see the model
+(``regional_compile``); both act on parameters and gradients, outside the blocks.
+
 When to use it: to learn how optimizer and gradient sharding work in a few
 hundred readable lines (``fairscale/optim/oss.py``,
 ``fairscale/nn/data_parallel/sharded_ddp.py``). fairscale is no longer
