@@ -271,6 +271,7 @@ def distlab_row(
         "nproc": 1,
         "micro_batch": AUTO if row.size == "max" else int(row.size),
         "checkpoint_every": 0,
+        "final_checkpoint": False,
         "launcher": "local",
         "wandb": False,
         "quiet": True,
@@ -282,7 +283,7 @@ def distlab_row(
     resolved = read_yaml_mapping(run_dir / CONFIG_FILE, f"{run_dir}'s config")
     metrics = read_jsonl(run_dir / METRICS_FILE)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    shutil.rmtree(run_dir)  # its checkpoint: about 1 GB for gpt2 with AdamW
+    shutil.rmtree(run_dir)
     return {
         "step_times_s": [m["step_time_s"] for m in metrics],
         "final_loss": summary["final_loss"],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import ROOT, assert_one_line_error, run_command
+from tests.helpers import ROOT, TINY_LOCAL_RUN, assert_one_line_error, run_command
 
 TINY = [
     "--launcher",
@@ -187,3 +187,13 @@ def test_verify_command_prints_a_table() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "single loss" in result.stdout
+
+
+def test_no_final_checkpoint_saves_nothing(tmp_path: Path) -> None:
+    """--no-final-checkpoint (benchmarks, probes): the run finishes and writes no checkpoint."""
+    run_dir = tmp_path / "run"
+    flags = [*TINY_LOCAL_RUN, "--steps", "2", "--no-final-checkpoint", "--run-dir", str(run_dir)]
+    result = run_command("distlab.launch", *flags)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "summary.json").exists()
+    assert not list((run_dir / "checkpoints").glob("step_*"))

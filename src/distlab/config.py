@@ -114,6 +114,9 @@ class Config:
     """Save a sharded checkpoint every this many steps; 0 saves only at the end."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    final_checkpoint: bool = True
+    """Save a checkpoint after the last step (so the run can be resumed or extended);
+    --no-final-checkpoint for throw-away runs (benchmarks, --micro-batch auto's probes)."""
     run_dir: str | None = None
     """Directory for config.yaml, metrics.jsonl, summary.json and checkpoints."""
     runs_root: str = "runs"
@@ -390,7 +393,7 @@ def checkpoint_steps(config: Config) -> list[int]:
     """The steps after which a checkpoint is saved (``step_N`` for N in the list)."""
     every = config.checkpoint_every
     steps = set(range(every, config.steps + 1, every)) if every > 0 else set()
-    return sorted(steps | {config.steps})
+    return sorted(steps | ({config.steps} if config.final_checkpoint else set()))
 
 
 def fault_specs(config: Config) -> list[FaultSpec]:
