@@ -54,7 +54,7 @@ def parallelize(
         # in-place op on them would skip its pre-backward hook. Only the loss reads them.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     if data_parallel == "fsdp":
-        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward)
+        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward, config.precision)
     return DistributedDataParallel(module, process_group=mesh["dp"].get_group())
 
 
