@@ -187,3 +187,13 @@ def test_verify_command_prints_a_table() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "single loss" in result.stdout
+
+
+def test_verify_command_compares_bf16_runs_at_the_bf16_tolerance() -> None:
+    result = run_command(
+        "distlab.verify", "--strategy", "fsdp", "--nproc", "2", "--optimizer", "sgd",
+        "--precision", "bf16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "fsdp x2, sgd, bf16" in result.stdout
+    assert "(tolerance 3.9e-03)" in result.stdout and "PASS" in result.stdout
