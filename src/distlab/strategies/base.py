@@ -147,7 +147,7 @@ def casts_itself(module: nn.Module) -> bool:
 
 
 def autocast(
-    device_type: str, precision: str, module: nn.Module | None = None
+    device_type: str, precision: str, module: nn.Module
 ) -> contextlib.AbstractContextManager:
     """bf16 autocast when asked for, unless ``module`` casts itself; else a no-op context.
 
@@ -155,7 +155,7 @@ def autocast(
     the residual stream stay fp32); it serves every strategy but FSDP, whose
     ``MixedPrecisionPolicy`` runs the whole forward in bf16 instead.
     """
-    if precision == "bf16" and not (module is not None and casts_itself(module)):
+    if precision == "bf16" and not casts_itself(module):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
