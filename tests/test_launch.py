@@ -197,3 +197,13 @@ def test_no_final_checkpoint_saves_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (run_dir / "summary.json").exists()
     assert not list((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_verify_command_compares_bf16_runs_at_the_bf16_tolerance() -> None:
+    result = run_command(
+        "distlab.verify", "--strategy", "fsdp", "--nproc", "2", "--optimizer", "sgd",
+        "--precision", "bf16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "fsdp x2, sgd, bf16" in result.stdout
+    assert "(tolerance 3.9e-03)" in result.stdout and "PASS" in result.stdout

@@ -58,7 +58,7 @@ def parallelize(
     if config.compile:
         apply_compile(module)
     if data_parallel == "fsdp":
-        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward)
+        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward, config.precision)
     return DistributedDataParallel(module, process_group=mesh["dp"].get_group())
 
 

@@ -14,15 +14,20 @@ parameters sharded at rest); False keeps them from forward to backward
 Memory per rank: 16 / N bytes per parameter with fp32 AdamW (everything sharded).
 Communication per step: all-gather of the parameters in forward (and again in
 backward when resharding) plus one reduce-scatter of the gradients.
+
+``--precision bf16`` is FSDP2's mixed-precision policy (``mixed_precision``),
+not autocast: parameters are gathered and computed in bf16 (half the gathered
+bytes and memory), gradients reduced in fp32, the sharded state stays fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from distlab.config import Config
 from distlab.distributed import RankContext
@@ -31,18 +36,37 @@ from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, Tra
 from distlab.strategies.regional_compile import apply_compile
 
 
-def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool) -> FSDPModule:
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for ``--precision``: bf16 compute, fp32 gradient reduction; or all fp32.
+
+    With bf16 each unit casts its fp32 shards to bf16 once, before the
+    all-gather (half the gathered bytes), runs its forward and backward on the
+    bf16 parameters, and casts the gradients to fp32 before the reduce-scatter,
+    so the sharded gradients, the master weights and the optimizer state stay fp32.
+    """
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool, precision: str) -> FSDPModule:
     """Shard every transformer block, then the root (embeddings, final norm, head).
 
     The root is never resharded after forward (FSDP2's default for it): backward
     starts with the root's LM head, so freeing its parameters at the end of
-    forward would only mean gathering them again at once.
+    forward would only mean gathering them again at once. ``precision`` picks
+    the mixed-precision policy (``mixed_precision``); the train step then runs
+    without autocast (``distlab.strategies.base.autocast``).
     """
+    policy = mixed_precision(precision)
     for block in model.blocks.values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # None: FSDP2 keeps the root's parameters gathered from forward into backward.
     return fully_shard(
-        model, mesh=mesh, reshard_after_forward=None if reshard_after_forward else False
+        model,
+        mesh=mesh,
+        reshard_after_forward=None if reshard_after_forward else False,
+        mp_policy=policy,
     )
 
 
@@ -66,7 +90,7 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
-        sharded = apply_fsdp(model, mesh, config.reshard_after_forward)
+        sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
 
         def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:
             sharded.set_requires_gradient_sync(enabled)

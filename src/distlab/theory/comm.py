@@ -33,6 +33,16 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
+
+Under ``--precision bf16`` (``compute_bytes``): FSDP's mixed-precision policy
+and DeepSpeed's bf16 mode gather parameters in bf16 (2 bytes per element, half
+the all-gather bytes) and reduce gradients in fp32 (4 bytes, unchanged), and
+their whole forward runs in bf16, so tensor-parallel all-reduces and pipeline
+messages are 2 bytes per element too. Under autocast (every other strategy)
+only matmul outputs are bf16: the row-parallel forward all-reduces and the
+gathered logits take 2 bytes; the embedding's all-reduce, the backward
+all-reduces (gradients of fp32 LayerNorm outputs) and the residual stream
+between pipeline stages stay fp32.
 """
 
 from __future__ import annotations
@@ -135,6 +145,17 @@ class Layout:
     pp: int
 
 
+def compute_bytes(config: Config, lay: Layout) -> int:
+    """Bytes per element of the parameters gathered and activations computed under ``config``.
+
+    2 where bf16 replaces fp32 in the model itself: FSDP2's ``MixedPrecisionPolicy``
+    and DeepSpeed's bf16 mode (every op in bf16); 4 in fp32, and for the
+    parameters of autocast strategies (their activations: see the module docstring).
+    """
+    casts_model = lay.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
+    return 2 if config.precision == "bf16" and casts_model else FP32
+
+
 def layout(config: Config) -> Layout | None:
     """What ``config.strategy`` declares (its flavour and mesh); None if not modelled."""
     strategy = registry.describe(config.strategy)
@@ -154,7 +175,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
         return None
     shape = PRESETS[config.model]
     seq = resolved_seq_len(config)
-    act = 2 if config.precision == "bf16" else FP32
+    model_bytes = compute_bytes(config, lay)  # parameters gathered, activations under FSDP
+    matmul_bytes = 2 if config.precision == "bf16" else FP32  # matmul outputs (autocast too)
     pred = CommPrediction()
     shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
     n_tensors = len(shapes)
@@ -170,9 +192,9 @@ def predict_comm(config: Config) -> CommPrediction | None:
         pred.add("all_reduce", FP32 * p_local, dp, calls=None)
         formulas.append("all-reduce 4P")
     elif lay.data_parallel == "fsdp":
-        padded = FP32 * fsdp_padded_numel(shapes, dp)
+        padded = model_bytes * fsdp_padded_numel(shapes, dp)
         root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
-        root_padded = FP32 * fsdp_padded_numel(root, dp)
+        root_padded = model_bytes * fsdp_padded_numel(root, dp)
         micro = accum if lay.pp == 1 else microbatches(config, lay)
         units = _layers_of(config, lay) + (1 if root else 0)
         # Forward gathers every unit; backward regathers the blocks when resharding
@@ -181,27 +203,28 @@ def predict_comm(config: Config) -> CommPrediction | None:
         if config.reshard_after_forward:
             gathered, calls = 2 * padded - root_padded, 2 * units - (1 if root else 0)
         pred.add("all_gather", micro * gathered, dp, calls=micro * calls)
-        pred.add("reduce_scatter", padded, dp, calls=units)
+        # Gradients are reduced in fp32 (the policy's reduce_dtype) under bf16 too.
+        pred.add("reduce_scatter", FP32 * fsdp_padded_numel(shapes, dp), dp, calls=units)
         twice = "2x" if config.reshard_after_forward else "1x"
         formulas.append(
-            f"all-gather {twice}4P' (root once) per micro-batch + reduce-scatter 4P' "
-            f"(P' = P padded to {dp})"
+            f"all-gather {twice}{model_bytes}P' (root once) per micro-batch + "
+            f"reduce-scatter 4P' (P' = P padded to {dp})"
         )
         if lay.pp > 1:
             pred.notes.append("fsdp inside a pipeline: one gather per microbatch assumed")
     elif lay.data_parallel in ("zero1", "zero2"):
         pred.add("all_reduce", FP32 * p_local, dp, calls=None)
-        pred.add("all_gather", FP32 * p_local, dp, calls=None)
-        formulas.append("all-reduce 4P (gradients) + all-gather 4P (parameters)")
+        pred.add("all_gather", model_bytes * p_local, dp, calls=None)
+        formulas.append(f"all-reduce 4P (gradients) + all-gather {model_bytes}P (parameters)")
         pred.notes.append(
             "ZeRO paper: reduce-scatter + all-gather = DDP's volume; DeepSpeed all-reduces "
             "the gradient buckets on gloo, so it sends 1.5x DDP"
         )
     elif lay.data_parallel == "zero3":
         gathers = _zero3_gathers(config, p_local)
-        pred.add("all_gather", gathers * FP32 * p_local, dp, calls=None)
+        pred.add("all_gather", gathers * model_bytes * p_local, dp, calls=None)
         pred.add("reduce_scatter", FP32 * p_local, dp, calls=None)
-        formulas.append(f"all-gather {gathers}x4P + reduce-scatter 4P")
+        formulas.append(f"all-gather {gathers}x{model_bytes}P + reduce-scatter 4P")
         if gathers == 1:
             pred.notes.append(
                 "DeepSpeed keeps forward's gathered parameters for backward "
@@ -225,9 +248,12 @@ def predict_comm(config: Config) -> CommPrediction | None:
             first, last = _has_first_last(config, lay)
             tokens = rows * seq
             count = 6 * layers + (1 if first else 0) + (1 if last else 0)
-            pred.add("all_reduce", count * tokens * shape.d_model * act, tp, calls=count)
+            # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
+            # backward input gradients) are in the model's dtype (fp32 under autocast).
+            volume = 2 * layers * matmul_bytes + (count - 2 * layers) * model_bytes
+            pred.add("all_reduce", volume * tokens * shape.d_model, tp, calls=count)
             if last:
-                pred.add("all_gather", tokens * shape.vocab_size * act, tp)
+                pred.add("all_gather", tokens * shape.vocab_size * matmul_bytes, tp)
             formulas.append("all-reduce BTd x (6L + 2) + all-gather BTV")
     if dtensor_params:
         # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
@@ -237,7 +263,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
 
     # Pipeline parallelism between stages.
     if lay.pp > 1:
-        _pipeline_comm(pred, config, lay, rows, seq)
+        _pipeline_comm(pred, config, lay, rows, seq, model_bytes)
         formulas.append("send/recv M activations of (B/M) T d per stage boundary")
     if not formulas:
         formulas.append("none")
@@ -273,13 +299,19 @@ def _zero3_gathers(config: Config, p_local: int) -> int:
     return 1 if p_local <= min(reuse, live) else 2
 
 
-def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int) -> None:
-    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce."""
+def _pipeline_comm(
+    pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int, element_bytes: int
+) -> None:
+    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce.
+
+    Messages are the residual stream, ``element_bytes`` per element (fp32 under
+    autocast, bf16 from FSDP stages under bf16).
+    """
     shape = PRESETS[config.model]
     m = microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = lay.pp * virtual
-    message = (rows // m) * seq * shape.d_model * FP32  # the residual stream stays fp32
+    message = (rows // m) * seq * shape.d_model * element_bytes
     if lay.tp > 1 and config.sequence_parallel:
         message //= lay.tp
     sends = recvs = 0
