@@ -213,7 +213,11 @@ def check(
 def summarize(
     cells: list[dict[str, Any]], results: list[list[dict[str, Any]]], nproc: int
 ) -> list[dict[str, Any]]:
-    """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank)."""
+    """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank).
+
+    Bytes and calls are per measured step; ``predicted_calls`` holds only the
+    types whose number of calls the theory knows.
+    """
     rows = []
     for index, cell in enumerate(cells):
         if "collective" in cell:
@@ -239,6 +243,8 @@ def summarize(
                 "counted_over_predicted": counted / predicted.bytes if predicted else None,
                 "kinds": {k: v["bytes"] / steps for k, v in rank0["comm"]["kinds"].items()},
                 "predicted_kinds": dict(predicted.kinds) if predicted else {},
+                "calls": {k: v["calls"] / steps for k, v in rank0["comm"]["kinds"].items()},
+                "predicted_calls": predicted.to_dict()["calls"] if predicted else {},
                 "predicted_wire": predicted.wire_bytes if predicted else None,
                 "ranks": per_rank,
             }
