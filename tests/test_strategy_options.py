@@ -27,6 +27,7 @@ SAMPLE = {
     "microbatches": 4,
     "sequence_parallel": True,
     "reshard_after_forward": False,
+    "reshard_between_microbatches": True,
     "offload": "optimizer",
 }
 """A value other than the default for every strategy option."""

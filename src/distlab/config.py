@@ -127,6 +127,10 @@ class Config:
     """Write the full final weights to final_weights.pt (used by parity checks)."""
     reshard_after_forward: bool = True
     """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    reshard_between_microbatches: bool = False
+    """FSDP only, with several micro-batches per step: free the gathered parameters after
+    each micro-batch and gather them again for the next (less memory during the step, one
+    gather per micro-batch); default: keep them gathered until the step's last backward."""
     offload: str = "none"
     """DeepSpeed ZeRO only: none, optimizer (state on CPU) or params (ZeRO-3: also params)."""
     dp: int | None = None

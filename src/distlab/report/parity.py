@@ -272,6 +272,8 @@ def _run_name(config: Config) -> str:
         parts.append(f"off-{config.offload}")
     if not config.reshard_after_forward:
         parts.append("noreshard")
+    if config.reshard_between_microbatches:
+        parts.append("regather")
     if config.sequence_parallel:
         parts.append("sp")
     if config.compile:

@@ -88,7 +88,7 @@ TP_OPTIONS = frozenset({"tp", "sequence_parallel"})
 """Config fields of tensor parallelism."""
 PP_OPTIONS = frozenset({"pp", "schedule", "microbatches"})
 """Config fields of pipeline parallelism."""
-FSDP_OPTIONS = frozenset({"reshard_after_forward"})
+FSDP_OPTIONS = frozenset({"reshard_after_forward", "reshard_between_microbatches"})
 """Config fields of FSDP2."""
 
 

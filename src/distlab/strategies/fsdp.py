@@ -11,9 +11,28 @@ gathered parameters after forward and gathers them again for backward (ZeRO-3:
 parameters sharded at rest); False keeps them from forward to backward
 (ZeRO-2-like: less communication, more memory during the step).
 
+Gradient accumulation (``--micro-batch``, A micro-batches per step): the
+gradients of every micro-batch accumulate unsharded on each rank and are
+reduce-scattered once, in the last backward. What happens to the gathered
+parameters between micro-batches is a memory/communication trade
+(``MicroBatchSettings``):
+
+- default: they stay gathered from the first micro-batch's backward to the
+  last one's, so a step gathers what a one-micro-batch step gathers, whatever
+  A. During the step a rank holds the full parameters (4P bytes) besides the
+  full accumulated gradients (4P).
+- ``--reshard-between-microbatches`` (ZeRO-3's choice): every micro-batch
+  gathers again and frees after its backward, so a rank holds only one unit's
+  parameters gathered at a time (4P less during the step), for A times the
+  all-gather traffic.
+
+Either way the parameters are resharded when the step's last backward ends:
+at rest (optimizer step, checkpoints) a rank holds only its shards.
+
 Memory per rank: 16 / N bytes per parameter with fp32 AdamW (everything sharded).
 Communication per step: all-gather of the parameters in forward (and again in
-backward when resharding) plus one reduce-scatter of the gradients.
+backward when resharding), once per step (default) or once per micro-batch
+(``--reshard-between-microbatches``), plus one reduce-scatter of the gradients.
 
 ``--precision bf16`` is FSDP2's mixed-precision policy (``mixed_precision``),
 not autocast: parameters are gathered and computed in bf16 (half the gathered
@@ -70,6 +89,51 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool, precision: s
     )
 
 
+class MicroBatchSettings:
+    """FSDP2's settings for each micro-batch of an optimizer step (a ``GradientSync``).
+
+    Called before each micro-batch with whether it is the step's last. Every
+    micro-batch but the last skips the reduce-scatter
+    (``set_requires_gradient_sync(False)``: gradients accumulate unsharded). By
+    default, also measured with ``distlab.measure``'s counter:
+
+    - first micro-batch: parameters kept after backward
+      (``set_reshard_after_backward(False)``); forward frees the blocks as
+      configured (``reshard_after_forward``), so this micro-batch gathers what a
+      one-micro-batch step gathers;
+    - middle micro-batches: also kept after forward
+      (``set_reshard_after_forward(False)`` on the blocks), so they gather nothing;
+    - last micro-batch: kept after forward, resharded after backward, gradients
+      reduce-scattered: the step ends sharded, as without accumulation.
+
+    With one micro-batch per step it is first and last: FSDP's defaults.
+    ``reshard_between_microbatches`` keeps FSDP's defaults for every micro-batch
+    (gather again each time) and only skips the early reduce-scatters.
+    """
+
+    def __init__(
+        self, model: FSDPModule, reshard_after_forward: bool, reshard_between_microbatches: bool
+    ) -> None:
+        self.model = model
+        self.keep = not reshard_between_microbatches
+        # apply_fsdp's units that free their parameters after forward: the blocks (not the root).
+        self.resharding = (
+            [unit for unit in model.modules() if isinstance(unit, FSDPModule) and unit is not model]
+            if reshard_after_forward
+            else []
+        )
+        self.first = True
+
+    def __call__(self, last: bool) -> contextlib.AbstractContextManager:
+        self.model.set_requires_gradient_sync(last)
+        if self.keep:
+            self.model.set_reshard_after_backward(last)
+            for unit in self.resharding:
+                unit.set_reshard_after_forward(self.first, recurse=False)
+        self.first = last
+        return contextlib.nullcontext()
+
+
 class FSDPStrategy(Strategy):
     """Shard parameters, gradients and optimizer state across all ranks."""
 
@@ -91,11 +155,6 @@ class FSDPStrategy(Strategy):
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
         sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
-
-        def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:
-            sharded.set_requires_gradient_sync(enabled)
-            return contextlib.nullcontext()
-
         return ModuleTrainStep(
             sharded,
             ctx,
@@ -103,5 +162,7 @@ class FSDPStrategy(Strategy):
             dp_rank=ctx.rank,
             dp_size=ctx.world_size,
             dp_group=mesh.get_group(),
-            gradient_sync=gradient_sync,
+            gradient_sync=MicroBatchSettings(
+                sharded, config.reshard_after_forward, config.reshard_between_microbatches
+            ),
         )
