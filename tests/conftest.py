@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from distlab.config import cache_dir
+from distlab.distributed import RankContext, free_port
 from distlab.strategies.regional_compile import INDUCTOR_CACHE
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -39,3 +42,13 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DISTLAB_CACHE", str(root))
         yield root
+
+
+@pytest.fixture
+def one_rank():
+    """A world-size-1 gloo group in this process."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield RankContext(rank=0, world_size=1, device=torch.device("cpu"))
+    dist.destroy_process_group()

@@ -145,6 +145,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory):
     commands = {
         "ddp": ["--strategy", "ddp", "--nproc", "2"],
         "zero2": ["--strategy", "zero2", "--nproc", "2"],
+        "zero2-bf16": ["--strategy", "zero2", "--nproc", "2", "--precision", "bf16"],
         "fairscale": ["--strategy", "fairscale-oss", "--nproc", "2"],
     }
 
@@ -267,7 +268,7 @@ def test_rank_load_paths_refuse_payload(sources, tmp_path: Path, case: str, dott
 
 def test_real_checkpoints_pass(sources) -> None:
     """The allow-lists admit what distlab writes (checked for every strategy in the docs)."""
-    for name in ("ddp", "zero2", "fairscale"):
+    for name in ("ddp", "zero2", "zero2-bf16", "fairscale"):
         verify_checkpoint(newest_checkpoint(sources(name)))
 
 

@@ -83,6 +83,14 @@ def test_parse_ss_sums_one_pid_and_skips_excluded_ports():
 # --- Multi-rank checks (one 2-rank job) ------------------------------------------------
 
 STRATEGIES = ["ddp", "fsdp", "tp", "pp"]
+BF16_CELLS = {
+    # FSDP's bf16 policy: bf16 all-gathers, fp32 reduce-scatters; autocast tp: mixed all-reduces;
+    # FSDP stages in a pipeline send bf16 activations.
+    "fsdp-bf16": {"strategy": "fsdp", "precision": "bf16"},
+    "tp-bf16": {"strategy": "tp", "precision": "bf16"},
+    "fsdp+pp-bf16": {"strategy": "fsdp+pp", "pp": 2, "precision": "bf16"},
+}
+CELLS = {**{s: {"strategy": s} for s in STRATEGIES}, **BF16_CELLS}
 COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send"]
 NUMEL = 2**18  # 1 MiB of fp32: protocol headers are noise next to it
 
@@ -91,27 +99,39 @@ NUMEL = 2**18  # 1 MiB of fp32: protocol headers are noise next to it
 def two_rank_check():
     from distlab.report.comm_check import check, summarize
 
-    cells = [{"strategy": s, "model": "tiny", "global_batch": 8} for s in STRATEGIES]
+    cells = [{**c, "model": "tiny", "global_batch": 8} for c in CELLS.values()]
     cells += [{"collective": c, "numel": NUMEL} for c in COLLECTIVES]
     results = check(cells, nproc=2, steps=3)
     return cells, results, summarize(cells, results, 2)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_counted_bytes_match_theory(two_rank_check, strategy):
+def _row(rows, name):
+    """The summary row of the cell ``CELLS[name]``."""
+    return next(r for r in rows if CELLS[name].items() <= r["cell"].items())
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_counted_bytes_match_theory(two_rank_check, name):
     _, _, rows = two_rank_check
-    row = next(r for r in rows if r["cell"].get("strategy") == strategy)
+    row = _row(rows, name)
     # DDP's bucket rebuild after its first iteration adds one tiny broadcast.
     assert row["counted_over_predicted"] == pytest.approx(1.0, rel=1e-3), row
     for kind, predicted in row["predicted_kinds"].items():
         assert row["kinds"][kind] == pytest.approx(predicted, rel=1e-2), (kind, row)
 
 
-@needs_ss
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tcp_bytes_match_counted_wire_bytes(two_rank_check, strategy):
+def test_fsdp_bf16_gathers_half_the_bytes_and_reduces_in_fp32(two_rank_check):
     _, _, rows = two_rank_check
-    row = next(r for r in rows if r["cell"].get("strategy") == strategy)
+    fp32, bf16 = _row(rows, "fsdp")["kinds"], _row(rows, "fsdp-bf16")["kinds"]
+    assert bf16["all_gather"] == fp32["all_gather"] / 2
+    assert bf16["reduce_scatter"] == fp32["reduce_scatter"]
+
+
+@needs_ss
+@pytest.mark.parametrize("name", CELLS)
+def test_tcp_bytes_match_counted_wire_bytes(two_rank_check, name):
+    _, _, rows = two_rank_check
+    row = _row(rows, name)
     for rank, figures in enumerate(row["ranks"]):
         # gloo adds a small header per message; pp's messages are the smallest.
         assert 0.99 <= figures["tcp_over_wire"] <= 1.05, (rank, figures)
@@ -139,19 +159,29 @@ def test_raw_collectives_on_the_wire(two_rank_check, collective):
 def test_losses_are_the_same_under_counting(two_rank_check):
     """Counting changes nothing: ddp, fsdp, tp and pp start from the same loss on every rank."""
     _, results, _ = two_rank_check
-    first = [r[i]["losses"][0] for r in results for i in range(len(STRATEGIES))]
+    first = [r[i]["losses"][0] for r in results for i in range(len(STRATEGIES))]  # the fp32 cells
     assert max(first) - min(first) < 1e-5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-def test_zero3_counted_bytes_match_theory():
+def test_zero_counted_bytes_match_theory():
+    """zero3 in fp32, and zero2/zero3 in DeepSpeed's bf16 mode (bf16 gathers, fp32 reductions)."""
     from distlab.report.comm_check import check, summarize
 
-    cells = [{"strategy": "zero3", "model": "tiny", "global_batch": 8}]
+    tiny = {"model": "tiny", "global_batch": 8}
+    cells = [
+        {"strategy": "zero3", **tiny},
+        {"strategy": "zero2", "precision": "bf16", **tiny},
+        {"strategy": "zero3", "precision": "bf16", **tiny},
+    ]
     rows = summarize(cells, check(cells, nproc=2, steps=3), 2)
-    assert rows[0]["counted_over_predicted"] == pytest.approx(1.0, rel=1e-2), rows[0]
-    for figures in rows[0]["ranks"]:
-        assert 0.99 <= figures["tcp_over_wire"] <= 1.05, figures
+    for row in rows:
+        assert row["counted_over_predicted"] == pytest.approx(1.0, rel=1e-2), row
+        for kind, predicted in row["predicted_kinds"].items():
+            assert row["kinds"][kind] == pytest.approx(predicted, rel=1e-2), (kind, row)
+        for figures in row["ranks"]:
+            assert 0.99 <= figures["tcp_over_wire"] <= 1.05, figures
+    assert rows[2]["kinds"]["all_gather"] == rows[0]["kinds"]["all_gather"] / 2
 
 
 def test_is_counting_false_without_a_group():
@@ -197,3 +227,21 @@ def test_predictions_for_every_valid_strategy():
     assert predicted[("single", 1)] == 0
     # the ZeRO ladder on gloo: zero1/2 add an all-gather to DDP's all-reduce; fsdp gathers twice
     assert predicted[("ddp", 2)] < predicted[("zero1", 2)] < predicted[("fsdp", 2)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "gradients"),
+    [("fsdp", "reduce_scatter"), ("fsdp+tp", "reduce_scatter"), ("zero1", "all_reduce"),
+     ("zero3", "reduce_scatter")],
+)  # fmt: skip
+def test_bf16_predictions_gather_two_bytes_and_reduce_four(strategy, gradients):
+    """FSDP's policy and DeepSpeed's bf16 mode: parameters (fsdp+tp: and logits) gathered in
+    bf16, half the fp32 bytes; gradients reduced in fp32, the same bytes."""
+    from distlab.strategies.resolve import load_config
+    from distlab.theory.comm import predict_comm
+
+    settings = {"strategy": strategy, "nproc": 4, **({"tp": 2} if "tp" in strategy else {})}
+    fp32 = predict_comm(load_config(None, settings)).kinds
+    bf16 = predict_comm(load_config(None, {**settings, "precision": "bf16"})).kinds
+    assert bf16["all_gather"] == fp32["all_gather"] / 2
+    assert bf16[gradients] == fp32[gradients]

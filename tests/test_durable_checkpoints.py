@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from tests.helpers import TINY_LOCAL_RUN, run_command
 
 from distlab.checkpoint.layout import (
@@ -32,7 +31,7 @@ from distlab.checkpoint.layout import (
 )
 from distlab.checkpoint.save import save_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.distributed import RankContext, free_port
+from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.strategies.resolve import load_config
 
@@ -187,16 +186,6 @@ class FakeTrainStep:
         (directory / "__0_0.distcp").write_bytes(self.payload)
         (directory / "global_step").mkdir()
         (directory / "global_step" / "optim_states.pt").write_bytes(self.payload)
-
-
-@pytest.fixture
-def one_rank():
-    """A world-size-1 gloo group in this process."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield RankContext(rank=0, world_size=1, device=torch.device("cpu"))
-    dist.destroy_process_group()
 
 
 @pytest.fixture

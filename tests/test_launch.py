@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import ROOT, assert_one_line_error, run_command
+from tests.helpers import ROOT, TINY_LOCAL_RUN, assert_one_line_error, run_command
 
 TINY = [
     "--launcher",
@@ -174,9 +174,10 @@ def test_list_strategies() -> None:
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert {"single", "ddp", "fsdp"} <= set(lines)
     # each strategy's own flags, from what it declares (Strategy.options)
-    assert lines["fsdp"].endswith("[--reshard-after-forward]")
+    assert lines["fsdp"].endswith("[--reshard-after-forward --reshard-between-microbatches]")
     assert lines["fsdp+tp+pp"].endswith(
-        "[--dp --microbatches --pp --reshard-after-forward --schedule --sequence-parallel --tp]"
+        "[--dp --microbatches --pp --reshard-after-forward --reshard-between-microbatches "
+        "--schedule --sequence-parallel --tp]"
     )
     assert "[" not in lines["ddp"]
 
@@ -187,3 +188,23 @@ def test_verify_command_prints_a_table() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "single loss" in result.stdout
+
+
+def test_no_final_checkpoint_saves_nothing(tmp_path: Path) -> None:
+    """--no-final-checkpoint (benchmarks, probes): the run finishes and writes no checkpoint."""
+    run_dir = tmp_path / "run"
+    flags = [*TINY_LOCAL_RUN, "--steps", "2", "--no-final-checkpoint", "--run-dir", str(run_dir)]
+    result = run_command("distlab.launch", *flags)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "summary.json").exists()
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_verify_command_compares_bf16_runs_at_the_bf16_tolerance() -> None:
+    result = run_command(
+        "distlab.verify", "--strategy", "fsdp", "--nproc", "2", "--optimizer", "sgd",
+        "--precision", "bf16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "fsdp x2, sgd, bf16" in result.stdout
+    assert "(tolerance 3.9e-03)" in result.stdout and "PASS" in result.stdout

@@ -7,7 +7,9 @@ the tensors a rank actually holds. A prediction 10% off means a term is
 missing or a strategy shards less than it claims.
 
 The runs are the 2-rank AdamW parity runs (``parity_config``), shared with
-the parity tests through the session's ``parity_workdir``.
+the parity tests through the session's ``parity_workdir``; fsdp and ZeRO also
+in bf16, where DeepSpeed holds bf16 parameters and gradients besides its fp32
+master slice, and FSDP's sharded state stays fp32.
 """
 
 from __future__ import annotations
@@ -23,14 +25,21 @@ TOLERANCE = 0.10
 NEEDS = {"zero": "deepspeed", "fairscale": "fairscale"}
 
 
+FP32_CASES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "fairscale-oss", "fairscale-sdp"]
+BF16_CASES = ["fsdp", "zero1", "zero2", "zero3"]
+
+
 @pytest.mark.parametrize(
-    "strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3", "fairscale-oss", "fairscale-sdp"]
+    ("strategy", "precision"),
+    [*((s, "fp32") for s in FP32_CASES), *((s, "bf16") for s in BF16_CASES)],
 )
-def test_measured_state_bytes_match_prediction(strategy: str, parity_workdir: Path) -> None:
+def test_measured_state_bytes_match_prediction(
+    strategy: str, precision: str, parity_workdir: Path
+) -> None:
     for prefix, module in NEEDS.items():
         if strategy.startswith(prefix):
             pytest.importorskip(module)
-    config = parity_config(strategy, 2, "adamw")
+    config = parity_config(strategy, 2, "adamw", precision=precision)
     run_dir = _run_once(config, parity_workdir / _run_name(config))
     summary = json.loads((run_dir / "summary.json").read_text())
     measured = summary["model_state_bytes_per_rank"]

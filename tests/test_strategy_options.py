@@ -27,6 +27,7 @@ SAMPLE = {
     "microbatches": 4,
     "sequence_parallel": True,
     "reshard_after_forward": False,
+    "reshard_between_microbatches": True,
     "offload": "optimizer",
 }
 """A value other than the default for every strategy option."""
@@ -132,3 +133,16 @@ def test_one_tolerance_per_strategy_and_optimizer(
     held_to = tolerance(parity_config(strategy, nproc, optimizer, **fields))
     assert held_to.loss_rtol == 1e-5
     assert held_to.param_atol == param_atol
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "tp", "fsdp+tp+pp"])
+def test_bf16_tolerance_is_the_unit_roundoff_for_every_strategy(strategy: str) -> None:
+    """bf16 runs share one derived tolerance (``distlab.report.parity.bf16_tolerance``)."""
+    fields = {"dp": 2, "tp": 2, "pp": 2} if strategy == "fsdp+tp+pp" else {}
+    sgd = tolerance(parity_config(strategy, nproc(strategy), "sgd", precision="bf16", **fields))
+    adamw = tolerance(parity_config(strategy, nproc(strategy), "adamw", precision="bf16", **fields))
+    assert sgd.loss_rtol == adamw.loss_rtol == 2**-8
+    # SGD: u x the summed lr (0.5 x (0.5 + 1 + 1 + 0.775 + 0.325) = 1.8) with gradients clipped to 1
+    assert sgd.param_atol == pytest.approx(2**-8 * 1.8)
+    # AdamW: twice the farthest AdamW can move a weight, 1.165 x the summed lr (3e-3 x 3.6)
+    assert adamw.param_atol == pytest.approx(2 * 1.1650 * 3e-3 * 3.6, rel=1e-4)

@@ -91,7 +91,11 @@ def test_deepspeed_config_mirrors_distlab_config() -> None:
     assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     bf16 = deepspeed_config(config(precision="bf16"), 2, 2, 1000)
-    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # DeepSpeed's own bf16 mode (bf16 parameters, fp32 master), gradients reduced in fp32.
+    assert bf16["bf16"] == {"enabled": True}
+    assert bf16["communication_data_type"] == "fp32"
+    assert "torch_autocast" not in bf16
+    assert "bf16" not in ds and "communication_data_type" not in ds
 
 
 def test_oss_partition_is_greedy_by_tensor() -> None:

@@ -73,7 +73,9 @@ class Config:
     seed: int = 0
     """Seeds the initial weights and the batch sequence."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (parameters and optimizer state stay fp32)."""
+    """fp32, or bf16 mixed precision with fp32 master weights and optimizer state: FSDP2's
+    MixedPrecisionPolicy under fsdp and its compositions, DeepSpeed's bf16 mode under zero1/2/3,
+    autocast elsewhere."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     launcher: str = "ray"
@@ -114,6 +116,9 @@ class Config:
     """Save a sharded checkpoint every this many steps; 0 saves only at the end."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    final_checkpoint: bool = True
+    """Save a checkpoint after the last step (so the run can be resumed or extended);
+    --no-final-checkpoint for throw-away runs (benchmarks, --micro-batch auto's probes)."""
     run_dir: str | None = None
     """Directory for config.yaml, metrics.jsonl, summary.json and checkpoints."""
     runs_root: str = "runs"
@@ -122,6 +127,10 @@ class Config:
     """Write the full final weights to final_weights.pt (used by parity checks)."""
     reshard_after_forward: bool = True
     """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    reshard_between_microbatches: bool = False
+    """FSDP only, with several micro-batches per step: free the gathered parameters after
+    each micro-batch and gather them again for the next (less memory during the step, one
+    gather per micro-batch); default: keep them gathered until the step's last backward."""
     offload: str = "none"
     """DeepSpeed ZeRO only: none, optimizer (state on CPU) or params (ZeRO-3: also params)."""
     dp: int | None = None
@@ -390,7 +399,7 @@ def checkpoint_steps(config: Config) -> list[int]:
     """The steps after which a checkpoint is saved (``step_N`` for N in the list)."""
     every = config.checkpoint_every
     steps = set(range(every, config.steps + 1, every)) if every > 0 else set()
-    return sorted(steps | {config.steps})
+    return sorted(steps | ({config.steps} if config.final_checkpoint else set()))
 
 
 def fault_specs(config: Config) -> list[FaultSpec]:

@@ -15,13 +15,33 @@ ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
 
 
+def implementation(params: list[nn.Parameter]) -> dict[str, bool]:
+    """The update kernel: ``fused`` (one kernel for all tensors) on CUDA, ``foreach`` elsewhere.
+
+    ``foreach`` updates all tensors with one batched op per formula term
+    instead of a Python loop per tensor; ``fused`` also fuses the terms. Both
+    compute the per-element formula of the loop, on DTensor shards too.
+    """
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return {"fused": True} if on_cuda else {"foreach": True}
+
+
 def build_optimizer(params: Iterable[nn.Parameter], config: Config) -> torch.optim.Optimizer:
-    """Plain SGD (no momentum) or AdamW, over all parameters, at the schedule's step-0 lr."""
+    """Plain SGD (no momentum) or AdamW, over all parameters, at the schedule's step-0 lr.
+
+    The kernel follows the parameters' device (``implementation``).
+    """
     params = list(params)
+    kernel = implementation(params)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr)
+        return torch.optim.SGD(params, lr=config.lr, **kernel)
     return torch.optim.AdamW(
-        params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
+        params,
+        lr=config.lr,
+        betas=ADAMW_BETAS,
+        eps=ADAMW_EPS,
+        weight_decay=config.weight_decay,
+        **kernel,
     )
 
 

@@ -118,6 +118,8 @@ DCP_METADATA_TABLE = [
 
 DEEPSPEED_TABLE = [
     *TENSOR_TABLE,
+    # --precision bf16 (DeepSpeed's bf16 mode): the module's bf16 parameters, a dtype marker.
+    ("torch", "BFloat16Storage", VALUE),
     # The module's param_shapes (model states): torch.Size, a tuple subclass built from ints.
     ("torch", "Size", CALL),
     # The ZeRO optimizer state: its fp16 loss scaler (fp32 runs too; NEWOBJ + BUILD),

@@ -78,6 +78,7 @@ def probe_peak(config: Config) -> int | None:
             wandb=False,
             quiet=True,
             checkpoint_every=0,
+            final_checkpoint=False,
             save_final_weights=False,
             max_failures=0,
             inject_fault=None,

@@ -54,9 +54,9 @@ NOT_MEMORY_FIELDS = frozenset(
     {
         "steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed",
         "data", "launcher", "ray_address", "timeout_s", "max_failures", "inject_fault",
-        "resume", "quiet", "log_every", "checkpoint_every", "keep_checkpoints", "run_dir",
-        "runs_root", "save_final_weights", "wandb", "wandb_project", "wandb_group",
-        "wandb_name", "micro_batch", "memory_budget",
+        "resume", "quiet", "log_every", "checkpoint_every", "keep_checkpoints",
+        "final_checkpoint", "run_dir", "runs_root", "save_final_weights", "wandb",
+        "wandb_project", "wandb_group", "wandb_name", "micro_batch", "memory_budget",
     }
 )  # fmt: skip
 """Config fields that do not change what a step holds in memory (left out of the cache key)."""
@@ -127,13 +127,19 @@ def device_name(device_type: str) -> str:
     if device_type == "cuda":
         props = torch.cuda.get_device_properties(0)
         return f"{props.name} ({props.total_memory} bytes)"
-    return "cpu"
+    return f"cpu ({os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')} bytes)"
 
 
-def cache_key(config: Config, device: str, budget: int) -> str:
-    """Everything the largest fitting micro-batch depends on, as one string."""
+def cache_key(config: Config, device: str) -> str:
+    """Everything the largest fitting micro-batch depends on, as one string.
+
+    The budget enters as given (``--memory-budget``, or the default's name), not as
+    bytes: the default on a CPU, available RAM, moves a little from run to run.
+    """
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_MEMORY_FIELDS}
-    fields.update(device=device, budget_bytes=budget, torch=torch.__version__)
+    fields.update(
+        device=device, budget=config.memory_budget or "default", torch=torch.__version__
+    )
     return json.dumps(fields, sort_keys=True)
 
 
@@ -166,7 +172,7 @@ def resolve_micro_batch(
     budget = budget_bytes(config, device_type)
     device = device_name(device_type)
     file = cache_dir() / CACHE_FILE
-    key = cache_key(config, device, budget)
+    key = cache_key(config, device)
     cached = read_cache(file).get(key)
     if isinstance(cached, dict) and isinstance(cached.get("micro_batch"), int):
         size = cached["micro_batch"]

@@ -49,6 +49,7 @@ def _rank(
     port: int,
     cells: list[dict[str, Any]],
     steps: int,
+    warmup: int,
     queue: Any,
 ) -> None:
     import torch
@@ -83,12 +84,12 @@ def _rank(
                 inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
                 return train_step.step(inputs, targets).loss
 
-            losses = [run(0)]
+            losses = [run(step) for step in range(warmup)]
             window = _measured_window(
-                lambda run=run: [run(step) for step in range(1, steps)], side, port, tally
+                lambda run=run: [run(step) for step in range(warmup, steps)], side, port, tally
             )
             losses += window.pop("result")
-            results.append({"cell": cell, "steps": steps - 1, **window, "losses": losses})
+            results.append({"cell": cell, "steps": steps - warmup, **window, "losses": losses})
             del train_step, model
         queue.put((rank, results))
         dist.barrier(group=side)
@@ -155,15 +156,22 @@ def _measured_window(work, side, port: int, counter) -> dict[str, Any]:
 
 
 def check(
-    cells: list[dict[str, Any]], nproc: int = 2, steps: int = 3, timeout: float = 600
+    cells: list[dict[str, Any]],
+    nproc: int = 2,
+    steps: int = 3,
+    timeout: float = 600,
+    warmup: int = 1,
 ) -> list[list[dict[str, Any]]]:
     """Run every cell (config overrides incl. ``strategy``) on ``nproc`` ranks, in one job.
 
     A cell ``{"collective": KIND, "numel": E}`` runs one raw collective instead
     (all_reduce, all_gather, reduce_scatter, broadcast, send) of E fp32 elements.
 
+    The first ``warmup`` steps of each cell are not measured (one-time work: DDP's
+    bucket rebuild, lazy initialisation, DeepSpeed's module trace).
+
     Returns, per rank, the list of per-cell results: counted ``comm`` totals over
-    the ``steps - 1`` measured steps, ``tcp_sent``/``tcp_received`` bytes in the
+    the ``steps - warmup`` measured steps, ``tcp_sent``/``tcp_received`` bytes in the
     same window, and the losses.
     """
     context = mp.get_context("spawn")
@@ -171,7 +179,7 @@ def check(
     port = free_port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     procs = [
-        context.Process(target=_rank, args=(r, nproc, port, cells, steps, queue))
+        context.Process(target=_rank, args=(r, nproc, port, cells, steps, warmup, queue))
         for r in range(nproc)
     ]
     for proc in procs:
@@ -205,7 +213,11 @@ def check(
 def summarize(
     cells: list[dict[str, Any]], results: list[list[dict[str, Any]]], nproc: int
 ) -> list[dict[str, Any]]:
-    """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank)."""
+    """Per cell: counted vs predicted (rank 0) and TCP vs counted wire bytes (every rank).
+
+    Bytes and calls are per measured step; ``predicted_calls`` holds only the
+    types whose number of calls the theory knows.
+    """
     rows = []
     for index, cell in enumerate(cells):
         if "collective" in cell:
@@ -231,6 +243,8 @@ def summarize(
                 "counted_over_predicted": counted / predicted.bytes if predicted else None,
                 "kinds": {k: v["bytes"] / steps for k, v in rank0["comm"]["kinds"].items()},
                 "predicted_kinds": dict(predicted.kinds) if predicted else {},
+                "calls": {k: v["calls"] / steps for k, v in rank0["comm"]["kinds"].items()},
+                "predicted_calls": predicted.to_dict()["calls"] if predicted else {},
                 "predicted_wire": predicted.wire_bytes if predicted else None,
                 "ranks": per_rank,
             }

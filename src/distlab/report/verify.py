@@ -3,10 +3,13 @@
     python -m distlab.verify --strategy fsdp --nproc 4
     python -m distlab.verify --strategy ddp --nproc 2 --optimizer sgd --steps 8
     python -m distlab.verify --strategy fsdp --nproc 2 --compile   # compiled vs eager single
+    python -m distlab.verify --strategy fsdp --nproc 2 --precision bf16
 
 Prints a per-step loss comparison for each optimizer and exits 1 if any step
-or final weight is outside the tolerance: the same per-strategy, per-optimizer
-tolerance the tests hold the strategy to (``distlab.report.parity.tolerance``).
+or final weight is outside the tolerance: the same per-strategy, per-optimizer,
+per-precision tolerance the tests hold the strategy to
+(``distlab.report.parity.tolerance``). With ``--precision bf16`` both runs are
+bf16 and the tolerance is bf16's (derived for the default 5 steps).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from distlab.strategies import registry
 
 
 def shape_fields() -> set[str]:
-    """The config fields verify passes on: every strategy option, the micro-batch, compile."""
-    return set(registry.option_users()) | {"micro_batch", "compile"}
+    """The config fields verify passes on: every strategy option, the micro-batch, compile and
+    the precision."""
+    return set(registry.option_users()) | {"micro_batch", "compile", "precision"}
 
 
 def build_parser() -> OneLineErrorParser:
@@ -38,7 +42,7 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--optimizer", choices=[*OPTIMIZERS, "both"], default="both")
     parser.add_argument("--steps", type=int, default=PARITY_STEPS)
-    # The strategies' own options (``Strategy.options``) and the micro-batch, as launch has them.
+    # The strategies' own options (``Strategy.options``), micro-batch and precision, as in launch.
     add_config_flags(parser, skip=set(FIELD_TYPES) - shape_fields())
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
     return parser
@@ -55,8 +59,8 @@ def report_table(title: str, report: ParityReport) -> Table:
         style = "" if diff <= report.loss_rtol else "bold red"
         table.add_row(str(step), f"{ref:.7f}", f"{loss:.7f}", f"{diff:.2e}", style=style)
     table.caption = (
-        f"max rel. loss diff {report.max_rel_diff:.2e} (tolerance {report.loss_rtol:.0e}); "
-        f"max |weight diff| {report.max_param_diff:.2e} (tolerance {report.param_atol:.0e}): "
+        f"max rel. loss diff {report.max_rel_diff:.2e} (tolerance {report.loss_rtol:.1e}); "
+        f"max |weight diff| {report.max_param_diff:.2e} (tolerance {report.param_atol:.1e}): "
         + ("PASS" if report.passed else "FAIL")
     )
     return table
@@ -81,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir or tmp)
         all_passed = True
         for config in configs:
-            console.print(
-                f"running single and {config.strategy} x{config.nproc} ({config.optimizer})..."
-            )
+            title = f"{config.strategy} x{config.nproc}, {config.optimizer}, {config.precision}"
+            console.print(f"running single and {title}...")
             report = compare(config, workdir)
-            console.print(
-                report_table(f"{config.strategy} x{config.nproc}, {config.optimizer}", report)
-            )
+            console.print(report_table(title, report))
             all_passed &= report.passed
     return 0 if all_passed else 1
 

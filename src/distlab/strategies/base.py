@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from distlab.checkpoint.layout import checkpoint_step
 from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
@@ -87,7 +88,7 @@ TP_OPTIONS = frozenset({"tp", "sequence_parallel"})
 """Config fields of tensor parallelism."""
 PP_OPTIONS = frozenset({"pp", "schedule", "microbatches"})
 """Config fields of pipeline parallelism."""
-FSDP_OPTIONS = frozenset({"reshard_after_forward"})
+FSDP_OPTIONS = frozenset({"reshard_after_forward", "reshard_between_microbatches"})
 """Config fields of FSDP2."""
 
 
@@ -140,15 +141,45 @@ class ReplicatedStateStrategy(Strategy):
         return predicted_bytes(n_params, config.optimizer)
 
 
-def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for, else a no-op context."""
-    if precision == "bf16":
+def casts_itself(module: nn.Module) -> bool:
+    """Whether ``module`` runs its forward in its own compute dtype: an FSDP2 module.
+
+    ``apply_fsdp`` gives FSDP2 the mixed-precision policy of ``--precision``, so
+    an FSDP module casts its parameters (and inputs) itself and needs no autocast.
+    """
+    return isinstance(module, FSDPModule)
+
+
+def autocast(
+    device_type: str, precision: str, module: nn.Module
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, unless ``module`` casts itself; else a no-op context.
+
+    Autocast keeps parameters fp32 and runs matmuls in bf16 (norms, softmax and
+    the residual stream stay fp32); it serves every strategy but FSDP, whose
+    ``MixedPrecisionPolicy`` runs the whole forward in bf16 instead.
+    """
+    if precision == "bf16" and not casts_itself(module):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def activation_dtype(module: nn.Module, precision: str) -> torch.dtype:
+    """The dtype of the residual stream ``module`` hands on (what a pipeline stage sends).
+
+    bf16 under FSDP2's bf16 policy (parameters and so every op in bf16); fp32
+    otherwise: autocast casts only matmul outputs to bf16, and adding them to
+    the fp32 residual stream promotes back to fp32.
+    """
+    return torch.bfloat16 if precision == "bf16" and casts_itself(module) else torch.float32
+
+
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy over all positions (computed in fp32)."""
+    """Mean next-byte cross-entropy over all positions, computed in fp32.
+
+    The logits are bf16 under bf16 precision (autocast's LM-head matmul, or
+    FSDP's bf16 parameters); the cast keeps the softmax and the mean in fp32.
+    """
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -230,7 +261,7 @@ class ModuleTrainStep(OptimizerTrainStep):
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
         for index, (x, y) in enumerate(micro_batches):
             with self.gradient_sync(index == self.accum - 1):
-                with autocast(self.ctx.device_type, self.config.precision):
+                with autocast(self.ctx.device_type, self.config.precision, self.model):
                     logits = self.model(x.to(device, non_blocking=True))
                 loss = language_model_loss(logits, y.to(device, non_blocking=True))
                 (loss / self.accum).backward()

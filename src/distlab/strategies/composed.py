@@ -20,7 +20,6 @@ tensor-parallel pairs and {0,2}, {1,3} FSDP pairs.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 from torch import nn
@@ -39,7 +38,7 @@ from distlab.strategies.base import (
     Strategy,
     TrainStep,
 )
-from distlab.strategies.fsdp import apply_fsdp
+from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
 from distlab.strategies.regional_compile import apply_compile
@@ -58,7 +57,7 @@ def parallelize(
     if config.compile:
         apply_compile(module)
     if data_parallel == "fsdp":
-        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward)
+        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward, config.precision)
     return DistributedDataParallel(module, process_group=mesh["dp"].get_group())
 
 
@@ -101,16 +100,17 @@ class ComposedStrategy(Strategy):
         if self.pipeline:
 
             def wrap_stage(stage: GPT) -> nn.Module:
-                return parallelize(stage, mesh, dims, config, self.data_parallel)
+                wrapped = parallelize(stage, mesh, dims, config, self.data_parallel)
+                if self.data_parallel == "fsdp" and not config.reshard_between_microbatches:
+                    # The schedule keeps parameters gathered after each backward and reshards
+                    # them once, after the last; keeping them after forward too means the
+                    # stage gathers once per step, not once per microbatch.
+                    wrapped.set_reshard_after_forward(False)
+                return wrapped
 
             return PipelineTrainStep(model, ctx, config, dims, mesh, wrap_stage)
         model.to(ctx.device)
         wrapped = parallelize(model, mesh, dims, config, self.data_parallel)
-
-        def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:
-            wrapped.set_requires_gradient_sync(enabled)  # FSDP: reduce only on the last micro-batch
-            return contextlib.nullcontext()
-
         return ModuleTrainStep(
             wrapped,
             ctx,
@@ -118,7 +118,9 @@ class ComposedStrategy(Strategy):
             dp_rank=mesh["dp"].get_local_rank(),
             dp_size=dims.dp,
             dp_group=mesh["dp"].get_group(),
-            gradient_sync=gradient_sync,
+            gradient_sync=MicroBatchSettings(
+                wrapped, config.reshard_after_forward, config.reshard_between_microbatches
+            ),
             plain_model=model,
         )
 

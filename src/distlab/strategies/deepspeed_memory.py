@@ -3,7 +3,12 @@
 Memory per rank, fp32 AdamW, P parameters. The ZeRO paper counts 4 B/param of
 params, 4 of grads, 8 of optimizer state, and ZeRO-1 divides the 8 by N,
 ZeRO-2 also the grads, ZeRO-3 also the params. DeepSpeed keeps more, and
-``predicted_zero_bytes`` adds each term (``docs/memory.md`` measures them):
+``predicted_zero_bytes`` adds each term (``docs/memory.md`` measures them).
+Under ``--precision bf16`` (DeepSpeed's bf16 mode) the model's parameters and
+gradients, ZeRO-1/2's bucket and the offload staging copies take 2 bytes per
+element instead of 4; the fp32 master slice, the optimizer state, ZeRO-3's
+bucket (it holds the fp32 communication dtype) and the CPU optimizer's
+gradient slice stay fp32.
 
     stage  params  grads              optimizer
     1      4P      4P     + 4B        4P/N + 8P/N
@@ -12,8 +17,8 @@ ZeRO-2 also the grads, ZeRO-3 also the params. DeepSpeed keeps more, and
 
 - 4P/N *master copy*: DeepSpeed's optimizer updates a separate fp32 copy of the
   rank's parameter slice even when the model is fp32 (it is built for bf16 and
-  fp16 models, where that copy is the master weights). Counted, as the paper
-  does, with the optimizer state.
+  fp16 models, where that copy is the master weights, as under
+  ``--precision bf16``). Counted, as the paper does, with the optimizer state.
 - 4B *gradient bucket*: backward copies gradients into a contiguous bucket of
   B = ``reduce_bucket_size`` elements before reducing it. DeepSpeed's default
   (5e8 elements, 2 GB) exceeds every lab model and would hold all gradients
@@ -21,8 +26,7 @@ ZeRO-2 also the grads, ZeRO-3 also the params. DeepSpeed keeps more, and
 - smaller terms: ZeRO-2's gradient partition keeps every tensor that overlaps
   the rank's slice whole (up to one tensor more than P/N), and with gradient
   accumulation keeps the earlier micro-batches' slice apart (twice that);
-  offload adds the CPU optimizer's fp32 gradient slice and staging buffers;
-  bf16 a second (bf16) bucket.
+  offload adds the CPU optimizer's fp32 gradient slice and staging buffers.
 
 The measurement (``measure_grad_bytes``, ``measure_optimizer_bytes``) walks
 the engine's own buffers: the parameters as stored, ZeRO's gradient buckets and
@@ -156,24 +160,25 @@ def predicted_zero_bytes(config: Config, stage: int, n_params: int) -> ModelStat
     """The ZeRO paper's count for this stage plus what DeepSpeed keeps besides (see above)."""
     n, p = config.nproc, n_params
     offload = config.offload != "none"
-    params = 4 * p // n if stage == 3 else 4 * p
+    width = 2 if config.precision == "bf16" else 4  # bytes of a model parameter or gradient
+    params = width * p // n if stage == 3 else width * p
     # ZeRO-1: full gradients until the end of backward; ZeRO-2/3: this rank's slice
     # (ZeRO-2: whole tensors overlapping it, unless they go straight to the CPU).
     grad_slice = p // n
     if stage == 2 and not offload:
         grad_slice = first_slice_tensor_elements(config)
-    grads = 4 * p if stage == 1 else 4 * grad_slice
-    grads += 4 * bucket_elements(p)
+    # ZeRO-2 with offload reduces straight into the CPU optimizer's fp32 slice.
+    slice_width = 4 if stage == 2 and offload else width
+    grads = width * p if stage == 1 else slice_width * grad_slice
+    # ZeRO-3's bucket holds the communication dtype (fp32), ZeRO-1/2's the gradients'.
+    grads += (4 if stage == 3 else width) * bucket_elements(p)
     if stage == 2 and grad_accum_steps(config, n) > 1:
-        grads += 4 * grad_slice  # earlier micro-batches' slice, accumulated apart
+        grads += width * grad_slice  # earlier micro-batches' slice, accumulated apart
     if offload and stage != 2:
         grads += 4 * p // n  # the fp32 gradient slice the CPU optimizer reads
     if offload and stage != 3:
-        grads += 2 * 4 * largest_tensor_elements(config)  # two staging buffers
-    if config.precision == "bf16":
-        # A second bucket, for the gradients reduced in bf16 (ZeRO-1/2 stage it in fp32).
-        grads += (2 if stage == 3 else 4) * bucket_elements(p)
+        grads += 2 * width * largest_tensor_elements(config)  # two staging buffers
     optimizer = 4 * p // n + optimizer_bytes_per_param(config.optimizer) * p // n
     if offload and stage != 3:
-        optimizer += 4 * p // n  # staging copy of the updated slice for the way back
+        optimizer += width * p // n  # staging copy of the updated slice for the way back
     return ModelStateBytes(params=params, grads=grads, optimizer=optimizer)

@@ -83,11 +83,22 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-def oss_partition(sizes: list[int], world_size: int) -> list[int]:
-    """Elements each rank owns under OSS: tensors in order, each to the least-loaded rank."""
+def oss_owners(sizes: list[int], world_size: int) -> list[int]:
+    """The rank owning each tensor under OSS: tensors in order, each to the least-loaded rank."""
     loads = [0] * world_size
+    owners = []
     for size in sizes:
-        loads[loads.index(min(loads))] += size
+        owner = loads.index(min(loads))
+        loads[owner] += size
+        owners.append(owner)
+    return owners
+
+
+def oss_partition(sizes: list[int], world_size: int) -> list[int]:
+    """Elements each rank owns under OSS (``oss_owners``)."""
+    loads = [0] * world_size
+    for size, owner in zip(sizes, oss_owners(sizes, world_size), strict=True):
+        loads[owner] += size
     return loads
 
 

@@ -11,18 +11,42 @@ gathered parameters after forward and gathers them again for backward (ZeRO-3:
 parameters sharded at rest); False keeps them from forward to backward
 (ZeRO-2-like: less communication, more memory during the step).
 
+Gradient accumulation (``--micro-batch``, A micro-batches per step): the
+gradients of every micro-batch accumulate unsharded on each rank and are
+reduce-scattered once, in the last backward. What happens to the gathered
+parameters between micro-batches is a memory/communication trade
+(``MicroBatchSettings``):
+
+- default: they stay gathered from the first micro-batch's backward to the
+  last one's, so a step gathers what a one-micro-batch step gathers, whatever
+  A. During the step a rank holds the full parameters (4P bytes) besides the
+  full accumulated gradients (4P).
+- ``--reshard-between-microbatches`` (ZeRO-3's choice): every micro-batch
+  gathers again and frees after its backward, so a rank holds only one unit's
+  parameters gathered at a time (4P less during the step), for A times the
+  all-gather traffic.
+
+Either way the parameters are resharded when the step's last backward ends:
+at rest (optimizer step, checkpoints) a rank holds only its shards.
+
 Memory per rank: 16 / N bytes per parameter with fp32 AdamW (everything sharded).
 Communication per step: all-gather of the parameters in forward (and again in
-backward when resharding) plus one reduce-scatter of the gradients.
+backward when resharding), once per step (default) or once per micro-batch
+(``--reshard-between-microbatches``), plus one reduce-scatter of the gradients.
+
+``--precision bf16`` is FSDP2's mixed-precision policy (``mixed_precision``),
+not autocast: parameters are gathered and computed in bf16 (half the gathered
+bytes and memory), gradients reduced in fp32, the sharded state stays fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from distlab.config import Config
 from distlab.distributed import RankContext
@@ -31,19 +55,83 @@ from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, Tra
 from distlab.strategies.regional_compile import apply_compile
 
 
-def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool) -> FSDPModule:
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for ``--precision``: bf16 compute, fp32 gradient reduction; or all fp32.
+
+    With bf16 each unit casts its fp32 shards to bf16 once, before the
+    all-gather (half the gathered bytes), runs its forward and backward on the
+    bf16 parameters, and casts the gradients to fp32 before the reduce-scatter,
+    so the sharded gradients, the master weights and the optimizer state stay fp32.
+    """
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool, precision: str) -> FSDPModule:
     """Shard every transformer block, then the root (embeddings, final norm, head).
 
     The root is never resharded after forward (FSDP2's default for it): backward
     starts with the root's LM head, so freeing its parameters at the end of
-    forward would only mean gathering them again at once.
+    forward would only mean gathering them again at once. ``precision`` picks
+    the mixed-precision policy (``mixed_precision``); the train step then runs
+    without autocast (``distlab.strategies.base.autocast``).
     """
+    policy = mixed_precision(precision)
     for block in model.blocks.values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # None: FSDP2 keeps the root's parameters gathered from forward into backward.
     return fully_shard(
-        model, mesh=mesh, reshard_after_forward=None if reshard_after_forward else False
+        model,
+        mesh=mesh,
+        reshard_after_forward=None if reshard_after_forward else False,
+        mp_policy=policy,
     )
+
+
+class MicroBatchSettings:
+    """FSDP2's settings for each micro-batch of an optimizer step (a ``GradientSync``).
+
+    Called before each micro-batch with whether it is the step's last. Every
+    micro-batch but the last skips the reduce-scatter
+    (``set_requires_gradient_sync(False)``: gradients accumulate unsharded). By
+    default, also measured with ``distlab.measure``'s counter:
+
+    - first micro-batch: parameters kept after backward
+      (``set_reshard_after_backward(False)``); forward frees the blocks as
+      configured (``reshard_after_forward``), so this micro-batch gathers what a
+      one-micro-batch step gathers;
+    - middle micro-batches: also kept after forward
+      (``set_reshard_after_forward(False)`` on the blocks), so they gather nothing;
+    - last micro-batch: kept after forward, resharded after backward, gradients
+      reduce-scattered: the step ends sharded, as without accumulation.
+
+    With one micro-batch per step it is first and last: FSDP's defaults.
+    ``reshard_between_microbatches`` keeps FSDP's defaults for every micro-batch
+    (gather again each time) and only skips the early reduce-scatters.
+    """
+
+    def __init__(
+        self, model: FSDPModule, reshard_after_forward: bool, reshard_between_microbatches: bool
+    ) -> None:
+        self.model = model
+        self.keep = not reshard_between_microbatches
+        # apply_fsdp's units that free their parameters after forward: the blocks (not the root).
+        self.resharding = (
+            [unit for unit in model.modules() if isinstance(unit, FSDPModule) and unit is not model]
+            if reshard_after_forward
+            else []
+        )
+        self.first = True
+
+    def __call__(self, last: bool) -> contextlib.AbstractContextManager:
+        self.model.set_requires_gradient_sync(last)
+        if self.keep:
+            self.model.set_reshard_after_backward(last)
+            for unit in self.resharding:
+                unit.set_reshard_after_forward(self.first, recurse=False)
+        self.first = last
+        return contextlib.nullcontext()
 
 
 class FSDPStrategy(Strategy):
@@ -66,12 +154,7 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
-        sharded = apply_fsdp(model, mesh, config.reshard_after_forward)
-
-        def gradient_sync(enabled: bool) -> contextlib.AbstractContextManager:
-            sharded.set_requires_gradient_sync(enabled)
-            return contextlib.nullcontext()
-
+        sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
         return ModuleTrainStep(
             sharded,
             ctx,
@@ -79,5 +162,7 @@ class FSDPStrategy(Strategy):
             dp_rank=ctx.rank,
             dp_size=ctx.world_size,
             dp_group=mesh.get_group(),
-            gradient_sync=gradient_sync,
+            gradient_sync=MicroBatchSettings(
+                sharded, config.reshard_after_forward, config.reshard_between_microbatches
+            ),
         )

@@ -69,6 +69,7 @@ from distlab.strategies.base import (
     StepResult,
     Strategy,
     TrainStep,
+    activation_dtype,
     autocast,
     language_model_loss,
     mean_over_group,
@@ -249,6 +250,8 @@ class PipelineTrainStep(OptimizerTrainStep):
             stage_modules = [wrap_stage(module) for module in stage_modules]
         self.has_first = any(plan.embeddings for plan in plans)
         self.has_last = any(plan.head for plan in plans)
+        # FSDP stages cast themselves to bf16 (all stages of a run are alike).
+        self.stage_module = stage_modules[0]
 
         self.microbatches = resolve_microbatches(config, dims)
         rows = config.global_batch // dims.dp // self.microbatches
@@ -279,13 +282,16 @@ class PipelineTrainStep(OptimizerTrainStep):
         """Static input/output examples (meta tensors) so stages need no shape handshake.
 
         Between stages flows the residual stream, (rows, seq, d) as a plain
-        tensor; under sequence parallelism each tensor-parallel rank holds
-        seq / tp of it.
+        tensor (fp32, or bf16 from FSDP stages under bf16: ``activation_dtype``);
+        under sequence parallelism each tensor-parallel rank holds seq / tp of it.
         """
         shape = self.model.config
         seq = resolved_seq_len(self.config)
         local_seq = seq // self.dims.tp if self.config.sequence_parallel else seq
-        hidden = torch.empty(rows, local_seq, shape.d_model, device="meta", requires_grad=True)
+        dtype = activation_dtype(self.stage_module, self.config.precision)
+        hidden = torch.empty(
+            rows, local_seq, shape.d_model, dtype=dtype, device="meta", requires_grad=True
+        )
         tokens = torch.empty(rows, seq, dtype=torch.long, device="meta")
         logits = torch.empty(rows, seq, shape.vocab_size, device="meta", requires_grad=True)
         return (tokens if plan.embeddings else hidden), (logits if plan.head else hidden)
@@ -295,7 +301,7 @@ class PipelineTrainStep(OptimizerTrainStep):
         args = (inputs.to(device),) if self.has_first else ()
         target = targets.to(device) if self.has_last else None
         losses: list[torch.Tensor] = []
-        with autocast(self.ctx.device_type, self.config.precision):
+        with autocast(self.ctx.device_type, self.config.precision, self.stage_module):
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         if self.has_last:  # equal-sized microbatches: the mean of their means is the batch mean
             loss = torch.stack([loss.detach().float() for loss in losses]).mean()

@@ -11,28 +11,54 @@ Communication is predicted per optimizer step in two currencies:
 
 The formulas (P parameters, fp32 gradients and parameters, N data-parallel
 ranks, L layers, d model width, V vocabulary, B x T tokens per rank per step,
+A micro-batches per rank per step (``--micro-batch``; 1 without accumulation),
 M pipeline microbatches; ``x4`` = bytes per fp32 element):
 
-    ddp    all-reduce 4 P (gradients, once per step, bucketed)
-    fsdp   all-gather 4 P' per micro-batch forward, again in backward when
-           resharding after forward; reduce-scatter 4 P' once (P': P with each
-           parameter's dim 0 padded to a multiple of N)
-    zero1/2 (DeepSpeed on gloo) all-reduce 4 P of gradients + all-gather 4 P of the
-           updated parameter partitions (the ZeRO paper's reduce-scatter + all-gather
-           would send the same as DDP; DeepSpeed all-reduces on this backend)
-    zero3  all-gather 4 P + reduce-scatter 4 P: DeepSpeed keeps gathered parameters
-           from forward to backward when their reuse distance is under
+    ddp    all-reduce 4 P (gradients, once per step, bucketed; no_sync before the last
+           micro-batch), whatever A
+    fsdp   all-gather 4 P' in forward, and again in backward for the blocks (not the
+           root unit) when resharding after forward; reduce-scatter 4 P' once
+           (P': P with each parameter's dim 0 padded to a multiple of N). The
+           gathers happen once per step by default (parameters stay gathered
+           between micro-batches), A times with --reshard-between-microbatches.
+           Inside a pipeline: once per step by default; with the flag, torch's
+           schedule keeps parameters after each backward, so the forward gather
+           happens once and the blocks' backward gather M times (when resharding
+           after forward)
+    zero1  all-reduce 4 P of gradients (once, at the accumulation boundary) + all-gather
+           4 P of the updated parameter partitions: the ZeRO paper's reduce-scatter +
+           all-gather would send the same as DDP; DeepSpeed all-reduces on this backend
+    zero2  as zero1, but the gradients are reduced in every micro-batch's backward
+           (partitioned gradients, by design): all-reduce A x 4 P
+    zero3  per micro-batch all-gather 4 P + reduce-scatter 4 P: DeepSpeed keeps gathered
+           parameters from forward to backward when their reuse distance is under
            stage3_max_reuse_distance (default 1e9 elements), so it gathers once per
-           step (the ZeRO paper's 1.5x DDP assumes two gathers)
+           micro-batch (the ZeRO paper's 1.5x DDP assumes two gathers), and partitions
+           each micro-batch's gradients at once
+    fairscale-oss  DDP's all-reduce 4 P + every rank broadcasts the parameters it owns
+           (4 P together), whatever A
+    fairscale-sdp  one reduce per parameter tensor to its owner (4 P) + the broadcasts
+           (4 P), whatever A
     tp     all-reduce B T d x (1 + 2 L) forward (embedding, attention and MLP
            outputs) + (4 L + 1) backward (the input gradients of q, k, v, up and
            the LM head: DTensor reduces each column-parallel input separately, where
-           Megatron fuses q/k/v into one, 2 L), plus an all-gather of the B T V logits
+           Megatron fuses q/k/v into one, 2 L), plus an all-gather of the B T V logits;
+           the same bytes in A (or M) times as many calls
     pp     send M activations of (B/M) T d to the next stage, receive M gradients
            back (and the reverse for later stages)
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
+
+Under ``--precision bf16`` (``compute_bytes``): FSDP's mixed-precision policy
+and DeepSpeed's bf16 mode gather parameters in bf16 (2 bytes per element, half
+the all-gather bytes) and reduce gradients in fp32 (4 bytes, unchanged), and
+their whole forward runs in bf16, so tensor-parallel all-reduces and pipeline
+messages are 2 bytes per element too. Under autocast (every other strategy)
+only matmul outputs are bf16: the row-parallel forward all-reduces and the
+gathered logits take 2 bytes; the embedding's all-reduce, the backward
+all-reduces (gradients of fp32 LayerNorm outputs) and the residual stream
+between pipeline stages stay fp32.
 """
 
 from __future__ import annotations
@@ -46,10 +72,12 @@ from distlab.measure.wire import KINDS, wire_bytes
 from distlab.model import PRESETS
 from distlab.strategies import registry
 from distlab.strategies.deepspeed_zero import deepspeed_config
+from distlab.strategies.fairscale_oss import oss_owners, oss_partition
 from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
     ParallelDims,
     numel,
+    parameter_sizes,
     stage_shapes,
     stages_of_rank,
     tp_local_shapes,
@@ -120,7 +148,16 @@ def fsdp_padded_numel(shapes: dict[str, tuple[int, ...]], n: int) -> int:
 
 # --- Strategy degrees -----------------------------------------------------------------
 
-MODELLED_DATA_PARALLEL = (None, "ddp", "fsdp", "zero1", "zero2", "zero3")
+MODELLED_DATA_PARALLEL = (
+    None,
+    "ddp",
+    "fsdp",
+    "zero1",
+    "zero2",
+    "zero3",
+    "fairscale-oss",
+    "fairscale-sdp",
+)
 """The data-parallel flavours (``Strategy.data_parallel``) whose communication is modelled."""
 
 
@@ -129,10 +166,21 @@ class Layout:
     """How a strategy uses the ranks: data-parallel flavour and the three degrees."""
 
     data_parallel: str | None
-    """ddp, fsdp, zero1/2/3 or None."""
+    """ddp, fsdp, zero1/2/3, fairscale-oss/sdp or None."""
     dp: int
     tp: int
     pp: int
+
+
+def compute_bytes(config: Config, lay: Layout) -> int:
+    """Bytes per element of the parameters gathered and activations computed under ``config``.
+
+    2 where bf16 replaces fp32 in the model itself: FSDP2's ``MixedPrecisionPolicy``
+    and DeepSpeed's bf16 mode (every op in bf16); 4 in fp32, and for the
+    parameters of autocast strategies (their activations: see the module docstring).
+    """
+    casts_model = lay.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
+    return 2 if config.precision == "bf16" and casts_model else FP32
 
 
 def layout(config: Config) -> Layout | None:
@@ -154,7 +202,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
         return None
     shape = PRESETS[config.model]
     seq = resolved_seq_len(config)
-    act = 2 if config.precision == "bf16" else FP32
+    model_bytes = compute_bytes(config, lay)  # parameters gathered, activations under FSDP
+    matmul_bytes = 2 if config.precision == "bf16" else FP32  # matmul outputs (autocast too)
     pred = CommPrediction()
     shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
     n_tensors = len(shapes)
@@ -170,44 +219,38 @@ def predict_comm(config: Config) -> CommPrediction | None:
         pred.add("all_reduce", FP32 * p_local, dp, calls=None)
         formulas.append("all-reduce 4P")
     elif lay.data_parallel == "fsdp":
-        padded = FP32 * fsdp_padded_numel(shapes, dp)
-        root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
-        root_padded = FP32 * fsdp_padded_numel(root, dp)
-        micro = accum if lay.pp == 1 else microbatches(config, lay)
-        units = _layers_of(config, lay) + (1 if root else 0)
-        # Forward gathers every unit; backward regathers the blocks when resharding
-        # after forward (the root, whose LM head starts backward, is kept).
-        gathered, calls = padded, units
-        if config.reshard_after_forward:
-            gathered, calls = 2 * padded - root_padded, 2 * units - (1 if root else 0)
-        pred.add("all_gather", micro * gathered, dp, calls=micro * calls)
-        pred.add("reduce_scatter", padded, dp, calls=units)
-        twice = "2x" if config.reshard_after_forward else "1x"
-        formulas.append(
-            f"all-gather {twice}4P' (root once) per micro-batch + reduce-scatter 4P' "
-            f"(P' = P padded to {dp})"
-        )
-        if lay.pp > 1:
-            pred.notes.append("fsdp inside a pipeline: one gather per microbatch assumed")
+        formulas.append(_fsdp_comm(pred, config, lay, shapes, accum, model_bytes))
     elif lay.data_parallel in ("zero1", "zero2"):
-        pred.add("all_reduce", FP32 * p_local, dp, calls=None)
-        pred.add("all_gather", FP32 * p_local, dp, calls=None)
-        formulas.append("all-reduce 4P (gradients) + all-gather 4P (parameters)")
+        reductions = accum if lay.data_parallel == "zero2" else 1
+        pred.add("all_reduce", reductions * FP32 * p_local, dp, calls=None)
+        pred.add("all_gather", model_bytes * p_local, dp, calls=None)
+        times = f"{reductions} x " if reductions > 1 else ""
+        formulas.append(
+            f"all-reduce {times}4P (gradients) + all-gather {model_bytes}P (parameters)"
+        )
         pred.notes.append(
             "ZeRO paper: reduce-scatter + all-gather = DDP's volume; DeepSpeed all-reduces "
             "the gradient buckets on gloo, so it sends 1.5x DDP"
         )
+        if reductions > 1:
+            pred.notes.append("ZeRO-2 reduces the gradients in every micro-batch's backward")
     elif lay.data_parallel == "zero3":
         gathers = _zero3_gathers(config, p_local)
-        pred.add("all_gather", gathers * FP32 * p_local, dp, calls=None)
-        pred.add("reduce_scatter", FP32 * p_local, dp, calls=None)
-        formulas.append(f"all-gather {gathers}x4P + reduce-scatter 4P")
+        pred.add("all_gather", accum * gathers * model_bytes * p_local, dp, calls=None)
+        pred.add("reduce_scatter", accum * FP32 * p_local, dp, calls=None)
+        formulas.append(
+            f"({gathers}x all-gather {model_bytes}P + reduce-scatter 4P) per micro-batch"
+        )
         if gathers == 1:
             pred.notes.append(
                 "DeepSpeed keeps forward's gathered parameters for backward "
-                "(reuse distance < stage3_max_reuse_distance): one all-gather per step, "
+                "(reuse distance < stage3_max_reuse_distance): one all-gather per micro-batch, "
                 "not the ZeRO paper's two"
             )
+    elif lay.data_parallel in ("fairscale-oss", "fairscale-sdp"):
+        _fairscale_comm(pred, config, lay)
+        reduction = "all-reduce" if lay.data_parallel == "fairscale-oss" else "reduce"
+        formulas.append(f"{reduction} 4P (gradients) + broadcast 4P (owned parameters)")
     if lay.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
         small = 8 if lay.data_parallel != "zero3" else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
@@ -225,9 +268,13 @@ def predict_comm(config: Config) -> CommPrediction | None:
             first, last = _has_first_last(config, lay)
             tokens = rows * seq
             count = 6 * layers + (1 if first else 0) + (1 if last else 0)
-            pred.add("all_reduce", count * tokens * shape.d_model * act, tp, calls=count)
+            # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
+            # backward input gradients) are in the model's dtype (fp32 under autocast).
+            passes = accum if lay.pp == 1 else microbatches(config, lay)
+            volume = 2 * layers * matmul_bytes + (count - 2 * layers) * model_bytes
+            pred.add("all_reduce", volume * tokens * shape.d_model, tp, calls=passes * count)
             if last:
-                pred.add("all_gather", tokens * shape.vocab_size * act, tp)
+                pred.add("all_gather", tokens * shape.vocab_size * matmul_bytes, tp, calls=passes)
             formulas.append("all-reduce BTd x (6L + 2) + all-gather BTV")
     if dtensor_params:
         # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
@@ -237,7 +284,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
 
     # Pipeline parallelism between stages.
     if lay.pp > 1:
-        _pipeline_comm(pred, config, lay, rows, seq)
+        _pipeline_comm(pred, config, lay, rows, seq, model_bytes)
         formulas.append("send/recv M activations of (B/M) T d per stage boundary")
     if not formulas:
         formulas.append("none")
@@ -262,6 +309,59 @@ def _has_first_last(config: Config, lay: Layout) -> tuple[bool, bool]:
     return "wte.weight" in names, "lm_head.weight" in names
 
 
+def _fsdp_comm(
+    pred: CommPrediction,
+    config: Config,
+    lay: Layout,
+    shapes: dict[str, tuple[int, ...]],
+    accum: int,
+    model_bytes: int,
+) -> str:
+    """FSDP2's all-gathers (at ``model_bytes`` per element: 2 under the bf16 policy) and its
+    fp32 reduce-scatter (``distlab.strategies.fsdp``); the formula."""
+    dp = lay.dp
+    padded = model_bytes * fsdp_padded_numel(shapes, dp)
+    root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
+    blocks_padded = padded - model_bytes * fsdp_padded_numel(root, dp)
+    blocks = _layers_of(config, lay)
+    units = blocks + (1 if root else 0)
+    # How often every unit is gathered (forward), and how often the blocks again
+    # (backward, when forward freed them; the root is never freed after forward).
+    resharding = 1 if config.reshard_after_forward else 0
+    if not config.reshard_between_microbatches:
+        if lay.pp == 1:
+            gathers, block_regathers = 1, resharding
+        else:  # kept gathered from the first forward to the schedule's last backward
+            gathers, block_regathers = 1, 0
+    elif lay.pp == 1:
+        gathers, block_regathers = accum, accum * resharding
+    else:  # the schedule never frees after backward: each backward that follows a forward
+        gathers, block_regathers = 1, microbatches(config, lay) * resharding
+    calls = gathers * units + block_regathers * blocks
+    pred.add("all_gather", gathers * padded + block_regathers * blocks_padded, dp, calls=calls)
+    # Gradients are reduced in fp32 (the policy's reduce_dtype) under bf16 too.
+    pred.add("reduce_scatter", FP32 * fsdp_padded_numel(shapes, dp), dp, calls=units)
+    size = f"{model_bytes}P'"
+    again = f" + {block_regathers}x{size}_blocks" if block_regathers else ""
+    return f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
+
+
+def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:
+    """OSS's broadcasts, and DDP's all-reduce or ShardedDataParallel's reduces."""
+    n = lay.dp
+    sizes = parameter_sizes(config)
+    owners = oss_owners(sizes, n)
+    if lay.data_parallel == "fairscale-oss":
+        pred.add("all_reduce", FP32 * sum(sizes), n, calls=None)
+    else:
+        for size, owner in zip(sizes, owners, strict=True):
+            pred.add("reduce", FP32 * size, n, relative_rank=-owner % n)
+    for owner, owned in enumerate(oss_partition(sizes, n)):
+        if owned:
+            pred.add("broadcast", FP32 * owned, n, relative_rank=-owner % n)
+    pred.add("all_reduce", FP32, n)  # OSS's gradient norm
+
+
 def _zero3_gathers(config: Config, p_local: int) -> int:
     """All-gathers of the parameters per ZeRO-3 step under the strategy's DeepSpeed config."""
     try:
@@ -273,13 +373,19 @@ def _zero3_gathers(config: Config, p_local: int) -> int:
     return 1 if p_local <= min(reuse, live) else 2
 
 
-def _pipeline_comm(pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int) -> None:
-    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce."""
+def _pipeline_comm(
+    pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int, element_bytes: int
+) -> None:
+    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce.
+
+    Messages are the residual stream, ``element_bytes`` per element (fp32 under
+    autocast, bf16 from FSDP stages under bf16).
+    """
     shape = PRESETS[config.model]
     m = microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = lay.pp * virtual
-    message = (rows // m) * seq * shape.d_model * FP32  # the residual stream stays fp32
+    message = (rows // m) * seq * shape.d_model * element_bytes
     if lay.tp > 1 and config.sequence_parallel:
         message //= lay.tp
     sends = recvs = 0

@@ -34,7 +34,7 @@ from distlab.checkpoint.layout import (
 )
 from distlab.checkpoint.save import save_checkpoint
 from distlab.checkpoint.state import restore_rng
-from distlab.config import Config, FaultSpec, resolved_seq_len
+from distlab.config import Config, FaultSpec, checkpoint_steps, resolved_seq_len
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
 from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
@@ -99,6 +99,7 @@ def train(
         "seed": config.seed,
         "steps": config.steps,
     }
+    saved_steps = set(checkpoint_steps(config))
     try:
         for step in range(start_step, config.steps):
             fire_fault(faults, FaultSpec(ctx.rank, step), ctx, run_dir)
@@ -132,8 +133,7 @@ def train(
                     record_resume(run_dir, attempt, start_step, checkpoint, restart)
             beat(run_dir, ctx.rank, "step", step)
             done = step + 1
-            due = config.checkpoint_every and done % config.checkpoint_every == 0
-            if due or done == config.steps:
+            if done in saved_steps:
                 beat(run_dir, ctx.rank, "save", step)
                 save_checkpoint(
                     train_step,

@@ -1,0 +1,212 @@
+"""Gradient accumulation: what each strategy sends per step at 1, 2 and 4 micro-batches.
+
+Communication: every strategy runs on the counting gloo backend
+(``distlab.report.comm_check``, tiny model) at several micro-batch counts A per
+step (``--micro-batch``; pipelines: their microbatches). At each A the bytes
+per step that the counter saw, per collective type, and the calls where
+the theory knows them, equal ``distlab.theory.comm.predict_comm``'s exactly.
+Where accumulation is meant to cost no communication (ddp, fsdp by default,
+zero1, fairscale, the compositions), the bytes do not depend on A. The others
+send more with each micro-batch, and the test states it: fsdp with
+--reshard-between-microbatches gathers per micro-batch by choice; DeepSpeed's
+ZeRO-2 reduces and ZeRO-3 gathers and reduce-scatters in every micro-batch by
+design (its engine refuses ``no_sync`` with partitioned gradients).
+
+Training: ``--micro-batch`` runs of fsdp (both modes) and fsdp+tp reproduce
+``single`` (``distlab.report.parity``), end each step with the parameters
+sharded again (model-state bytes at rest as predicted) and resume from a
+checkpoint written between accumulated steps.
+
+Each group of runs is one multi-rank job, started on first use; steps 0 and 1
+are warm-up (DDP rebuilds its buckets, DeepSpeed traces the modules) and
+step 2 is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.helpers import TINY_LOCAL_RUN, run_command
+
+from distlab.report.parity import _run_name, compare, parity_config
+
+slow = pytest.mark.slow
+RESTART_ATOL = 1e-6
+"""A resumed run at the same strategy and world size (bitwise equal in practice, as in
+``tests/test_fault_tolerance.py``)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One strategy setting, run at several micro-batch counts in one job (``group``)."""
+
+    fields: dict[str, Any]
+    group: str
+    """Cases of one group run in one job: ``torch`` (2 ranks), ``libraries`` (2 ranks,
+    DeepSpeed and fairscale), ``compositions`` (4 ranks: dp 2 x tp or pp 2)."""
+    constant: bool
+    """Whether the bytes per step are the same at every micro-batch count."""
+    needs: str | None = None
+    counts: tuple[int, ...] = (1, 2, 4)
+    """Micro-batches per step (for pipelines, their microbatches: at least 2)."""
+
+
+CASES = {
+    "ddp": Case({"strategy": "ddp"}, "torch", constant=True),
+    "fsdp": Case({"strategy": "fsdp"}, "torch", constant=True),
+    "fsdp-no-reshard-after-forward": Case(
+        {"strategy": "fsdp", "reshard_after_forward": False}, "torch", constant=True
+    ),
+    "fsdp-regather": Case(
+        {"strategy": "fsdp", "reshard_between_microbatches": True}, "torch", constant=False
+    ),
+    "zero1": Case({"strategy": "zero1"}, "libraries", constant=True, needs="deepspeed"),
+    "zero2": Case({"strategy": "zero2"}, "libraries", constant=False, needs="deepspeed"),
+    "zero3": Case({"strategy": "zero3"}, "libraries", constant=False, needs="deepspeed"),
+    "fairscale-oss": Case(
+        {"strategy": "fairscale-oss"}, "libraries", constant=True, needs="fairscale"
+    ),
+    "fairscale-sdp": Case(
+        {"strategy": "fairscale-sdp"}, "libraries", constant=True, needs="fairscale"
+    ),
+    "fsdp+tp": Case({"strategy": "fsdp+tp", "tp": 2}, "compositions", constant=True),
+    "fsdp+pp": Case(
+        {"strategy": "fsdp+pp", "pp": 2}, "compositions", constant=True, counts=(2, 4, 8)
+    ),
+    "fsdp+pp-regather": Case(
+        {"strategy": "fsdp+pp", "pp": 2, "reshard_between_microbatches": True},
+        "compositions",
+        constant=False,
+        counts=(2, 4, 8),
+    ),
+}
+GROUP_RANKS = {"torch": 2, "libraries": 2, "compositions": 4}
+SLOW_GROUPS = {"libraries", "compositions"}
+"""Over a minute each on two cores (DeepSpeed's start-up; four ranks)."""
+DATA_PARALLEL = 2
+"""Data-parallel ranks in every group (the compositions' other 2 are tp or pp)."""
+
+
+def cells(case: Case) -> list[dict[str, Any]]:
+    """The case's comm_check cells, one per micro-batch count (the largest: one row each)."""
+    local = max(case.counts)
+    base = {"model": "tiny", "global_batch": DATA_PARALLEL * local}
+    return [{**base, **case.fields, "micro_batch": local // count} for count in case.counts]
+
+
+def available(case: Case) -> bool:
+    return case.needs is None or importlib.util.find_spec(case.needs) is not None
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """``measured(group)``: per case label, the summarised row per micro-batch count."""
+    from distlab.report.comm_check import check, summarize
+
+    done: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+
+    def get(group: str) -> dict[str, dict[int, dict[str, Any]]]:
+        if group not in done:
+            labels = [k for k, c in CASES.items() if c.group == group and available(c)]
+            all_cells = [cell for label in labels for cell in cells(CASES[label])]
+            nproc = GROUP_RANKS[group]
+            results = check(all_cells, nproc=nproc, steps=3, warmup=2)
+            rows = iter(summarize(all_cells, results, nproc))
+            done[group] = {
+                label: {count: next(rows) for count in CASES[label].counts} for label in labels
+            }
+        return done[group]
+
+    return get
+
+
+def case_params(only=lambda case: True) -> list:
+    params = []
+    for label, case in CASES.items():
+        if not only(case):
+            continue
+        marks = [slow] if case.group in SLOW_GROUPS else []
+        if not available(case):
+            marks.append(pytest.mark.skip(reason=f"needs {case.needs}"))
+        params.append(pytest.param(label, id=label, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("label", case_params())
+def test_counted_bytes_equal_theory_at_every_micro_batch_count(measured, label: str) -> None:
+    case = CASES[label]
+    for count, row in measured(case.group)[label].items():
+        assert row["kinds"] == row["predicted_kinds"], (count, row["cell"])
+        for kind, calls in row["predicted_calls"].items():
+            assert row["calls"][kind] == calls, (count, kind, row["cell"])
+
+
+@pytest.mark.parametrize("label", case_params())
+def test_bytes_per_step_against_micro_batch_count(measured, label: str) -> None:
+    """Constant where accumulation needs no extra communication; growing where it does."""
+    case = CASES[label]
+    counted = [row["counted_bytes"] for row in measured(case.group)[label].values()]
+    if case.constant:
+        assert counted == [counted[0]] * len(counted), counted
+    else:
+        assert counted == sorted(set(counted)), counted  # strictly more at each count
+
+
+# --- Training with accumulation ---------------------------------------------------------
+
+PARITY = [
+    pytest.param("fsdp", 2, "sgd", {}, id="fsdp-sgd"),
+    pytest.param("fsdp", 2, "adamw", {}, id="fsdp-adamw"),
+    pytest.param("fsdp", 2, "sgd", {"reshard_between_microbatches": True}, id="fsdp-regather-sgd"),
+    pytest.param(
+        "fsdp", 2, "adamw", {"reshard_between_microbatches": True}, id="fsdp-regather-adamw"
+    ),
+    pytest.param("fsdp+tp", 4, "sgd", {"tp": 2}, id="fsdp+tp-sgd", marks=slow),
+    pytest.param("fsdp+tp", 4, "adamw", {"tp": 2}, id="fsdp+tp-adamw", marks=slow),
+]
+
+
+@pytest.mark.parametrize(("strategy", "nproc", "optimizer", "fields"), PARITY)
+def test_accumulation_reproduces_single(
+    strategy: str, nproc: int, optimizer: str, fields: dict, parity_workdir: Path
+) -> None:
+    """Four micro-batches per step train the same model, and the step ends sharded."""
+    config = parity_config(strategy, nproc, optimizer, micro_batch=1, **fields)
+    report = compare(config, parity_workdir)
+    assert report.passed, (report.rel_diffs, report.max_param_diff, report.tolerance)
+    assert report.losses[-1] < report.losses[0]  # it trained
+    summary = json.loads((parity_workdir / _run_name(config) / "summary.json").read_text())
+    at_rest = summary["model_state_bytes_per_rank"]["params"]
+    # Parameters left gathered after the step would count in full here.
+    assert at_rest == summary["predicted_model_state_bytes_per_rank"]["params"]
+
+
+def test_resume_between_accumulated_steps(tmp_path: Path) -> None:
+    """fsdp with 4 micro-batches: a run resumed at step 2 continues like the uninterrupted one."""
+    shape = [*TINY_LOCAL_RUN, "--strategy", "fsdp", "--nproc", "2", "--micro-batch", "1"]
+    full = tmp_path / "full"
+    result = run_command(
+        "distlab.launch", *shape, "--steps", "4", "--checkpoint-every", "2", "--run-dir", str(full)
+    )
+    assert result.returncode == 0, result.stderr
+    resumed = tmp_path / "resumed"
+    checkpoint = full / "checkpoints" / "step_000002"
+    result = run_command(
+        "distlab.launch", "--resume", str(checkpoint), "--launcher", "local",
+        "--run-dir", str(resumed),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    def losses(run_dir: Path) -> list[float]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    reference, continued = losses(full), losses(resumed)
+    assert len(continued) == 4
+    for a, b in zip(reference[2:], continued[2:], strict=True):
+        assert abs(a - b) <= RESTART_ATOL, (reference, continued)
