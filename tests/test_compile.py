@@ -105,6 +105,12 @@ def test_apply_compile_keeps_names_and_points_caches_at_distlab(
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / INDUCTOR_CACHE / "triton")
 
 
+def test_compile_flag_in_help() -> None:
+    result = run_command("distlab.launch", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--compile, --no-compile" in result.stdout
+
+
 def test_progress_line_shows_compile_time() -> None:
     line = step_status({"loss": 5.5, "tokens_per_s": 26.0, "compile_s": 9.74})
     assert line == "loss 5.5000  26 tok/s  (compiling: 9.7 s)"

@@ -44,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
             continue
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        help_text = f"{docs.get(field.name, '')} (default: {default})"
+        # argparse expands %-formats in help texts: a docstring's "90%" must be "90%%".
+        help_text = f"{docs.get(field.name, '')} (default: {default})".replace("%", "%%")
         if field.type == "bool":
             parser.add_argument(
                 flag,
