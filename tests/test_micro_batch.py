@@ -98,6 +98,6 @@ def test_auto_probes_once_then_reads_the_cache(tmp_path: Path, monkeypatch):
 
     flags[flags.index("16GiB")] = "1MB"
     tight = run_command("distlab.launch", *flags, "--run-dir", str(tmp_path / "c"))
-    assert_one_line_error(tight, "does not fit in 0.00 GiB per rank")
+    assert_one_line_error(tight, "does not fit in 1.0 MiB per rank")
     assert "more ranks, a sharded strategy" in tight.stderr
     assert not (tmp_path / "c").exists()

@@ -214,5 +214,7 @@ def resolve_micro_batch(
 
 
 def gib(value: int) -> str:
-    """Bytes as ``12.3 GiB``."""
+    """Bytes as ``12.30 GiB``, or ``950.0 MiB`` under a GiB."""
+    if value < 2**30:
+        return f"{value / 2**20:.1f} MiB"
     return f"{value / 2**30:.2f} GiB"
