@@ -33,10 +33,10 @@ import torch
 
 from distlab.measure.wire import KINDS
 from distlab.report.comm_check import check, summarize
+from distlab.report.markdown import fill_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "accumulation.md"
-START_MARK, END_MARK = "<!-- accumulation:start -->", "<!-- accumulation:end -->"
 COUNTS = (1, 2, 4)
 PIPELINE_COUNTS = (2, 4, 8)
 STEPS, WARMUP = 3, 2
@@ -146,16 +146,6 @@ def section(text: str) -> str:
     )
 
 
-def write_docs(text: str) -> None:
-    """Replace the text between the accumulation markers of docs/accumulation.md."""
-    doc = DOCS.read_text()
-    if START_MARK not in doc or END_MARK not in doc:
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} section to fill")
-    head, rest = doc.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    DOCS.write_text(f"{head}{START_MARK}\n{text}\n{END_MARK}{tail}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-docs", action="store_true", help="print the table only")
@@ -164,7 +154,7 @@ def main() -> int:
     text = section(table(VARIANTS, measure(runnable)))
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        fill_marked_section(DOCS, "accumulation", text)
     return 0
 
 

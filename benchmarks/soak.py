@@ -49,9 +49,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distlab.report.markdown import fill_marked_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "fault_tolerance.md"
-START_MARK, END_MARK = "<!-- soak:start -->", "<!-- soak:end -->"
 STEPS = 12
 CHECKPOINT_EVERY = 3
 TIMEOUT_S = 8
@@ -300,16 +301,6 @@ def report(trials: list[Trial], launchers: list[str], seed: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    """Replace the text between the soak markers of docs/fault_tolerance.md."""
-    text = DOCS.read_text()
-    if START_MARK not in text or END_MARK not in text:
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} section to fill")
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    DOCS.write_text(f"{head}{START_MARK}\n{section}\n{END_MARK}{tail}")
-
-
 def main() -> int:
     """Run the trials; exit 0 when all pass."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -336,7 +327,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(t) for t in trials], indent=2))
     if not args.no_docs:
-        write_docs(section)
+        fill_marked_section(DOCS, "soak", section)
     return 0 if passed == len(trials) else 1
 
 

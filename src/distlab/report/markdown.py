@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distlab.errors import DistlabError
 from distlab.report.plots import PLOTS
 from distlab.report.runs import Run
 from distlab.report.tables import comm_breakdown_markdown, markdown_table
@@ -73,3 +74,17 @@ def write_report(
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(parts) + ("\n" + notes_text if notes_text else ""))
     return images
+
+
+def fill_marked_section(doc: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``doc``.
+
+    The generated part of a hand-written page (a benchmark's table); the rest is kept.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    page = doc.read_text()
+    if start not in page or end not in page:
+        raise DistlabError(f"{doc} has no {start} ... {end} section to fill")
+    head, rest = page.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
