@@ -132,7 +132,8 @@ class Config:
     each micro-batch and gather them again for the next (less memory during the step, one
     gather per micro-batch); default: keep them gathered until the step's last backward."""
     offload: str = "none"
-    """DeepSpeed ZeRO only: none, optimizer (state on CPU) or params (ZeRO-3: also params)."""
+    """DeepSpeed ZeRO: none, optimizer (state on CPU) or params (ZeRO-3: also params);
+    fsdp: none or params (FSDP2's CPU offload: params, grads and optimizer state on CPU)."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
     tp: int = 1

@@ -51,8 +51,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def host_state(config: Config) -> bool:
+    """Whether a GPU run keeps sharded state in host memory: fsdp's ``--offload params``.
+
+    Its gradients are then CPU DTensors, so clipping's norm all-reduce runs on
+    CPU tensors, which nccl refuses: such a run also gets a gloo backend for CPU tensors.
+    """
+    return config.strategy == "fsdp" and config.offload == "params"
+
+
 def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:
     """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device.
+
+    On GPUs with ``host_state`` the group has gloo for CPU tensors besides nccl.
 
     On CPU the group is ``distlab_gloo`` (``distlab.measure``): gloo itself, behind a
     process group that counts every collective for the per-step communication
@@ -62,7 +73,7 @@ def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> R
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if host_state(config) else "nccl"
     else:
         device = torch.device("cpu")
         backend = backend_for("cpu", config.comm_stats)

@@ -37,6 +37,12 @@ backward when resharding), once per step (default) or once per micro-batch
 ``--precision bf16`` is FSDP2's mixed-precision policy (``mixed_precision``),
 not autocast: parameters are gathered and computed in bf16 (half the gathered
 bytes and memory), gradients reduced in fp32, the sharded state stays fp32.
+
+``--offload params`` is FSDP2's CPU offload (``offload_policy``): the sharded
+parameters, their gradients and so the optimizer state and step live in host
+memory; each unit copies its shards to the device for the all-gather and its
+reduce-scattered gradient shards back. FSDP2 offloads the three together, so
+there is no ``optimizer``-only choice as in ZeRO-Offload.
 """
 
 from __future__ import annotations
@@ -46,10 +52,17 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.regional_compile import apply_compile
@@ -68,24 +81,68 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool, precision: str) -> FSDPModule:
+OFFLOAD_CHOICES = ("none", "params")
+"""What ``--offload`` may say to fsdp: nothing, or the sharded state to host memory."""
+
+
+def offload_policy(offload: str, device_type: str) -> OffloadPolicy:
+    """FSDP2's policy for ``--offload``: ``CPUOffloadPolicy`` for ``params``, else none.
+
+    Pinned host memory lets the copies to and from a GPU run asynchronously;
+    a CPU-only build cannot pin (``CPUOffloadPolicy()`` fails there), so on CPU
+    the shards stay in ordinary memory and the copies are no-ops.
+    """
+    if offload == "params":
+        return CPUOffloadPolicy(pin_memory=device_type == "cuda")
+    return OffloadPolicy()
+
+
+def validate_offload(offload: str) -> None:
+    """One-line error unless ``offload`` is a choice FSDP2 has."""
+    if offload == "optimizer":
+        raise DistlabError(
+            "--offload optimizer is not available with fsdp: FSDP2 offloads parameters, "
+            "gradients and optimizer state together; use --offload params"
+        )
+    if offload not in OFFLOAD_CHOICES:
+        raise DistlabError(
+            f"offload must be one of {', '.join(OFFLOAD_CHOICES)} for fsdp (got '{offload}')"
+        )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    reshard_after_forward: bool,
+    precision: str,
+    offload: OffloadPolicy | None = None,
+) -> FSDPModule:
     """Shard every transformer block, then the root (embeddings, final norm, head).
 
     The root is never resharded after forward (FSDP2's default for it): backward
     starts with the root's LM head, so freeing its parameters at the end of
     forward would only mean gathering them again at once. ``precision`` picks
     the mixed-precision policy (``mixed_precision``); the train step then runs
-    without autocast (``distlab.strategies.base.autocast``).
+    without autocast (``distlab.strategies.base.autocast``). ``offload``: FSDP2's
+    offload policy (``offload_policy``; default none).
     """
     policy = mixed_precision(precision)
+    offload = offload or OffloadPolicy()
     for block in model.blocks.values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=policy,
+            offload_policy=offload,
+        )
     # None: FSDP2 keeps the root's parameters gathered from forward into backward.
     return fully_shard(
         model,
         mesh=mesh,
         reshard_after_forward=None if reshard_after_forward else False,
         mp_policy=policy,
+        offload_policy=offload,
     )
 
 
@@ -140,10 +197,14 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     summary = (
         "FSDP2 fully_shard per block: params, grads, optimizer state sharded "
-        "(ZeRO-3; ZeRO-2-like with --no-reshard-after-forward)"
+        "(ZeRO-3; ZeRO-2-like with --no-reshard-after-forward; --offload params)"
     )
-    options = FSDP_OPTIONS
+    options = FSDP_OPTIONS | {"offload"}
+    """The compositions share ``FSDP_OPTIONS`` but not ``offload``: they refuse it."""
     data_parallel = "fsdp"
+
+    def validate(self, config: Config) -> None:
+        validate_offload(config.offload)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         n = config.nproc
@@ -154,7 +215,13 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
-        sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
+        sharded = apply_fsdp(
+            model,
+            mesh,
+            config.reshard_after_forward,
+            config.precision,
+            offload_policy(config.offload, ctx.device_type),
+        )
         return ModuleTrainStep(
             sharded,
             ctx,
