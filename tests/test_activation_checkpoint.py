@@ -76,3 +76,13 @@ def test_checkpointed_run_matches_single_without_ac(
     report = compare(parity_config(strategy, nproc, optimizer, ac=ac, **fields), parity_workdir)
     assert report.passed, (report.rel_diffs, report.max_param_diff)
     assert report.losses[-1] < report.losses[0]  # it trained
+
+
+@pytest.mark.slow
+def test_checkpointed_and_compiled_run_matches_single(
+    compile_cache: Path, parity_workdir: Path
+) -> None:
+    """``--ac selective --compile``: the checkpoint is traced into each block's graph."""
+    config = parity_config("fsdp", 2, "sgd", ac="selective", compile=True)
+    report = compare(config, parity_workdir)
+    assert report.passed, (report.rel_diffs, report.max_param_diff)
