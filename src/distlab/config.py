@@ -26,6 +26,8 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("ray", "local")
+AC_MODES = ("none", "full", "selective")
+"""``--ac``: activation checkpointing per block (``distlab.strategies.activation_checkpoint``)."""
 AUTO = "auto"
 """``--micro-batch auto``: the largest micro-batch that fits (``distlab.launch.micro_batch``)."""
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -108,6 +110,10 @@ class Config:
     compile: bool = False
     """torch.compile each transformer block on its own (regional; inductor, cached under
     the distlab cache dir); step 0 pays the compilation, reported apart as compile_s."""
+    ac: str = "none"
+    """Activation checkpointing of each transformer block: none, full (keep only the block's
+    input, recompute the block in backward) or selective (keep matmul and attention outputs,
+    recompute norms, GELU and adds); less activation memory for more compute."""
     quiet: bool = False
     """Print nothing but errors (no progress, no summary table)."""
     log_every: int = 10
@@ -290,6 +296,10 @@ def check_fields(config: Config) -> None:
     _require(
         config.precision in PRECISIONS,
         f"precision must be one of {', '.join(PRECISIONS)} (got '{config.precision}')",
+    )
+    _require(
+        config.ac in AC_MODES,
+        f"ac must be one of {', '.join(AC_MODES)} (got '{config.ac}')",
     )
     _require(
         config.device in DEVICES,

@@ -202,7 +202,11 @@ def bf16_tolerance(config: Config) -> Tolerance:
 
 
 def reference_config(config: Config) -> Config:
-    """The eager ``single`` run with the same training settings as ``config``."""
+    """The eager ``single`` run with the same training settings as ``config``, without ``--ac``.
+
+    Activation checkpointing must not change the math (recomputation runs the same
+    ops on the same inputs), so ``--ac`` runs are held to the run without it.
+    """
     defaults = {name: DEFAULTS[name] for name in registry.option_users()}
     return replace(
         config,
@@ -211,6 +215,7 @@ def reference_config(config: Config) -> Config:
         micro_batch=None,
         run_dir=None,
         compile=False,
+        ac="none",
         **defaults,
     )
 
@@ -278,6 +283,8 @@ def _run_name(config: Config) -> str:
         parts.append("sp")
     if config.compile:
         parts.append("compiled")
+    if config.ac != "none":
+        parts.append(f"ac-{config.ac}")
     if config.precision != "fp32":
         parts.append(config.precision)
     return "-".join(parts)

@@ -109,6 +109,10 @@ class Strategy(ABC):
     """Why ``--compile`` cannot run under this strategy (a one-line reason), or None if it can
     (its ``prepare`` then applies ``distlab.strategies.regional_compile.apply_compile``)."""
 
+    selective_ac_refusal: str | None = None
+    """Why ``--ac selective`` cannot run under this strategy (a one-line reason), or None if it
+    can (its ``prepare`` applies ``distlab.strategies.activation_checkpoint.apply_ac``)."""
+
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
 

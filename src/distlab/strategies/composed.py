@@ -5,7 +5,8 @@
 1. pipeline split: each rank keeps its stages' layers (``pipeline_parallel``);
 2. tensor parallelism inside each stage, over the mesh's ``tp`` dimension
    (``tensor_parallel.apply_tp``): parameters become DTensors on the tp mesh;
-   with ``--compile``, then each block is compiled (``regional_compile``);
+   then ``--ac`` checkpoints each block (``activation_checkpoint``) and
+   ``--compile`` compiles it (``regional_compile``);
 3. data parallelism around each stage over the ``dp`` dimension: FSDP2
    ``fully_shard`` (which shards the tp DTensors further, "2D") or DDP.
 
@@ -30,6 +31,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     FSDP_OPTIONS,
     PP_OPTIONS,
@@ -48,12 +50,14 @@ from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 def parallelize(
     module: GPT, mesh: DeviceMesh, dims: ParallelDims, config: Config, data_parallel: str
 ) -> nn.Module:
-    """Tensor parallelism, ``--compile``, then ``data_parallel`` (fsdp or ddp) on a model/stage."""
+    """Tensor parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or ddp) on a
+    model/stage."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"], config.sequence_parallel)
         # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
         # in-place op on them would skip its pre-backward hook. Only the loss reads them.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    apply_ac(module, config.ac)
     if config.compile:
         apply_compile(module)
     if data_parallel == "fsdp":

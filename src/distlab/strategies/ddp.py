@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     ModuleTrainStep,
     ReplicatedStateStrategy,
@@ -39,6 +40,7 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        apply_ac(model, config.ac)
         if config.compile:
             apply_compile(model)  # blocks first, then DDP's hooks on their parameters
         device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None

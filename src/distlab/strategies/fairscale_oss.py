@@ -70,6 +70,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes, optimizer_bytes_per_param
 from distlab.optim import build_optimizer, build_scheduler
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     ModuleTrainStep,
     Strategy,
@@ -186,6 +187,7 @@ class FairscaleStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        apply_ac(model, config.ac)
         if config.compile:  # before OSS and the wrapper take the parameters
             apply_compile(model)
         optimizer = build_oss(model.parameters(), config)

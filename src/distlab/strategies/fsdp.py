@@ -64,6 +64,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.regional_compile import apply_compile
 
@@ -213,6 +214,7 @@ class FSDPStrategy(Strategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
         mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
+        apply_ac(model, config.ac)  # before fully_shard, like compile
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs
         sharded = apply_fsdp(

@@ -63,6 +63,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT, PRESETS
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     PP_OPTIONS,
     OptimizerTrainStep,
@@ -368,11 +369,11 @@ class PPStrategy(Strategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
         mesh = dims.build_mesh(ctx.device_type)
-        if not config.compile:
-            return PipelineTrainStep(model, ctx, config, dims, mesh)
 
-        def compile_stage(stage: GPT) -> nn.Module:
-            apply_compile(stage)
+        def prepare_stage(stage: GPT) -> nn.Module:
+            apply_ac(stage, config.ac)
+            if config.compile:
+                apply_compile(stage)
             return stage
 
-        return PipelineTrainStep(model, ctx, config, dims, mesh, compile_stage)
+        return PipelineTrainStep(model, ctx, config, dims, mesh, prepare_stage)

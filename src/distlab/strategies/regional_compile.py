@@ -7,7 +7,9 @@ The order in a strategy's ``prepare`` is the one torchtitan uses:
 
 1. tensor parallelism (``parallelize_module``): its input/output hooks on the
    block's submodules and its DTensor parameters are traced into the graph;
-2. ``apply_compile``: each block's ``forward`` becomes a compiled function;
+2. ``apply_compile``: each block's ``forward`` becomes a compiled function (after
+   ``--ac`` wrapped it in a checkpoint, ``distlab.strategies.activation_checkpoint``,
+   so the checkpoint is traced into the graph);
 3. data parallelism (FSDP2 ``fully_shard`` per block, or DDP around the model).
 
 Only ``forward`` is compiled, not the module's whole call, so the hooks that

@@ -62,6 +62,11 @@ def validate(config: Config) -> None:
             f"--compile is not supported by strategy '{config.strategy}': "
             f"{strategy.compile_refusal}"
         )
+    if config.ac == "selective" and strategy.selective_ac_refusal:
+        raise DistlabError(
+            f"--ac selective is not supported by strategy '{config.strategy}': "
+            f"{strategy.selective_ac_refusal}"
+        )
     strategy.validate(config)
     dp = strategy.data_parallel_size(config)
     if config.global_batch % dp:

@@ -10,6 +10,7 @@ from torch import nn
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import ModuleTrainStep, ReplicatedStateStrategy, TrainStep
 from distlab.strategies.regional_compile import apply_compile
 
@@ -28,6 +29,7 @@ class SingleStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
+        apply_ac(model, config.ac)
         if config.compile:
             apply_compile(model)
         return ModuleTrainStep(model, ctx, config, dp_rank=0, dp_size=1, dp_group=None)

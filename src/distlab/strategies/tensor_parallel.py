@@ -51,6 +51,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import PRESETS
+from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.parallel_dims import (
     ParallelDims,
@@ -199,6 +200,7 @@ class TPStrategy(Strategy):
         mesh = self.dims(config).build_mesh(ctx.device_type)
         model.to(ctx.device)
         apply_tp(model, mesh["tp"], config.sequence_parallel)
+        apply_ac(model, config.ac)  # after tp: recomputation runs the DTensor forward again
         if config.compile:
             apply_compile(model)  # after tp: its DTensor hooks are traced into the graphs
         return ModuleTrainStep(
