@@ -92,6 +92,7 @@ import importlib.util
 import logging
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ from torch.autograd import Variable
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import Config, grad_accum_steps
+from distlab.config import ZERO_REDUCE_CHOICES, Config, grad_accum_steps, zero_reduce_mode
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
@@ -189,6 +190,12 @@ class DeepSpeedTrainStep(TrainStep):
         self.stage = stage
         self.dp_rank, self.dp_size = ctx.rank, ctx.world_size
         self.accum = grad_accum_steps(config, self.dp_size)
+        self.reduce_once = self.accum > 1 and stage > 1 and zero_reduce_mode(config) == "once"
+        """Reduce the accumulated gradients once, after the step's last backward (see above)."""
+        if self.reduce_once:
+            # Each engine.step() below is an optimizer step: the micro-batches run inside
+            # one coalesce_grad_reduction block, where step() may not be called.
+            engine.set_gradient_accumulation_boundary(True)
         self.grad_bytes = 0
         """Peak gradient bytes of the last step (DeepSpeed frees gradients inside ``step``)."""
 
@@ -209,17 +216,23 @@ class DeepSpeedTrainStep(TrainStep):
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
-        for index, (x, y) in enumerate(micro_batches):
-            logits = self.engine(x.to(device, non_blocking=True))
-            loss = language_model_loss(logits, y.to(device, non_blocking=True))
-            last = index == self.accum - 1
-            if last:
-                loss.register_hook(self._sample_grads_after_autograd)
-            self.engine.backward(loss)  # scales by 1 / accum; reduces on the last micro-batch
-            if last:
-                self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
-            self.engine.step()  # a no-op except on the last micro-batch
-            loss_sum += loss.detach()
+        coalesce = self.engine.coalesce_grad_reduction() if self.reduce_once else nullcontext()
+        with coalesce:  # reduce_once: one reduction of the summed gradients, at the exit
+            for index, (x, y) in enumerate(micro_batches):
+                logits = self.engine(x.to(device, non_blocking=True))
+                loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                last = index == self.accum - 1
+                if last:
+                    loss.register_hook(self._sample_grads_after_autograd)
+                self.engine.backward(loss)  # scales by 1 / accum
+                if last and not self.reduce_once:
+                    self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
+                if not self.reduce_once:
+                    self.engine.step()  # a no-op except on the last micro-batch
+                loss_sum += loss.detach()
+        if self.reduce_once:
+            self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
+            self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         mean_loss = mean_over_group(loss_sum / self.accum, None, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=float(grad_norm or 0.0))
@@ -271,7 +284,7 @@ class DeepSpeedZeroStrategy(Strategy):
     """ZeRO stage ``stage`` through DeepSpeed's engine (subclasses fix the stage)."""
 
     stage: int = 0
-    options = frozenset({"offload"})
+    options = frozenset({"offload", "zero_reduce"})
 
     def validate(self, config: Config) -> None:
         if importlib.util.find_spec("deepspeed") is None:
@@ -281,6 +294,11 @@ class DeepSpeedZeroStrategy(Strategy):
         if config.offload not in OFFLOAD_CHOICES:
             raise DistlabError(
                 f"offload must be one of {', '.join(OFFLOAD_CHOICES)} (got '{config.offload}')"
+            )
+        if config.zero_reduce is not None and config.zero_reduce not in ZERO_REDUCE_CHOICES:
+            raise DistlabError(
+                f"zero_reduce must be one of {', '.join(ZERO_REDUCE_CHOICES)} "
+                f"(got '{config.zero_reduce}')"
             )
         if config.offload == "params" and self.stage != 3:
             raise DistlabError(
@@ -327,6 +345,7 @@ class Zero1Strategy(DeepSpeedZeroStrategy):
     summary = "DeepSpeed ZeRO-1: optimizer state sharded (optional --offload optimizer)"
     stage = 1
     data_parallel = "zero1"
+    options = frozenset({"offload"})  # reduces once per step already: no zero_reduce
 
 
 class Zero2Strategy(DeepSpeedZeroStrategy):
