@@ -15,8 +15,9 @@ default reduce-scatters in every one too (--zero-reduce once: once per step).
 
 Training: ``--micro-batch`` runs of fsdp (both modes), fsdp+tp, zero2 (both
 ``--zero-reduce`` modes) and zero3 (reducing once) reproduce ``single``
-(``distlab.report.parity``), end each step with the parameters sharded again (model-state bytes at rest as predicted) and resume from a
-checkpoint written between accumulated steps.
+(``distlab.report.parity``), end each step with the parameters sharded again
+(model-state bytes at rest as predicted) and fsdp resumes from a checkpoint
+written between accumulated steps.
 
 Each group of runs is one multi-rank job, started on first use; steps 0 and 1
 are warm-up (DDP rebuilds its buckets, DeepSpeed traces the modules) and
