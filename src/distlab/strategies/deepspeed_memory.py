@@ -185,6 +185,8 @@ def predicted_zero_bytes(config: Config, stage: int, n_params: int) -> ModelStat
         # The summed gradients on the parameters, measured at the end of the last backward
         # (the slice and the bucket are filled only after that, as the sum is reduced).
         grads = width * p
+        if offload:
+            grads += 4 * p // n  # the CPU optimizer's fp32 gradient slice, kept between steps
     elif stage == 3 and once:
         grads += width * p  # the summed gradients on the (gathered) parameters
     if offload and stage != 2:

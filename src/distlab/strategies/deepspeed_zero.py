@@ -36,6 +36,18 @@ default) and then all-gathers the parameters: all-reduce 4P + all-gather 4P,
 paper's 1.5x DDP assumes a second gather in backward) and reduce-scatters the
 gradients (``distlab.theory`` predicts these per collective).
 
+Gradient accumulation (A micro-batches per step, ``--micro-batch``). ZeRO-1
+reduces once, at the step's last backward. ZeRO-2/3 partition gradients as
+backward produces them, so DeepSpeed's own accumulation reduces each
+micro-batch's gradients (A x 4P; ``--zero-reduce per-microbatch``, ZeRO-3's
+default). ``--zero-reduce once`` (ZeRO-2's default) runs the micro-batches in
+``engine.coalesce_grad_reduction()``: the gradients add up on the parameters,
+unsharded (4P per rank, ZeRO-1's gradient memory), and are reduced once at the
+block's exit; then ``engine.step``. ZeRO-3 still gathers the parameters in
+every micro-batch. DeepSpeed refuses the block for its BF16_Optimizer wrapper,
+which it builds only for ZeRO-1 (bf16 without offload), the stage that needs
+no block; fp32, bf16 and offload all run it here (see ``docs/strategies/zero.md``).
+
 CPU offload (``--offload optimizer``, all stages; ``--offload params``, ZeRO-3):
 the master slice, its gradient slice and the optimizer state (16P/N bytes) live
 in CPU memory, and the update runs on the CPU with DeepSpeed's vectorised
@@ -225,17 +237,21 @@ class DeepSpeedTrainStep(TrainStep):
                 if last:
                     loss.register_hook(self._sample_grads_after_autograd)
                 self.engine.backward(loss)  # scales by 1 / accum
-                if last and not self.reduce_once:
-                    self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
-                if not self.reduce_once:
-                    self.engine.step()  # a no-op except on the last micro-batch
                 loss_sum += loss.detach()
-        if self.reduce_once:
-            self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
-            self.engine.step()
+                if not self.reduce_once:
+                    self._after_backward(last)
+        if self.reduce_once:  # the summed gradients were reduced at the block's exit
+            self._after_backward(last=True)
         grad_norm = self.engine.get_global_grad_norm()
         mean_loss = mean_over_group(loss_sum / self.accum, None, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=float(grad_norm or 0.0))
+
+    def _after_backward(self, last: bool) -> None:
+        """Sample the reduced gradients after the last backward; engine.step (a no-op on
+        DeepSpeed's earlier micro-batches)."""
+        if last:
+            self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
+        self.engine.step()
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])
