@@ -66,7 +66,15 @@ VARIANTS = [
     Variant("fsdp --reshard-between-microbatches", {"strategy": "fsdp", **REGATHER}),
     Variant("zero1", {"strategy": "zero1"}, needs="deepspeed"),
     Variant("zero2", {"strategy": "zero2"}, needs="deepspeed"),
+    Variant(
+        "zero2 --zero-reduce per-microbatch",
+        {"strategy": "zero2", "zero_reduce": "per-microbatch"},
+        needs="deepspeed",
+    ),
     Variant("zero3", {"strategy": "zero3"}, needs="deepspeed"),
+    Variant(
+        "zero3 --zero-reduce once", {"strategy": "zero3", "zero_reduce": "once"}, needs="deepspeed"
+    ),
     Variant("fairscale-oss", {"strategy": "fairscale-oss"}, needs="fairscale"),
     Variant("fairscale-sdp", {"strategy": "fairscale-sdp"}, needs="fairscale"),
     Variant("tp", {"strategy": "tp", "tp": 2}),

@@ -6,16 +6,18 @@ step (``--micro-batch``; pipelines: their microbatches). At each A the bytes
 per step that the counter saw, per collective type, and the calls where
 the theory knows them, equal ``distlab.theory.comm.predict_comm``'s exactly.
 Where accumulation is meant to cost no communication (ddp, fsdp by default,
-zero1, fairscale, the compositions), the bytes do not depend on A. The others
-send more with each micro-batch, and the test states it: fsdp with
---reshard-between-microbatches gathers per micro-batch by choice; DeepSpeed's
-ZeRO-2 reduces and ZeRO-3 gathers and reduce-scatters in every micro-batch by
-design (its engine refuses ``no_sync`` with partitioned gradients).
+zero1, zero2 by default, fairscale, the compositions), the bytes do not depend
+on A. The others send more with each micro-batch, and the test states it:
+fsdp with --reshard-between-microbatches gathers per micro-batch by choice,
+zero2 with --zero-reduce per-microbatch reduces in every micro-batch by
+choice; ZeRO-3 gathers the parameters in every micro-batch by design, and by
+default reduce-scatters in every one too (--zero-reduce once: once per step).
 
-Training: ``--micro-batch`` runs of fsdp (both modes) and fsdp+tp reproduce
-``single`` (``distlab.report.parity``), end each step with the parameters
-sharded again (model-state bytes at rest as predicted) and resume from a
-checkpoint written between accumulated steps.
+Training: ``--micro-batch`` runs of fsdp (both modes), fsdp+tp, zero2 (both
+``--zero-reduce`` modes) and zero3 (reducing once) reproduce ``single``
+(``distlab.report.parity``), end each step with the parameters sharded again
+(model-state bytes at rest as predicted) and fsdp resumes from a checkpoint
+written between accumulated steps.
 
 Each group of runs is one multi-rank job, started on first use; steps 0 and 1
 are warm-up (DDP rebuilds its buckets, DeepSpeed traces the modules) and
@@ -66,8 +68,17 @@ CASES = {
         {"strategy": "fsdp", "reshard_between_microbatches": True}, "torch", constant=False
     ),
     "zero1": Case({"strategy": "zero1"}, "libraries", constant=True, needs="deepspeed"),
-    "zero2": Case({"strategy": "zero2"}, "libraries", constant=False, needs="deepspeed"),
+    "zero2": Case({"strategy": "zero2"}, "libraries", constant=True, needs="deepspeed"),
+    "zero2-per-microbatch": Case(
+        {"strategy": "zero2", "zero_reduce": "per-microbatch"},
+        "libraries",
+        constant=False,
+        needs="deepspeed",
+    ),
     "zero3": Case({"strategy": "zero3"}, "libraries", constant=False, needs="deepspeed"),
+    "zero3-reduce-once": Case(
+        {"strategy": "zero3", "zero_reduce": "once"}, "libraries", constant=False, needs="deepspeed"
+    ),
     "fairscale-oss": Case(
         {"strategy": "fairscale-oss"}, "libraries", constant=True, needs="fairscale"
     ),
@@ -159,12 +170,37 @@ def test_bytes_per_step_against_micro_batch_count(measured, label: str) -> None:
 
 # --- Training with accumulation ---------------------------------------------------------
 
+deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"
+)
+PER_MICROBATCH = {"zero_reduce": "per-microbatch"}
+REDUCE_ONCE = {"zero_reduce": "once"}
 PARITY = [
     pytest.param("fsdp", 2, "sgd", {}, id="fsdp-sgd"),
     pytest.param("fsdp", 2, "adamw", {}, id="fsdp-adamw"),
     pytest.param("fsdp", 2, "sgd", {"reshard_between_microbatches": True}, id="fsdp-regather-sgd"),
     pytest.param(
         "fsdp", 2, "adamw", {"reshard_between_microbatches": True}, id="fsdp-regather-adamw"
+    ),
+    # ZeRO-2 reduces the summed gradients once (default) or every micro-batch's; ZeRO-3 once.
+    pytest.param("zero2", 2, "sgd", {}, id="zero2-sgd", marks=deepspeed),
+    pytest.param("zero2", 2, "adamw", {}, id="zero2-adamw", marks=[slow, deepspeed]),
+    pytest.param(
+        "zero2", 2, "sgd", PER_MICROBATCH, id="zero2-per-microbatch-sgd", marks=[slow, deepspeed]
+    ),
+    pytest.param(
+        "zero2",
+        2,
+        "adamw",
+        PER_MICROBATCH,
+        id="zero2-per-microbatch-adamw",
+        marks=[slow, deepspeed],
+    ),
+    pytest.param(
+        "zero3", 2, "sgd", REDUCE_ONCE, id="zero3-reduce-once-sgd", marks=[slow, deepspeed]
+    ),
+    pytest.param(
+        "zero3", 2, "adamw", REDUCE_ONCE, id="zero3-reduce-once-adamw", marks=[slow, deepspeed]
     ),
     pytest.param("fsdp+tp", 4, "sgd", {"tp": 2}, id="fsdp+tp-sgd", marks=slow),
     pytest.param("fsdp+tp", 4, "adamw", {"tp": 2}, id="fsdp+tp-adamw", marks=slow),
@@ -175,7 +211,8 @@ PARITY = [
 def test_accumulation_reproduces_single(
     strategy: str, nproc: int, optimizer: str, fields: dict, parity_workdir: Path
 ) -> None:
-    """Four micro-batches per step train the same model, and the step ends sharded."""
+    """Four micro-batches per step train the same model, and the step ends sharded (ZeRO:
+    parameters at rest as predicted)."""
     config = parity_config(strategy, nproc, optimizer, micro_batch=1, **fields)
     report = compare(config, parity_workdir)
     assert report.passed, (report.rel_diffs, report.max_param_diff, report.tolerance)

@@ -29,6 +29,7 @@ SAMPLE = {
     "reshard_after_forward": False,
     "reshard_between_microbatches": True,
     "offload": "optimizer",
+    "zero_reduce": "per-microbatch",
 }
 """A value other than the default for every strategy option."""
 

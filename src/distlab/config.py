@@ -140,6 +140,11 @@ class Config:
     offload: str = "none"
     """DeepSpeed ZeRO: none, optimizer (state on CPU) or params (ZeRO-3: also params);
     fsdp: none or params (FSDP2's CPU offload: params, grads and optimizer state on CPU)."""
+    zero_reduce: str | None = None
+    """ZeRO-2/3 only, with several micro-batches per step: reduce the gradients once per step
+    (``once``: they accumulate unsharded on each rank until the step's last backward) or in
+    every micro-batch's backward (``per-microbatch``: sharded gradients, A times the
+    reduction bytes); default: once for zero2, per-microbatch for zero3."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
     tp: int = 1
@@ -350,6 +355,20 @@ def resolved_seq_len(config: Config) -> int:
     """Sequence length: the configured one, else the model preset's context length."""
 
     return config.seq_len if config.seq_len is not None else PRESETS[config.model].block_size
+
+
+ZERO_REDUCE_CHOICES = ("once", "per-microbatch")
+
+
+def zero_reduce_mode(config: Config) -> str:
+    """When ZeRO reduces accumulated gradients: the configured mode, else the stage's default.
+
+    ZeRO-1 always reduces once (at the step's last backward); ZeRO-2 by default too,
+    ZeRO-3 by default in every micro-batch (its gradients stay sharded).
+    """
+    if config.zero_reduce is not None:
+        return config.zero_reduce
+    return "per-microbatch" if config.strategy == "zero3" else "once"
 
 
 def fixed_micro_batch(config: Config) -> int | None:

@@ -279,6 +279,8 @@ def _run_name(config: Config) -> str:
         parts.append("noreshard")
     if config.reshard_between_microbatches:
         parts.append("regather")
+    if config.zero_reduce is not None:
+        parts.append(f"reduce-{config.zero_reduce}")
     if config.sequence_parallel:
         parts.append("sp")
     if config.compile:

@@ -27,6 +27,11 @@ gradient slice stay fp32.
   the rank's slice whole (up to one tensor more than P/N), and with gradient
   accumulation keeps the earlier micro-batches' slice apart (twice that);
   offload adds the CPU optimizer's fp32 gradient slice and staging buffers.
+- reducing once per step (``--zero-reduce once``, ZeRO-2's default, with
+  several micro-batches): the micro-batches' gradients add up, unsharded, on
+  the parameters until the last backward (4P, ZeRO-1's gradients); ZeRO-2 then
+  holds 4P at its peak instead of its slice, ZeRO-3 4P on top of its slice and
+  bucket.
 
 The measurement (``measure_grad_bytes``, ``measure_optimizer_bytes``) walks
 the engine's own buffers: the parameters as stored, ZeRO's gradient buckets and
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 
-from distlab.config import Config, grad_accum_steps
+from distlab.config import Config, grad_accum_steps, zero_reduce_mode
 from distlab.measure.memory import ModelStateBytes, optimizer_bytes_per_param
 from distlab.model import PRESETS
 from distlab.strategies.parallel_dims import parameter_sizes
@@ -172,8 +177,18 @@ def predicted_zero_bytes(config: Config, stage: int, n_params: int) -> ModelStat
     grads = width * p if stage == 1 else slice_width * grad_slice
     # ZeRO-3's bucket holds the communication dtype (fp32), ZeRO-1/2's the gradients'.
     grads += (4 if stage == 3 else width) * bucket_elements(p)
-    if stage == 2 and grad_accum_steps(config, n) > 1:
+    accumulating = grad_accum_steps(config, n) > 1
+    once = accumulating and stage > 1 and zero_reduce_mode(config) == "once"
+    if stage == 2 and accumulating and not once:
         grads += width * grad_slice  # earlier micro-batches' slice, accumulated apart
+    if stage == 2 and once:
+        # The summed gradients on the parameters, measured at the end of the last backward
+        # (the slice and the bucket are filled only after that, as the sum is reduced).
+        grads = width * p
+        if offload:
+            grads += 4 * p // n  # the CPU optimizer's fp32 gradient slice, kept between steps
+    elif stage == 3 and once:
+        grads += width * p  # the summed gradients on the (gathered) parameters
     if offload and stage != 2:
         grads += 4 * p // n  # the fp32 gradient slice the CPU optimizer reads
     if offload and stage != 3:

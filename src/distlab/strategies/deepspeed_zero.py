@@ -36,6 +36,18 @@ default) and then all-gathers the parameters: all-reduce 4P + all-gather 4P,
 paper's 1.5x DDP assumes a second gather in backward) and reduce-scatters the
 gradients (``distlab.theory`` predicts these per collective).
 
+Gradient accumulation (A micro-batches per step, ``--micro-batch``). ZeRO-1
+reduces once, at the step's last backward. ZeRO-2/3 partition gradients as
+backward produces them, so DeepSpeed's own accumulation reduces each
+micro-batch's gradients (A x 4P; ``--zero-reduce per-microbatch``, ZeRO-3's
+default). ``--zero-reduce once`` (ZeRO-2's default) runs the micro-batches in
+``engine.coalesce_grad_reduction()``: the gradients add up on the parameters,
+unsharded (4P per rank, ZeRO-1's gradient memory), and are reduced once at the
+block's exit; then ``engine.step``. ZeRO-3 still gathers the parameters in
+every micro-batch. DeepSpeed refuses the block for its BF16_Optimizer wrapper,
+which it builds only for ZeRO-1 (bf16 without offload), the stage that needs
+no block; fp32, bf16 and offload all run it here (see ``docs/strategies/zero.md``).
+
 CPU offload (``--offload optimizer``, all stages; ``--offload params``, ZeRO-3):
 the master slice, its gradient slice and the optimizer state (16P/N bytes) live
 in CPU memory, and the update runs on the CPU with DeepSpeed's vectorised
@@ -98,6 +110,7 @@ import importlib.util
 import logging
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +121,7 @@ from torch.autograd import Variable
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import Config, grad_accum_steps
+from distlab.config import ZERO_REDUCE_CHOICES, Config, grad_accum_steps, zero_reduce_mode
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
@@ -196,6 +209,12 @@ class DeepSpeedTrainStep(TrainStep):
         self.stage = stage
         self.dp_rank, self.dp_size = ctx.rank, ctx.world_size
         self.accum = grad_accum_steps(config, self.dp_size)
+        self.reduce_once = self.accum > 1 and stage > 1 and zero_reduce_mode(config) == "once"
+        """Reduce the accumulated gradients once, after the step's last backward (see above)."""
+        if self.reduce_once:
+            # Each engine.step() below is an optimizer step: the micro-batches run inside
+            # one coalesce_grad_reduction block, where step() may not be called.
+            engine.set_gradient_accumulation_boundary(True)
         self.grad_bytes = 0
         """Peak gradient bytes of the last step (DeepSpeed frees gradients inside ``step``)."""
 
@@ -216,20 +235,30 @@ class DeepSpeedTrainStep(TrainStep):
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
-        for index, (x, y) in enumerate(micro_batches):
-            logits = self.engine(x.to(device, non_blocking=True))
-            loss = language_model_loss(logits, y.to(device, non_blocking=True))
-            last = index == self.accum - 1
-            if last:
-                loss.register_hook(self._sample_grads_after_autograd)
-            self.engine.backward(loss)  # scales by 1 / accum; reduces on the last micro-batch
-            if last:
-                self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
-            self.engine.step()  # a no-op except on the last micro-batch
-            loss_sum += loss.detach()
+        coalesce = self.engine.coalesce_grad_reduction() if self.reduce_once else nullcontext()
+        with coalesce:  # reduce_once: one reduction of the summed gradients, at the exit
+            for index, (x, y) in enumerate(micro_batches):
+                logits = self.engine(x.to(device, non_blocking=True))
+                loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                last = index == self.accum - 1
+                if last:
+                    loss.register_hook(self._sample_grads_after_autograd)
+                self.engine.backward(loss)  # scales by 1 / accum
+                loss_sum += loss.detach()
+                if not self.reduce_once:
+                    self._after_backward(last)
+        if self.reduce_once:  # the summed gradients were reduced at the block's exit
+            self._after_backward(last=True)
         grad_norm = self.engine.get_global_grad_norm()
         mean_loss = mean_over_group(loss_sum / self.accum, None, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=float(grad_norm or 0.0))
+
+    def _after_backward(self, last: bool) -> None:
+        """Sample the reduced gradients after the last backward; engine.step (a no-op on
+        DeepSpeed's earlier micro-batches)."""
+        if last:
+            self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
+        self.engine.step()
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -278,7 +307,7 @@ class DeepSpeedZeroStrategy(Strategy):
     """ZeRO stage ``stage`` through DeepSpeed's engine (subclasses fix the stage)."""
 
     stage: int = 0
-    options = frozenset({"offload"})
+    options = frozenset({"offload", "zero_reduce"})
 
     def validate(self, config: Config) -> None:
         if importlib.util.find_spec("deepspeed") is None:
@@ -288,6 +317,11 @@ class DeepSpeedZeroStrategy(Strategy):
         if config.offload not in OFFLOAD_CHOICES:
             raise DistlabError(
                 f"offload must be one of {', '.join(OFFLOAD_CHOICES)} (got '{config.offload}')"
+            )
+        if config.zero_reduce is not None and config.zero_reduce not in ZERO_REDUCE_CHOICES:
+            raise DistlabError(
+                f"zero_reduce must be one of {', '.join(ZERO_REDUCE_CHOICES)} "
+                f"(got '{config.zero_reduce}')"
             )
         if config.offload == "params" and self.stage != 3:
             raise DistlabError(
@@ -335,6 +369,7 @@ class Zero1Strategy(DeepSpeedZeroStrategy):
     summary = "DeepSpeed ZeRO-1: optimizer state sharded (optional --offload optimizer)"
     stage = 1
     data_parallel = "zero1"
+    options = frozenset({"offload"})  # reduces once per step already: no zero_reduce
 
 
 class Zero2Strategy(DeepSpeedZeroStrategy):

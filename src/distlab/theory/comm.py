@@ -28,13 +28,17 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
     zero1  all-reduce 4 P of gradients (once, at the accumulation boundary) + all-gather
            4 P of the updated parameter partitions: the ZeRO paper's reduce-scatter +
            all-gather would send the same as DDP; DeepSpeed all-reduces on this backend
-    zero2  as zero1, but the gradients are reduced in every micro-batch's backward
-           (partitioned gradients, by design): all-reduce A x 4 P
-    zero3  per micro-batch all-gather 4 P + reduce-scatter 4 P: DeepSpeed keeps gathered
-           parameters from forward to backward when their reuse distance is under
+    zero2  as zero1 (by default, --zero-reduce once: the micro-batches' gradients
+           accumulate on each rank and are reduced once, after the last backward);
+           with --zero-reduce per-microbatch the gradients are reduced in every
+           micro-batch's backward (partitioned gradients): all-reduce A x 4 P
+    zero3  per micro-batch all-gather 4 P: DeepSpeed keeps gathered parameters from
+           forward to backward when their reuse distance is under
            stage3_max_reuse_distance (default 1e9 elements), so it gathers once per
-           micro-batch (the ZeRO paper's 1.5x DDP assumes two gathers), and partitions
-           each micro-batch's gradients at once
+           micro-batch (the ZeRO paper's 1.5x DDP assumes two gathers); plus
+           reduce-scatter 4 P per micro-batch (by default, --zero-reduce
+           per-microbatch: each micro-batch's gradients partitioned at once) or once
+           per step (--zero-reduce once)
     fairscale-oss  DDP's all-reduce 4 P + every rank broadcasts the parameters it owns
            (4 P together), whatever A
     fairscale-sdp  one reduce per parameter tensor to its owner (4 P) + the broadcasts
@@ -67,7 +71,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlab.config import Config, grad_accum_steps, resolved_seq_len
+from distlab.config import Config, grad_accum_steps, resolved_seq_len, zero_reduce_mode
 from distlab.measure.wire import KINDS, wire_bytes
 from distlab.model import PRESETS
 from distlab.strategies import registry
@@ -221,7 +225,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
     elif lay.data_parallel == "fsdp":
         formulas.append(_fsdp_comm(pred, config, lay, shapes, accum, model_bytes))
     elif lay.data_parallel in ("zero1", "zero2"):
-        reductions = accum if lay.data_parallel == "zero2" else 1
+        reductions = accum if _reduces_per_microbatch(config, lay) else 1
         pred.add("all_reduce", reductions * FP32 * p_local, dp, calls=None)
         pred.add("all_gather", model_bytes * p_local, dp, calls=None)
         times = f"{reductions} x " if reductions > 1 else ""
@@ -233,13 +237,19 @@ def predict_comm(config: Config) -> CommPrediction | None:
             "the gradient buckets on gloo, so it sends 1.5x DDP"
         )
         if reductions > 1:
-            pred.notes.append("ZeRO-2 reduces the gradients in every micro-batch's backward")
+            pred.notes.append(
+                "--zero-reduce per-microbatch: ZeRO-2 reduces the gradients in every "
+                "micro-batch's backward"
+            )
     elif lay.data_parallel == "zero3":
         gathers = _zero3_gathers(config, p_local)
+        reductions = accum if _reduces_per_microbatch(config, lay) else 1
         pred.add("all_gather", accum * gathers * model_bytes * p_local, dp, calls=None)
-        pred.add("reduce_scatter", accum * FP32 * p_local, dp, calls=None)
+        pred.add("reduce_scatter", reductions * FP32 * p_local, dp, calls=None)
+        per_step = "" if reductions == accum else " + reduce-scatter 4P once"
+        per_micro = " + reduce-scatter 4P" if reductions == accum else ""
         formulas.append(
-            f"({gathers}x all-gather {model_bytes}P + reduce-scatter 4P) per micro-batch"
+            f"({gathers}x all-gather {model_bytes}P{per_micro}) per micro-batch{per_step}"
         )
         if gathers == 1:
             pred.notes.append(
@@ -360,6 +370,11 @@ def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:
         if owned:
             pred.add("broadcast", FP32 * owned, n, relative_rank=-owner % n)
     pred.add("all_reduce", FP32, n)  # OSS's gradient norm
+
+
+def _reduces_per_microbatch(config: Config, lay: Layout) -> bool:
+    """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``)."""
+    return lay.data_parallel != "zero1" and zero_reduce_mode(config) == "per-microbatch"
 
 
 def _zero3_gathers(config: Config, p_local: int) -> int:
