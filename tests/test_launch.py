@@ -174,7 +174,9 @@ def test_list_strategies() -> None:
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert {"single", "ddp", "fsdp"} <= set(lines)
     # each strategy's own flags, from what it declares (Strategy.options)
-    assert lines["fsdp"].endswith("[--reshard-after-forward --reshard-between-microbatches]")
+    assert lines["fsdp"].endswith(
+        "[--offload --reshard-after-forward --reshard-between-microbatches]"
+    )
     assert lines["fsdp+tp+pp"].endswith(
         "[--dp --microbatches --pp --reshard-after-forward --reshard-between-microbatches "
         "--schedule --sequence-parallel --tp]"
