@@ -99,3 +99,29 @@ def wandb_history(file: Path) -> list[dict[str, Any]]:
 def wandb_run_record(file: Path) -> Any:
     """The offline W&B run's ``RunRecord`` (id, branch point, ...)."""
     return next(r.run for r in wandb_records(file) if r.WhichOneof("record_type") == "run")
+
+
+def assert_resume_continues(tmp_path: Path, *flags: str, atol: float = 1e-6) -> None:
+    """A 4-step local run with ``flags``, resumed from its step-2 checkpoint in a new run dir,
+    logs the uninterrupted run's losses for steps 2 and 3 (within ``atol``)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = run_command(
+        "distlab.launch", *TINY_LOCAL_RUN, *flags, "--steps", "4", "--checkpoint-every", "2",
+        "--run-dir", str(full),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    checkpoint = full / "checkpoints" / "step_000002"
+    result = run_command(
+        "distlab.launch", "--resume", str(checkpoint), "--launcher", "local",
+        "--run-dir", str(resumed),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    def losses(run_dir: Path) -> list[float]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    reference, continued = losses(full), losses(resumed)
+    assert len(continued) == 4
+    for a, b in zip(reference[2:], continued[2:], strict=True):
+        assert abs(a - b) <= atol, (reference, continued)

@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, run_command
+from tests.helpers import assert_resume_continues
 
 from distlab.report.parity import _run_name, compare, parity_config
 
 slow = pytest.mark.slow
-RESTART_ATOL = 1e-6
 """A resumed run at the same strategy and world size (bitwise equal in practice, as in
 ``tests/test_fault_tolerance.py``)."""
 
@@ -225,25 +224,4 @@ def test_accumulation_reproduces_single(
 
 def test_resume_between_accumulated_steps(tmp_path: Path) -> None:
     """fsdp with 4 micro-batches: a run resumed at step 2 continues like the uninterrupted one."""
-    shape = [*TINY_LOCAL_RUN, "--strategy", "fsdp", "--nproc", "2", "--micro-batch", "1"]
-    full = tmp_path / "full"
-    result = run_command(
-        "distlab.launch", *shape, "--steps", "4", "--checkpoint-every", "2", "--run-dir", str(full)
-    )
-    assert result.returncode == 0, result.stderr
-    resumed = tmp_path / "resumed"
-    checkpoint = full / "checkpoints" / "step_000002"
-    result = run_command(
-        "distlab.launch", "--resume", str(checkpoint), "--launcher", "local",
-        "--run-dir", str(resumed),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-
-    def losses(run_dir: Path) -> list[float]:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
-
-    reference, continued = losses(full), losses(resumed)
-    assert len(continued) == 4
-    for a, b in zip(reference[2:], continued[2:], strict=True):
-        assert abs(a - b) <= RESTART_ATOL, (reference, continued)
+    assert_resume_continues(tmp_path, "--strategy", "fsdp", "--nproc", "2", "--micro-batch", "1")

@@ -7,12 +7,11 @@ all-gather and after the reduce-scatter, the optimizer step on the host shards.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import TINY_LOCAL_RUN, run_command
+from tests.helpers import assert_resume_continues
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy
 
@@ -23,8 +22,6 @@ from distlab.optim import build_optimizer, implementation
 from distlab.report.parity import compare, parity_config
 from distlab.strategies.fsdp import apply_fsdp, offload_policy
 from distlab.strategies.resolve import load_config
-
-RESTART_ATOL = 1e-6
 
 
 def test_fsdp_accepts_params_and_explains_why_not_optimizer() -> None:
@@ -93,25 +90,4 @@ def test_offload_parity(optimizer: str, fields: dict, parity_workdir: Path) -> N
 
 def test_offloaded_run_resumes_like_the_uninterrupted_one(tmp_path: Path) -> None:
     """A DCP checkpoint of host-resident shards: resumed at step 2, the losses continue."""
-    shape = [*TINY_LOCAL_RUN, "--strategy", "fsdp", "--nproc", "2", "--offload", "params"]
-    full = tmp_path / "full"
-    result = run_command(
-        "distlab.launch", *shape, "--steps", "4", "--checkpoint-every", "2", "--run-dir", str(full)
-    )
-    assert result.returncode == 0, result.stderr
-    resumed = tmp_path / "resumed"
-    checkpoint = full / "checkpoints" / "step_000002"
-    result = run_command(
-        "distlab.launch", "--resume", str(checkpoint), "--launcher", "local",
-        "--run-dir", str(resumed),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-
-    def losses(run_dir: Path) -> list[float]:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
-
-    reference, continued = losses(full), losses(resumed)
-    assert len(continued) == 4
-    for a, b in zip(reference[2:], continued[2:], strict=True):
-        assert abs(a - b) <= RESTART_ATOL, (reference, continued)
+    assert_resume_continues(tmp_path, "--strategy", "fsdp", "--nproc", "2", "--offload", "params")
