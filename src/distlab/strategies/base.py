@@ -28,6 +28,7 @@ from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
+from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.parallel_dims import ParallelDims
 
@@ -65,6 +66,11 @@ class TrainStep(ABC):
     @abstractmethod
     def model_state_bytes(self) -> ModelStateBytes:
         """Bytes this rank holds in parameters, gradients and optimizer state."""
+
+    @abstractmethod
+    def held_tensors(self) -> HeldTensors:
+        """The modules, optimizers and buffers this rank keeps between steps, by category,
+        for the step's memory tracker (``distlab.measure.step_memory``)."""
 
     @abstractmethod
     def save_checkpoint(self, directory: Path) -> None:
@@ -229,6 +235,13 @@ class OptimizerTrainStep(TrainStep):
 
     def model_state_bytes(self) -> ModelStateBytes:
         return self.last_state_bytes or self._measure_state_bytes()
+
+    def held_tensors(self) -> HeldTensors:
+        return HeldTensors(
+            modules=[self.model],
+            optimizers=[self.optimizer],
+            fsdp_root=self.model if isinstance(self.model, FSDPModule) else None,
+        )
 
 
 class ModuleTrainStep(OptimizerTrainStep):

@@ -153,6 +153,28 @@ def measure_grad_bytes(engine) -> int:
     return storage_bytes(found)
 
 
+def held_buffers(engine) -> dict[str, list[torch.Tensor]]:
+    """DeepSpeed's own buffers by lab category, for the step's memory tracker.
+
+    The flat parameter buffers the model's parameters are views of (ZeRO-3: the
+    local slices), the gradient partitions and buckets, and the fp32 master
+    slice with offload's staging copy: tensors the engine allocated before the
+    step, which the tracker would otherwise first meet as the output of some
+    view and misfile as an activation.
+    """
+    zero = engine.optimizer
+    params = _parameter_tensors(engine) + list(getattr(zero, "bit16_groups_flat", []))
+    grads = [
+        t.grad if t.requires_grad else t
+        for name, value in vars(zero).items()
+        if GRADIENT_ATTRIBUTE.search(name)
+        for t in _tensors(value)
+        if not t.requires_grad or t.grad is not None
+    ]
+    staging = getattr(zero, "param_buffer_of_bit16_for_cpu_offload_groups", [])
+    return {"params": params, "grads": grads, "optimizer": _master_tensors(engine) + list(staging)}
+
+
 def measure_optimizer_bytes(engine) -> int:
     """The fp32 master slice, the inner optimizer's state and offload's staging copy."""
     inner = engine.optimizer.optimizer

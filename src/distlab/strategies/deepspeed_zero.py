@@ -125,6 +125,7 @@ from distlab.config import ZERO_REDUCE_CHOICES, Config, grad_accum_steps, zero_r
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
+from distlab.measure.step_memory import HeldTensors
 from distlab.optim import ADAMW_BETAS, ADAMW_EPS, build_scheduler
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
@@ -136,6 +137,7 @@ from distlab.strategies.base import (
 )
 from distlab.strategies.deepspeed_memory import (
     bucket_elements,
+    held_buffers,
     measure_grad_bytes,
     measure_optimizer_bytes,
     measure_parameter_bytes,
@@ -268,6 +270,13 @@ class DeepSpeedTrainStep(TrainStep):
             params=measure_parameter_bytes(self.engine),
             grads=self.grad_bytes,
             optimizer=measure_optimizer_bytes(self.engine),
+        )
+
+    def held_tensors(self) -> HeldTensors:
+        return HeldTensors(
+            modules=[self.engine.module],
+            optimizers=[self.engine.optimizer.optimizer],
+            by_category=held_buffers(self.engine),
         )
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:

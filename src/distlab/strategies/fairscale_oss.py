@@ -69,6 +69,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes, optimizer_bytes_per_param
+from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
@@ -132,6 +133,9 @@ class OSSTrainStep(ModuleTrainStep):
     def _measure_state_bytes(self) -> ModelStateBytes:
         # optimizer.optim is the wrapped optimizer: it holds only this rank's shard.
         return measure_state_bytes(self.plain_model.parameters(), self.optimizer.optim.state)
+
+    def held_tensors(self) -> HeldTensors:
+        return HeldTensors(modules=[self.plain_model], optimizers=[self.optimizer.optim])
 
     def save_checkpoint(self, directory: Path) -> None:
         """Rank 0 writes the weights and the optimizer state consolidated from every shard.

@@ -107,12 +107,13 @@ def train(
             inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
             fire_fault(faults, FaultSpec(ctx.rank, step, "raise"), ctx, run_dir)
             lr = train_step.current_lr()
-            measure.begin_step()
-            tic = time.perf_counter()
-            result = train_step.step(inputs, targets)
-            if ctx.device_type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - tic
+            measure.begin_step(train_step.held_tensors())
+            with measure.tracking_memory():
+                tic = time.perf_counter()
+                result = train_step.step(inputs, targets)
+                if ctx.device_type == "cuda":
+                    torch.cuda.synchronize()
+                step_time = time.perf_counter() - tic
             extra = measure.end_step(
                 step, step_time, tokens_per_step, train_step.model_state_bytes()
             )

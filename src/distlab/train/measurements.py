@@ -28,6 +28,8 @@ slowest rank's total), per rank, and the steps in which any rank compiled.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from distlab.measure.compile_time import compile_cache_counts, compile_seconds
 from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
 from distlab.measure.process_group import is_counting
+from distlab.measure.step_memory import HeldTensors, StepMemory, StepMemoryTracker
 from distlab.model import PRESETS, flops_per_token
 
 
@@ -58,16 +61,33 @@ class RunMeasurements:
             self.peak = mfu.peak_flops(ctx.device, config.precision, config.threads_per_rank)
         rank_dir = Path(run_dir) / "ranks"
         rank_dir.mkdir(parents=True, exist_ok=True)
-        self.rank_file = (rank_dir / f"rank{ctx.rank}.jsonl").open("a", buffering=1)
+        self.rank_file_path = rank_dir / f"rank{ctx.rank}.jsonl"
+        self.rank_file = self.rank_file_path.open("a", buffering=1)
         self.steps: list[dict[str, Any]] = []
         self.compiled_before_step = 0.0
+        self.step_memory: StepMemory | None = None
+        self.tracker: StepMemoryTracker | None = None
+        self.peak_step: tuple[int, StepMemory] | None = None
+        """(index in ``steps``, memory) of the step with the highest tracked peak."""
 
-    def begin_step(self) -> None:
+    def begin_step(self, held: HeldTensors) -> None:
         """Start counting this step's collectives (and its compile time with --compile)."""
         if self.counter is not None:
             self.counter.begin_step()
         if self.config.compile:
             self.compiled_before_step = compile_seconds()
+        self.tracker = StepMemoryTracker(held, self.ctx.device)
+
+    @contextmanager
+    def tracking_memory(self) -> Iterator[None]:
+        """Around the step itself: torch's memory tracker sees every tensor it creates."""
+        assert self.tracker is not None, "begin_step first"
+        with self.tracker:
+            yield
+        self.step_memory = self.tracker.result()
+        self.tracker = None
+        if self.peak_step is None or self.step_memory.peak >= self.peak_step[1].peak:
+            self.peak_step = (len(self.steps), self.step_memory)
 
     def end_step(
         self,
@@ -82,6 +102,8 @@ class RunMeasurements:
             "step_time_s": step_time,
             "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
         }
+        if self.step_memory is not None:
+            line.update(self.step_memory.to_metrics())
         if state_bytes is not None:
             line.update({f"model_state/{k}": v for k, v in state_bytes.to_dict().items()})
         if self.config.compile:
@@ -117,11 +139,30 @@ class RunMeasurements:
         ordered = sorted(steps, key=lambda s: (s.get("comm/bytes", 0), s["step_time_s"]))
         return ordered[(len(ordered) - 1) // 2]
 
+    def write_memory_timeline(self) -> dict[str, Any] | None:
+        """Write ``ranks/memory_rank<r>.json`` (the peak step's timeline); return its peak."""
+        if self.peak_step is None:
+            return None
+        index, memory = self.peak_step
+        record = {
+            "rank": self.ctx.rank,
+            "step": self.steps[index]["step"],
+            "peak": memory.peak,
+            "peak_phase": memory.peak_phase,
+            "peak_by_category": memory.peak_by_category,
+            "cuda_peak_allocated": memory.cuda_peak_allocated,
+            "cuda_peak_reserved": memory.cuda_peak_reserved,
+        }
+        path = self.rank_file_path.parent / f"memory_rank{self.ctx.rank}.json"
+        path.write_text(json.dumps({**record, "timeline": memory.timeline}))
+        return record
+
     def finish(self, tokens_per_s: float | None = None) -> dict[str, Any]:
         """Gather every rank's figures (collective); rank 0 gets the summary additions."""
         self.rank_file.close()
         typical = self.typical_step()
         local = {
+            "memory": self.write_memory_timeline(),
             "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
             "comm_per_step": {
                 k.removeprefix("comm/"): v for k, v in typical.items() if k.startswith("comm/")
@@ -139,6 +180,7 @@ class RunMeasurements:
             return {}
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
+            "memory_peak_by_rank": [g["memory"] for g in gathered],
             "comm_counted": self.counter is not None,
             "comm_per_step": gathered[0]["comm_per_step"] if self.counter is not None else None,
             "comm_per_step_by_rank": (

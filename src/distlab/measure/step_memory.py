@@ -1,0 +1,269 @@
+"""Every byte one rank holds during a training step, measured by torch's own memory trackers.
+
+This is distlab's *measured* memory: independent of the lab's theory. Each step
+runs inside torch's ``MemTracker`` (``FSDPMemTracker`` for FSDP2 models), a
+``TorchDispatchMode`` that sees every tensor the step creates, on CPU as on a
+GPU, and files its storage (once, however many views share it) under a
+category. The lab folds torch's categories into its own:
+
+==============  ==========================================================
+params          parameters and buffers as the rank keeps them (FSDP: its
+                shards; DeepSpeed: its flat parameter buffers)
+grads           gradients (FSDP: the sharded ones; DeepSpeed: gradient
+                partitions and reduction buckets)
+optimizer       optimizer state (DeepSpeed: also the fp32 master slice), and
+                anything the optimizer step allocates
+activations     tensors created in forward (saved for backward, or alive
+                across a module boundary)
+temporaries     tensors created in backward and freed within it
+comm_buffers    FSDP's gathered parameters, unsharded gradients, and its
+                all-gather and reduce-scatter buffers
+other           anything else registered before the step (the batch)
+==============  ==========================================================
+
+``StepMemory`` holds the result of one step: the peak total and its split by
+category at that moment, the phase (forward, backward, optimizer) in which it
+happened, and a timeline of the current bytes by category, one sample each
+time the total changes, for the memory picture.
+
+On CUDA the caching allocator keeps its own count: ``cuda_peak_allocated`` and
+``cuda_peak_reserved`` (``torch.cuda.memory_stats`` since the step began) come
+with every step as a second, coarser measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed.fsdp import FSDPModule
+
+CATEGORIES = (
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "temporaries",
+    "comm_buffers",
+    "other",
+)
+"""The lab's memory categories, in the order tables and pictures show them."""
+
+PHASES = ("forward", "backward", "optimizer")
+"""The parts of a step a peak is attributed to."""
+
+LAB_CATEGORY = {
+    _MemRefType.PARAM: "params",
+    _MemRefType.BUFFER: "params",
+    _MemRefType.GRAD: "grads",
+    _MemRefType.ACT: "activations",
+    _MemRefType.TEMP: "temporaries",
+    _MemRefType.OPT: "optimizer",
+    _MemRefType.OTH: "other",
+    _FSDPRefType.SHARDED_PARAM: "params",
+    _FSDPRefType.BUFFER: "params",
+    _FSDPRefType.SHARDED_GRAD: "grads",
+    _FSDPRefType.UNSHARDED_PARAM: "comm_buffers",
+    _FSDPRefType.UNSHARDED_GRAD: "comm_buffers",
+    _FSDPRefType.ALL_GATHER: "comm_buffers",
+    _FSDPRefType.REDUCE_SCATTER: "comm_buffers",
+    _FSDPRefType.ACT: "activations",
+    _FSDPRefType.TEMP: "temporaries",
+    _FSDPRefType.OPT: "optimizer",
+    _FSDPRefType.INP: "other",
+}
+"""torch's tracker categories (plain and FSDP) to the lab's."""
+
+MAX_TIMELINE_POINTS = 4000
+"""Samples kept per step timeline; longer ones are thinned evenly (peak kept)."""
+
+
+@dataclass
+class HeldTensors:
+    """What a train step holds between steps, for the tracker to file before it starts.
+
+    ``modules``: models whose parameters, buffers and gradients are tracked;
+    ``optimizers``: torch optimizers whose state is tracked; ``fsdp_root``: the
+    outermost FSDP2 module, when the model is FSDP-sharded (switches to
+    ``FSDPMemTracker``); ``by_category``: further tensors a library keeps
+    outside those (DeepSpeed's flat buffers), keyed by lab category.
+    """
+
+    modules: list[nn.Module] = field(default_factory=list)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    fsdp_root: nn.Module | None = None
+    by_category: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class StepMemory:
+    """One rank's measured memory of one step."""
+
+    peak: int
+    peak_by_category: dict[str, int]
+    peak_phase: str
+    timeline: list[dict[str, Any]]
+    cuda_peak_allocated: int | None = None
+    cuda_peak_reserved: int | None = None
+
+    def to_metrics(self) -> dict[str, Any]:
+        """Flat metrics: ``memory/peak``, ``memory/peak/<category>``, ``memory/peak_phase``."""
+        metrics: dict[str, Any] = {"memory/peak": self.peak, "memory/peak_phase": self.peak_phase}
+        metrics.update({f"memory/peak/{k}": v for k, v in self.peak_by_category.items()})
+        if self.cuda_peak_allocated is not None:
+            metrics["memory/cuda_peak_allocated"] = self.cuda_peak_allocated
+            metrics["memory/cuda_peak_reserved"] = self.cuda_peak_reserved
+        return metrics
+
+
+class _PhaseTimeline:
+    """Mixin for torch's trackers: note the phase of the peak and sample a timeline."""
+
+    _in_opt: bool
+    _mod_tracker: Any
+    _curr_mem_snap: dict[torch.device, dict[Any, int]]
+    _peak_mem: dict[torch.device, int]
+
+    def _start_timeline(self) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self.peak_total = -1
+        self.peak_phase = "forward"
+        self.peak_split: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.last_total = -1
+
+    def current_phase(self) -> str:
+        """forward, backward or optimizer: where the step is now."""
+        if self._in_opt:
+            return "optimizer"
+        return "backward" if self._mod_tracker.is_bw else "forward"
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        super()._update_peak_stats(peak_state)  # type: ignore[misc]
+        self.record_sample()
+
+    def record_sample(self) -> None:
+        """Add a timeline point if the total changed; remember the largest total's split."""
+        split = dict.fromkeys(CATEGORIES, 0)
+        total = 0
+        for dev_snap in self._curr_mem_snap.values():
+            for kind, size in dev_snap.items():
+                if kind in LAB_CATEGORY:
+                    split[LAB_CATEGORY[kind]] += size
+                    total += size
+        if total == self.last_total:
+            return
+        self.last_total = total
+        phase = self.current_phase()
+        self.samples.append({"phase": phase, **split})
+        if total > self.peak_total:
+            self.peak_total, self.peak_phase, self.peak_split = total, phase, split
+
+
+class _PlainTracker(_PhaseTimeline, MemTracker):
+    pass
+
+
+class _FSDPTracker(_PhaseTimeline, FSDPMemTracker):
+    pass
+
+
+class StepMemoryTracker:
+    """Context manager around one training step that measures its memory.
+
+    ::
+
+        tracker = StepMemoryTracker(train_step.held_tensors(), device)
+        with tracker:
+            train_step.step(inputs, targets)
+        step_memory = tracker.result()
+    """
+
+    def __init__(self, held: HeldTensors, device: torch.device) -> None:
+        self.device = device
+        optimizer = held.optimizers[0] if len(held.optimizers) == 1 else None
+        if isinstance(held.fsdp_root, FSDPModule):
+            self.tracker: _PlainTracker | _FSDPTracker = _FSDPTracker(held.fsdp_root, optimizer)
+            kinds = _FSDPRefType
+            others = [o for o in held.optimizers if o is not optimizer]
+        else:
+            self.tracker = _PlainTracker()
+            kinds = _MemRefType
+            others = list(held.optimizers)
+            MemTracker.track_external(self.tracker, *held.modules)
+        for opt in others:
+            self.tracker._track_optimizer_states(kinds.OPT, opt)
+        for category, tensors in held.by_category.items():
+            self._file(tensors, _kind(kinds, category))
+        if isinstance(held.fsdp_root, FSDPModule):
+            self._file_gradients(held.modules, kinds.SHARDED_GRAD)
+        self.tracker._start_timeline()
+
+    def _file(self, tensors: Iterable[torch.Tensor], kind: Any) -> None:
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                self.tracker._update_and_maybe_create_winfos(_local(tensor), kind)
+
+    def _file_gradients(self, modules: list[nn.Module], kind: Any) -> None:
+        for module in modules:
+            self._file((p.grad for p in module.parameters() if p.grad is not None), kind)
+
+    def __enter__(self) -> StepMemoryTracker:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.__enter__()
+        self.tracker.record_sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tracker.__exit__(*exc)
+
+    def result(self) -> StepMemory:
+        """The step's peak, its split and phase, and the thinned timeline."""
+        tracker = self.tracker
+        memory = StepMemory(
+            peak=max(tracker.peak_total, 0),
+            peak_by_category=dict(tracker.peak_split),
+            peak_phase=tracker.peak_phase,
+            timeline=thin(tracker.samples, MAX_TIMELINE_POINTS),
+        )
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            memory.cuda_peak_allocated = int(stats.get("allocated_bytes.all.peak", 0))
+            memory.cuda_peak_reserved = int(stats.get("reserved_bytes.all.peak", 0))
+        return memory
+
+
+def _kind(kinds: Any, category: str) -> Any:
+    """torch's category for a lab category (the first that maps to it)."""
+    wanted = {
+        "params": ("SHARDED_PARAM", "PARAM"),
+        "grads": ("SHARDED_GRAD", "GRAD"),
+        "optimizer": ("OPT",),
+        "comm_buffers": ("REDUCE_SCATTER", "OTH"),
+        "other": ("INP", "OTH"),
+    }[category]
+    for name in wanted:
+        if hasattr(kinds, name):
+            return getattr(kinds, name)
+    raise KeyError(category)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def thin(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` samples, evenly spaced, always keeping the largest one."""
+    if len(samples) <= limit:
+        return samples
+    totals = [sum(s[c] for c in CATEGORIES) for s in samples]
+    top = max(range(len(samples)), key=totals.__getitem__)
+    keep = {round(i * (len(samples) - 1) / (limit - 2)) for i in range(limit - 1)} | {top}
+    return [samples[i] for i in sorted(keep)]
