@@ -1,10 +1,10 @@
 """``distlab COMMAND ...`` (or ``python -m distlab COMMAND``): one entry point for every command.
 
-    distlab launch --strategy fsdp --nproc 4      (= python -m distlab.launch ...)
-    distlab verify --strategy tp --nproc 2        (= python -m distlab.verify ...)
-    distlab compare runs/*                        (= python -m distlab.compare ...)
-    distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
-    distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
+distlab launch --strategy fsdp --nproc 4      (= python -m distlab.launch ...)
+distlab verify --strategy tp --nproc 2        (= python -m distlab.verify ...)
+distlab compare runs/*                        (= python -m distlab.compare ...)
+distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
+distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
 """
 
 from __future__ import annotations

@@ -137,9 +137,7 @@ def cache_key(config: Config, device: str) -> str:
     bytes: the default on a CPU, available RAM, moves a little from run to run.
     """
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_MEMORY_FIELDS}
-    fields.update(
-        device=device, budget=config.memory_budget or "default", torch=torch.__version__
-    )
+    fields.update(device=device, budget=config.memory_budget or "default", torch=torch.__version__)
     return json.dumps(fields, sort_keys=True)
 
 

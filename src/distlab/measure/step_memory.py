@@ -33,8 +33,9 @@ with every step as a second, coarser measurement.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import wraps
 from typing import Any
 
 import torch
@@ -130,6 +131,7 @@ class _PhaseTimeline:
     _peak_mem: dict[torch.device, int]
 
     def _start_timeline(self) -> None:
+        self.after_backward = False
         self.samples: list[dict[str, Any]] = []
         self.peak_total = -1
         self.peak_phase = "forward"
@@ -137,10 +139,37 @@ class _PhaseTimeline:
         self.last_total = -1
 
     def current_phase(self) -> str:
-        """forward, backward or optimizer: where the step is now."""
+        """forward, backward or optimizer: where the step is now.
+
+        Outside every module after a backward (gradient clipping, the optimizer
+        step, zeroing gradients) counts as the optimizer phase; the next module
+        forward (another micro-batch) starts a forward phase again.
+        """
         if self._in_opt:
             return "optimizer"
-        return "backward" if self._mod_tracker.is_bw else "forward"
+        if self._mod_tracker.is_bw:
+            self.after_backward = True
+            return "backward"
+        if len(self._mod_tracker.parents) > 1:
+            self.after_backward = False
+        return "optimizer" if self.after_backward else "forward"
+
+    def forget_if_next_microbatch(self, module: nn.Module) -> None:
+        """Drop an outermost module's stats when its forward runs again in one step.
+
+        The root module runs once per micro-batch (accumulation, pipeline
+        schedules); torch's trackers take a second call for a second iteration
+        and refuse. Only the per-module statistics are dropped, never a tensor.
+        """
+        name = self._mod_tracker.get_known_fqn(module)
+        tracked = self.memory_tracking  # type: ignore[attr-defined]
+        outermost = set(self._mod_tracker.parents) - {name} == {"Global"}
+        if module in tracked and outermost and not self._mod_tracker.is_bw:
+            del tracked[module]
+
+    def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+        self.forget_if_next_microbatch(module)
+        super()._pre_fw_hook(module, inputs)  # type: ignore[misc]
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         super()._update_peak_stats(peak_state)  # type: ignore[misc]
@@ -169,7 +198,15 @@ class _PlainTracker(_PhaseTimeline, MemTracker):
 
 
 class _FSDPTracker(_PhaseTimeline, FSDPMemTracker):
-    pass
+    def _fsdp_state_pre_forward(self, fsdp_mod: FSDPModule, orig: Callable) -> Callable:
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+        @wraps(inner)
+        def next_microbatch_aware(*args: Any, **kwargs: Any) -> Any:
+            self.forget_if_next_microbatch(fsdp_mod)
+            return inner(*args, **kwargs)
+
+        return next_microbatch_aware
 
 
 class StepMemoryTracker:

@@ -143,6 +143,12 @@ class Strategy(ABC):
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Theory: bytes of params, grads and optimizer state on one rank (rank 0)."""
 
+    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
+        """Theory: what rank 0 holds when a step begins; by default no gradients (they are
+        dropped after each optimizer step and created again in backward)."""
+        state = self.predicted_state_bytes(config, n_params)
+        return ModelStateBytes(params=state.params, grads=0, optimizer=state.optimizer)
+
 
 class ReplicatedStateStrategy(Strategy):
     """A strategy whose every rank holds the full model state (single, ddp)."""
@@ -262,8 +268,12 @@ class ModuleTrainStep(OptimizerTrainStep):
         dp_group: dist.ProcessGroup | None,
         gradient_sync: GradientSync = always_sync,
         plain_model: nn.Module | None = None,
+        keep_gradients: bool = False,
     ) -> None:
         self.model = model
+        self.keep_gradients = keep_gradients
+        """Zero gradients in place instead of dropping them: DDP's gradients are views
+        of its communication buckets, which stay allocated either way."""
         self.plain_model = plain_model if plain_model is not None else model
         self.ctx = ctx
         self.config = config
@@ -286,7 +296,7 @@ class ModuleTrainStep(OptimizerTrainStep):
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self._record_state_bytes()
-        self.model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=not self.keep_gradients)
         self.scheduler.step()
         mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=grad_norm)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     ModuleTrainStep,
@@ -37,6 +38,10 @@ class DDPStrategy(ReplicatedStateStrategy):
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
     data_parallel = "ddp"
+
+    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
+        """DDP's gradients are views of its buckets, allocated once: 4 B/param all along."""
+        return self.predicted_state_bytes(config, n_params)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         model.to(ctx.device)
@@ -56,4 +61,5 @@ class DDPStrategy(ReplicatedStateStrategy):
             dp_group=None,
             gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
             plain_model=model,
+            keep_gradients=True,
         )

@@ -403,3 +403,7 @@ class Zero3Strategy(DeepSpeedZeroStrategy):
         "selective checkpointing (measured: a 2-rank run trained a different model than single, "
         "weights 2e-3 apart); use --ac full, or zero1, zero2 or fsdp"
     )
+
+    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
+        """ZeRO-3 keeps its gradient partition and bucket allocated from step to step."""
+        return self.predicted_state_bytes(config, n_params)

@@ -211,6 +211,7 @@ class FairscaleStrategy(Strategy):
             optimizer,
             gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
             plain_model=model,
+            keep_gradients=not self.shard_gradients,  # DDP's gradients are its buckets
         )
 
 
@@ -218,6 +219,10 @@ class FairscaleOSSStrategy(FairscaleStrategy):
     name = "fairscale-oss"
     summary = "fairscale OSS + DDP: optimizer state sharded by tensor (ZeRO-1)"
     data_parallel = "fairscale-oss"
+
+    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
+        """DDP's gradient buckets (full gradients) stay allocated from step to step."""
+        return self.predicted_state_bytes(config, n_params)
 
 
 class FairscaleSDPStrategy(FairscaleStrategy):

@@ -5,7 +5,8 @@ tensor-parallel shard, first data-parallel replica) computed from the config
 alone, so ``python -m distlab.compare`` can put it beside what a run measured.
 One place per quantity: model-state bytes are the strategy's own
 (``Strategy.predicted_state_bytes``, from ``strategies.parallel_dims``'s shard
-arithmetic), communication is ``theory.comm``, the bubble is below.
+arithmetic), the step's peak memory by category (activations included) is
+``theory.memory``, communication is ``theory.comm``, the bubble is below.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from distlab.model import PRESETS, count_parameters
 from distlab.strategies import registry
 from distlab.strategies.parallel_dims import VIRTUAL_STAGES, bubble_fraction
 from distlab.theory.comm import layout, microbatches, predict_comm
+from distlab.theory.memory import predict_peak
 
 
 def pipeline_bubble(config: Config) -> float | None:
@@ -41,4 +43,5 @@ def predict(config: Config) -> dict[str, Any]:
         "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
         "comm_per_step": comm.to_dict() if comm is not None else None,
         "pipeline_bubble": pipeline_bubble(config),
+        "memory_peak": predict_peak(config).to_dict() if layout(config) is not None else None,
     }

@@ -68,7 +68,8 @@ class RunMeasurements:
         self.step_memory: StepMemory | None = None
         self.tracker: StepMemoryTracker | None = None
         self.peak_step: tuple[int, StepMemory] | None = None
-        """(index in ``steps``, memory) of the step with the highest tracked peak."""
+        """(index in ``steps``, memory) of the last step: the steady state (optimizer
+        state allocated, buckets built), the one theory predicts."""
 
     def begin_step(self, held: HeldTensors) -> None:
         """Start counting this step's collectives (and its compile time with --compile)."""
@@ -86,8 +87,7 @@ class RunMeasurements:
             yield
         self.step_memory = self.tracker.result()
         self.tracker = None
-        if self.peak_step is None or self.step_memory.peak >= self.peak_step[1].peak:
-            self.peak_step = (len(self.steps), self.step_memory)
+        self.peak_step = (len(self.steps), self.step_memory)
 
     def end_step(
         self,
@@ -140,7 +140,7 @@ class RunMeasurements:
         return ordered[(len(ordered) - 1) // 2]
 
     def write_memory_timeline(self) -> dict[str, Any] | None:
-        """Write ``ranks/memory_rank<r>.json`` (the peak step's timeline); return its peak."""
+        """Write ``ranks/memory_rank<r>.json`` (the last step's timeline); return its peak."""
         if self.peak_step is None:
             return None
         index, memory = self.peak_step

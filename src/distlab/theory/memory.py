@@ -1,0 +1,350 @@
+"""Predicted peak memory of rank 0 in a training step, by category, activations included.
+
+The derivation is written out in ``docs/memory.md`` ("Activation memory");
+this module is that derivation in code. Notation: h the model width, a the
+heads, V the vocabulary, t = rows x seq the tokens of one micro-batch on this
+rank, T the tensor-parallel degree, e the bytes of an activation element (4
+in fp32, 2 where the model itself runs in bf16).
+
+Saved for backward by one transformer block (pre-LN, GELU MLP, SDPA attention
+that keeps its output and log-sum-exp, never the s x s matrix), in elements:
+
+==========================  ================  =================================
+tensor                      elements          saved by
+==========================  ================  =================================
+block input x               t h               LayerNorm 1
+LayerNorm 1 output          t h               the q, k, v matmuls
+q, k, v                     3 t h / T         attention
+attention output            t h / T           attention, and the proj matmul
+x + attn                    t h               LayerNorm 2
+LayerNorm 2 output          t h               the up matmul
+up output                   4 t h / T         GELU
+GELU output                 4 t h / T         the down matmul
+LayerNorm mean and rstd     4 t (fp32)        LayerNorm 1 and 2
+attention log-sum-exp       a t / T (fp32)    attention
+==========================  ================  =================================
+
+so ``e t h (4 + 12 / T) + 4 t (4 + a / T)`` bytes per block: 68 t h + 16 t + 4 a t
+in fp32 without tensor parallelism, the analogue of Korthikanti et al.'s 34 s b h
++ 5 a s^2 b (their fp16 model keeps dropout masks and, without flash attention,
+the s x s scores). The head adds the final LayerNorm's input and output (2 t h),
+its statistics (2 t), the logits (t V, held by the train step until it ends)
+and the log-softmax (t V, fp32). Activation checkpointing keeps only each
+block's input (``--ac full``: t h per block) or the matmul and attention
+outputs (``--ac selective``: 11 t h per block without tensor parallelism).
+
+The peak is the largest of two moments:
+
+- **start of backward**: every saved activation of the in-flight micro-batches,
+  the parameters, the optimizer state and the gradient buffers that live between
+  steps, FSDP's gathered root parameters, and the first gradients of backward
+  (on the last stage the gradients of the log-softmax and of the logits, 2 t V
+  fp32; on other pipeline stages the received gradient, t h);
+- **optimizer step**: parameters, full (local) gradients, optimizer state, the
+  optimizer's temporaries (AdamW's foreach step: one parameter-sized buffer)
+  and the last micro-batch's logits, which the train step still holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distlab.config import Config, grad_accum_steps, resolved_seq_len
+from distlab.measure.memory import ModelStateBytes
+from distlab.measure.step_memory import CATEGORIES
+from distlab.model import PRESETS, count_parameters
+from distlab.strategies import registry
+from distlab.strategies.parallel_dims import VIRTUAL_STAGES, stage_shapes, tp_local_shapes
+from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
+
+FP32 = 4
+ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
+"""Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
+
+
+@dataclass(frozen=True)
+class PeakPrediction:
+    """Predicted bytes of rank 0 at its peak, by category (``step_memory.CATEGORIES``)."""
+
+    by_category: dict[str, int]
+    phase: str
+    """forward, backward or optimizer: when the predicted peak happens."""
+
+    @property
+    def total(self) -> int:
+        """All categories together."""
+        return sum(self.by_category.values())
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data for summary.json: ``by_category``, ``total`` and ``phase``."""
+        return {"by_category": dict(self.by_category), "total": self.total, "phase": self.phase}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What rank 0 computes in one micro-batch: tokens, layers, degrees, element size."""
+
+    tokens: int
+    layers: int
+    has_first: bool
+    has_last: bool
+    in_flight: int
+    """Micro-batches whose activations rank 0 holds at once (pipelines: by schedule)."""
+    tp: int
+    sequence_parallel: bool
+    element: int
+    ac: str
+
+
+def step_shape(config: Config, lay: Layout) -> StepShape:
+    """Rank 0's micro-batch and pipeline position under ``config``."""
+    seq = resolved_seq_len(config)
+    names = stage_shapes(config, lay.pp)
+    layers = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
+    if lay.pp > 1:
+        m = microbatches(config, lay)
+        rows = config.global_batch // lay.dp // m
+        in_flight = pipeline_in_flight(config.schedule, lay.pp, m)
+    else:
+        rows = config.global_batch // lay.dp // grad_accum_steps(config, lay.dp)
+        in_flight = 1
+    return StepShape(
+        tokens=rows * seq,
+        layers=layers,
+        has_first="wte.weight" in names,
+        has_last="lm_head.weight" in names,
+        in_flight=in_flight,
+        tp=lay.tp,
+        sequence_parallel=config.sequence_parallel and lay.tp > 1,
+        element=compute_bytes(config, lay),
+        ac=config.ac,
+    )
+
+
+def pipeline_in_flight(schedule: str, pp: int, m: int) -> float:
+    """Micro-batches (in units of rank 0's layers) whose activations rank 0 holds at once.
+
+    GPipe runs every forward before any backward: m. 1F1B starts backward
+    after p forwards on the first stage: min(m, p). Interleaved 1F1B (v = 2
+    chunks per rank, each half of the rank's layers) runs (v - 1) p + 2 (p - 1)
+    warm-up forwards plus one on rank 0 before its first backward.
+    """
+    if schedule == "gpipe":
+        return m
+    virtual = VIRTUAL_STAGES.get(schedule, 1)
+    if virtual == 1:
+        return min(m, pp)
+    chunks = min(m * virtual, (virtual - 1) * pp + 2 * (pp - 1) + 1)
+    return chunks / virtual
+
+
+def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
+    """Bytes one block saves for backward for one micro-batch (table above)."""
+    t, tp, e = shape.tokens, shape.tp, shape.element
+    replicated = t * d // tp if shape.sequence_parallel else t * d
+    if shape.ac == "full":
+        return e * replicated
+    stats = FP32 * t * (4 // tp if shape.sequence_parallel else 4)
+    lse = FP32 * t * n_head // tp
+    if shape.ac == "selective":
+        # input, q k v, attention output, the two row-parallel outputs (each as the
+        # local matmul result and, with T > 1, the all-reduced one), up output
+        reduced = 2 * t * d * (2 if tp > 1 else 1)
+        return e * (replicated + 8 * t * d // tp + reduced) + lse
+    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered)
+    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp) + stats + lse
+
+
+def head_activation_bytes(shape: StepShape, d: int, vocab: int) -> int:
+    """Bytes the final LayerNorm, LM head and loss keep for one micro-batch (last stage)."""
+    t, e = shape.tokens, shape.element
+    return e * 2 * t * d + FP32 * 2 * t + e * t * vocab + FP32 * t * vocab
+
+
+def activation_bytes(config: Config) -> int:
+    """Saved activations of rank 0 at the start of backward (all in-flight micro-batches)."""
+    lay = layout(config)
+    if lay is None:
+        raise ValueError(f"no activation model for strategy {config.strategy!r}")
+    shape = step_shape(config, lay)
+    return _activations(shape, config)
+
+
+def _activations(shape: StepShape, config: Config) -> int:
+    model = PRESETS[config.model]
+    per_micro = shape.layers * block_activation_bytes(shape, model.n_head, model.d_model)
+    if shape.has_last:
+        per_micro += head_activation_bytes(shape, model.d_model, model.vocab_size)
+    else:  # the stage output, kept to take its gradient
+        per_micro += shape.element * shape.tokens * model.d_model
+    return int(per_micro * shape.in_flight)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def predict_peak(config: Config) -> PeakPrediction:
+    """Rank 0's predicted peak by category: the largest of the moments above."""
+    lay = layout(config)
+    if lay is None:
+        raise ValueError(f"no memory model for strategy {config.strategy!r}")
+    model = PRESETS[config.model]
+    strategy = registry.describe(config.strategy)
+    n_params = count_parameters(model)
+    state = strategy.predicted_state_bytes(config, n_params)
+    resident = strategy.resident_between_steps(config, n_params)
+    shape = step_shape(config, lay)
+    gathered = gathered_bytes(config, lay)
+    common = {"params": state.params + gathered["params"], "optimizer": state.optimizer}
+    if lay.pp > 1:
+        moments = [("backward", pipeline_moment(config, lay, shape, state, common, gathered))]
+    else:
+        moments = [
+            ("backward", backward_start(config, shape, resident, common, gathered)),
+            *(
+                ("backward", block_backward(config, lay, shape, state, resident, common, k))
+                for k in sorted({0, shape.layers - 1})
+            ),
+        ]
+    logits = shape.element * shape.tokens * model.vocab_size if shape.has_last else 0
+    optimizer_step = _split(
+        params=state.params,
+        grads=state.grads,
+        optimizer=state.optimizer + optimizer_temporaries(config, state),
+        activations=logits if lay.pp <= 1 else 0,
+    )
+    moments.append(("optimizer", optimizer_step))
+    phase, split = max(moments, key=lambda moment: sum(moment[1].values()))
+    return PeakPrediction(split, phase)
+
+
+def backward_start(
+    config: Config,
+    shape: StepShape,
+    resident: ModelStateBytes,
+    common: dict[str, int],
+    gathered: dict[str, int],
+) -> dict[str, int]:
+    """Every activation saved, and the loss's first gradients: log-softmax's and the logits'."""
+    vocab = PRESETS[config.model].vocab_size
+    return _split(
+        **common,
+        grads=resident.grads,
+        activations=_activations(shape, config),
+        temporaries=2 * FP32 * shape.tokens * vocab,
+        comm_buffers=gathered["comm_buffers"],
+    )
+
+
+def block_backward(
+    config: Config,
+    lay: Layout,
+    shape: StepShape,
+    state: ModelStateBytes,
+    resident: ModelStateBytes,
+    common: dict[str, int],
+    k: int,
+) -> dict[str, int]:
+    """Inside block k's backward, just after its down projection's.
+
+    Saved: blocks 0..k-1 (as ``--ac`` keeps them), block k whole (recomputed
+    under checkpointing) but for the GELU output the down projection used, and
+    the logits. Gradients: those of the head and of blocks k+1.. (sharded
+    ones divided by the data-parallel degree). Temporaries: the incoming
+    gradient and its residual copy (2 t h), the gradients of the GELU output
+    and of the up projection (4 t h / T each). FSDP holds the root, block k,
+    the next block (prefetched) and block k's unsharded gradients gathered.
+    """
+    model = PRESETS[config.model]
+    t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
+    full = StepShape(**{**shape.__dict__, "ac": "none"})
+    recomputed = block_activation_bytes(full, model.n_head, h) - e * 4 * t * h // tp
+    saved = k * block_activation_bytes(shape, model.n_head, h)
+    logits = e * t * model.vocab_size if shape.has_last else 0
+    blocks = block_elements(config, lay)
+    done = sum(blocks[k + 1 :]) + root_elements(config, lay, head_only=True)
+    shards = lay.dp if lay.data_parallel in ("fsdp", "zero2", "zero3", "fairscale-sdp") else 1
+    grads = max(resident.grads, min(state.grads, FP32 * done // shards))
+    comm = 0
+    if lay.data_parallel == "fsdp":
+        gathered_blocks = blocks[k] + blocks[max(k - 1, 0)] + blocks[k]
+        comm = e * (root_elements(config, lay) + gathered_blocks)
+    return _split(
+        **common,
+        grads=grads,
+        activations=saved + recomputed + logits,
+        temporaries=e * (2 * t * h + 8 * t * h // tp),
+        comm_buffers=comm,
+    )
+
+
+def pipeline_moment(
+    config: Config,
+    lay: Layout,
+    shape: StepShape,
+    state: ModelStateBytes,
+    common: dict[str, int],
+    gathered: dict[str, int],
+) -> dict[str, int]:
+    """A pipeline rank in its steady state: the in-flight micro-batches' activations, the
+    stage's gradients (from the first backward on), one block's backward temporaries."""
+    h = PRESETS[config.model].d_model
+    return _split(
+        **common,
+        grads=0 if lay.data_parallel == "fsdp" else state.grads,
+        activations=_activations(shape, config),
+        temporaries=shape.element * 8 * shape.tokens * h // shape.tp,
+        comm_buffers=gathered["comm_buffers"],
+    )
+
+
+def block_elements(config: Config, lay: Layout) -> list[int]:
+    """Rank 0's parameter elements of each of its blocks (tensor-parallel local)."""
+    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    per_block: dict[str, int] = {}
+    for name, shape in shapes.items():
+        if name.startswith("blocks."):
+            index = name.split(".")[1]
+            per_block[index] = per_block.get(index, 0) + _numel(shape)
+    return [per_block[i] for i in sorted(per_block, key=int)]
+
+
+def root_elements(config: Config, lay: Layout, head_only: bool = False) -> int:
+    """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``)."""
+    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    names = ROOT_PARAMETERS[2:] if head_only else ROOT_PARAMETERS
+    return sum(_numel(shape) for name, shape in shapes.items() if name in names)
+
+
+def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
+    """Parameters gathered for the step, by the category the tracker files them in.
+
+    FSDP (``comm_buffers``): the root unit (embeddings, final norm, head) stays
+    gathered all step; inside a pipeline every unit of the stage stays gathered
+    across the micro-batches, and its unsharded gradients accumulate until the
+    one reduce-scatter at the end (twice the stage's parameters). ZeRO-3
+    (``params``): DeepSpeed keeps every gathered parameter until its backward
+    (``stage3_max_reuse_distance``), so at the start of backward all of them.
+    """
+    e = compute_bytes(config, lay)
+    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    if lay.data_parallel == "fsdp" and lay.pp > 1:
+        return {"params": 0, "comm_buffers": 2 * e * sum(map(_numel, shapes.values()))}
+    if lay.data_parallel == "fsdp":
+        return {"params": 0, "comm_buffers": e * root_elements(config, lay)}
+    if lay.data_parallel == "zero3":
+        return {"params": e * sum(map(_numel, shapes.values())), "comm_buffers": 0}
+    return {"params": 0, "comm_buffers": 0}
+
+
+def optimizer_temporaries(config: Config, state: ModelStateBytes) -> int:
+    """AdamW's foreach step allocates one buffer the size of the parameters it updates."""
+    return state.params if config.optimizer == "adamw" else 0
+
+
+def _split(**parts: int) -> dict[str, int]:
+    return {category: int(parts.get(category, 0)) for category in CATEGORIES}
