@@ -3,6 +3,7 @@
 python -m distlab.launch --strategy fsdp --nproc 4
 python -m distlab.launch --config configs/small.yaml --steps 50 --no-wandb
 python -m distlab.launch --list
+python -m distlab.launch --strategy fsdp --nproc 4 --model gpt2 --dry-run
 python -m distlab.launch --strategy ddp --nproc 2 --checkpoint-every 10 --max-failures 2
 python -m distlab.launch --resume runs/ddp-n2-... --strategy fsdp --nproc 4 --run-dir runs/more
 
@@ -17,7 +18,10 @@ the new total from the resumed step on). The source run dir is only read.
 from __future__ import annotations
 
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
+from distlab.distributed import resolve_device
 from distlab.launch import run
+from distlab.launch.fit import check_fits, describe, prediction
+from distlab.launch.micro_batch import budget_bytes
 from distlab.launch.prepare import inherited_config
 from distlab.strategies import registry
 from distlab.strategies.resolve import load_config
@@ -31,6 +35,12 @@ def build_parser() -> OneLineErrorParser:
     )
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     parser.add_argument("--list", action="store_true", help="list the strategies and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print rank 0's predicted peak memory by category against the memory one rank "
+        "may use (--memory-budget, the GPU, or RAM / nproc) and exit; exit 2 if it does not fit",
+    )
     add_config_flags(parser, skip={"inject_fault"})
     parser.add_argument(
         "--inject-fault",
@@ -59,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides["inject_fault"] = ",".join(overrides["inject_fault"])
     base = inherited_config(overrides["resume"]) if overrides.get("resume") else None
     config = load_config(args.config, overrides, base=base)
+    if args.dry_run:
+        print(describe(config, budget_bytes(config, resolve_device(config))))
+        peak = prediction(config)
+        return (
+            2
+            if peak is not None and peak.total > budget_bytes(config, resolve_device(config))
+            else 0
+        )
+    check_fits(config)
     run_dir = run(config)
     print(f"run dir: {run_dir}")
     return 0

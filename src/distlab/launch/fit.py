@@ -1,0 +1,104 @@
+"""Will it fit? The predicted peak per rank against the device, before anything runs.
+
+``python -m distlab.launch ... --dry-run`` prints rank 0's predicted peak by
+category (``distlab.theory.memory``) next to the memory one rank may use, and
+exits. A real launch checks the same prediction first and refuses, in one
+line, a run that would not fit: on a GPU always, on a CPU when
+``--memory-budget`` is given (a CPU's RAM is shared, so there is no fixed
+size to check against unless you set one). The refusal names the first
+change that the same theory says would fit: checkpointing, a smaller
+micro-batch, a sharded strategy, or more ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from distlab.config import Config, fixed_micro_batch
+from distlab.distributed import resolve_device
+from distlab.errors import DistlabError
+from distlab.launch.micro_batch import budget_bytes, gib, wants_auto
+from distlab.measure.step_memory import CATEGORIES
+from distlab.strategies import registry
+from distlab.strategies.resolve import validate
+from distlab.theory.comm import layout
+from distlab.theory.memory import PeakPrediction, predict_peak
+
+SHARDED_ALTERNATIVE = {"single": "fsdp", "ddp": "fsdp", "zero1": "zero3", "zero2": "zero3"}
+"""The strategy to suggest when the model state itself does not fit."""
+
+
+def prediction(config: Config) -> PeakPrediction | None:
+    """Rank 0's predicted peak, or None for a strategy the theory does not model."""
+    return predict_peak(config) if layout(config) is not None else None
+
+
+def describe(config: Config, budget: int) -> str:
+    """The dry-run report: the peak by category, its phase, and the verdict."""
+    peak = prediction(config)
+    if peak is None:
+        return f"no memory prediction for strategy {config.strategy}"
+    width = max(map(len, CATEGORIES))
+    lines = [
+        f"predicted peak of rank 0 ({config.strategy}, {config.nproc} ranks, model "
+        f"{config.model}, --ac {config.ac}, {config.precision}):"
+    ]
+    for category in CATEGORIES:
+        if peak.by_category[category]:
+            lines.append(f"  {category:<{width}}  {gib(peak.by_category[category]):>12}")
+    lines.append(f"  {'total':<{width}}  {gib(peak.total):>12}   (in the {peak.phase} phase)")
+    verdict = "fits" if peak.total <= budget else "does NOT fit"
+    lines.append(f"{verdict} in {gib(budget)} per rank")
+    if peak.total > budget:
+        lines.append(refusal(config, peak, budget))
+    return "\n".join(lines)
+
+
+def check_fits(config: Config) -> None:
+    """Refuse (DistlabError) a run predicted not to fit; see the module docstring."""
+    if wants_auto(config):
+        return  # --micro-batch auto measures what fits instead
+    device = resolve_device(config)
+    if config.memory_budget is None and device != "cuda":
+        return
+    budget = budget_bytes(config, device)
+    peak = prediction(config)
+    if peak is not None and peak.total > budget:
+        raise DistlabError(refusal(config, peak, budget))
+
+
+def refusal(config: Config, peak: PeakPrediction, budget: int) -> str:
+    """One line: the predicted peak, the budget, and a change that would fit."""
+    line = f"predicted peak {gib(peak.total)} per rank exceeds {gib(budget)}"
+    for flags, fitted in alternatives(config):
+        total = prediction(fitted)
+        if total is not None and total.total <= budget:
+            return f"{line}; {flags} would fit (predicted {gib(total.total)})"
+    return f"{line}; no single change of --ac, --micro-batch, --strategy or --nproc fits it"
+
+
+def alternatives(config: Config) -> Iterator[tuple[str, Config]]:
+    """Valid configs one change away, cheapest first: checkpointing, smaller micro-batches,
+    a sharded strategy, then more ranks."""
+    changes: list[tuple[str, dict[str, object]]] = []
+    if config.ac != "full":
+        changes.append(("--ac full", {"ac": "full"}))
+    local = config.global_batch // registry.describe(config.strategy).data_parallel_size(config)
+    micro = fixed_micro_batch(config) or local
+    size = micro // 2
+    while size >= 1:
+        changes.append((f"--micro-batch {size}", {"micro_batch": size}))
+        size //= 2
+    if config.strategy in SHARDED_ALTERNATIVE:
+        target = SHARDED_ALTERNATIVE[config.strategy]
+        changes.append((f"--strategy {target}", {"strategy": target}))
+    for factor in (2, 4, 8):
+        changes.append((f"--nproc {config.nproc * factor}", {"nproc": config.nproc * factor}))
+    for flags, fields in changes:
+        candidate = dataclasses.replace(config, **fields)
+        try:
+            validate(candidate)
+        except DistlabError:
+            continue
+        yield flags, candidate
