@@ -10,8 +10,15 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+from tests.test_compare import make_run
+
+from distlab.errors import DistlabError
 from distlab.measure.memory_timeline import draw_memory_timelines, phase_spans, sample_totals
 from distlab.measure.step_memory import CATEGORIES
+from distlab.report.compare import main as compare_main
+from distlab.report.runs import load_runs
+from distlab.report.tables import memory_table_rows
 from distlab.run.files import memory_rank_file
 from distlab.train.measurements import draw_memory_picture
 
@@ -96,3 +103,69 @@ def test_run_end_draws_the_ranks_files_or_warns_in_one_line(tmp_path: Path, caps
     memory_rank_file(tmp_path, 1).write_text('{"rank": 1, "timeline": [')  # torn file
     assert draw_memory_picture(tmp_path, "fsdp x2") is None
     assert capsys.readouterr().out.count("distlab: warning:") == 1
+
+
+def _with_memory(path: Path, predicted_total: int | None = None) -> Path:
+    """Give a synthetic run dir (``tests.test_compare.make_run``) two ranks' step memory.
+
+    With ``predicted_total``, its summary also holds theory's peak, and its
+    ``config.yaml`` goes, so that the report reads the summary's prediction.
+    """
+    records = [synthetic_record(rank, rank + 1) for rank in (0, 1)]
+    memory_rank_file(path, 0).parent.mkdir(exist_ok=True)
+    for record in records:
+        memory_rank_file(path, record["rank"]).write_text(json.dumps(record))
+    summary = json.loads((path / "summary.json").read_text())
+    summary["memory_peak_by_rank"] = [
+        {k: v for k, v in r.items() if k != "timeline"} for r in records
+    ]
+    if predicted_total is not None:
+        by_category = dict.fromkeys(CATEGORIES, 0)
+        by_category.update(
+            params=1 << 20, optimizer=2 << 20, activations=predicted_total - (3 << 20)
+        )
+        summary["predicted"]["memory_peak"] = {
+            "by_category": by_category,
+            "total": predicted_total,
+            "phase": "backward",
+        }
+        (path / "config.yaml").unlink()
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_compare_shows_step_memory_beside_the_prediction(tmp_path: Path, capsys) -> None:
+    fsdp = _with_memory(make_run(tmp_path, "fsdp", 2), predicted_total=6 << 20)
+    ddp = _with_memory(make_run(tmp_path, "ddp", 2))
+    old = make_run(tmp_path, "single", 1)
+    picture, report = tmp_path / "timelines.png", tmp_path / "docs" / "report.md"
+    args = [str(fsdp), str(ddp), str(old), "--memory-timeline", str(picture)]
+    assert compare_main([*args, "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "step memory of rank 0 at its peak" in out
+    assert all(category in out for category in CATEGORIES)
+    assert f"left out {old}" in out
+    rows = {row[0]: row for row in memory_table_rows(load_runs([str(fsdp), str(ddp), str(old)]))}
+    # rank 0's peak: 7 MiB (params 1, optimizer 2, activations 3, grads 1) in backward;
+    # rank 1 doubles the activations: 10 MiB
+    assert rows["fsdp x2"][1] == "backward"
+    assert rows["fsdp x2"][2 + CATEGORIES.index("activations")] == "3.00"
+    assert rows["fsdp x2"][-5:] == ["7.00", "10.00", "6.00", "backward", "1.167"]
+    assert rows["ddp x2"][-3:] == ["-", "-", "-"]
+    assert rows["single x1"][1:3] == ["-", "-"]  # a run from before the measurement
+    width, height = png_size(picture)
+    assert width > height  # two columns (fsdp, ddp), two rows
+    text = report.read_text()
+    assert "## Memory in one step" in text
+    assert "| fsdp x2 | ddp x2 |" in text  # the two pictures side by side
+    assert "![fsdp x2](report_files/memory_timeline_0.png)" in text
+    png_size(report.parent / "report_files" / "memory_timeline_1.png")
+    assert "| fsdp x2 | activations | 3,145,728 | 3,145,728 | 1.000 |" in text
+
+
+def test_runs_without_step_memory_have_no_memory_table(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path, "ddp", 2)
+    assert compare_main([str(run)]) == 0
+    assert "step memory" not in capsys.readouterr().out
+    with pytest.raises(DistlabError, match="no run has a memory timeline"):
+        compare_main([str(run), "--memory-timeline", str(tmp_path / "m.png")])

@@ -148,7 +148,7 @@ def draw_memory_timelines(columns: list[tuple[str, list[dict[str, Any]]]], outpu
                 axis.set_xticks([])
             if column == 0:
                 axis.set_ylabel("MiB")
-            if rank == rows - 1:
+            if rank == rows - 1 and rank in by_rank:
                 axis.set_xlabel("sample (tensor allocation or free) in the step", fontsize=8)
     peak = max((r["peak"] for _, records in columns for r in records), default=0)
     axes[0][0].set_ylim(0, 1.12 * peak / MIB or 1)  # room above the peak for phase labels
