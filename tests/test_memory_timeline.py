@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from tests.helpers import TINY_LOCAL_RUN, run_command
 from tests.test_compare import make_run
 
 from distlab.errors import DistlabError
@@ -169,3 +170,39 @@ def test_runs_without_step_memory_have_no_memory_table(tmp_path: Path, capsys) -
     assert "step memory" not in capsys.readouterr().out
     with pytest.raises(DistlabError, match="no run has a memory timeline"):
         compare_main([str(run), "--memory-timeline", str(tmp_path / "m.png")])
+
+
+def _phases_in_order(timeline: list[dict]) -> list[str]:
+    """The timeline's phases, each run of equal ones once."""
+    return [phase for phase, _, _ in phase_spans(timeline)]
+
+
+@pytest.mark.slow
+def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> None:
+    """A 2-rank fsdp run and a single run, 2 steps each: pictures, json, compare."""
+    runs = {}
+    for strategy, nproc in (("fsdp", 2), ("single", 1)):
+        runs[strategy] = tmp_path / strategy
+        result = run_command(
+            "distlab.launch", *TINY_LOCAL_RUN, "--strategy", strategy, "--nproc", str(nproc),
+            "--steps", "2", "--run-dir", str(runs[strategy]),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stdout + result.stderr
+    for rank in (0, 1):
+        record = json.loads(memory_rank_file(runs["fsdp"], rank).read_text())
+        assert record["rank"] == rank and record["peak"] > 0
+        assert all(set(CATEGORIES) <= set(sample) for sample in record["timeline"])
+        phases = _phases_in_order(record["timeline"])
+        first_backward = phases.index("backward")
+        assert "forward" in phases[:first_backward], phases
+        assert "optimizer" in phases[first_backward:], phases
+    fsdp_size = png_size(runs["fsdp"] / "memory_timeline.png")
+    single_size = png_size(runs["single"] / "memory_timeline.png")
+    assert fsdp_size[1] > single_size[1]  # a panel per rank
+    picture = tmp_path / "both.png"
+    args = [str(runs["fsdp"]), str(runs["single"]), "--memory-timeline", str(picture)]
+    assert compare_main(args) == 0
+    out = capsys.readouterr().out
+    assert all(category in out for category in CATEGORIES) and "fsdp x2" in out
+    assert png_size(picture)[0] > fsdp_size[0]  # two columns
