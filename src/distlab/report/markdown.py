@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from distlab.errors import DistlabError
-from distlab.report.plots import PLOTS
-from distlab.report.runs import Run
-from distlab.report.tables import comm_breakdown_markdown, markdown_table
+from distlab.measure.memory_timeline import draw_memory_timelines
+from distlab.report.plots import PLOTS, run_labels
+from distlab.report.runs import Run, memory_timelines
+from distlab.report.tables import (
+    comm_breakdown_markdown,
+    has_step_memory,
+    markdown_table,
+    memory_breakdown_markdown,
+    memory_markdown_table,
+)
+from distlab.run.files import MEMORY_TIMELINE_PNG
 
 NOTES_MARKER = "<!-- notes: written by hand, kept when the report is regenerated -->"
 
@@ -20,6 +29,9 @@ def write_report(
     context: str = "",
 ) -> list[Path]:
     """Write ``report`` (Markdown) and its PNGs (in ``<report stem>_files/``); return the PNGs.
+
+    Each run's ``memory_timeline.png`` is copied beside them (drawn from its
+    ``ranks/memory_rank<r>.json`` where the run dir has no picture).
 
     Whatever an existing report holds from ``NOTES_MARKER`` on is kept (hand-written notes).
     """
@@ -61,6 +73,7 @@ def write_report(
         "",
         f"![communication per step]({rel}/comm.png)",
         "",
+        *(memory_section(runs, image_dir, images) if has_step_memory(runs) else []),
         "## Communication by collective type",
         "",
         comm_breakdown_markdown(runs),
@@ -74,6 +87,45 @@ def write_report(
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(parts) + ("\n" + notes_text if notes_text else ""))
     return images
+
+
+def memory_section(runs: list[Run], image_dir: Path, images: list[Path]) -> list[str]:
+    """The report's lines on step memory: the table, the runs' timelines side by side and,
+    where theory predicts it, the split by category; new PNGs are appended to ``images``."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for index, (run, label) in enumerate(zip(runs, run_labels(runs), strict=True)):
+        path = image_dir / f"memory_timeline_{index}.png"
+        if (run.path / MEMORY_TIMELINE_PNG).is_file():
+            shutil.copyfile(run.path / MEMORY_TIMELINE_PNG, path)
+        elif timelines := memory_timelines(run):
+            draw_memory_timelines([(label, timelines)], path)
+        else:
+            continue
+        images.append(path)
+        pictures.append((label, f"{image_dir.name}/{path.name}"))
+    lines = [
+        "## Memory in one step",
+        "",
+        "What torch's memory tracker saw on rank 0 at the peak of one step, by category "
+        "(MiB), and the phase it happened in; *max rank*: the largest peak of any rank; "
+        "*pred*: `distlab.theory`'s peak; *ratio*: rank 0's peak / predicted. Below, each "
+        "run's `memory_timeline.png`: a panel per rank, the categories stacked over the "
+        "step's tensor allocations and frees.",
+        "",
+        memory_markdown_table(runs),
+        "",
+    ]
+    if pictures:
+        lines += [
+            "| " + " | ".join(label for label, _ in pictures) + " |",
+            "|" + "|".join("---" for _ in pictures) + "|",
+            "| " + " | ".join(f"![{label}]({src})" for label, src in pictures) + " |",
+            "",
+        ]
+    if any(run.predicted.get("memory_peak") for run in runs):
+        lines += ["By category, rank 0:", "", memory_breakdown_markdown(runs), ""]
+    return lines
 
 
 def fill_marked_section(doc: Path, name: str, text: str) -> None:

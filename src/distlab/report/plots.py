@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distlab.errors import DistlabError
+from distlab.measure.memory_timeline import draw_memory_timelines
 from distlab.measure.wire import KINDS
-from distlab.report.runs import MIB, Run, figures
+from distlab.report.runs import MIB, Run, figures, memory_timelines
 
 
 def _pyplot():
@@ -130,6 +132,34 @@ def plot_comm(runs: list[Run], output: Path) -> None:
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8)
     _save(figure, output)
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """Each run's label, with its run dir's name where two runs share one."""
+    labels = [run.label for run in runs]
+    return [
+        f"{label} ({run.path.name})" if labels.count(label) > 1 else label
+        for label, run in zip(labels, runs, strict=True)
+    ]
+
+
+def plot_memory_timelines(runs: list[Run], output: Path) -> list[Run]:
+    """Every run's per-rank step memory timeline in one PNG: a column per run, a row per rank,
+    one y scale. Returns the runs left out (no ``ranks/memory_rank<r>.json``)."""
+    columns, left_out = [], []
+    for run, label in zip(runs, run_labels(runs), strict=True):
+        timelines = memory_timelines(run)
+        if timelines:
+            columns.append((label, timelines))
+        else:
+            left_out.append(run)
+    if not columns:
+        raise DistlabError(
+            "no run has a memory timeline (ranks/memory_rank<r>.json: runs from before the "
+            "step memory was measured, or from W&B)"
+        )
+    draw_memory_timelines(columns, output)
+    return left_out
 
 
 PLOTS = {

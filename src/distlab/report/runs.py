@@ -15,7 +15,14 @@ from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.launch.wandb_run import wandb_mode
 from distlab.measure.wire import KINDS
-from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from distlab.run.files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RANKS_DIR,
+    SUMMARY_FILE,
+    read_jsonl,
+    read_memory_ranks,
+)
 from distlab.theory import predict
 
 MIB = 2**20
@@ -83,7 +90,7 @@ def load_runs(patterns: list[str]) -> list[Run]:
             config_file = path / CONFIG_FILE
             config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
             ranks = {}
-            for rank_file in sorted((path / "ranks").glob("rank*.jsonl")):
+            for rank_file in sorted((path / RANKS_DIR).glob("rank*.jsonl")):
                 ranks[int(rank_file.stem.removeprefix("rank"))] = _one_row_per_step(rank_file)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise DistlabError(f"{path} has a corrupt summary or metrics file: {exc}") from None
@@ -147,6 +154,26 @@ def peak_memory_by_rank(run: Run) -> list[int]:
     return [rows[-1]["peak_memory_bytes"] for _, rows in sorted(run.rank_metrics.items()) if rows]
 
 
+def memory_timelines(run: Run) -> list[dict[str, Any]]:
+    """Each rank's ``ranks/memory_rank<r>.json``, timeline included ([] where there are none)."""
+    try:
+        return read_memory_ranks(run.path)
+    except ValueError as exc:
+        raise DistlabError(f"{run.path} has a corrupt memory timeline: {exc}") from None
+
+
+def memory_peaks(run: Run) -> list[dict[str, Any] | None]:
+    """Each rank's measured step memory (peak, its split and phase; None: the rank ran no step).
+
+    From the summary (``memory_peak_by_rank``), else the rank files; [] for runs
+    from before the step memory was measured.
+    """
+    records = run.summary.get("memory_peak_by_rank")
+    if records:
+        return list(records)
+    return [{k: v for k, v in r.items() if k != "timeline"} for r in memory_timelines(run)]
+
+
 def comm_per_step(run: Run) -> dict[str, Any] | None:
     """Rank 0's communication in a typical step, as flat ``kind/bytes`` keys (None: not counted)."""
     if run.summary.get("comm_counted") is False:
@@ -179,6 +206,9 @@ def figures(run: Run) -> dict[str, Any]:
     comm = comm_per_step(run)
     comm_pred = predicted.get("comm_per_step")
     memory = peak_memory_by_rank(run)
+    step_memory = memory_peaks(run)
+    rank0 = step_memory[0] if step_memory else None
+    memory_pred = predicted.get("memory_peak")
     comm_bytes = comm.get("bytes") if comm else None
     pred_bytes = comm_pred.get("bytes") if comm_pred else None
     return {
@@ -203,5 +233,11 @@ def figures(run: Run) -> dict[str, Any]:
         "comm_kinds": {k: comm[f"{k}/bytes"] for k in KINDS if comm and f"{k}/bytes" in comm},
         "comm_kinds_pred": dict(comm_pred.get("kinds", {})) if comm_pred else {},
         "bubble": predicted.get("pipeline_bubble"),
+        "step_memory": rank0,
+        "step_memory_max": max((r["peak"] for r in step_memory if r), default=None),
+        "step_memory_pred": memory_pred,
+        "step_memory_ratio": ratio(
+            rank0["peak"] if rank0 else None, memory_pred["total"] if memory_pred else None
+        ),
         "median_step_time_s": s.get("median_step_time_s"),
     }

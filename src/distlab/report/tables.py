@@ -6,6 +6,7 @@ import math
 
 from rich.table import Table
 
+from distlab.measure.step_memory import CATEGORIES
 from distlab.measure.wire import KINDS
 from distlab.report.runs import MIB, Run, figures, ratio
 
@@ -106,5 +107,85 @@ def comm_breakdown_markdown(runs: list[Run]) -> str:
             lines.append(
                 f"| {f['label']} | {kind} | {_num(measured)} | {_num(predicted)} | "
                 f"{_ratio(ratio(measured, predicted))} |"
+            )
+    return "\n".join(lines)
+
+
+MEMORY_TITLE = "step memory of rank 0 at its peak, MiB: measured by category vs predicted"
+MEMORY_COLUMNS = [
+    ("run", "left"),
+    ("phase", "left"),
+    *((category, "right") for category in CATEGORIES),
+    ("peak", "right"),
+    ("max rank", "right"),
+    ("pred", "right"),
+    ("pred phase", "left"),
+    ("ratio", "right"),
+]
+"""*max rank*: the largest peak of any rank (pipeline stages differ); *ratio*: rank 0's
+peak / predicted."""
+
+
+def memory_table_rows(runs: list[Run]) -> list[list[str]]:
+    """The step-memory table's cells, one row per run ("-" where not measured or predicted)."""
+    rows = []
+    for run in runs:
+        f = figures(run)
+        measured, predicted = f["step_memory"] or {}, f["step_memory_pred"] or {}
+        split = measured.get("peak_by_category", {})
+        rows.append(
+            [
+                f["label"],
+                measured.get("peak_phase", "-"),
+                *(_mib(split.get(category)) for category in CATEGORIES),
+                _mib(measured.get("peak")),
+                _mib(f["step_memory_max"]),
+                _mib(predicted.get("total")),
+                predicted.get("phase", "-"),
+                _ratio(f["step_memory_ratio"]),
+            ]
+        )
+    return rows
+
+
+def has_step_memory(runs: list[Run]) -> bool:
+    """Whether any run measured its step memory or has a prediction of it."""
+    return any(f["step_memory"] or f["step_memory_pred"] for f in map(figures, runs))
+
+
+def memory_table(runs: list[Run]) -> Table:
+    """Rank 0's step-memory peak by category and phase, beside the theory's peak."""
+    table = Table(title=MEMORY_TITLE)
+    for name, justify in MEMORY_COLUMNS:
+        table.add_column(name, justify=justify)
+    for row in memory_table_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+def memory_markdown_table(runs: list[Run]) -> str:
+    """The step-memory table as GitHub Markdown."""
+    header = [name for name, _ in MEMORY_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in memory_table_rows(runs)]
+    return "\n".join(lines)
+
+
+def memory_breakdown_markdown(runs: list[Run]) -> str:
+    """Per category: rank 0's measured bytes at its peak, the predicted ones, and the ratio."""
+    lines = [
+        "| run | category | measured bytes | predicted | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        f = figures(run)
+        if not f["step_memory_pred"]:
+            continue
+        measured = (f["step_memory"] or {}).get("peak_by_category", {})
+        predicted = f["step_memory_pred"].get("by_category", {})
+        for category in CATEGORIES:
+            m, p = measured.get(category), predicted.get(category)
+            lines.append(
+                f"| {f['label']} | {category} | {_num(m)} | {_num(p)} | {_ratio(ratio(m, p))} |"
             )
     return "\n".join(lines)

@@ -4,7 +4,10 @@ A run dir holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one
 line per optimizer step), ``events.jsonl`` (launches, starts, faults, resumes),
 ``summary.json``, ``wandb.json`` (the W&B run it logs to), ``logs/`` (per-rank
 pid, heartbeat, traceback and error files), ``faults/`` (injected faults that
-fired) and ``checkpoints/``. Every module names them through this one.
+fired), ``checkpoints/``, ``ranks/`` (per rank: ``rank<r>.jsonl``, its own
+figures per step, and ``memory_rank<r>.json``, the memory timeline of one
+step) and ``memory_timeline.png`` (the picture of those timelines).
+Every module names them through this one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ WANDB_FILE = "wandb.json"
 FINAL_WEIGHTS_FILE = "final_weights.pt"
 LOGS_DIR = "logs"
 FAULTS_DIR = "faults"
+RANKS_DIR = "ranks"
+MEMORY_TIMELINE_PNG = "memory_timeline.png"
+
+
+def memory_rank_file(run_dir: Path, rank: int) -> Path:
+    """``ranks/memory_rank<r>.json``: one step of rank ``r``: its peak, split and timeline."""
+    return Path(run_dir) / RANKS_DIR / f"memory_rank{rank}.json"
+
+
+def read_memory_ranks(run_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's ``memory_rank<r>.json``, in rank order ([] if none; ValueError if corrupt)."""
+    files = Path(run_dir, RANKS_DIR).glob("memory_rank*.json")
+    ranked = sorted(files, key=lambda file: int(file.stem.removeprefix("memory_rank")))
+    return [json.loads(file.read_text()) for file in ranked]
 
 
 def read_jsonl(file: Path) -> list[dict[str, Any]]:

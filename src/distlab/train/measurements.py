@@ -15,7 +15,11 @@ Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
 ``comm/*`` keys of its own collectives; every rank appends the same figures for
 itself to ``ranks/rank<r>.jsonl`` in the run dir (no collective needed).
 ``finish`` gathers each rank's peak memory and typical step communication
-once, and adds the predictions of ``distlab.theory``.
+once, and adds the predictions of ``distlab.theory``. Every rank writes the
+memory timeline of one step (``ranks/memory_rank<r>.json``) before the
+gather, so after it rank 0 draws them all into ``memory_timeline.png``
+(``distlab.measure.memory_timeline``); a picture that fails to draw costs a
+one-line warning, never the finished run.
 
 With ``--compile`` each step also records ``compile_s``, the seconds this rank
 spent compiling in it (``distlab.measure.compile_time``: step 0's forward and
@@ -38,13 +42,16 @@ import torch.distributed as dist
 from distlab import theory
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
+from distlab.errors import first_line
 from distlab.measure import mfu
 from distlab.measure.compile_time import compile_cache_counts, compile_seconds
 from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
+from distlab.measure.memory_timeline import draw_memory_timelines
 from distlab.measure.process_group import is_counting
 from distlab.measure.step_memory import HeldTensors, StepMemory, StepMemoryTracker
 from distlab.model import PRESETS, flops_per_token
+from distlab.run.files import MEMORY_TIMELINE_PNG, RANKS_DIR, memory_rank_file, read_memory_ranks
 
 
 class RunMeasurements:
@@ -59,7 +66,8 @@ class RunMeasurements:
         self.ranks = mfu.effective_ranks(ctx.device_type, ctx.world_size, config.threads_per_rank)
         if ctx.is_main:
             self.peak = mfu.peak_flops(ctx.device, config.precision, config.threads_per_rank)
-        rank_dir = Path(run_dir) / "ranks"
+        self.run_dir = Path(run_dir)
+        rank_dir = self.run_dir / RANKS_DIR
         rank_dir.mkdir(parents=True, exist_ok=True)
         self.rank_file_path = rank_dir / f"rank{ctx.rank}.jsonl"
         self.rank_file = self.rank_file_path.open("a", buffering=1)
@@ -153,7 +161,7 @@ class RunMeasurements:
             "cuda_peak_allocated": memory.cuda_peak_allocated,
             "cuda_peak_reserved": memory.cuda_peak_reserved,
         }
-        path = self.rank_file_path.parent / f"memory_rank{self.ctx.rank}.json"
+        path = memory_rank_file(self.run_dir, self.ctx.rank)
         path.write_text(json.dumps({**record, "timeline": memory.timeline}))
         return record
 
@@ -178,6 +186,7 @@ class RunMeasurements:
             gathered = [local]
         if not self.ctx.is_main:
             return {}
+        draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
             "memory_peak_by_rank": [g["memory"] for g in gathered],
@@ -207,3 +216,18 @@ class RunMeasurements:
         except Exception as exc:  # noqa: BLE001 - a theory gap must not fail a finished run
             summary["predicted"] = {"error": f"{type(exc).__name__}: {exc}"}
         return summary
+
+
+def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
+    """Draw the run's ``ranks/memory_rank<r>.json`` into ``memory_timeline.png``; warn on failure.
+
+    Returns the picture's path, or None (with a one-line warning) when it could not be drawn.
+    """
+    try:
+        records = read_memory_ranks(run_dir)
+        if not records:
+            raise ValueError(f"no {RANKS_DIR}/memory_rank<r>.json in {run_dir}")
+        return draw_memory_timelines([(label, records)], Path(run_dir) / MEMORY_TIMELINE_PNG)
+    except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run
+        print(f"distlab: warning: no {MEMORY_TIMELINE_PNG}: {first_line(exc)}", flush=True)
+        return None
