@@ -1,4 +1,5 @@
-"""Measured model-state bytes per rank agree with each strategy's prediction.
+"""Measured memory per rank agrees with the theory: the model-state inventory, and the step's
+tracked peak by category (activations included).
 
 ``predicted_state_bytes`` is the ZeRO paper's count plus the terms each library
 keeps beyond it (DeepSpeed's fp32 master slice and gradient bucket, OSS's
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from distlab.report.parity import _run_name, _run_once, parity_config
+from distlab.theory.memory import nearest_moment, predict_peak
 
 TOLERANCE = 0.10
 GRAD_TOLERANCE = 0.01
@@ -71,3 +73,62 @@ def test_zero_accumulation_gradient_bytes_match_prediction(
     measured = summary["model_state_bytes_per_rank"]["grads"]
     predicted = summary["predicted_model_state_bytes_per_rank"]["grads"]
     assert abs(measured / predicted - 1) <= GRAD_TOLERANCE, (measured, predicted)
+
+
+PEAK_TOLERANCE = 0.10
+CATEGORY_TOLERANCE = 0.15
+SMALL_CATEGORY = 0.05
+"""A category under 5% of the predicted peak is held to 15% of that 5% instead (absolute):
+a 4-byte loss scalar must not fail a ratio."""
+
+PEAK_RUNS = [
+    ("single", 1, "adamw", {}),
+    *((s, 2, "adamw", {}) for s in FP32_CASES),
+    ("pp", 2, "adamw", {"pp": 2}),
+    ("fsdp", 2, "adamw", {"ac": "full"}),
+    ("zero3", 2, "adamw", {"ac": "full"}),
+    ("single", 1, "sgd", {"ac": "full"}),
+    ("pp", 2, "sgd", {"pp": 2, "ac": "full"}),
+]
+"""Parity runs (shared with the parity and checkpointing tests): every data-parallel
+flavour, a pipeline, and activation checkpointing."""
+
+
+def category_pairs(measured: dict, predicted: dict, ac: str) -> dict[str, tuple[int, int]]:
+    """(measured, predicted) per category; with checkpointing, activations and temporaries
+    as one: torch's tracker documents that it may file recomputed tensors under either."""
+    pairs = {c: (measured[c], predicted[c]) for c in predicted}
+    if ac != "none":
+        act, temp = pairs.pop("activations"), pairs.pop("temporaries")
+        pairs["activations+temporaries"] = (act[0] + temp[0], act[1] + temp[1])
+    return pairs
+
+
+@pytest.mark.parametrize(("strategy", "nproc", "optimizer", "fields"), PEAK_RUNS)
+def test_tracked_peak_matches_predicted_peak(
+    strategy: str, nproc: int, optimizer: str, fields: dict, parity_workdir: Path
+) -> None:
+    """Rank 0's peak as torch's MemTracker measured it, against ``theory.memory``:
+    the total within 10% of the predicted peak, each category within 15% of the
+    predicted moment it is (of those within 5% of the peak: ``nearest_moment``)."""
+    for prefix, module in NEEDS.items():
+        if strategy.startswith(prefix):
+            pytest.importorskip(module)
+    config = parity_config(strategy, nproc, optimizer, **fields)
+    run_dir = _run_once(config, parity_workdir / _run_name(config))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    measured = summary["memory_peak_by_rank"][0]
+    predicted = predict_peak(config).to_dict()  # the current theory, for reused runs too
+    total = predicted["total"]
+    assert abs(measured["peak"] / total - 1) <= PEAK_TOLERANCE, (measured, predicted)
+    moment = nearest_moment(predicted, measured["peak_by_category"])
+    pairs = category_pairs(measured["peak_by_category"], moment["by_category"], config.ac)
+    for category, (got, want) in pairs.items():
+        if want >= SMALL_CATEGORY * total:
+            assert abs(got / want - 1) <= CATEGORY_TOLERANCE, (category, got, want)
+        else:
+            assert abs(got - want) <= CATEGORY_TOLERANCE * SMALL_CATEGORY * total, (
+                category,
+                got,
+                want,
+            )

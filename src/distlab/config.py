@@ -157,6 +157,9 @@ class Config:
     """Pipeline micro-batches per step on each pipeline; default: 2 x stages."""
     sequence_parallel: bool = False
     """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
+    track_memory: bool = True
+    """Measure every step's memory by category with torch's MemTracker (every op of the
+    step passes through it; ``--no-track-memory`` for timing runs on a GPU)."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless an API key is configured)."""
     wandb_project: str = "distlab"

@@ -111,6 +111,7 @@ import logging
 import os
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,20 @@ class DeepSpeedZeroStrategy(Strategy):
         """The ZeRO paper's count for this stage plus what DeepSpeed keeps besides (see above)."""
         return predicted_zero_bytes(config, self.stage, n_params)
 
+    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
+        """Gradient storage DeepSpeed keeps from step to step: ZeRO-3 its partition and
+        bucket (without offload's CPU-side slice, made during the step); with optimizer
+        offload, ZeRO-1/2 the CPU optimizer's gradient slice and staging buffers (all but
+        the bucket); otherwise none."""
+        state = self.predicted_state_bytes(config, n_params)
+        if self.stage == 3:
+            grads = predicted_zero_bytes(replace(config, offload="none"), 3, n_params).grads
+        elif config.offload == "optimizer":
+            grads = state.grads - 4 * bucket_elements(n_params)
+        else:
+            grads = 0
+        return ModelStateBytes(params=state.params, grads=grads, optimizer=state.optimizer)
+
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         if ctx.device_type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -403,7 +418,3 @@ class Zero3Strategy(DeepSpeedZeroStrategy):
         "selective checkpointing (measured: a 2-rank run trained a different model than single, "
         "weights 2e-3 apart); use --ac full, or zero1, zero2 or fsdp"
     )
-
-    def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
-        """ZeRO-3 keeps its gradient partition and bucket allocated from step to step."""
-        return self.predicted_state_bytes(config, n_params)

@@ -33,13 +33,17 @@ and the log-softmax (t V, fp32). Activation checkpointing keeps only each
 block's input (``--ac full``: t h per block) or the matmul and attention
 outputs (``--ac selective``: 11 t h per block without tensor parallelism).
 
-The peak is the largest of two moments:
+The peak is the largest of a few candidate moments (``Moment``):
 
-- **start of backward**: every saved activation of the in-flight micro-batches,
-  the parameters, the optimizer state and the gradient buffers that live between
-  steps, FSDP's gathered root parameters, and the first gradients of backward
-  (on the last stage the gradients of the log-softmax and of the logits, 2 t V
-  fp32; on other pipeline stages the received gradient, t h);
+- **start of backward**: every saved activation, the parameters, the optimizer
+  state and the gradient buffers that live between steps, FSDP's gathered root
+  parameters (ZeRO-3: all gathered parameters), and the loss's first gradients
+  (of the log-softmax and of the logits, 2 t V fp32);
+- **block k backward** (each block k): the saved activations
+  below block k, block k's own (recomputed under checkpointing), the gradients
+  made so far and one block's backward temporaries (``block_backward``);
+- **pipeline steady state** (pipelines instead of the two above): the in-flight
+  micro-batches' activations, the stage's gradients, one block's backward;
 - **optimizer step**: parameters, full (local) gradients, optimizer state, the
   optimizer's temporaries (AdamW's foreach step: one parameter-sized buffer)
   and the last micro-batch's logits, which the train step still holds.
@@ -58,26 +62,66 @@ from distlab.strategies.parallel_dims import VIRTUAL_STAGES, stage_shapes, tp_lo
 from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
 
 FP32 = 4
+ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
 ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
 """Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
 
 
 @dataclass(frozen=True)
-class PeakPrediction:
-    """Predicted bytes of rank 0 at its peak, by category (``step_memory.CATEGORIES``)."""
+class Moment:
+    """Rank 0's predicted bytes at one moment of the step, by category."""
 
-    by_category: dict[str, int]
+    name: str
+    """e.g. "start of backward", "block 3 backward", "optimizer step"."""
     phase: str
-    """forward, backward or optimizer: when the predicted peak happens."""
+    """forward, backward or optimizer."""
+    by_category: dict[str, int]
 
     @property
     def total(self) -> int:
         """All categories together."""
         return sum(self.by_category.values())
 
+
+@dataclass(frozen=True)
+class PeakPrediction:
+    """Rank 0's predicted peak: the largest of the step's candidate moments."""
+
+    moments: tuple[Moment, ...]
+
+    @property
+    def peak(self) -> Moment:
+        """The largest moment: the predicted peak."""
+        return max(self.moments, key=lambda moment: moment.total)
+
+    @property
+    def by_category(self) -> dict[str, int]:
+        """The peak's bytes by category (``step_memory.CATEGORIES``)."""
+        return self.peak.by_category
+
+    @property
+    def phase(self) -> str:
+        """forward, backward or optimizer: when the predicted peak happens."""
+        return self.peak.phase
+
+    @property
+    def total(self) -> int:
+        """The predicted peak."""
+        return self.peak.total
+
     def to_dict(self) -> dict[str, object]:
-        """Plain data for summary.json: ``by_category``, ``total`` and ``phase``."""
-        return {"by_category": dict(self.by_category), "total": self.total, "phase": self.phase}
+        """Plain data for summary.json: the peak's ``by_category``, ``total``, ``phase`` and
+        ``moment``, and every candidate moment (``moments``)."""
+        return {
+            "by_category": dict(self.by_category),
+            "total": self.total,
+            "phase": self.phase,
+            "moment": self.peak.name,
+            "moments": [
+                {"name": m.name, "phase": m.phase, "by_category": m.by_category, "total": m.total}
+                for m in self.moments
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,20 @@ class StepShape:
     sequence_parallel: bool
     element: int
     ac: str
+
+
+def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.05) -> dict:
+    """Of a prediction's moments (``to_dict`` form) within ``within`` of its peak, the one
+    whose categories are closest to ``measured``'s (sum of absolute differences).
+
+    Moments that close are the same size to the theory's precision, so which of them
+    the tracker saw as its peak is a coin toss; compare categories with that one.
+    """
+    close = [m for m in predicted["moments"] if m["total"] >= (1 - within) * predicted["total"]]
+    return min(
+        close,
+        key=lambda m: sum(abs(measured[c] - m["by_category"][c]) for c in m["by_category"]),
+    )
 
 
 def step_shape(config: Config, lay: Layout) -> StepShape:
@@ -201,25 +259,38 @@ def predict_peak(config: Config) -> PeakPrediction:
     gathered = gathered_bytes(config, lay)
     common = {"params": state.params + gathered["params"], "optimizer": state.optimizer}
     if lay.pp > 1:
-        moments = [("backward", pipeline_moment(config, lay, shape, state, common, gathered))]
+        moments = [
+            Moment(
+                "pipeline steady state",
+                "backward",
+                pipeline_moment(config, lay, shape, state, common, gathered),
+            )
+        ]
     else:
         moments = [
-            ("backward", backward_start(config, shape, resident, common, gathered)),
+            Moment(
+                "start of backward",
+                "backward",
+                backward_start(config, shape, resident, common, gathered),
+            ),
             *(
-                ("backward", block_backward(config, lay, shape, state, resident, common, k))
-                for k in sorted({0, shape.layers - 1})
+                Moment(
+                    f"block {k} backward",
+                    "backward",
+                    block_backward(config, lay, shape, state, resident, common, k),
+                )
+                for k in range(shape.layers)
             ),
         ]
     logits = shape.element * shape.tokens * model.vocab_size if shape.has_last else 0
     optimizer_step = _split(
         params=state.params,
-        grads=state.grads,
-        optimizer=state.optimizer + optimizer_temporaries(config, state),
+        grads=optimizer_step_grads(config, lay, state),
+        optimizer=state.optimizer + optimizer_temporaries(config, lay, state),
         activations=logits if lay.pp <= 1 else 0,
     )
-    moments.append(("optimizer", optimizer_step))
-    phase, split = max(moments, key=lambda moment: sum(moment[1].values()))
-    return PeakPrediction(split, phase)
+    moments.append(Moment("optimizer step", "optimizer", optimizer_step))
+    return PeakPrediction(tuple(moments))
 
 
 def backward_start(
@@ -256,8 +327,9 @@ def block_backward(
     the logits. Gradients: those of the head and of blocks k+1.. (sharded
     ones divided by the data-parallel degree). Temporaries: the incoming
     gradient and its residual copy (2 t h), the gradients of the GELU output
-    and of the up projection (4 t h / T each). FSDP holds the root, block k,
-    the next block (prefetched) and block k's unsharded gradients gathered.
+    and of the up projection (4 t h / T each); under FSDP also block k's
+    unsharded gradients. FSDP holds the root, block k and the next block
+    (prefetched) gathered, block k twice when it is recomputed.
     """
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
@@ -266,18 +338,26 @@ def block_backward(
     saved = k * block_activation_bytes(shape, model.n_head, h)
     logits = e * t * model.vocab_size if shape.has_last else 0
     blocks = block_elements(config, lay)
-    done = sum(blocks[k + 1 :]) + root_elements(config, lay, head_only=True)
+    # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
+    head = 0 if lay.data_parallel == "fsdp" else root_elements(config, lay, head_only=True)
+    done = sum(blocks[k + 1 :]) + head
     shards = lay.dp if lay.data_parallel in ("fsdp", "zero2", "zero3", "fairscale-sdp") else 1
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
-    comm = 0
+    comm, unsharded_grads = 0, 0
     if lay.data_parallel == "fsdp":
-        gathered_blocks = blocks[k] + blocks[max(k - 1, 0)] + blocks[k]
+        # block k and the prefetched k-1 gathered; a checkpointed block k is gathered
+        # once more for its recomputation. Block k's gradients, before their
+        # reduce-scatter, are backward's own tensors (temporaries).
+        gathered_blocks = (
+            blocks[k] + blocks[max(k - 1, 0)] + (blocks[k] if shape.ac != "none" else 0)
+        )
         comm = e * (root_elements(config, lay) + gathered_blocks)
+        unsharded_grads = FP32 * blocks[k]
     return _split(
         **common,
         grads=grads,
         activations=saved + recomputed + logits,
-        temporaries=e * (2 * t * h + 8 * t * h // tp),
+        temporaries=e * (2 * t * h + 8 * t * h // tp) + unsharded_grads,
         comm_buffers=comm,
     )
 
@@ -290,14 +370,20 @@ def pipeline_moment(
     common: dict[str, int],
     gathered: dict[str, int],
 ) -> dict[str, int]:
-    """A pipeline rank in its steady state: the in-flight micro-batches' activations, the
-    stage's gradients (from the first backward on), one block's backward temporaries."""
-    h = PRESETS[config.model].d_model
+    """A pipeline rank in its steady state: the in-flight micro-batches' activations (and,
+    under checkpointing, the block being recomputed), the stage's gradients (from the
+    first backward on), one block's backward temporaries (as in ``block_backward``)."""
+    model = PRESETS[config.model]
+    t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
+    recomputed = 0
+    if shape.ac != "none":
+        full = StepShape(**{**shape.__dict__, "ac": "none"})
+        recomputed = block_activation_bytes(full, model.n_head, h) - e * 4 * t * h // tp
     return _split(
         **common,
         grads=0 if lay.data_parallel == "fsdp" else state.grads,
-        activations=_activations(shape, config),
-        temporaries=shape.element * 8 * shape.tokens * h // shape.tp,
+        activations=_activations(shape, config) + recomputed,
+        temporaries=e * (2 * t * h + 8 * t * h // tp),
         comm_buffers=gathered["comm_buffers"],
     )
 
@@ -341,9 +427,29 @@ def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
     return {"params": 0, "comm_buffers": 0}
 
 
-def optimizer_temporaries(config: Config, state: ModelStateBytes) -> int:
-    """AdamW's foreach step allocates one buffer the size of the parameters it updates."""
-    return state.params if config.optimizer == "adamw" else 0
+def optimizer_temporaries(config: Config, lay: Layout, state: ModelStateBytes) -> int:
+    """AdamW's foreach step allocates one fp32 buffer the size of what it updates.
+
+    That is the rank's parameters, or its optimizer slice where the state is
+    sharded: AdamW keeps 8 B per updated element (DeepSpeed 12, with its fp32
+    master slice).
+    """
+    if config.optimizer != "adamw":
+        return 0
+    if lay.data_parallel in ZERO_FLAVOURS:
+        return state.optimizer // 3
+    if lay.data_parallel in ("fairscale-oss", "fairscale-sdp"):
+        return state.optimizer // 2
+    return state.params
+
+
+def optimizer_step_grads(config: Config, lay: Layout, state: ModelStateBytes) -> int:
+    """Gradients alive during the optimizer step: the rank's own, except under DeepSpeed,
+    whose inner optimizer reads the fp32 gradient of its slice (4 P / N) after the
+    reduction has freed the rest."""
+    if lay.data_parallel in ZERO_FLAVOURS:
+        return FP32 * count_parameters(PRESETS[config.model]) // lay.dp
+    return state.grads
 
 
 def _split(**parts: int) -> dict[str, int]:

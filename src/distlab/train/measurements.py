@@ -85,12 +85,15 @@ class RunMeasurements:
             self.counter.begin_step()
         if self.config.compile:
             self.compiled_before_step = compile_seconds()
-        self.tracker = StepMemoryTracker(held, self.ctx.device)
+        if self.config.track_memory:
+            self.tracker = StepMemoryTracker(held, self.ctx.device)
 
     @contextmanager
     def tracking_memory(self) -> Iterator[None]:
         """Around the step itself: torch's memory tracker sees every tensor it creates."""
-        assert self.tracker is not None, "begin_step first"
+        if self.tracker is None:  # --no-track-memory
+            yield
+            return
         with self.tracker:
             yield
         self.step_memory = self.tracker.result()
@@ -186,7 +189,8 @@ class RunMeasurements:
             gathered = [local]
         if not self.ctx.is_main:
             return {}
-        draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
+        if self.config.track_memory:
+            draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
             "memory_peak_by_rank": [g["memory"] for g in gathered],
