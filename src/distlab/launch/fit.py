@@ -75,12 +75,12 @@ def refusal(config: Config, peak: PeakPrediction, budget: int) -> str:
         total = prediction(fitted)
         if total is not None and total.total <= budget:
             return f"{line}; {flags} would fit (predicted {gib(total.total)})"
-    return f"{line}; no single change of --ac, --micro-batch, --strategy or --nproc fits it"
+    return f"{line}; no change of --ac, --micro-batch, --strategy or --nproc (or two) fits it"
 
 
 def alternatives(config: Config) -> Iterator[tuple[str, Config]]:
     """Valid configs one change away, cheapest first: checkpointing, smaller micro-batches,
-    a sharded strategy, then more ranks."""
+    a sharded strategy, more ranks; then checkpointing with each of the others."""
     changes: list[tuple[str, dict[str, object]]] = []
     if config.ac != "full":
         changes.append(("--ac full", {"ac": "full"}))
@@ -95,7 +95,13 @@ def alternatives(config: Config) -> Iterator[tuple[str, Config]]:
         changes.append((f"--strategy {target}", {"strategy": target}))
     for factor in (2, 4, 8):
         changes.append((f"--nproc {config.nproc * factor}", {"nproc": config.nproc * factor}))
-    for flags, fields in changes:
+    combined = [
+        (f"{first} {flags}", {**fields, **more})
+        for first, more in changes[:1]
+        if config.ac != "full"
+        for flags, fields in changes[1:]
+    ]  # --ac full together with each of the others
+    for flags, fields in [*changes, *combined]:
         candidate = dataclasses.replace(config, **fields)
         try:
             validate(candidate)
