@@ -264,7 +264,12 @@ def predict_peak(config: Config) -> PeakPrediction:
                 "pipeline steady state",
                 "backward",
                 pipeline_moment(config, lay, shape, state, common, gathered),
-            )
+            ),
+            Moment(
+                "last micro-batch backward",
+                "backward",
+                pipeline_moment(config, lay, shape, state, common, gathered, last=True),
+            ),
         ]
     else:
         moments = [
@@ -288,6 +293,7 @@ def predict_peak(config: Config) -> PeakPrediction:
         grads=optimizer_step_grads(config, lay, state),
         optimizer=state.optimizer + optimizer_temporaries(config, lay, state),
         activations=logits if lay.pp <= 1 else 0,
+        temporaries=ddp_pipeline_buckets(lay, state),
     )
     moments.append(Moment("optimizer step", "optimizer", optimizer_step))
     return PeakPrediction(tuple(moments))
@@ -369,23 +375,36 @@ def pipeline_moment(
     state: ModelStateBytes,
     common: dict[str, int],
     gathered: dict[str, int],
+    last: bool = False,
 ) -> dict[str, int]:
-    """A pipeline rank in its steady state: the in-flight micro-batches' activations (and,
+    """A pipeline rank in a backward: the in-flight micro-batches' activations (and,
     under checkpointing, the block being recomputed), the stage's gradients (from the
-    first backward on), one block's backward temporaries (as in ``block_backward``)."""
+    first backward on), one block's backward temporaries (as in ``block_backward``).
+
+    ``last``: the last micro-batch's backward, with only its own activations left,
+    in which DDP fills its buckets (``ddp_pipeline_buckets``)."""
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
     recomputed = 0
     if shape.ac != "none":
         full = StepShape(**{**shape.__dict__, "ac": "none"})
         recomputed = block_activation_bytes(full, model.n_head, h) - e * 4 * t * h // tp
+    in_flight = StepShape(**{**shape.__dict__, "in_flight": 1}) if last else shape
+    buckets = ddp_pipeline_buckets(lay, state) if last else 0
     return _split(
         **common,
         grads=0 if lay.data_parallel == "fsdp" else state.grads,
-        activations=_activations(shape, config) + recomputed,
-        temporaries=e * (2 * t * h + 8 * t * h // tp),
+        activations=_activations(in_flight, config) + recomputed,
+        temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],
     )
+
+
+def ddp_pipeline_buckets(lay: Layout, state: ModelStateBytes) -> int:
+    """DDP inside a pipeline skips its all-reduce until the last micro-batch, whose
+    backward copies the accumulated gradients into DDP's buckets: a second copy of the
+    stage's gradients, alive from then to the end of the step."""
+    return state.grads if lay.data_parallel == "ddp" and lay.pp > 1 else 0
 
 
 def block_elements(config: Config, lay: Layout) -> list[int]:
