@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distlab.errors import DistlabError
-from distlab.measure.activation_memory import ACTIVATIONS, peak_bytes
+from distlab.measure.step_memory import HeldTensors, StepMemoryTracker
 from distlab.model import build_model
 from distlab.report.parity import compare, parity_config
 from distlab.strategies.activation_checkpoint import apply_ac
@@ -26,12 +26,11 @@ def activations_and_grads(mode: str) -> tuple[int, dict[str, torch.Tensor], list
     apply_ac(model, mode)
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
-    def step() -> None:
+    tracker = StepMemoryTracker(HeldTensors(modules=[model]), torch.device("cpu"))
+    with tracker:
         model(tokens).float().square().mean().backward()
-
-    peak = peak_bytes(model, step)
     grads = {name: p.grad for name, p in model.named_parameters()}
-    return peak[ACTIVATIONS], grads, list(model.state_dict())
+    return tracker.result().peak_by_category["activations"], grads, list(model.state_dict())
 
 
 def test_checkpointing_saves_less_and_computes_the_same_gradients() -> None:
