@@ -108,18 +108,38 @@ def summary_table(summary: dict[str, Any]) -> Table:
             f"(median step {summary['median_step_time_s'] * 1e3:.1f} ms)",
         ),
         (
-            "model state / rank",
+            "state inventory / rank",
             f"{mib(memory['total'])} MiB (params {mib(memory['params'])}, "
             f"grads {mib(memory['grads'])}, optimizer {mib(memory['optimizer'])})",
         ),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("run dir", summary["run_dir"]),
     ]
+    peak = step_memory_row(summary)
+    if peak is not None:
+        rows.insert(4, peak)
     if "compile_s" in summary:
         rows.insert(4, compile_row(summary))
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def step_memory_row(summary: dict[str, Any]) -> tuple[str, str] | None:
+    """Rank 0's tracked peak of the last step, its largest category, and the prediction."""
+    ranks = summary.get("memory_peak_by_rank") or [None]
+    peak = ranks[0]
+    if peak is None:
+        return None
+    top = max(peak["peak_by_category"], key=peak["peak_by_category"].get)
+    text = (
+        f"{mib(peak['peak'])} MiB in {peak['peak_phase']} ({top} "
+        f"{mib(peak['peak_by_category'][top])})"
+    )
+    predicted = (summary.get("predicted") or {}).get("memory_peak")
+    if predicted:
+        text += f"; predicted {mib(predicted['total'])}"
+    return ("memory peak / rank", text)
 
 
 def mib(num_bytes: int) -> str:
