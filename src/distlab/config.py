@@ -159,7 +159,8 @@ class Config:
     """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
     track_memory: bool = True
     """Measure every step's memory by category with torch's MemTracker (every op of the
-    step passes through it; ``--no-track-memory`` for timing runs on a GPU)."""
+    step passes through it; ``--no-track-memory`` for timing runs on a GPU; off under
+    ``--compile``, which does not compile while a tracker is active)."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless an API key is configured)."""
     wandb_project: str = "distlab"

@@ -269,10 +269,19 @@ class StepMemoryTracker:
             timeline=thin(tracker.samples, MAX_TIMELINE_POINTS),
         )
         if self.device.type == "cuda":
-            stats = torch.cuda.memory_stats(self.device)
-            memory.cuda_peak_allocated = int(stats.get("allocated_bytes.all.peak", 0))
-            memory.cuda_peak_reserved = int(stats.get("reserved_bytes.all.peak", 0))
+            peaks = cuda_peaks(self.device)
+            memory.cuda_peak_allocated = peaks["memory/cuda_peak_allocated"]
+            memory.cuda_peak_reserved = peaks["memory/cuda_peak_reserved"]
         return memory
+
+
+def cuda_peaks(device: torch.device) -> dict[str, int]:
+    """The caching allocator's peak allocated and reserved bytes since its last reset."""
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "memory/cuda_peak_allocated": int(stats.get("allocated_bytes.all.peak", 0)),
+        "memory/cuda_peak_reserved": int(stats.get("reserved_bytes.all.peak", 0)),
+    }
 
 
 def _kind(kinds: Any, category: str) -> Any:

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from distlab import theory
@@ -49,7 +50,12 @@ from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
 from distlab.measure.memory_timeline import draw_memory_timelines
 from distlab.measure.process_group import is_counting
-from distlab.measure.step_memory import HeldTensors, StepMemory, StepMemoryTracker
+from distlab.measure.step_memory import (
+    HeldTensors,
+    StepMemory,
+    StepMemoryTracker,
+    cuda_peaks,
+)
 from distlab.model import PRESETS, flops_per_token
 from distlab.run.files import MEMORY_TIMELINE_PNG, RANKS_DIR, memory_rank_file, read_memory_ranks
 
@@ -85,8 +91,10 @@ class RunMeasurements:
             self.counter.begin_step()
         if self.config.compile:
             self.compiled_before_step = compile_seconds()
-        if self.config.track_memory:
+        if tracks_memory(self.config):
             self.tracker = StepMemoryTracker(held, self.ctx.device)
+        elif self.ctx.device_type == "cuda":  # the allocator's count still comes per step
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
 
     @contextmanager
     def tracking_memory(self) -> Iterator[None]:
@@ -115,6 +123,8 @@ class RunMeasurements:
         }
         if self.step_memory is not None:
             line.update(self.step_memory.to_metrics())
+        elif self.ctx.device_type == "cuda":
+            line.update(cuda_peaks(self.ctx.device))
         if state_bytes is not None:
             line.update({f"model_state/{k}": v for k, v in state_bytes.to_dict().items()})
         if self.config.compile:
@@ -189,7 +199,7 @@ class RunMeasurements:
             gathered = [local]
         if not self.ctx.is_main:
             return {}
-        if self.config.track_memory:
+        if tracks_memory(self.config):
             draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
@@ -220,6 +230,13 @@ class RunMeasurements:
         except Exception as exc:  # noqa: BLE001 - a theory gap must not fail a finished run
             summary["predicted"] = {"error": f"{type(exc).__name__}: {exc}"}
         return summary
+
+
+def tracks_memory(config: Config) -> bool:
+    """Whether each step runs inside torch's memory tracker: unless ``--no-track-memory``,
+    and not under ``--compile``: a tracker is a dispatch mode, and torch.compile does not
+    compile a frame while one is active (the compiled blocks would run eagerly)."""
+    return config.track_memory and not config.compile
 
 
 def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
