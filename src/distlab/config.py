@@ -147,6 +147,13 @@ class Config:
     reduction bytes); default: once for zero2, per-microbatch for zero3."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
+    dp_replicate: int | None = None
+    """hsdp only: replica groups, each holding a full copy of the (sharded) model state;
+    gradients are all-reduced across them. Default: nproc / dp_shard if --dp-shard is given,
+    else 2 when nproc is even and >= 4, else 1."""
+    dp_shard: int | None = None
+    """hsdp only: ranks in each replica group, which shard parameters, gradients and
+    optimizer state among themselves (FSDP/ZeRO-3); default: nproc / dp_replicate."""
     tp: int = 1
     """Tensor-parallel degree (tp and compositions with tp)."""
     pp: int = 1
