@@ -74,14 +74,15 @@ def hsdp_degrees(config: Config) -> tuple[int, int]:
             raise DistlabError(f"--{flag} must be >= 1 (got {value})")
     if replicate is None and shard is None:
         replicate = 2 if nproc >= 4 and nproc % 2 == 0 else 1
-    for flag, value in (("dp-replicate", replicate), ("dp-shard", shard)):
-        if value is not None and nproc % value:
+    if replicate is None or shard is None:  # one given: the other is nproc / it
+        flag, given = ("dp-shard", shard) if replicate is None else ("dp-replicate", replicate)
+        if nproc % given:  # type: ignore[operator]
             raise DistlabError(
-                f"--nproc {nproc} is not divisible by --{flag} {value}; "
+                f"--nproc {nproc} is not divisible by --{flag} {given}; "
                 "hsdp needs --dp-replicate x --dp-shard = --nproc"
             )
-    replicate = replicate if replicate is not None else nproc // shard  # type: ignore[operator]
-    shard = shard if shard is not None else nproc // replicate
+        replicate = replicate if replicate is not None else nproc // shard  # type: ignore[operator]
+        shard = shard if shard is not None else nproc // replicate
     if replicate * shard != nproc:
         raise DistlabError(
             f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} ranks, "
