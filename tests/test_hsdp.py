@@ -132,6 +132,7 @@ COMM_CELLS = {
     "r2s2": {"dp_replicate": 2, "dp_shard": 2},
     "r2s2-bf16-accum": {"dp_replicate": 2, "dp_shard": 2, "precision": "bf16", "micro_batch": 1},
     "r4s1": {"dp_replicate": 4, "dp_shard": 1},
+    "r1s4": {"dp_replicate": 1, "dp_shard": 4},  # fsdp's 1-D mesh: no one-rank all-reduces
 }
 
 

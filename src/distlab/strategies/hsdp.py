@@ -118,7 +118,12 @@ class HSDPStrategy(Strategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         replicate, shard = hsdp_degrees(config)
         model.to(ctx.device)
-        mesh = init_device_mesh(ctx.device_type, (replicate, shard), mesh_dim_names=MESH_DIMS)
+        # R = 1: fsdp's 1-D mesh. On a (1, S) mesh FSDP2 would all-reduce every unit's
+        # gradient shard over the one-rank replicate group: a no-op collective per unit.
+        shape, names = (
+            ((shard,), MESH_DIMS[1:]) if replicate == 1 else ((replicate, shard), MESH_DIMS)
+        )
+        mesh = init_device_mesh(ctx.device_type, shape, mesh_dim_names=names)
         apply_ac(model, config.ac)  # before fully_shard, as in fsdp
         if config.compile:
             apply_compile(model)
