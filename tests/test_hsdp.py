@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command
+from tests.helpers import (
+    TINY_LOCAL_RUN,
+    assert_one_line_error,
+    assert_resume_continues,
+    run_command,
+)
 
 from distlab.errors import DistlabError
 from distlab.report.parity import _run_name, _run_once, compare, parity_config
@@ -124,6 +129,14 @@ def test_each_rank_holds_one_shard_of_the_state(parity_workdir: Path) -> None:
     assert measured["params"] == predicted["params"]
     assert measured["grads"] == predicted["grads"]
     assert abs(measured["total"] / predicted["total"] - 1) <= 0.01  # AdamW's step counters
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_losses(tmp_path: Path) -> None:
+    """A 2 x 2 run's DCP checkpoint loads into a fresh 2 x 2 mesh and training continues."""
+    assert_resume_continues(
+        tmp_path, "--strategy", "hsdp", "--nproc", "4", "--dp-replicate", "2", "--dp-shard", "2"
+    )
 
 
 # --- Communication counted by the process group ------------------------------------------

@@ -76,8 +76,8 @@ class Config:
     """Seeds the initial weights and the batch sequence."""
     precision: str = "fp32"
     """fp32, or bf16 mixed precision with fp32 master weights and optimizer state: FSDP2's
-    MixedPrecisionPolicy under fsdp and its compositions, DeepSpeed's bf16 mode under zero1/2/3,
-    autocast elsewhere."""
+    MixedPrecisionPolicy under fsdp, hsdp and the fsdp compositions, DeepSpeed's bf16 mode
+    under zero1/2/3, autocast elsewhere."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     launcher: str = "ray"
