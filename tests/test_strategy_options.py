@@ -21,6 +21,8 @@ NPROC = {"single": 1, "tp": 2, "pp": 2, "fsdp+tp+pp": 8}
 """A valid world size per strategy (4 for the other compositions, 2 for the rest)."""
 SAMPLE = {
     "dp": 2,
+    "dp_replicate": 2,
+    "dp_shard": 2,
     "tp": 2,
     "pp": 2,
     "schedule": "gpipe",

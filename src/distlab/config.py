@@ -76,8 +76,8 @@ class Config:
     """Seeds the initial weights and the batch sequence."""
     precision: str = "fp32"
     """fp32, or bf16 mixed precision with fp32 master weights and optimizer state: FSDP2's
-    MixedPrecisionPolicy under fsdp and its compositions, DeepSpeed's bf16 mode under zero1/2/3,
-    autocast elsewhere."""
+    MixedPrecisionPolicy under fsdp, hsdp and the fsdp compositions, DeepSpeed's bf16 mode
+    under zero1/2/3, autocast elsewhere."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     launcher: str = "ray"
@@ -147,6 +147,13 @@ class Config:
     reduction bytes); default: once for zero2, per-microbatch for zero3."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
+    dp_replicate: int | None = None
+    """hsdp only: replica groups, each holding a full copy of the (sharded) model state;
+    gradients are all-reduced across them. Default: nproc / dp_shard if --dp-shard is given,
+    else 2 when nproc is even and >= 4, else 1."""
+    dp_shard: int | None = None
+    """hsdp only: ranks in each replica group, which shard parameters, gradients and
+    optimizer state among themselves (FSDP/ZeRO-3); default: nproc / dp_replicate."""
     tp: int = 1
     """Tensor-parallel degree (tp and compositions with tp)."""
     pp: int = 1

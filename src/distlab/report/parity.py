@@ -69,6 +69,8 @@ ADAMW_MODEL_PARALLEL_PARAM_ATOL = 1e-4
 MODEL_PARALLEL_OPTIONS = frozenset({"tp", "pp"})
 """Options of the strategies that split matmuls or the batch into pipeline micro-batches."""
 PARITY_STEPS = 5
+PARITY_GLOBAL_BATCH = 8
+"""Sequences per step of a parity run: 4 rows per rank on 2 ranks."""
 SGD_LR = 0.5
 """Plain SGD needs a large lr for the weights to move visibly in 5 steps."""
 BF16_UNIT_ROUNDOFF = 2.0**-8
@@ -85,7 +87,7 @@ def parity_config(
         "nproc": nproc,
         "model": "tiny",
         "steps": steps,
-        "global_batch": 8,
+        "global_batch": PARITY_GLOBAL_BATCH,
         "optimizer": optimizer,
         "lr": SGD_LR if optimizer == "sgd" else 3e-3,
         "warmup_steps": 2,
@@ -271,6 +273,10 @@ def _run_name(config: Config) -> str:
     parts = [config.strategy, f"n{config.nproc}", config.optimizer, f"s{config.steps}"]
     if config.tp > 1 or config.pp > 1:
         parts += [f"tp{config.tp}", f"pp{config.pp}", config.schedule]
+    if config.dp_replicate is not None or config.dp_shard is not None:
+        parts.append(f"r{config.dp_replicate}s{config.dp_shard}")
+    if config.global_batch != PARITY_GLOBAL_BATCH:
+        parts.append(f"gb{config.global_batch}")
     if config.micro_batch:
         parts.append(f"mb{config.micro_batch}")
     if config.offload != "none":

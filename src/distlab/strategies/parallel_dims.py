@@ -52,6 +52,14 @@ class ParallelDims:
     dp: int
     tp: int
     pp: int
+    replicate: int = 1
+    """Of the dp ranks, how many groups hold a full copy of the model state (hsdp's
+    ``--dp-replicate``); FSDP shards it over the ``dp / replicate`` ranks of each group."""
+
+    @property
+    def shard(self) -> int:
+        """Ranks FSDP shards the model state over: dp, or dp / replicate under hsdp."""
+        return self.dp // self.replicate
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The 3-D (pp, dp, tp) mesh over all ranks (call on every rank)."""
@@ -247,10 +255,11 @@ def rank0_state_bytes(
     Pipeline: only the first stage's (or, interleaved, stages') parameters.
     Tensor parallel: split matrices and the embedding/head / tp, norms, the
     position embedding and row-parallel biases whole. FSDP (``data_parallel``
-    ``fsdp``): what is left, split along dim 0 over dp (rank 0 takes the
-    rounded-up share). DDP (or none) keeps everything of its stage.
+    ``fsdp``): what is left, split along dim 0 over the shard degree (dp, or dp /
+    replicate under hsdp; rank 0 takes the rounded-up share). DDP (or none) keeps
+    everything of its stage.
     """
     shapes = tp_local_shapes(stage_shapes(config, dims.pp), dims.tp)
     if data_parallel == "fsdp":
-        shapes = {n: (-(-s[0] // dims.dp), *s[1:]) for n, s in shapes.items()}
+        shapes = {n: (-(-s[0] // dims.shard), *s[1:]) for n, s in shapes.items()}
     return predicted_bytes(numel(shapes), config.optimizer)

@@ -16,6 +16,7 @@ STRATEGIES: dict[str, str] = {
     "single": "distlab.strategies.single:SingleStrategy",
     "ddp": "distlab.strategies.ddp:DDPStrategy",
     "fsdp": "distlab.strategies.fsdp:FSDPStrategy",
+    "hsdp": "distlab.strategies.hsdp:HSDPStrategy",
     "tp": "distlab.strategies.tensor_parallel:TPStrategy",
     "pp": "distlab.strategies.pipeline_parallel:PPStrategy",
     "fsdp+tp": "distlab.strategies.composed:FSDPTPStrategy",

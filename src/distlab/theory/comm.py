@@ -25,6 +25,9 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            schedule keeps parameters after each backward, so the forward gather
            happens once and the blocks' backward gather M times (when resharding
            after forward)
+    hsdp   fsdp over the S ranks of a replica group (P' padded to S), plus an all-reduce
+           of each unit's reduce-scattered gradient shard (4 P' / S together) over the
+           R replica groups
     zero1  all-reduce 4 P of gradients (once, at the accumulation boundary) + all-gather
            4 P of the updated parameter partitions: the ZeRO paper's reduce-scatter +
            all-gather would send the same as DDP; DeepSpeed all-reduces on this backend
@@ -174,6 +177,13 @@ class Layout:
     dp: int
     tp: int
     pp: int
+    replicate: int = 1
+    """Replica groups of hsdp (``ParallelDims.replicate``); 1 otherwise."""
+
+    @property
+    def shard(self) -> int:
+        """Ranks FSDP shards over: dp, or dp / replicate under hsdp."""
+        return self.dp // self.replicate
 
 
 def compute_bytes(config: Config, lay: Layout) -> int:
@@ -193,7 +203,7 @@ def layout(config: Config) -> Layout | None:
     if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
         return None
     dims = strategy.dims(config)
-    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp)
+    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -288,7 +298,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
             formulas.append("all-reduce BTd x (6L + 2) + all-gather BTV")
     if dtensor_params:
         # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
-        for degree in (lay.dp if lay.data_parallel == "fsdp" else 1, tp):
+        # hsdp: the norms of replicated shards agree, so only the shard dim is reduced.
+        for degree in (lay.shard if lay.data_parallel == "fsdp" else 1, tp):
             if degree > 1:
                 pred.add("all_reduce", FP32 * n_tensors, degree)
 
@@ -328,8 +339,10 @@ def _fsdp_comm(
     model_bytes: int,
 ) -> str:
     """FSDP2's all-gathers (at ``model_bytes`` per element: 2 under the bf16 policy) and its
-    fp32 reduce-scatter (``distlab.strategies.fsdp``); the formula."""
-    dp = lay.dp
+    fp32 reduce-scatter (``distlab.strategies.fsdp``) over the shard degree; under hsdp also
+    the all-reduce of each unit's reduce-scattered gradient shard across the replica groups
+    (``distlab.strategies.hsdp``); the formula."""
+    dp = lay.shard
     padded = model_bytes * fsdp_padded_numel(shapes, dp)
     root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
     blocks_padded = padded - model_bytes * fsdp_padded_numel(root, dp)
@@ -353,7 +366,12 @@ def _fsdp_comm(
     pred.add("reduce_scatter", FP32 * fsdp_padded_numel(shapes, dp), dp, calls=units)
     size = f"{model_bytes}P'"
     again = f" + {block_regathers}x{size}_blocks" if block_regathers else ""
-    return f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
+    formula = f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
+    if lay.replicate > 1:
+        shard_bytes = FP32 * fsdp_padded_numel(shapes, dp) // dp
+        pred.add("all_reduce", shard_bytes, lay.replicate, calls=units)
+        formula += f" + all-reduce 4P'/{dp} over {lay.replicate} replicas"
+    return formula
 
 
 def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:

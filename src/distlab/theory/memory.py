@@ -347,7 +347,11 @@ def block_backward(
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
     head = 0 if lay.data_parallel == "fsdp" else root_elements(config, lay, head_only=True)
     done = sum(blocks[k + 1 :]) + head
-    shards = lay.dp if lay.data_parallel in ("fsdp", "zero2", "zero3", "fairscale-sdp") else 1
+    shards = 1  # what the gradients made so far are split over
+    if lay.data_parallel == "fsdp":
+        shards = lay.shard  # hsdp: the replica groups hold the same shards
+    elif lay.data_parallel in ("zero2", "zero3", "fairscale-sdp"):
+        shards = lay.dp
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
     comm, unsharded_grads = 0, 0
     if lay.data_parallel == "fsdp":

@@ -1,0 +1,141 @@
+"""``hsdp``: hybrid sharded data parallelism, FSDP2 on a 2-D (replicate, shard) mesh.
+
+The R x S ranks (``--dp-replicate R --dp-shard S``, R S = ``--nproc``) form
+R replica groups of S ranks each. Inside a group the model is sharded exactly
+as under ``fsdp`` (ZeRO-3: parameters, gradients and optimizer state split
+along dim 0 over the S ranks); every group holds the same shards, so across
+groups the model is replicated as under ``ddp``. With R = 2, S = 2 (rank =
+r S + s)::
+
+                  shard 0    shard 1
+    replica 0     rank 0     rank 1      <- one full copy, split in two
+    replica 1     rank 2     rank 3      <- the same copy, split the same way
+                    |          |
+                 all-reduce  all-reduce  (gradient shards, across replicas)
+
+Every rank trains its own rows of the global batch (R S data-parallel ranks).
+One step, per FSDP unit (each transformer block, then the root):
+
+- all-gather the parameters within the shard group (S ranks), in forward and,
+  resharding after forward, again in backward, as ``fsdp`` does;
+- reduce-scatter the gradients within the shard group: each rank gets the sum
+  of its group's gradients for its 1/S shard;
+- all-reduce that shard across the R ranks holding the same shard, so it sums
+  over every rank of the run; FSDP2 divides by R S, the mean.
+
+Memory per rank: 16 N / S bytes for N parameters with fp32 AdamW (4 params +
+4 grads + 8 optimizer state, split S ways), not 16 N / (R S): adding replica
+groups buys throughput, not memory.
+Communication per step: all-gather + reduce-scatter of 4 N over S ranks (as
+``fsdp`` on S ranks) plus an all-reduce of the 4 N / S gradient shard over R
+ranks (``distlab.theory.comm``).
+
+When to use it: when the model state fits in S ranks' memory but the run has
+more ranks than that, and the links between groups are slower than within a
+group (several nodes: S = the GPUs of one node, R = the nodes). The chatty
+per-unit all-gathers and reduce-scatters then stay on the fast intra-node
+links, and only one all-reduce of 1/S of the gradients per unit crosses nodes,
+where ``fsdp`` over all R S ranks would gather every parameter across them.
+
+Everything else is ``fsdp``'s: ``apply_fsdp`` (given the 2-D mesh, FSDP2's
+``fully_shard`` shards over its last dimension and replicates over the first),
+``MicroBatchSettings`` for gradient accumulation, the bf16 mixed-precision
+policy, ``--no-reshard-after-forward``, ``--ac`` and ``--compile``.
+
+Defaults: ``--dp-shard S`` alone takes R = nproc / S and ``--dp-replicate R``
+alone S = nproc / R; with neither, R = 2 when ``--nproc`` is even and at least
+4 (the smallest real hybrid), else R = 1 (S = nproc: plain ``fsdp``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from distlab.config import Config
+from distlab.distributed import RankContext
+from distlab.errors import DistlabError
+from distlab.measure.memory import ModelStateBytes, predicted_bytes
+from distlab.strategies.activation_checkpoint import apply_ac
+from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
+from distlab.strategies.parallel_dims import ParallelDims
+from distlab.strategies.regional_compile import apply_compile
+
+MESH_DIMS = ("replicate", "shard")
+"""The 2-D mesh's dimensions, outermost first: rank = replica * S + shard index."""
+
+
+def hsdp_degrees(config: Config) -> tuple[int, int]:
+    """(R, S): the replica groups and the ranks in each; a one-line DistlabError if impossible."""
+    nproc, replicate, shard = config.nproc, config.dp_replicate, config.dp_shard
+    for flag, value in (("dp-replicate", replicate), ("dp-shard", shard)):
+        if value is not None and value < 1:
+            raise DistlabError(f"--{flag} must be >= 1 (got {value})")
+    if replicate is None and shard is None:
+        replicate = 2 if nproc >= 4 and nproc % 2 == 0 else 1
+    if replicate is None or shard is None:  # one given: the other is nproc / it
+        flag, given = ("dp-shard", shard) if replicate is None else ("dp-replicate", replicate)
+        if nproc % given:  # type: ignore[operator]
+            raise DistlabError(
+                f"--nproc {nproc} is not divisible by --{flag} {given}; "
+                "hsdp needs --dp-replicate x --dp-shard = --nproc"
+            )
+        replicate = replicate if replicate is not None else nproc // shard  # type: ignore[operator]
+        shard = shard if shard is not None else nproc // replicate
+    if replicate * shard != nproc:
+        raise DistlabError(
+            f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} ranks, "
+            f"but --nproc is {nproc}; the degrees must multiply to nproc"
+        )
+    return replicate, shard
+
+
+class HSDPStrategy(Strategy):
+    """FSDP within each group of S ranks, DDP-style replication across the R groups."""
+
+    name = "hsdp"
+    summary = (
+        "hybrid FSDP2: ZeRO-3 within --dp-shard ranks, replicated over --dp-replicate "
+        "groups (gradient shards all-reduced across them)"
+    )
+    options = FSDP_OPTIONS | {"dp_replicate", "dp_shard"}
+    data_parallel = "fsdp"
+    """Modelled as fsdp over the shard degree (``ParallelDims.shard``), plus the replicas'
+    all-reduce (``distlab.theory.comm``)."""
+
+    def validate(self, config: Config) -> None:
+        hsdp_degrees(config)
+
+    def dims(self, config: Config) -> ParallelDims:
+        replicate, shard = hsdp_degrees(config)
+        return ParallelDims(dp=replicate * shard, tp=1, pp=1, replicate=replicate)
+
+    def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
+        n = self.dims(config).shard
+        return predicted_bytes(n_params, config.optimizer, params_div=n, grads_div=n, optim_div=n)
+
+    def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
+        replicate, shard = hsdp_degrees(config)
+        model.to(ctx.device)
+        # R = 1: fsdp's 1-D mesh. On a (1, S) mesh FSDP2 would all-reduce every unit's
+        # gradient shard over the one-rank replicate group: a no-op collective per unit.
+        shape, names = (
+            ((shard,), MESH_DIMS[1:]) if replicate == 1 else ((replicate, shard), MESH_DIMS)
+        )
+        mesh = init_device_mesh(ctx.device_type, shape, mesh_dim_names=names)
+        apply_ac(model, config.ac)  # before fully_shard, as in fsdp
+        if config.compile:
+            apply_compile(model)
+        sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
+        return ModuleTrainStep(
+            sharded,
+            ctx,
+            config,
+            dp_rank=ctx.rank,  # every rank trains its own rows: R S data-parallel ranks
+            dp_size=ctx.world_size,
+            dp_group=None,  # the loss is averaged over all of them
+            gradient_sync=MicroBatchSettings(
+                sharded, config.reshard_after_forward, config.reshard_between_microbatches
+            ),
+        )
