@@ -107,7 +107,7 @@ def train(
             inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
             fire_fault(faults, FaultSpec(ctx.rank, step, "raise"), ctx, run_dir)
             lr = train_step.current_lr()
-            measure.begin_step(train_step.held_tensors())
+            measure.begin_step(step, train_step.held_tensors())
             with measure.tracking_memory():
                 tic = time.perf_counter()
                 result = train_step.step(inputs, targets)

@@ -85,13 +85,14 @@ class RunMeasurements:
         """(index in ``steps``, memory) of the last step: the steady state (optimizer
         state allocated, buckets built), the one theory predicts."""
 
-    def begin_step(self, held: HeldTensors) -> None:
-        """Start counting this step's collectives (and its compile time with --compile)."""
+    def begin_step(self, step: int, held: HeldTensors) -> None:
+        """Start counting this step's collectives (and its compile time with --compile);
+        prepare the memory tracker if this step is tracked."""
         if self.counter is not None:
             self.counter.begin_step()
         if self.config.compile:
             self.compiled_before_step = compile_seconds()
-        if tracks_memory(self.config):
+        if tracks_memory(self.config, step, len(self.steps)):
             self.tracker = StepMemoryTracker(held, self.ctx.device)
         elif self.ctx.device_type == "cuda":  # the allocator's count still comes per step
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
@@ -99,7 +100,7 @@ class RunMeasurements:
     @contextmanager
     def tracking_memory(self) -> Iterator[None]:
         """Around the step itself: torch's memory tracker sees every tensor it creates."""
-        if self.tracker is None:  # --no-track-memory
+        if self.tracker is None:  # an untracked step (--track-memory)
             yield
             return
         with self.tracker:
@@ -123,6 +124,8 @@ class RunMeasurements:
         }
         if self.step_memory is not None:
             line.update(self.step_memory.to_metrics())
+            line["memory_tracked"] = True
+            self.step_memory = None
         elif self.ctx.device_type == "cuda":
             line.update(cuda_peaks(self.ctx.device))
         if state_bytes is not None:
@@ -148,9 +151,11 @@ class RunMeasurements:
         return metrics
 
     def steady_step_times(self) -> list[float]:
-        """Step times of the steps in which this rank compiled nothing (all, if none)."""
-        steady = [s["step_time_s"] for s in self.steps if not s.get("compile_s")]
-        return steady or [s["step_time_s"] for s in self.steps]
+        """Step times of the steps in which this rank compiled nothing and no memory tracker
+        ran (relaxed in that order when no step qualifies)."""
+        plain = [s for s in self.steps if not s.get("compile_s")] or self.steps
+        untracked = [s for s in plain if not s.get("memory_tracked")] or plain
+        return [s["step_time_s"] for s in untracked]
 
     def typical_step(self) -> dict[str, Any]:
         """This rank's step with the median communication volume, first step excluded."""
@@ -199,7 +204,7 @@ class RunMeasurements:
             gathered = [local]
         if not self.ctx.is_main:
             return {}
-        if tracks_memory(self.config):
+        if self.peak_step is not None:
             draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
@@ -232,11 +237,17 @@ class RunMeasurements:
         return summary
 
 
-def tracks_memory(config: Config) -> bool:
-    """Whether each step runs inside torch's memory tracker: unless ``--no-track-memory``,
-    and not under ``--compile``: a tracker is a dispatch mode, and torch.compile does not
-    compile a frame while one is active (the compiled blocks would run eagerly)."""
-    return config.track_memory and not config.compile
+def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
+    """Whether ``step`` runs inside torch's memory tracker (``--track-memory``).
+
+    ``sample``: the first two steps this process runs (the first allocates the
+    optimizer state; the second is the steady state) and the run's last step.
+    Never under ``--compile``: a tracker is a dispatch mode, and torch.compile
+    does not compile a frame while one is active (the blocks would run eagerly).
+    """
+    if config.track_memory == "off" or config.compile:
+        return False
+    return config.track_memory == "every" or steps_done < 2 or step == config.steps - 1
 
 
 def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
