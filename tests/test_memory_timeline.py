@@ -152,7 +152,8 @@ def test_compare_shows_step_memory_beside_the_prediction(tmp_path: Path, capsys)
     assert rows["fsdp x2"][1] == "backward"
     assert rows["fsdp x2"][2 + CATEGORIES.index("activations")] == "3.00"
     assert rows["fsdp x2"][-5:] == ["7.00", "10.00", "6.00", "backward", "1.167"]
-    assert rows["ddp x2"][-3:] == ["-", "-", "-"]
+    # ddp's prediction comes from its config.yaml through distlab.theory
+    assert rows["ddp x2"][-2] == "backward" and float(rows["ddp x2"][-1]) > 0
     assert rows["single x1"][1:3] == ["-", "-"]  # a run from before the measurement
     width, height = png_size(picture)
     assert width > height  # two columns (fsdp, ddp), two rows

@@ -74,22 +74,33 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
-def comparison_table(runs: list[Run]) -> Table:
-    """Strategy, world size, loss, throughput, MFU, memory and communication vs theory."""
-    table = Table(title="distlab runs: measured vs predicted (rank 0 unless per rank)")
-    for name, justify in COLUMNS:
+def console_table(title: str, columns: list[tuple[str, str]], rows: list[list[str]]) -> Table:
+    """A rich table of ``rows`` under ``columns`` ((name, justify) pairs)."""
+    table = Table(title=title)
+    for name, justify in columns:
         table.add_column(name, justify=justify)
-    for row in table_rows(runs):
+    for row in rows:
         table.add_row(*row)
     return table
 
 
+def markdown_rows(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """``rows`` under ``columns`` as a GitHub Markdown table."""
+    header = [name for name, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def comparison_table(runs: list[Run]) -> Table:
+    """Strategy, world size, loss, throughput, MFU, memory and communication vs theory."""
+    title = "distlab runs: measured vs predicted (rank 0 unless per rank)"
+    return console_table(title, COLUMNS, table_rows(runs))
+
+
 def markdown_table(runs: list[Run]) -> str:
     """The comparison table as GitHub Markdown."""
-    header = [name for name, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
-    return "\n".join(lines)
+    return markdown_rows(COLUMNS, table_rows(runs))
 
 
 def comm_breakdown_markdown(runs: list[Run]) -> str:
@@ -149,26 +160,18 @@ def memory_table_rows(runs: list[Run]) -> list[list[str]]:
 
 
 def has_step_memory(runs: list[Run]) -> bool:
-    """Whether any run measured its step memory or has a prediction of it."""
-    return any(f["step_memory"] or f["step_memory_pred"] for f in map(figures, runs))
+    """Whether any run measured its step memory (a prediction alone compares nothing)."""
+    return any(f["step_memory"] for f in map(figures, runs))
 
 
 def memory_table(runs: list[Run]) -> Table:
     """Rank 0's step-memory peak by category and phase, beside the theory's peak."""
-    table = Table(title=MEMORY_TITLE)
-    for name, justify in MEMORY_COLUMNS:
-        table.add_column(name, justify=justify)
-    for row in memory_table_rows(runs):
-        table.add_row(*row)
-    return table
+    return console_table(MEMORY_TITLE, MEMORY_COLUMNS, memory_table_rows(runs))
 
 
 def memory_markdown_table(runs: list[Run]) -> str:
     """The step-memory table as GitHub Markdown."""
-    header = [name for name, _ in MEMORY_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in memory_table_rows(runs)]
-    return "\n".join(lines)
+    return markdown_rows(MEMORY_COLUMNS, memory_table_rows(runs))
 
 
 def memory_breakdown_markdown(runs: list[Run]) -> str:
