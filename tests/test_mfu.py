@@ -52,6 +52,7 @@ def test_mfu_and_effective_ranks():
 
 def test_run_measurements_without_a_process_group(tmp_path, monkeypatch):
     from distlab.distributed import RankContext
+    from distlab.measure.step_memory import HeldTensors
     from distlab.strategies.resolve import load_config
     from distlab.train.measurements import RunMeasurements
 
@@ -60,7 +61,7 @@ def test_run_measurements_without_a_process_group(tmp_path, monkeypatch):
     config = load_config(None, {"strategy": "single", "model": "tiny"})
     measure = RunMeasurements(RankContext(0, 1, torch.device("cpu")), config, tmp_path)
     for step in range(3):
-        measure.begin_step()
+        measure.begin_step(step, HeldTensors())
         extra = measure.end_step(step, 0.5, 1000)
     assert extra["peak_memory_bytes"] > 10 * 2**20
     assert extra["mfu"] == pytest.approx(measure.flops_per_token * 2000 / 1e11)
