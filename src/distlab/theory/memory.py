@@ -51,6 +51,7 @@ The peak is the largest of a few candidate moments (``Moment``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distlab.config import Config, grad_accum_steps, resolved_seq_len
@@ -58,7 +59,12 @@ from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import CATEGORIES
 from distlab.model import PRESETS, count_parameters
 from distlab.strategies import registry
-from distlab.strategies.parallel_dims import VIRTUAL_STAGES, stage_shapes, tp_local_shapes
+from distlab.strategies.parallel_dims import (
+    VIRTUAL_STAGES,
+    numel,
+    stage_shapes,
+    tp_local_shapes,
+)
 from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
 
 FP32 = 4
@@ -213,6 +219,15 @@ def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
     return e * (2 * replicated + 2 * t * d + 12 * t * d // tp) + stats + lse
 
 
+def block_in_backward_bytes(shape: StepShape, n_head: int, d: int) -> int:
+    """A block's whole saved set (recomputed under checkpointing) once its down
+    projection's backward has freed the GELU output (4 t h / T)."""
+    full = StepShape(**{**shape.__dict__, "ac": "none"})
+    return (
+        block_activation_bytes(full, n_head, d) - shape.element * 4 * shape.tokens * d // shape.tp
+    )
+
+
 def head_activation_bytes(shape: StepShape, d: int, vocab: int) -> int:
     """Bytes the final LayerNorm, LM head and loss keep for one micro-batch (last stage)."""
     t, e = shape.tokens, shape.element
@@ -236,13 +251,6 @@ def _activations(shape: StepShape, config: Config) -> int:
     else:  # the stage output, kept to take its gradient
         per_micro += shape.element * shape.tokens * model.d_model
     return int(per_micro * shape.in_flight)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def predict_peak(config: Config) -> PeakPrediction:
@@ -339,8 +347,7 @@ def block_backward(
     """
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
-    full = StepShape(**{**shape.__dict__, "ac": "none"})
-    recomputed = block_activation_bytes(full, model.n_head, h) - e * 4 * t * h // tp
+    recomputed = block_in_backward_bytes(shape, model.n_head, h)
     saved = k * block_activation_bytes(shape, model.n_head, h)
     logits = e * t * model.vocab_size if shape.has_last else 0
     blocks = block_elements(config, lay)
@@ -389,10 +396,7 @@ def pipeline_moment(
     in which DDP fills its buckets (``ddp_pipeline_buckets``)."""
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
-    recomputed = 0
-    if shape.ac != "none":
-        full = StepShape(**{**shape.__dict__, "ac": "none"})
-        recomputed = block_activation_bytes(full, model.n_head, h) - e * 4 * t * h // tp
+    recomputed = block_in_backward_bytes(shape, model.n_head, h) if shape.ac != "none" else 0
     in_flight = StepShape(**{**shape.__dict__, "in_flight": 1}) if last else shape
     buckets = ddp_pipeline_buckets(lay, state) if last else 0
     return _split(
@@ -418,7 +422,7 @@ def block_elements(config: Config, lay: Layout) -> list[int]:
     for name, shape in shapes.items():
         if name.startswith("blocks."):
             index = name.split(".")[1]
-            per_block[index] = per_block.get(index, 0) + _numel(shape)
+            per_block[index] = per_block.get(index, 0) + math.prod(shape)
     return [per_block[i] for i in sorted(per_block, key=int)]
 
 
@@ -426,7 +430,7 @@ def root_elements(config: Config, lay: Layout, head_only: bool = False) -> int:
     """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``)."""
     shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
     names = ROOT_PARAMETERS[2:] if head_only else ROOT_PARAMETERS
-    return sum(_numel(shape) for name, shape in shapes.items() if name in names)
+    return numel({name: shape for name, shape in shapes.items() if name in names})
 
 
 def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
@@ -442,11 +446,11 @@ def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
     e = compute_bytes(config, lay)
     shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
     if lay.data_parallel == "fsdp" and lay.pp > 1:
-        return {"params": 0, "comm_buffers": 2 * e * sum(map(_numel, shapes.values()))}
+        return {"params": 0, "comm_buffers": 2 * e * numel(shapes)}
     if lay.data_parallel == "fsdp":
         return {"params": 0, "comm_buffers": e * root_elements(config, lay)}
     if lay.data_parallel == "zero3":
-        return {"params": e * sum(map(_numel, shapes.values())), "comm_buffers": 0}
+        return {"params": e * numel(shapes), "comm_buffers": 0}
     return {"params": 0, "comm_buffers": 0}
 
 
