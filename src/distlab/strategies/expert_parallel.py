@@ -84,8 +84,11 @@ def ep_degree(config: Config) -> int:
             f"ep needs a MoE preset: --model tiny-moe or small-moe (got '{config.model}')"
         )
     ep = config.ep if config.ep is not None else config.nproc
-    if ep < 1:
-        raise DistlabError(f"--ep must be >= 1 (got {ep})")
+    if ep < 2:
+        raise DistlabError(
+            f"ep needs --ep >= 2 ranks to split the experts over (got {ep}); "
+            "with every expert on every rank use ddp or fsdp"
+        )
     if config.nproc % ep:
         raise DistlabError(f"--ep {ep} does not divide --nproc {config.nproc}")
     if shape.n_expert % ep:
