@@ -92,7 +92,7 @@ def _rank(
             measured = window.pop("result")
             losses += [result.loss for result in measured]
             routing = {  # expert parallelism's rows per rank, summed over the window
-                key: [sum(column) for column in zip(*(r.routing[key] for r in measured))]
+                key: [sum(n) for n in zip(*(r.routing[key] for r in measured), strict=True)]
                 for key in ("ep/rows_sent", "ep/rows_received")
                 if key in measured[0].routing
             }
