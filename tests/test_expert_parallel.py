@@ -122,6 +122,24 @@ def test_the_run_records_its_routing_and_state(parity_workdir: Path) -> None:
         assert row["moe/aux_loss"] > 0
 
 
+def test_compare_predicts_the_runs_comm_from_its_routing_and_shows_it(
+    parity_workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``python -m distlab.compare``: counted = theory for the recorded step's routing, and
+    the routing table (tokens per expert, no dropped tokens)."""
+    from distlab.report.compare import main
+    from distlab.report.runs import figures, load_runs
+
+    config = moe_config("ep", 2, "adamw")
+    run_dir = _run_once(config, parity_workdir / _run_name(config))
+    (run,) = load_runs([str(run_dir)])
+    assert run.expert_routing() is not None
+    assert figures(run)["comm_ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert figures(run)["moe_dropped_tokens"] == 0
+    main([str(run_dir)])
+    assert "MoE routing" in capsys.readouterr().out
+
+
 # --- Communication counted by the process group ---------------------------------------------
 
 COMM_CELLS = {"ep4": {}, "ep2x2": {"ep": 2}}
