@@ -118,3 +118,8 @@ def test_strategies_without_moe_support_refuse_it(strategy: str) -> None:
         DistlabError, match=re.escape(f"strategy '{strategy}' cannot train the mixture")
     ):
         load_config(None, {"strategy": strategy, "nproc": 2, "model": "tiny-moe"})
+
+
+def test_compile_is_refused_for_moe() -> None:
+    with pytest.raises(DistlabError, match="--compile cannot compile the mixture-of-experts"):
+        load_config(None, {"strategy": "single", "model": "tiny-moe", "compile": True})

@@ -257,7 +257,6 @@ class EPStrategy(Strategy):
     options = frozenset({"ep"})
     data_parallel = "ep"
     trains_moe = True
-    compile_refusal = "the all-to-all's data-dependent splits are not compiled yet"
 
     def validate(self, config: Config) -> None:
         ep_degree(config)

@@ -68,6 +68,11 @@ def validate(config: Config) -> None:
             f"--ac selective is not supported by strategy '{config.strategy}': "
             f"{strategy.selective_ac_refusal}"
         )
+    if PRESETS[config.model].n_expert and config.compile:
+        raise DistlabError(
+            f"--compile cannot compile the mixture-of-experts model '{config.model}' yet: "
+            "its experts' row counts are data-dependent shapes"
+        )
     if PRESETS[config.model].n_expert and not strategy.trains_moe:
         moe = ", ".join(n for n in registry.names() if registry.describe(n).trains_moe)
         raise DistlabError(
