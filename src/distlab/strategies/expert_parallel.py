@@ -109,9 +109,9 @@ class AllToAllDispatch:
 
     def __init__(self, group: dist.ProcessGroup, ep: int, n_expert: int) -> None:
         self.group, self.ep, self.local = group, ep, n_expert // ep
-        self.rows_sent = torch.zeros(ep, dtype=torch.long)
+        self.rows_sent = [0] * ep
         """Rows this rank sent to each rank of its group since the last ``take``."""
-        self.rows_received = torch.zeros(ep, dtype=torch.long)
+        self.rows_received = [0] * ep
         """Rows this rank received from each rank of its group since the last ``take``."""
 
     def __call__(
@@ -121,14 +121,13 @@ class AllToAllDispatch:
         from_rank = torch.empty_like(tokens_per_expert)
         dist.all_to_all_single(from_rank, tokens_per_expert, group=self.group)
         from_rank = from_rank.view(self.ep, self.local)
-        send = tokens_per_expert.view(self.ep, self.local).sum(dim=1)
-        receive = from_rank.sum(dim=1)
-        self.rows_sent += send
-        self.rows_received += receive
-        send_sizes, receive_sizes = send.tolist(), receive.tolist()
+        send_sizes = tokens_per_expert.view(self.ep, self.local).sum(dim=1).tolist()
+        receive_sizes = from_rank.sum(dim=1).tolist()
+        self.rows_sent = [a + b for a, b in zip(self.rows_sent, send_sizes, strict=True)]
+        self.rows_received = [a + b for a, b in zip(self.rows_received, receive_sizes, strict=True)]
         received = all_to_all_single_autograd(rows, receive_sizes, send_sizes, self.group)
         # Received rows are grouped by source rank, then expert: regroup them by expert.
-        local_expert = torch.arange(self.local).repeat(self.ep)
+        local_expert = torch.arange(self.local, device=rows.device).repeat(self.ep)
         order = torch.argsort(local_expert.repeat_interleave(from_rank.flatten()), stable=True)
         out_sorted = experts(received[order], from_rank.sum(dim=0).tolist())
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
@@ -136,9 +135,8 @@ class AllToAllDispatch:
 
     def take(self) -> tuple[list[int], list[int]]:
         """Rows sent to and received from each rank since the last call; resets both."""
-        counts = (self.rows_sent.tolist(), self.rows_received.tolist())
-        self.rows_sent.zero_()
-        self.rows_received.zero_()
+        counts = (self.rows_sent, self.rows_received)
+        self.rows_sent, self.rows_received = [0] * self.ep, [0] * self.ep
         return counts
 
 
