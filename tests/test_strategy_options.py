@@ -23,6 +23,7 @@ SAMPLE = {
     "dp": 2,
     "dp_replicate": 2,
     "dp_shard": 2,
+    "ep": 2,
     "tp": 2,
     "pp": 2,
     "schedule": "gpipe",
@@ -57,7 +58,8 @@ def test_every_option_has_a_sample_and_a_default() -> None:
 
 @pytest.mark.parametrize(("strategy", "option"), unused_options())
 def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: str) -> None:
-    overrides = {"strategy": strategy, "nproc": nproc(strategy), "model": "small"}
+    model = "small-moe" if strategy == "ep" else "small"
+    overrides = {"strategy": strategy, "nproc": nproc(strategy), "model": model}
     if strategy == "fsdp+tp+pp":
         overrides.update(tp=2, pp=2)
     elif "tp" in strategy:

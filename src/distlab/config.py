@@ -44,7 +44,8 @@ class Config:
     nproc: int = 1
     """Number of ranks (processes) to launch on this machine."""
     model: str = "small"
-    """Model preset: tiny, small or gpt2 (see ``distlab.model.PRESETS``)."""
+    """Model preset: tiny, small or gpt2, or the mixture-of-experts tiny-moe or small-moe
+    (see ``distlab.model.PRESETS``)."""
     data: str | None = None
     """Text file, directory or glob to train on; default: the bundled corpus."""
     steps: int = 100
@@ -155,6 +156,9 @@ class Config:
     dp_shard: int | None = None
     """hsdp only: ranks in each replica group, which shard parameters, gradients and
     optimizer state among themselves (FSDP/ZeRO-3); default: nproc / dp_replicate."""
+    ep: int | None = None
+    """ep only: expert-parallel degree, the ranks each MoE layer's experts are split over
+    (each holds n_expert / ep of them); default: nproc."""
     tp: int = 1
     """Tensor-parallel degree (tp and compositions with tp)."""
     pp: int = 1

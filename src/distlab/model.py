@@ -11,6 +11,9 @@ Module names are chosen for the parallel strategies: ``blocks`` is a
 does not own and keep the original parameter names, and the attention/MLP
 linears (``q``, ``k``, ``v``, ``proj``, ``up``, ``down``) are what tensor parallelism
 shards.
+
+The ``-moe`` presets replace each block's MLP by a mixture of experts
+(``distlab.moe``: router, E stacked expert MLPs, top-k dropless routing).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distlab.moe import Experts, MoE
 
 VOCAB_SIZE = 256
 
@@ -33,6 +38,12 @@ class GPTConfig:
     d_model: int
     block_size: int
     vocab_size: int = VOCAB_SIZE
+    n_expert: int = 0
+    """Experts per MoE layer; 0 = the dense MLP."""
+    top_k: int = 2
+    """Experts each token is routed to (MoE only)."""
+    aux_coef: float = 0.01
+    """Weight of the load-balancing loss in the training objective (MoE only)."""
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -42,6 +53,9 @@ PRESETS: dict[str, GPTConfig] = {
     "small": GPTConfig(n_layer=8, n_head=4, d_model=128, block_size=128),
     # GPT-2 small's shape (12 x 768, 1024 context): 85M parameters with bytes as tokens.
     "gpt2": GPTConfig(n_layer=12, n_head=12, d_model=768, block_size=1024),
+    # tiny's and small's shapes with a mixture of experts (top-2) in every block.
+    "tiny-moe": GPTConfig(n_layer=4, n_head=4, d_model=48, block_size=32, n_expert=4),
+    "small-moe": GPTConfig(n_layer=8, n_head=4, d_model=128, block_size=128, n_expert=8),
 }
 
 
@@ -88,7 +102,11 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        self.mlp = (
+            MoE(config.d_model, config.n_expert, config.top_k, config.aux_coef)
+            if config.n_expert
+            else MLP(config)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -127,14 +145,17 @@ class GPT(nn.Module):
 
 def _init_weights(module: nn.Module, n_layer: int) -> None:
     """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    residual_std = 0.02 / (2 * n_layer) ** 0.5
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith(("proj", "down")) else 0.02
+            std = residual_std if name.endswith(("proj", "down")) else 0.02
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
             nn.init.normal_(sub.weight, mean=0.0, std=0.02)
+        elif isinstance(sub, Experts):
+            sub.init_weights(0.02, residual_std)
 
 
 def build_model(preset: str | GPTConfig, seed: int) -> GPT:
@@ -151,7 +172,10 @@ def build_model(preset: str | GPTConfig, seed: int) -> GPT:
 def count_parameters(config: GPTConfig) -> int:
     """Total parameters of the full model."""
     d, layers, vocab = config.d_model, config.n_layer, config.vocab_size
-    per_block = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    if config.n_expert:  # router (no bias) + E expert MLPs
+        mlp = d * config.n_expert + config.n_expert * mlp
+    per_block = 2 * 2 * d + 4 * (d * d + d) + mlp
     return vocab * d + config.block_size * d + layers * per_block + 2 * d + d * vocab
 
 
@@ -162,7 +186,10 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     the embedding lookups and the norms/biases, which are negligible). The
     attention term 12 * L * d * T is the QK^T and AV matmuls, forward and
     backward, as in the PaLM paper's MFU definition (no causal discount).
+    MoE: N counts the *active* parameters, the router and k of the E expert
+    MLPs each token runs through.
     """
     d, layers = config.d_model, config.n_layer
-    matmul_params = layers * 12 * d * d + d * config.vocab_size
+    mlp = config.top_k * 8 * d * d + d * config.n_expert if config.n_expert else 8 * d * d
+    matmul_params = layers * (4 * d * d + mlp) + d * config.vocab_size
     return 6.0 * matmul_params + 12.0 * layers * d * seq_len

@@ -83,6 +83,17 @@ _METHODS: dict[str, tuple[str, int]] = {
 _ROOTED = ("broadcast", "reduce", "gather", "scatter")
 
 
+def _own_split_bytes(tensor: torch.Tensor, input_splits: Sequence[int], rank: int) -> int:
+    """Bytes of an unequal all-to-all's input that stay on ``rank`` (its own split).
+
+    With unequal splits (expert parallelism's token dispatch) a rank sends
+    every other rank its split directly, so it puts the input less its own split
+    on the wire, not the (N-1)/N of equal splits (``wire_bytes``).
+    """
+    rows = tensor.shape[0] if tensor.dim() else 0
+    return input_splits[rank] * (_nbytes(tensor) // rows) if rows else 0
+
+
 class CountingProcessGroup(dist.ProcessGroup):
     """A process group that counts every collective, then runs it on a real gloo backend.
 
@@ -126,6 +137,8 @@ def _counted(name: str, kind: str, payload_arg: int) -> Callable[..., Any]:
         if kind in _ROOTED:
             relative = (self.rank() - (_root_rank(args, kwargs) or 0)) % size
         wire = wire_bytes(kind, payload, size, relative)
+        if name in ("alltoall_base", "all_to_all_single") and len(args) > 3 and args[3]:
+            wire = payload - _own_split_bytes(args[1], args[3], self.rank())
         counter().record(kind, self._group_label(), payload, wire, work)
         return work
 

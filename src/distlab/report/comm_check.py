@@ -36,8 +36,9 @@ from distlab.measure.process_group import register_backend
 from distlab.measure.tcp import tcp_bytes
 from distlab.model import build_model
 from distlab.strategies import registry
+from distlab.strategies.base import StepResult
 from distlab.strategies.resolve import load_config
-from distlab.theory.comm import predict_comm
+from distlab.theory.comm import ExpertRouting, predict_comm
 
 SETTLE_S = 0.2
 """Pause before reading TCP counters, so the last segments are acknowledged."""
@@ -79,17 +80,31 @@ def _rank(
             model = build_model(config.model, config.seed)
             train_step = registry.describe(config.strategy).prepare(model, ctx, config)
 
-            def run(step: int, train_step=train_step, config=config, seq=seq) -> float:
+            def run(step: int, train_step=train_step, config=config, seq=seq) -> StepResult:
                 batch = global_batch(tokens, config.seed, step, config.global_batch, seq)
                 inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
-                return train_step.step(inputs, targets).loss
+                return train_step.step(inputs, targets)
 
-            losses = [run(step) for step in range(warmup)]
+            losses = [run(step).loss for step in range(warmup)]
             window = _measured_window(
                 lambda run=run: [run(step) for step in range(warmup, steps)], side, port, tally
             )
-            losses += window.pop("result")
-            results.append({"cell": cell, "steps": steps - warmup, **window, "losses": losses})
+            measured = window.pop("result")
+            losses += [result.loss for result in measured]
+            routing = {  # expert parallelism's rows per rank, summed over the window
+                key: [sum(n) for n in zip(*(r.routing[key] for r in measured), strict=True)]
+                for key in ("ep/rows_sent", "ep/rows_received")
+                if key in measured[0].routing
+            }
+            results.append(
+                {
+                    "cell": cell,
+                    "steps": steps - warmup,
+                    **window,
+                    "losses": losses,
+                    "routing": routing,
+                }
+            )
             del train_step, model
         queue.put((rank, results))
         dist.barrier(group=side)
@@ -210,6 +225,15 @@ def check(
     return [results[r] for r in range(nproc)]
 
 
+def expert_routing(result: dict[str, Any], steps: int) -> ExpertRouting | None:
+    """Rank 0's mean rows per step sent to / received from each ep rank, if it ran ``ep``."""
+    routing = result.get("routing") or {}
+    if "ep/rows_sent" not in routing:
+        return None
+    sent, received = routing["ep/rows_sent"], routing["ep/rows_received"]
+    return ExpertRouting([n / steps for n in sent], [n / steps for n in received])
+
+
 def summarize(
     cells: list[dict[str, Any]], results: list[list[dict[str, Any]]], nproc: int
 ) -> list[dict[str, Any]]:
@@ -220,12 +244,14 @@ def summarize(
     """
     rows = []
     for index, cell in enumerate(cells):
+        rank0 = results[0][index]
+        steps = rank0["steps"]
         if "collective" in cell:
             predicted = None
         else:
-            predicted = predict_comm(load_config(None, {**cell, "nproc": nproc}))
-        rank0 = results[0][index]
-        steps = rank0["steps"]
+            predicted = predict_comm(
+                load_config(None, {**cell, "nproc": nproc}), expert_routing(rank0, steps)
+            )
         counted = rank0["comm"]["bytes"] / steps
         per_rank = []
         for rank_results in results:

@@ -12,7 +12,9 @@ throughput, MFU, peak memory per rank, model-state bytes per rank and
 communication bytes per step, each measured one beside its prediction
 (``distlab.theory``) and the ratio measured / predicted. A second table shows
 the step memory torch's tracker measured on rank 0, by category, at its peak,
-beside the predicted peak. ``--memory-timeline OUT.png`` draws every run's
+beside the predicted peak. For mixture-of-experts runs a third table shows the
+routing: balance loss, tokens per expert, load imbalance, dropped tokens
+(``distlab.moe``). ``--memory-timeline OUT.png`` draws every run's
 per-rank memory timeline of one step side by side (a column per run, a row per
 rank, one y scale). ``--report`` also writes PNG plots (loss vs step,
 throughput and MFU, memory per rank, communication per step) next to a
@@ -30,7 +32,13 @@ from distlab.errors import DistlabError
 from distlab.report.markdown import write_report
 from distlab.report.plots import plot_losses, plot_memory_timelines
 from distlab.report.runs import load_runs, load_wandb_runs
-from distlab.report.tables import comparison_table, has_step_memory, memory_table
+from distlab.report.tables import (
+    comparison_table,
+    has_routing,
+    has_step_memory,
+    memory_table,
+    routing_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(comparison_table(runs))
     if has_step_memory(runs):
         console.print(memory_table(runs))
+    if has_routing(runs):
+        console.print(routing_table(runs))
     if args.memory_timeline:
         left_out = plot_memory_timelines(runs, args.memory_timeline)
         print(f"memory timelines: {args.memory_timeline}")

@@ -271,6 +271,10 @@ def _run_once(config: Config, run_dir: Path) -> Path:
 
 def _run_name(config: Config) -> str:
     parts = [config.strategy, f"n{config.nproc}", config.optimizer, f"s{config.steps}"]
+    if config.model != "tiny":
+        parts.append(config.model)
+    if config.ep is not None:
+        parts.append(f"ep{config.ep}")
     if config.tp > 1 or config.pp > 1:
         parts += [f"tp{config.tp}", f"pp{config.pp}", config.schedule]
     if config.dp_replicate is not None or config.dp_shard is not None:

@@ -24,6 +24,7 @@ from distlab.run.files import (
     read_memory_ranks,
 )
 from distlab.theory import predict
+from distlab.theory.comm import ExpertRouting
 
 MIB = 2**20
 
@@ -56,7 +57,7 @@ class Run:
         if self.config:
             try:
                 known = {k: v for k, v in self.config.items() if k in Config.__dataclass_fields__}
-                return predict(Config(**known))
+                return predict(Config(**known), self.expert_routing())
             except Exception:  # noqa: BLE001 - old or foreign config: fall back to the summary
                 pass
         predicted = dict(self.summary.get("predicted") or {})
@@ -65,6 +66,15 @@ class Run:
             if state:
                 predicted["model_state_bytes_per_rank"] = state
         return predicted
+
+    def expert_routing(self) -> ExpertRouting | None:
+        """An ``ep`` run's rows sent and received in the step whose communication the summary
+        holds (``comm_step``), for the theory; None for other runs."""
+        step = self.summary.get("comm_step")
+        row = next((m for m in self.metrics if m.get("step") == step), {})
+        if "ep/rows_sent" not in row:
+            return None
+        return ExpertRouting(row["ep/rows_sent"], row["ep/rows_received"])
 
 
 def _one_row_per_step(path: Path) -> list[dict]:
@@ -240,4 +250,22 @@ def figures(run: Run) -> dict[str, Any]:
             rank0["peak"] if rank0 else None, memory_pred["total"] if memory_pred else None
         ),
         "median_step_time_s": s.get("median_step_time_s"),
+        **routing_figures(run),
+    }
+
+
+def routing_figures(run: Run) -> dict[str, Any]:
+    """A MoE run's routing over its steps (rank 0's rows; ``distlab.moe.RoutingTally``): the
+    last step's aux loss and tokens per expert, the mean and worst load imbalance, the
+    dropped tokens (0: dropless); empty for a dense run."""
+    steps = [m for m in run.metrics if "moe/tokens_per_expert" in m]
+    if not steps:
+        return {}
+    imbalance = [m["moe/load_imbalance"] for m in steps]
+    return {
+        "moe_aux_loss": steps[-1]["moe/aux_loss"],
+        "moe_tokens_per_expert": steps[-1]["moe/tokens_per_expert"],
+        "moe_imbalance_mean": statistics.mean(imbalance),
+        "moe_imbalance_max": max(imbalance),
+        "moe_dropped_tokens": sum(m["moe/dropped_tokens"] for m in steps),
     }

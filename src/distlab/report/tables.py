@@ -192,3 +192,46 @@ def memory_breakdown_markdown(runs: list[Run]) -> str:
                 f"| {f['label']} | {category} | {_num(m)} | {_num(p)} | {_ratio(ratio(m, p))} |"
             )
     return "\n".join(lines)
+
+
+ROUTING_TITLE = "MoE routing (rank 0's rows; tokens = (token, expert) pairs summed over layers)"
+ROUTING_COLUMNS = [
+    ("run", "left"),
+    ("aux loss (last)", "right"),
+    ("tokens per expert (last step)", "left"),
+    ("imbalance mean", "right"),
+    ("imbalance max", "right"),
+    ("dropped", "right"),
+]
+"""*imbalance*: the busiest expert's tokens over the mean (1 = balanced), per step;
+*dropped*: tokens over all steps that no expert ran (0: the layer is dropless)."""
+
+
+def has_routing(runs: list[Run]) -> bool:
+    """Whether any run trained a mixture-of-experts model (and so recorded its routing)."""
+    return any("moe_aux_loss" in figures(run) for run in runs)
+
+
+def routing_table_rows(runs: list[Run]) -> list[list[str]]:
+    """The routing table's cells, one row per MoE run."""
+    rows = []
+    for run in runs:
+        f = figures(run)
+        if "moe_aux_loss" not in f:
+            continue
+        rows.append(
+            [
+                f["label"],
+                _num(f["moe_aux_loss"], "{:.4f}"),
+                " ".join(str(n) for n in f["moe_tokens_per_expert"]),
+                _num(f["moe_imbalance_mean"], "{:.3f}"),
+                _num(f["moe_imbalance_max"], "{:.3f}"),
+                _num(f["moe_dropped_tokens"]),
+            ]
+        )
+    return rows
+
+
+def routing_table(runs: list[Run]) -> Table:
+    """The MoE runs' routing: balance loss, tokens per expert, imbalance, dropped tokens."""
+    return console_table(ROUTING_TITLE, ROUTING_COLUMNS, routing_table_rows(runs))

@@ -4,6 +4,7 @@
     python -m distlab.verify --strategy ddp --nproc 2 --optimizer sgd --steps 8
     python -m distlab.verify --strategy fsdp --nproc 2 --compile   # compiled vs eager single
     python -m distlab.verify --strategy fsdp --nproc 2 --precision bf16
+    python -m distlab.verify --strategy ep --nproc 4 --model tiny-moe  # a MoE preset
 
 Prints a per-step loss comparison for each optimizer and exits 1 if any step
 or final weight is outside the tolerance: the same per-strategy, per-optimizer,
@@ -28,9 +29,9 @@ from distlab.strategies import registry
 
 
 def shape_fields() -> set[str]:
-    """The config fields verify passes on: every strategy option, the micro-batch, compile and
-    the precision."""
-    return set(registry.option_users()) | {"micro_batch", "compile", "precision"}
+    """The config fields verify passes on: every strategy option, the micro-batch, compile,
+    the precision and the model (tiny unless given: ``--model tiny-moe`` for MoE)."""
+    return set(registry.option_users()) | {"micro_batch", "compile", "precision", "model"}
 
 
 def build_parser() -> OneLineErrorParser:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
 from distlab.measure.step_memory import HeldTensors
+from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.parallel_dims import ParallelDims
 
@@ -41,6 +42,9 @@ class StepResult:
     """Mean cross-entropy over every token of the global batch."""
     grad_norm: float
     """Global L2 norm of the gradient before clipping."""
+    routing: dict[str, float | list[int]] = field(default_factory=dict)
+    """MoE routing statistics of the step (``distlab.moe.RoutingTally.metrics``, plus what
+    expert parallelism sent where); empty for a dense model."""
 
 
 class TrainStep(ABC):
@@ -118,6 +122,10 @@ class Strategy(ABC):
     selective_ac_refusal: str | None = None
     """Why ``--ac selective`` cannot run under this strategy (a one-line reason), or None if it
     can (its ``prepare`` applies ``distlab.strategies.activation_checkpoint.apply_ac``)."""
+
+    trains_moe: bool = False
+    """Whether the strategy trains the mixture-of-experts presets (``tiny-moe``, ...); the
+    others are refused in one line (``distlab.strategies.resolve.validate``)."""
 
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
@@ -280,26 +288,35 @@ class ModuleTrainStep(OptimizerTrainStep):
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.gradient_sync = gradient_sync
         self.accum = grad_accum_steps(config, dp_size)
+        self.moe_layers = moe_layers(self.plain_model)
         self._build_optimizer(config)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        """Backward of the LM loss plus the MoE balance loss (if any); reports the LM loss."""
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
+        tally = RoutingTally(self.moe_layers)
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
         for index, (x, y) in enumerate(micro_batches):
             with self.gradient_sync(index == self.accum - 1):
                 with autocast(self.ctx.device_type, self.config.precision, self.model):
                     logits = self.model(x.to(device, non_blocking=True))
                 loss = language_model_loss(logits, y.to(device, non_blocking=True))
-                (loss / self.accum).backward()
+                aux = auxiliary_loss(self.moe_layers)
+                ((loss if aux is None else loss + aux) / self.accum).backward()
             loss_sum += loss.detach()
+            tally.add()
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self._record_state_bytes()
         self.model.zero_grad(set_to_none=not self.keep_gradients)
         self.scheduler.step()
         mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
-        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+        return StepResult(loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally))
+
+    def routing(self, tally: RoutingTally) -> dict[str, float | list[int]]:
+        """The step's routing statistics (``StepResult.routing``)."""
+        return tally.metrics()
 
     def clip_gradients(self) -> float:
         """Clip to ``config.grad_clip`` and return the global gradient norm."""

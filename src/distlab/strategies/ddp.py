@@ -38,6 +38,7 @@ class DDPStrategy(ReplicatedStateStrategy):
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
     data_parallel = "ddp"
+    trains_moe = True
 
     def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
         """DDP's gradients are views of its buckets, allocated once: 4 B/param all along."""

@@ -203,6 +203,7 @@ class FSDPStrategy(Strategy):
     options = FSDP_OPTIONS | {"offload"}
     """The compositions share ``FSDP_OPTIONS`` but not ``offload``: they refuse it."""
     data_parallel = "fsdp"
+    trains_moe = True
 
     def validate(self, config: Config) -> None:
         validate_offload(config.offload)

@@ -17,6 +17,7 @@ STRATEGIES: dict[str, str] = {
     "ddp": "distlab.strategies.ddp:DDPStrategy",
     "fsdp": "distlab.strategies.fsdp:FSDPStrategy",
     "hsdp": "distlab.strategies.hsdp:HSDPStrategy",
+    "ep": "distlab.strategies.expert_parallel:EPStrategy",
     "tp": "distlab.strategies.tensor_parallel:TPStrategy",
     "pp": "distlab.strategies.pipeline_parallel:PPStrategy",
     "fsdp+tp": "distlab.strategies.composed:FSDPTPStrategy",

@@ -20,6 +20,7 @@ from distlab.config import (
     read_config_values,
 )
 from distlab.errors import DistlabError
+from distlab.model import PRESETS
 from distlab.strategies import registry
 
 
@@ -66,6 +67,17 @@ def validate(config: Config) -> None:
         raise DistlabError(
             f"--ac selective is not supported by strategy '{config.strategy}': "
             f"{strategy.selective_ac_refusal}"
+        )
+    if PRESETS[config.model].n_expert and config.compile:
+        raise DistlabError(
+            f"--compile cannot compile the mixture-of-experts model '{config.model}' yet: "
+            "its experts' row counts are data-dependent shapes"
+        )
+    if PRESETS[config.model].n_expert and not strategy.trains_moe:
+        moe = ", ".join(n for n in registry.names() if registry.describe(n).trains_moe)
+        raise DistlabError(
+            f"strategy '{config.strategy}' cannot train the mixture-of-experts model "
+            f"'{config.model}'; use one of: {moe}"
         )
     strategy.validate(config)
     dp = strategy.data_parallel_size(config)

@@ -20,6 +20,7 @@ class SingleStrategy(ReplicatedStateStrategy):
 
     name = "single"
     summary = "one process, no parallelism: the parity reference"
+    trains_moe = True
 
     def validate(self, config: Config) -> None:
         if config.nproc != 1:

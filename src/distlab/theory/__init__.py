@@ -17,7 +17,7 @@ from distlab.config import Config
 from distlab.model import PRESETS, count_parameters
 from distlab.strategies import registry
 from distlab.strategies.parallel_dims import VIRTUAL_STAGES, bubble_fraction
-from distlab.theory.comm import layout, microbatches, predict_comm
+from distlab.theory.comm import ExpertRouting, layout, microbatches, predict_comm
 from distlab.theory.memory import predict_peak
 
 
@@ -34,11 +34,15 @@ def pipeline_bubble(config: Config) -> float | None:
     return bubble_fraction(lay.pp, microbatches(config, lay), virtual)
 
 
-def predict(config: Config) -> dict[str, Any]:
-    """Every prediction for ``config``'s rank 0, as plain data (summary.json)."""
+def predict(config: Config, routing: ExpertRouting | None = None) -> dict[str, Any]:
+    """Every prediction for ``config``'s rank 0, as plain data (summary.json).
+
+    ``routing``: an ``ep`` run's routing counts of the step whose communication is
+    compared (its all-to-all volume depends on them).
+    """
     n_params = count_parameters(PRESETS[config.model])
     strategy = registry.describe(config.strategy)
-    comm = predict_comm(config)
+    comm = predict_comm(config, routing)
     return {
         "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
         "comm_per_step": comm.to_dict() if comm is not None else None,

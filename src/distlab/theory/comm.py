@@ -53,6 +53,15 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            the same bytes in A (or M) times as many calls
     pp     send M activations of (B/M) T d to the next stage, receive M gradients
            back (and the reverse for later stages)
+    ep     all-reduce 4 P_dense (one flat buffer) over all ranks (+ 4 E_local P_expert over the
+           nproc / ep replicas of each expert, when ep < nproc); per MoE layer and
+           micro-batch an all-to-all of the E int64 row counts and four all-to-alls of
+           rows of d fp32: dispatch and combine, forward and backward. Rank 0 sends
+           k B T rows per layer in the dispatch (dropless: fixed by the config) and
+           R rows in the combine, R the rows its experts received: data-dependent,
+           taken from the run's routing counts (``ExpertRouting``; balanced routing,
+           R = k B T, when none are given). On the wire a rank sends all but the rows
+           it routes to itself
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
@@ -75,10 +84,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distlab.config import Config, grad_accum_steps, resolved_seq_len, zero_reduce_mode
+from distlab.errors import DistlabError
 from distlab.measure.wire import KINDS, wire_bytes
 from distlab.model import PRESETS
 from distlab.strategies import registry
 from distlab.strategies.deepspeed_zero import deepspeed_config
+from distlab.strategies.expert_parallel import ep_degree, expert_parameter_count
 from distlab.strategies.fairscale_oss import oss_owners, oss_partition
 from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
@@ -92,6 +103,7 @@ from distlab.strategies.parallel_dims import (
 from distlab.strategies.pipeline_parallel import resolve_microbatches
 
 FP32 = 4
+INT64 = 8
 
 
 @dataclass
@@ -120,8 +132,10 @@ class CommPrediction:
         group_size: int,
         calls: int | None = 1,
         relative_rank: int = 0,
+        wire: float | None = None,
     ) -> None:
-        """Add ``calls`` collectives of ``kind`` (None: number not predicted) moving ``payload``."""
+        """Add ``calls`` collectives of ``kind`` (None: number not predicted) moving ``payload``;
+        ``wire``: the bytes sent, where gloo's algorithm model does not say (unequal splits)."""
         if group_size <= 1 and kind not in ("send", "recv"):
             return
         self.kinds[kind] = self.kinds.get(kind, 0.0) + payload
@@ -129,7 +143,9 @@ class CommPrediction:
             self.uncounted.add(kind)
         else:
             self.calls[kind] = self.calls.get(kind, 0) + calls
-        self.wire_bytes += wire_bytes(kind, int(payload), group_size, relative_rank)
+        if wire is None:
+            wire = wire_bytes(kind, int(payload), group_size, relative_rank)
+        self.wire_bytes += wire
 
     def to_dict(self) -> dict[str, Any]:
         ordered = {k: self.kinds[k] for k in KINDS if k in self.kinds}
@@ -164,6 +180,7 @@ MODELLED_DATA_PARALLEL = (
     "zero3",
     "fairscale-oss",
     "fairscale-sdp",
+    "ep",
 )
 """The data-parallel flavours (``Strategy.data_parallel``) whose communication is modelled."""
 
@@ -209,8 +226,24 @@ def layout(config: Config) -> Layout | None:
 # --- The predictions ------------------------------------------------------------------
 
 
-def predict_comm(config: Config) -> CommPrediction | None:
-    """Rank 0's communication in one steady-state optimizer step (None: not modelled)."""
+@dataclass(frozen=True)
+class ExpertRouting:
+    """Rank 0's expert-parallel rows in one step (the run's ``ep/rows_sent``,
+    ``ep/rows_received``), summed over MoE layers and micro-batches."""
+
+    rows_sent: list[float]
+    """Rows rank 0 sent to each rank of its ep group (itself included); a mean over
+    several steps may be fractional."""
+    rows_received: list[float]
+    """Rows rank 0 received from each rank of its ep group (itself included)."""
+
+
+def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPrediction | None:
+    """Rank 0's communication in one steady-state optimizer step (None: not modelled).
+
+    ``routing``: for ``ep``, the step's measured routing counts, on which its
+    all-to-all volume depends (balanced routing assumed without them).
+    """
     lay = layout(config)
     if lay is None:
         return None
@@ -271,6 +304,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
         _fairscale_comm(pred, config, lay)
         reduction = "all-reduce" if lay.data_parallel == "fairscale-oss" else "reduce"
         formulas.append(f"{reduction} 4P (gradients) + broadcast 4P (owned parameters)")
+    elif lay.data_parallel == "ep":
+        formulas.append(_ep_comm(pred, config, lay, rows * seq, accum, routing))
     if lay.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
         small = 8 if lay.data_parallel != "zero3" else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
@@ -433,3 +468,48 @@ def _pipeline_comm(
     pred.add("recv", recvs * message, lay.pp, calls=recvs)
     pred.add("broadcast", FP32, lay.pp, relative_rank=1)  # loss from the last stage
     pred.add("all_reduce", FP32, lay.pp)  # squared gradient norm over the stages
+
+
+def _ep_comm(
+    pred: CommPrediction,
+    config: Config,
+    lay: Layout,
+    tokens: int,
+    accum: int,
+    routing: ExpertRouting | None,
+) -> str:
+    """Expert parallelism (``distlab.strategies.expert_parallel``): gradient all-reduces, the
+    gradient norm's, and the all-to-alls of ``tokens`` per rank (module docstring); the formula."""
+    shape = PRESETS[config.model]
+    ep, d, layers = ep_degree(config), shape.d_model, shape.n_layer
+    experts = expert_parameter_count(shape)
+    dense = sum(parameter_sizes(config)) - experts
+    pred.add("all_reduce", FP32 * dense, lay.dp)
+    replicas = lay.dp // ep
+    pred.add("all_reduce", FP32 * experts // ep, replicas, calls=4 * layers)
+    pred.add("all_reduce", FP32, ep)  # the expert shards' squared gradient norm
+    sent = layers * shape.top_k * tokens  # dropless: every token to k experts, every layer
+    if routing is None:
+        routing = ExpertRouting([sent // ep] * ep, [sent // ep] * ep)
+        pred.notes.append("all-to-all volume assumes balanced routing (it depends on the data)")
+    elif abs(sum(routing.rows_sent) - sent) > 0.5 or len(routing.rows_sent) != ep:
+        raise DistlabError(
+            f"routing counts {routing.rows_sent} do not fit the config: rank 0 sends "
+            f"{sent} rows per step to {ep} ranks"
+        )
+    received, own = sum(routing.rows_received), routing.rows_sent[0]
+    row = FP32 * d
+    passes = layers * accum
+    counts = INT64 * shape.n_expert
+    pred.add("all_to_all", passes * counts, ep, calls=passes, wire=passes * counts * (ep - 1) / ep)
+    pred.add(
+        "all_to_all",
+        2 * row * (sent + received),
+        ep,
+        calls=4 * passes,
+        wire=2 * row * (sent - own + received - own),
+    )
+    return (
+        "all-reduce 4P_dense + per layer: all-to-all 8E (counts) + 2 x 4d x (kBT sent + R "
+        "received, data-dependent)"
+    )

@@ -29,7 +29,9 @@ in fp32 without tensor parallelism, the analogue of Korthikanti et al.'s 34 s b 
 + 5 a s^2 b (their fp16 model keeps dropout masks and, without flash attention,
 the s x s scores). The head adds the final LayerNorm's input and output (2 t h),
 its statistics (2 t), the logits (t V, held by the train step until it ends)
-and the log-softmax (t V, fp32). Activation checkpointing keeps only each
+and the log-softmax (t V, fp32). A mixture-of-experts block (``distlab.moe``, k of E
+experts per token) saves more in its MLP: ``moe_block_extra_bytes``. Activation
+checkpointing keeps only each
 block's input (``--ac full``: t h per block) or the matmul and attention
 outputs (``--ac selective``: 11 t h per block without tensor parallelism).
 
@@ -243,9 +245,29 @@ def activation_bytes(config: Config) -> int:
     return _activations(shape, config)
 
 
+def moe_block_extra_bytes(config: Config, shape: StepShape) -> int:
+    """What a MoE block saves beyond the dense MLP's (0 for a dense model or under ``--ac``).
+
+    Dense: LayerNorm 2 output, up and GELU outputs, 9 t h. MoE with k of E
+    experts: the LayerNorm 2 output (the router's input, t h), the rows sorted
+    by expert (k t h: the up matmuls' input), the up and GELU outputs of every
+    row (8 k t h) and the expert outputs (k t h, weighted by the routing), so
+    (1 + 10 k) t h; plus the router probabilities (t E, fp32) and int64
+    indices (the sort's t E, three permutations of k t). Under ``ep`` the rows
+    are the ones this rank's experts received, k t under balanced routing (the
+    real number is the routing's). Checkpointed runs are not modelled for MoE.
+    """
+    model = PRESETS[config.model]
+    if not model.n_expert or shape.ac != "none":
+        return 0
+    t, h, k, experts = shape.tokens, model.d_model, model.top_k, model.n_expert
+    return shape.element * (10 * k - 8) * t * h + FP32 * t * experts + 8 * t * (experts + 3 * k)
+
+
 def _activations(shape: StepShape, config: Config) -> int:
     model = PRESETS[config.model]
-    per_micro = shape.layers * block_activation_bytes(shape, model.n_head, model.d_model)
+    per_block = block_activation_bytes(shape, model.n_head, model.d_model)
+    per_micro = shape.layers * (per_block + moe_block_extra_bytes(config, shape))
     if shape.has_last:
         per_micro += head_activation_bytes(shape, model.d_model, model.vocab_size)
     else:  # the stage output, kept to take its gradient
@@ -347,8 +369,9 @@ def block_backward(
     """
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
-    recomputed = block_in_backward_bytes(shape, model.n_head, h)
-    saved = k * block_activation_bytes(shape, model.n_head, h)
+    moe = moe_block_extra_bytes(config, shape)
+    recomputed = block_in_backward_bytes(shape, model.n_head, h) + moe
+    saved = k * (block_activation_bytes(shape, model.n_head, h) + moe)
     logits = e * t * model.vocab_size if shape.has_last else 0
     blocks = block_elements(config, lay)
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.

@@ -126,6 +126,7 @@ def train(
                         "grad_norm": result.grad_norm,
                         "step_time_s": step_time,
                         "tokens_per_s": tokens_per_step / step_time,
+                        **result.routing,
                         **extra,
                     },
                     start_step=start_step,

@@ -211,6 +211,7 @@ class RunMeasurements:
             "memory_peak_by_rank": [g["memory"] for g in gathered],
             "comm_counted": self.counter is not None,
             "comm_per_step": gathered[0]["comm_per_step"] if self.counter is not None else None,
+            "comm_step": typical.get("step") if self.counter is not None else None,
             "comm_per_step_by_rank": (
                 [g["comm_per_step"] for g in gathered] if self.counter is not None else None
             ),
