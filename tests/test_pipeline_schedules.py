@@ -13,16 +13,17 @@ ranks), and one composition runs a zero-bubble schedule under FSDP.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from distlab.errors import DistlabError
-from distlab.report.parity import compare, parity_config
+from distlab.report.parity import _run_name, _run_once, compare, parity_config
 from distlab.strategies.pipeline_schedules import last_stage_rank
 from distlab.strategies.resolve import load_config
 from distlab.theory.comm import layout, predict_comm
-from distlab.theory.memory import pipeline_in_flight, step_shape
+from distlab.theory.memory import nearest_moment, pipeline_in_flight, predict_peak, step_shape
 from helpers import assert_one_line_error, run_command
 
 SMALL = {"model": "small", "seq_len": 32}
@@ -139,3 +140,15 @@ def test_v_placement_puts_the_loss_and_the_head_on_rank_0() -> None:
 )
 def test_in_flight_microbatches_per_stage(schedule: str, expected: list[float]) -> None:
     assert pipeline_in_flight(schedule, 2, 8) == expected
+
+
+def test_looped_bfs_peak_matches_theory(parity_workdir: Path) -> None:
+    """Looped BFS runs every forward first: rank 0 peaks with all activations and no
+    gradients yet (the parity run above, tracked by MemTracker; within 10%)."""
+    config = parity_config("pp", 2, "adamw", pp=2, schedule="looped-bfs")
+    run_dir = _run_once(config, parity_workdir / _run_name(config))
+    measured = json.loads((run_dir / "summary.json").read_text())["memory_peak_by_rank"][0]
+    predicted = predict_peak(config).to_dict()
+    assert abs(measured["peak"] / predicted["total"] - 1) <= 0.10, (measured, predicted)
+    moment = nearest_moment(predicted, measured["peak_by_category"])
+    assert moment["by_category"]["grads"] == measured["peak_by_category"]["grads"] == 0

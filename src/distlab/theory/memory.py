@@ -70,6 +70,8 @@ from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
 
 FP32 = 4
 ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
+FORWARDS_FIRST = ("gpipe", "looped-bfs")
+"""Pipeline schedules that run every forward of a step before its first backward."""
 ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
 """Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
 
@@ -212,7 +214,7 @@ def pipeline_in_flight(schedule: str, pp: int, m: int) -> list[float]:
     """
     spec = schedule_spec(schedule)
     virtual = spec.stages_per_rank
-    if schedule in ("gpipe", "looped-bfs"):
+    if schedule in FORWARDS_FIRST:
         return [float(m)] * virtual
     if virtual == 1:
         return [float(min(m, pp))]
@@ -413,7 +415,8 @@ def pipeline_moment(
 ) -> dict[str, int]:
     """A pipeline rank in a backward: the in-flight micro-batches' activations (and,
     under checkpointing, the block being recomputed), the stage's gradients (from the
-    first backward on), one block's backward temporaries (as in ``block_backward``).
+    first backward on; GPipe and looped BFS peak before it), one block's backward
+    temporaries (as in ``block_backward``).
 
     ``last``: the last micro-batch's backward, with only its own activations left,
     in which DDP fills its buckets (``ddp_pipeline_buckets``)."""
@@ -425,9 +428,11 @@ def pipeline_moment(
     one = {"in_flight": 1, "outputs_in_flight": output, "heads_in_flight": 1 - output}
     in_flight = StepShape(**{**shape.__dict__, **one}) if last else shape
     buckets = ddp_pipeline_buckets(lay, state) if last else 0
+    # Every forward before any backward: all activations live, no gradient made yet.
+    no_grads_yet = config.schedule in FORWARDS_FIRST and not last
     return _split(
         **common,
-        grads=0 if lay.data_parallel == "fsdp" else state.grads,
+        grads=0 if lay.data_parallel == "fsdp" or no_grads_yet else state.grads,
         activations=_activations(in_flight, config) + recomputed,
         temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],
