@@ -60,6 +60,14 @@ def test_schedule_parity(
     report = compare(config, workdir)
     assert report.passed, (report.rel_diffs, report.max_param_diff, report.tolerance)
     assert report.losses[-1] < report.losses[0]  # it trained
+    # Rank 0's traffic as counted is the theory's (V placement: two stages' messages, and
+    # the loss broadcast leaving rank 0).
+    summary = json.loads((workdir / _run_name(config) / "summary.json").read_text())
+    counted, predicted = summary["comm_per_step"], summary["predicted"]["comm_per_step"]
+    assert (counted["bytes"], counted["wire_bytes"]) == (
+        predicted["bytes"],
+        predicted["wire_bytes"],
+    )
 
 
 @pytest.mark.parametrize(
