@@ -39,8 +39,9 @@ actions, which depend on nothing downstream. DeepSeek's DualPipe bubble is
 runs on p = PP/2 ranks, and without overlapping a forward with a backward
 (no separate compute streams on CPU) F&B = F + B, which gives the row above.
 ``bubble_fraction`` is idle / (work + idle) with f = b = w (for matmuls the
-input and weight gradients each cost about a forward): ZB-V then has no
-bubble, interleaved-zb and dualpipev a third of interleaved 1F1B's.
+input and weight gradients each cost about a forward): ZB-V then idles not
+at all, interleaved-zb a third and dualpipev two thirds of interleaved 1F1B's
+idle time.
 """
 
 from __future__ import annotations
