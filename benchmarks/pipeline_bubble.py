@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,12 @@ def record_timeline(stage: Any, events: list[StageEvent]) -> None:
         def run(chunk_id: int, *args, **kwargs):
             start = time.perf_counter()
             result = work(chunk_id, *args, **kwargs)
+            end = time.perf_counter()
+            # backward_one_chunk runs the whole backward, or only B in the zero-bubble schedules
             split = kind == "BW" and not kwargs.get("full_backward", True)
-            event = StageEvent(stage.stage_index, "B" if split else kind, chunk_id, start, 0.0)
-            events.append(replace(event, end=time.perf_counter()))
+            events.append(
+                StageEvent(stage.stage_index, "B" if split else kind, chunk_id, start, end)
+            )
             return result
 
         return run
