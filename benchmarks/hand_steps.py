@@ -47,7 +47,7 @@ from distlab.config import Config, resolved_seq_len
 from distlab.model import build_model
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.deepspeed_zero import deepspeed_config
-from distlab.strategies.pipeline_parallel import SCHEDULES
+from distlab.strategies.pipeline_schedules import schedule_class
 from distlab.strategies.tensor_parallel import apply_tp
 
 HandStep = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
@@ -193,7 +193,7 @@ def pp_step(config: Config, group: dist.ProcessGroup, microbatches: int) -> Hand
         logits if last else hidden,
         group=group,
     )
-    schedule = SCHEDULES[config.schedule](
+    schedule = schedule_class(config.schedule)(
         stage, n_microbatches=microbatches, loss_fn=cross_entropy, scale_grads=True
     )
     optimizer = build_optimizer(model.parameters(), config)

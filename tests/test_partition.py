@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distlab.model import GPT, GPTConfig
-from distlab.strategies.parallel_dims import bubble_fraction, plan_stages, stages_of_rank
+from distlab.strategies.parallel_dims import plan_stages
 from distlab.strategies.pipeline_parallel import split_model
+from distlab.strategies.pipeline_schedules import bubble_fraction, stages_of_rank
 
 
 @st.composite
@@ -37,6 +38,14 @@ def test_ranks_hold_every_stage_once(pp: int, virtual: int) -> None:
     held = [stage for rank in range(pp) for stage in stages_of_rank(rank, pp, virtual)]
     assert sorted(held) == list(range(pp * virtual))
     assert stages_of_rank(0, pp, virtual)[0] == 0  # rank 0 has the embeddings
+
+
+@given(st.integers(1, 8))
+def test_v_placement_goes_down_and_back_up(pp: int) -> None:
+    held = {rank: stages_of_rank(rank, pp, 2, "v") for rank in range(pp)}
+    assert sorted(s for stages in held.values() for s in stages) == list(range(2 * pp))
+    assert held[0] == [0, 2 * pp - 1]  # rank 0 has the embeddings and the head
+    assert held[pp - 1] == [pp - 1, pp]  # the turn: two adjacent stages on one rank
 
 
 def _meta_gpt(n_layer: int) -> GPT:
@@ -76,6 +85,14 @@ def test_plan_rejects_more_stages_than_layers() -> None:
 
 
 def test_bubble_theory() -> None:
-    assert bubble_fraction(1, 8) == 0
-    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
-    assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
+    assert bubble_fraction("1f1b", 1, 8) == 0
+    assert bubble_fraction("gpipe", 4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction("1f1b", 4, 16) == pytest.approx(3 / 19)
+    # v = 2 stages per rank: (p - 1) / (v m + p - 1)
+    assert bubble_fraction("interleaved-1f1b", 4, 8) == pytest.approx(3 / 19)
+    assert bubble_fraction("looped-bfs", 4, 8) == pytest.approx(3 / 19)
+    # with f = b = w: ZB-H1 on v chunks and DualPipeV, (p - 1) / (3 v m + p - 1) and
+    # (p - 1) / (3 m + p - 1); ZB-V none
+    assert bubble_fraction("interleaved-zb", 4, 8) == pytest.approx(3 / 51)
+    assert bubble_fraction("dualpipev", 4, 8) == pytest.approx(3 / 27)
+    assert bubble_fraction("zbv", 4, 8) == 0

@@ -164,7 +164,8 @@ class Config:
     pp: int = 1
     """Pipeline-parallel degree, i.e. stages (pp and compositions with pp)."""
     schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b or interleaved-1f1b."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zb, zbv or
+    dualpipev (``distlab.strategies.pipeline_schedules``)."""
     microbatches: int | None = None
     """Pipeline micro-batches per step on each pipeline; default: 2 x stages."""
     sequence_parallel: bool = False

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
 from distlab.strategies.activation_checkpoint import apply_ac
@@ -43,6 +44,7 @@ from distlab.strategies.base import (
 from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
+from distlab.strategies.pipeline_schedules import schedule_spec
 from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 
@@ -94,6 +96,14 @@ class ComposedStrategy(Strategy):
             validate_tp(config, dims.tp)
         if self.pipeline:
             validate_pp(config, dims)
+            if self.data_parallel == "ddp" and schedule_spec(config.schedule).split_backward:
+                # DDP all-reduces from hooks of a full backward; the weight-gradient
+                # actions of these schedules would leave the replicas' gradients unaveraged.
+                raise DistlabError(
+                    f"{self.name} cannot run --schedule {config.schedule}: it splits the "
+                    "backward into input and weight gradients, which DDP does not average; "
+                    "use fsdp+pp or another schedule"
+                )
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         return rank0_state_bytes(config, self.dims(config), self.data_parallel)

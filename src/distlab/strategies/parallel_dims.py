@@ -38,6 +38,7 @@ from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, PRESETS
+from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
 
 Shapes = dict[str, tuple[int, ...]]
 """Parameter name (the plain GPT's) -> shape."""
@@ -145,8 +146,8 @@ def numel(shapes: Shapes) -> int:
 
 # --- Pipeline stages ----------------------------------------------------------------------
 
-VIRTUAL_STAGES = {"interleaved-1f1b": 2}
-"""Stages per rank for each schedule (1 unless listed)."""
+VIRTUAL_STAGES = {n: s.stages_per_rank for n, s in SCHEDULES.items() if s.stages_per_rank > 1}
+"""Stages per rank for each schedule (1 unless listed; ``pipeline_schedules``)."""
 
 
 @dataclass(frozen=True)
@@ -184,25 +185,11 @@ def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
     return plans
 
 
-def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
-    """Stage indices held by pipeline rank ``pp_rank`` (looped: r, r + pp, ...)."""
-    return [pp_rank + k * pp for k in range(virtual)]
-
-
-def bubble_fraction(stages: int, microbatches: int, virtual: int = 1) -> float:
-    """Idle fraction of each stage in a step: (p - 1) / (v m + p - 1).
-
-    p stages per pipeline, m microbatches, v stages per rank (interleaved 1F1B:
-    2); GPipe and 1F1B (v = 1) have the textbook (p - 1) / (m + p - 1).
-    """
-    return (stages - 1) / (virtual * microbatches + stages - 1)
-
-
 def rank_stage_plans(config: Config, pp: int, pp_rank: int) -> list[StagePlan]:
     """The stages pipeline rank ``pp_rank`` runs under ``config``'s schedule."""
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     plans = plan_stages(PRESETS[config.model].n_layer, pp * virtual)
-    return [plans[i] for i in stages_of_rank(pp_rank, pp, virtual)]
+    return [plans[i] for i in rank_stages(config.schedule, pp, pp_rank)]
 
 
 def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> Shapes:

@@ -17,18 +17,24 @@ so parameter names stay those of the plain GPT) and wraps each stage in a
 - ``interleaved-1f1b``: every rank holds ``VIRTUAL_STAGES`` (2) non-adjacent
   stages (rank r holds stages r and r + pp); the bubble shrinks by that factor
   for the price of twice the point-to-point messages.
+- ``looped-bfs``: the same placement, all microbatches of a stage at once.
+- ``interleaved-zb``, ``zbv``, ``dualpipev``: zero-bubble schedules that split
+  each backward into input gradients and weight gradients and run the latter
+  in the bubble; zbv and dualpipev place the 2 stages of a rank in a V (rank r
+  holds stages r and 2 pp - 1 - r), so rank 0 also holds the head.
 
-Rank r of the pipeline holds stage r (and r + pp, ... when interleaved). The
-bubble, the time a stage waits for the first activations or the last
-gradients, is (p - 1) / (m + p - 1) of a step for GPipe and 1F1B (same bubble,
-less memory for 1F1B); see ``benchmarks/pipeline_bubble.py``.
+``pipeline_schedules`` says which schedules exist, where their stages go and
+their theoretical bubble, (p - 1) / (m + p - 1) of a step for GPipe and 1F1B
+(same bubble, less memory for 1F1B); ``benchmarks/pipeline_bubble.py``
+measures it.
 
 Loss and gradients: each microbatch's loss is its mean cross-entropy and the
 schedule divides the accumulated gradients by M (``scale_grads``), so the
 gradient is that of the mean over the local batch; data parallelism (DDP or
-FSDP around each stage) then averages over replicas. The last stage has the
-losses; it broadcasts their mean to the other stages of its pipeline so rank
-0 (the first stage) can report it. The gradient norm is summed over stages.
+FSDP around each stage) then averages over replicas. The last stage's rank
+(pp - 1, or 0 in V placement) has the losses; it broadcasts their mean to
+the other ranks of its pipeline so rank 0 (the first stage) can report it.
+The gradient norm is summed over stages.
 
 No hang on gloo: the torch 2.13 schedules wait on every send/recv handle
 they create before ``step`` returns, stages are given static shapes (no
@@ -48,12 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from distlab.checkpoint.layout import checkpoint_step
@@ -83,13 +84,14 @@ from distlab.strategies.parallel_dims import (
     rank_stage_plans,
     resolve_dims,
 )
+from distlab.strategies.pipeline_schedules import (
+    SCHEDULES,
+    last_stage_rank,
+    schedule_class,
+    schedule_spec,
+)
 from distlab.strategies.regional_compile import apply_compile
 
-SCHEDULES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved-1f1b": ScheduleInterleaved1F1B,
-}
 # --- The split: this rank's stages as modules -----------------------------------------
 
 
@@ -159,6 +161,11 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
             f"{n_stages} pipeline stages{per_rank} but model '{config.model}' has only "
             f"{shape.n_layer} layers; use at most {shape.n_layer // virtual} for --pp"
         )
+    if schedule_spec(config.schedule).split_backward and config.compile:
+        raise DistlabError(
+            f"{config.schedule} splits the backward into input and weight gradients, which "
+            "torch does not support under --compile; use another --schedule or drop --compile"
+        )
     if config.global_batch % dims.dp:
         return  # resolve.validate reports the indivisible global batch
     local = config.global_batch // dims.dp
@@ -187,11 +194,23 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
             f"--microbatches {m} does not divide the local batch of {local} rows "
             f"(global_batch {config.global_batch} / dp {dims.dp}); microbatches must be equal"
         )
+    validate_schedule(config, dims, m)
+
+
+def validate_schedule(config: Config, dims: ParallelDims, m: int) -> None:
+    """One-line errors for what a schedule itself cannot run with ``m`` microbatches."""
+    spec = schedule_spec(config.schedule)
+    n_stages = dims.pp * spec.stages_per_rank
     rounds = max(1, m // dims.pp)
-    if config.schedule == "interleaved-1f1b" and m % rounds:
+    if config.schedule in ("interleaved-1f1b", "interleaved-zb") and m % rounds:
         raise DistlabError(
-            f"interleaved-1f1b needs --microbatches a multiple of {rounds} "
+            f"{config.schedule} needs --microbatches a multiple of {rounds} "
             f"(rounds of --pp {dims.pp}); got {m}, use a multiple of --pp"
+        )
+    if spec.placement == "v" and m < n_stages:
+        raise DistlabError(
+            f"{config.schedule} needs at least as many microbatches as its {n_stages} stages "
+            f"(2 per rank with --pp {dims.pp}); got --microbatches {m}"
         )
 
 
@@ -251,6 +270,7 @@ class PipelineTrainStep(OptimizerTrainStep):
             stage_modules = [wrap_stage(module) for module in stage_modules]
         self.has_first = any(plan.embeddings for plan in plans)
         self.has_last = any(plan.head for plan in plans)
+        self.loss_rank = last_stage_rank(config.schedule, dims.pp)
         # FSDP stages cast themselves to bf16 (all stages of a run are alike).
         self.stage_module = stage_modules[0]
 
@@ -267,7 +287,7 @@ class PipelineTrainStep(OptimizerTrainStep):
             )
             for module, plan in zip(stage_modules, plans, strict=True)
         ]
-        schedule_cls = SCHEDULES[config.schedule]
+        schedule_cls = schedule_class(config.schedule)
         stages = self.stages if virtual > 1 else self.stages[0]
         # Each microbatch's loss is its mean; scale_grads divides the summed
         # gradients by M, giving the gradient of the local batch's mean loss.
@@ -308,8 +328,8 @@ class PipelineTrainStep(OptimizerTrainStep):
             loss = torch.stack([loss.detach().float() for loss in losses]).mean()
         else:
             loss = torch.zeros((), device=device)
-        # The last stage (pipeline rank pp - 1) has the loss; share it along the pipeline.
-        dist.broadcast(loss, group=self.pp_group, group_src=self.dims.pp - 1)
+        # The last stage (pipeline rank pp - 1, or 0 in V placement) has the loss; share it.
+        dist.broadcast(loss, group=self.pp_group, group_src=self.loss_rank)
         grad_norm = clip_pipeline_gradients(
             list(self.model.parameters()), self.config.grad_clip, self.pp_group
         )
@@ -346,12 +366,12 @@ class PipelineTrainStep(OptimizerTrainStep):
 
 
 class PPStrategy(Strategy):
-    """Cut the model into stages by layers, one stage (or two, interleaved) per rank."""
+    """Cut the model into stages by layers, one stage (or two, by schedule) per rank."""
 
     name = "pp"
     summary = (
         "pipeline parallel (torch.distributed.pipelining): layers split into stages; "
-        "--schedule gpipe|1f1b|interleaved-1f1b, --microbatches M"
+        f"--schedule {'|'.join(SCHEDULES)}, --microbatches M"
     )
     options = PP_OPTIONS
 

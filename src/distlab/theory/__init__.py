@@ -16,22 +16,22 @@ from typing import Any
 from distlab.config import Config
 from distlab.model import PRESETS, count_parameters
 from distlab.strategies import registry
-from distlab.strategies.parallel_dims import VIRTUAL_STAGES, bubble_fraction
+from distlab.strategies.pipeline_schedules import bubble_fraction
 from distlab.theory.comm import ExpertRouting, layout, microbatches, predict_comm
 from distlab.theory.memory import predict_peak
 
 
 def pipeline_bubble(config: Config) -> float | None:
-    """Idle fraction of a step, (p - 1) / (v m + p - 1); None without pipelining.
+    """Idle fraction of a step under ``config``'s schedule; None without pipelining.
 
-    p stages per pipeline (ranks), m microbatches, v stages per rank
-    (interleaved 1F1B: 2), so interleaving divides the bubble by about v.
+    p pipeline ranks, m microbatches: (p - 1) / (m + p - 1) for GPipe and 1F1B,
+    less for the interleaved and zero-bubble schedules
+    (``strategies.pipeline_schedules``: the formulas and their assumptions).
     """
     lay = layout(config)
     if lay is None or lay.pp <= 1:
         return None
-    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    return bubble_fraction(lay.pp, microbatches(config, lay), virtual)
+    return bubble_fraction(config.schedule, lay.pp, microbatches(config, lay))
 
 
 def predict(config: Config, routing: ExpertRouting | None = None) -> dict[str, Any]:

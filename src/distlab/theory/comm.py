@@ -97,10 +97,10 @@ from distlab.strategies.parallel_dims import (
     numel,
     parameter_sizes,
     stage_shapes,
-    stages_of_rank,
     tp_local_shapes,
 )
 from distlab.strategies.pipeline_parallel import resolve_microbatches
+from distlab.strategies.pipeline_schedules import last_stage_rank, rank_stages
 
 FP32 = 4
 INT64 = 8
@@ -457,7 +457,7 @@ def _pipeline_comm(
     if lay.tp > 1 and config.sequence_parallel:
         message //= lay.tp
     sends = recvs = 0
-    for stage in stages_of_rank(0, lay.pp, virtual):
+    for stage in rank_stages(config.schedule, lay.pp, 0):
         if stage < n_stages - 1:
             sends += m  # activations forward
             recvs += m  # their gradients back
@@ -466,7 +466,9 @@ def _pipeline_comm(
             sends += m
     pred.add("send", sends * message, lay.pp, calls=sends)
     pred.add("recv", recvs * message, lay.pp, calls=recvs)
-    pred.add("broadcast", FP32, lay.pp, relative_rank=1)  # loss from the last stage
+    # The loss, from the rank of the last stage (rank 0 itself in V placement).
+    loss_rank = last_stage_rank(config.schedule, lay.pp)
+    pred.add("broadcast", FP32, lay.pp, relative_rank=-loss_rank % lay.pp)
     pred.add("all_reduce", FP32, lay.pp)  # squared gradient norm over the stages
 
 

@@ -62,15 +62,18 @@ from distlab.measure.step_memory import CATEGORIES
 from distlab.model import PRESETS, count_parameters
 from distlab.strategies import registry
 from distlab.strategies.parallel_dims import (
-    VIRTUAL_STAGES,
     numel,
+    rank_stage_plans,
     stage_shapes,
     tp_local_shapes,
 )
+from distlab.strategies.pipeline_schedules import schedule_spec
 from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
 
 FP32 = 4
 ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
+FORWARDS_FIRST = ("gpipe", "looped-bfs")
+"""Pipeline schedules that run every forward of a step before its first backward."""
 ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
 """Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
 
@@ -140,8 +143,13 @@ class StepShape:
     layers: int
     has_first: bool
     has_last: bool
-    in_flight: int
-    """Micro-batches whose activations rank 0 holds at once (pipelines: by schedule)."""
+    in_flight: float
+    """Micro-batches whose activations rank 0 holds at once (pipelines: by schedule), in
+    units of all of rank 0's blocks."""
+    outputs_in_flight: float
+    """Of those, the micro-batches whose stage output rank 0 keeps (stages it sends on)."""
+    heads_in_flight: float
+    """Of those, the micro-batches whose head activations rank 0 keeps (if it has the head)."""
     tp: int
     sequence_parallel: bool
     element: int
@@ -170,16 +178,23 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
     if lay.pp > 1:
         m = microbatches(config, lay)
         rows = config.global_batch // lay.dp // m
-        in_flight = pipeline_in_flight(config.schedule, lay.pp, m)
+        chunks = pipeline_in_flight(config.schedule, lay.pp, m)
+        plans = rank_stage_plans(config, lay.pp, 0)
+        # Blocks: the in-flight micro-batches of each of rank 0's stages, by its layers.
+        in_flight = sum(n * len(p.layers) for n, p in zip(chunks, plans, strict=True)) / layers
+        outputs = sum(n for n, p in zip(chunks, plans, strict=True) if not p.head)
+        heads = sum(n for n, p in zip(chunks, plans, strict=True) if p.head)
     else:
         rows = config.global_batch // lay.dp // grad_accum_steps(config, lay.dp)
-        in_flight = 1
+        in_flight, outputs, heads = 1, 0, 1  # the whole model: no stage output to keep
     return StepShape(
         tokens=rows * seq,
         layers=layers,
         has_first="wte.weight" in names,
         has_last="lm_head.weight" in names,
         in_flight=in_flight,
+        outputs_in_flight=outputs,
+        heads_in_flight=heads,
         tp=lay.tp,
         sequence_parallel=config.sequence_parallel and lay.tp > 1,
         element=compute_bytes(config, lay),
@@ -187,21 +202,28 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
     )
 
 
-def pipeline_in_flight(schedule: str, pp: int, m: int) -> float:
-    """Micro-batches (in units of rank 0's layers) whose activations rank 0 holds at once.
+def pipeline_in_flight(schedule: str, pp: int, m: int) -> list[float]:
+    """Micro-batches whose activations rank 0 holds at once, for each of its stages.
 
-    GPipe runs every forward before any backward: m. 1F1B starts backward
-    after p forwards on the first stage: min(m, p). Interleaved 1F1B (v = 2
-    chunks per rank, each half of the rank's layers) runs (v - 1) p + 2 (p - 1)
-    warm-up forwards plus one on rank 0 before its first backward.
+    GPipe runs every forward before any backward: m; looped BFS too, on both of
+    its stages. 1F1B starts backward after p forwards on the first stage: min(m,
+    p). Interleaved 1F1B (and interleaved-zb, which runs the same order of
+    forwards; its deferred weight gradients are not counted) runs (v - 1) p +
+    2 (p - 1) + 1 warm-up forwards over its v stages before its first backward.
+    ZB-V and DualPipeV run 2p - 1 forwards of rank 0's first stage, then its
+    last stage (the head) one micro-batch at a time: 2p stages' worth, p
+    micro-batches of the rank's layers, as 1F1B.
     """
-    if schedule == "gpipe":
-        return m
-    virtual = VIRTUAL_STAGES.get(schedule, 1)
+    spec = schedule_spec(schedule)
+    virtual = spec.stages_per_rank
+    if schedule in FORWARDS_FIRST:
+        return [float(m)] * virtual
     if virtual == 1:
-        return min(m, pp)
+        return [float(min(m, pp))]
+    if spec.placement == "v":
+        return [float(min(m, 2 * pp - 1)), 1.0]
     chunks = min(m * virtual, (virtual - 1) * pp + 2 * (pp - 1) + 1)
-    return chunks / virtual
+    return [chunks / virtual] * virtual
 
 
 def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
@@ -267,12 +289,15 @@ def moe_block_extra_bytes(config: Config, shape: StepShape) -> int:
 def _activations(shape: StepShape, config: Config) -> int:
     model = PRESETS[config.model]
     per_block = block_activation_bytes(shape, model.n_head, model.d_model)
-    per_micro = shape.layers * (per_block + moe_block_extra_bytes(config, shape))
+    blocks = shape.layers * (per_block + moe_block_extra_bytes(config, shape))
+    total = blocks * shape.in_flight
     if shape.has_last:
-        per_micro += head_activation_bytes(shape, model.d_model, model.vocab_size)
-    else:  # the stage output, kept to take its gradient
-        per_micro += shape.element * shape.tokens * model.d_model
-    return int(per_micro * shape.in_flight)
+        total += head_activation_bytes(shape, model.d_model, model.vocab_size) * (
+            shape.heads_in_flight
+        )
+    # the stage outputs, kept to take their gradients
+    total += shape.element * shape.tokens * model.d_model * shape.outputs_in_flight
+    return int(total)
 
 
 def predict_peak(config: Config) -> PeakPrediction:
@@ -413,18 +438,24 @@ def pipeline_moment(
 ) -> dict[str, int]:
     """A pipeline rank in a backward: the in-flight micro-batches' activations (and,
     under checkpointing, the block being recomputed), the stage's gradients (from the
-    first backward on), one block's backward temporaries (as in ``block_backward``).
+    first backward on; GPipe and looped BFS peak before it), one block's backward
+    temporaries (as in ``block_backward``).
 
     ``last``: the last micro-batch's backward, with only its own activations left,
     in which DDP fills its buckets (``ddp_pipeline_buckets``)."""
     model = PRESETS[config.model]
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
     recomputed = block_in_backward_bytes(shape, model.n_head, h) if shape.ac != "none" else 0
-    in_flight = StepShape(**{**shape.__dict__, "in_flight": 1}) if last else shape
+    # The last backward: one micro-batch, of the stage that sends its output if any.
+    output = min(1, shape.outputs_in_flight)
+    one = {"in_flight": 1, "outputs_in_flight": output, "heads_in_flight": 1 - output}
+    in_flight = StepShape(**{**shape.__dict__, **one}) if last else shape
     buckets = ddp_pipeline_buckets(lay, state) if last else 0
+    # Every forward before any backward: all activations live, no gradient made yet.
+    no_grads_yet = config.schedule in FORWARDS_FIRST and not last
     return _split(
         **common,
-        grads=0 if lay.data_parallel == "fsdp" else state.grads,
+        grads=0 if lay.data_parallel == "fsdp" or no_grads_yet else state.grads,
         activations=_activations(in_flight, config) + recomputed,
         temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],

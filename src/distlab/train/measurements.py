@@ -58,6 +58,7 @@ from distlab.measure.step_memory import (
 )
 from distlab.model import PRESETS, flops_per_token
 from distlab.run.files import MEMORY_TIMELINE_PNG, RANKS_DIR, memory_rank_file, read_memory_ranks
+from distlab.strategies.pipeline_schedules import schedule_spec
 
 
 class RunMeasurements:
@@ -245,8 +246,13 @@ def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
     optimizer state; the second is the steady state) and the run's last step.
     Never under ``--compile``: a tracker is a dispatch mode, and torch.compile
     does not compile a frame while one is active (the blocks would run eagerly).
+    Never under a pipeline schedule that splits the backward into input and weight
+    gradients (zbv, dualpipev, interleaved-zb): the tracker's multi-grad hooks on
+    module inputs make that ``autograd.grad`` fail in torch 2.13.
     """
     if config.track_memory == "off" or config.compile:
+        return False
+    if schedule_spec(config.schedule).split_backward:
         return False
     return config.track_memory == "every" or steps_done < 2 or step == config.steps - 1
 
