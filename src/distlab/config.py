@@ -159,6 +159,10 @@ class Config:
     """Tensor-parallel degree (tp and compositions with tp)."""
     pp: int = 1
     """Pipeline-parallel degree, i.e. stages (pp and compositions with pp)."""
+    cp: int = 1
+    """Context-parallel degree (cp and compositions with cp): ranks that split every sequence
+    into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; default for strategy cp: all
+    ranks."""
     schedule: str = "1f1b"
     """Pipeline schedule: gpipe, 1f1b or interleaved-1f1b."""
     microbatches: int | None = None

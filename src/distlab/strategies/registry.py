@@ -19,6 +19,7 @@ STRATEGIES: dict[str, str] = {
     "hsdp": "distlab.strategies.hsdp:HSDPStrategy",
     "tp": "distlab.strategies.tensor_parallel:TPStrategy",
     "pp": "distlab.strategies.pipeline_parallel:PPStrategy",
+    "cp": "distlab.strategies.context_parallel:CPStrategy",
     "fsdp+tp": "distlab.strategies.composed:FSDPTPStrategy",
     "ddp+pp": "distlab.strategies.composed:DDPPPStrategy",
     "fsdp+pp": "distlab.strategies.composed:FSDPPPStrategy",
