@@ -53,6 +53,12 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            the same bytes in A (or M) times as many calls
     pp     send M activations of (B/M) T d to the next stage, receive M gradients
            back (and the reverse for later stages)
+    cp     per layer and micro-batch, all-gather the keys and the values over the C
+           context-parallel ranks (2 gathers of B T d / tp elements each: the gathered
+           output, the whole sequence) in forward, again when --ac recomputes the
+           block, and reduce-scatter their gradients in backward (2 of B T d / tp);
+           plus the data parallelism's gradient reduction (ddp or fsdp) over the
+           dp x C ranks (cp ranks average their gradients too)
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
@@ -179,11 +185,18 @@ class Layout:
     pp: int
     replicate: int = 1
     """Replica groups of hsdp (``ParallelDims.replicate``); 1 otherwise."""
+    cp: int = 1
+    """Context-parallel degree (``ParallelDims.cp``)."""
+
+    @property
+    def reducers(self) -> int:
+        """Ranks the gradients (and the loss) are averaged over: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def shard(self) -> int:
-        """Ranks FSDP shards over: dp, or dp / replicate under hsdp."""
-        return self.dp // self.replicate
+        """Ranks FSDP shards over: dp x cp, divided by replicate under hsdp."""
+        return self.reducers // self.replicate
 
 
 def compute_bytes(config: Config, lay: Layout) -> int:
@@ -203,7 +216,7 @@ def layout(config: Config) -> Layout | None:
     if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
         return None
     dims = strategy.dims(config)
-    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate)
+    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate, dims.cp)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -230,7 +243,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
     # Data parallelism over the dp ranks.
     dp = lay.dp
     if lay.data_parallel == "ddp":
-        pred.add("all_reduce", FP32 * p_local, dp, calls=None)
+        pred.add("all_reduce", FP32 * p_local, lay.reducers, calls=None)
         formulas.append("all-reduce 4P")
     elif lay.data_parallel == "fsdp":
         formulas.append(_fsdp_comm(pred, config, lay, shapes, accum, model_bytes))
@@ -275,8 +288,8 @@ def predict_comm(config: Config) -> CommPrediction | None:
         small = 8 if lay.data_parallel != "zero3" else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
         pred.add("all_reduce", small, dp, calls=None)
-    elif dp > 1:
-        pred.add("all_reduce", FP32, dp)  # the loss mean over data-parallel ranks
+    elif lay.reducers > 1:
+        pred.add("all_reduce", FP32, lay.reducers)  # the loss mean over data-parallel ranks
 
     # Tensor parallelism inside each replica/stage.
     tp = lay.tp
@@ -303,6 +316,9 @@ def predict_comm(config: Config) -> CommPrediction | None:
             if degree > 1:
                 pred.add("all_reduce", FP32 * n_tensors, degree)
 
+    if lay.cp > 1:
+        formulas.append(_context_parallel_comm(pred, config, lay, rows * seq, accum, matmul_bytes))
+
     # Pipeline parallelism between stages.
     if lay.pp > 1:
         _pipeline_comm(pred, config, lay, rows, seq, model_bytes)
@@ -315,7 +331,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
 
 def microbatches(config: Config, lay: Layout) -> int:
     """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
-    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp))
+    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp, cp=lay.cp))
 
 
 def _layers_of(config: Config, lay: Layout) -> int:
@@ -372,6 +388,24 @@ def _fsdp_comm(
         pred.add("all_reduce", shard_bytes, lay.replicate, calls=units)
         formula += f" + all-reduce 4P'/{dp} over {lay.replicate} replicas"
     return formula
+
+
+def _context_parallel_comm(
+    pred: CommPrediction, config: Config, lay: Layout, tokens: int, accum: int, element: int
+) -> str:
+    """The keys' and values' all-gathers and their gradients' reduce-scatters
+    (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
+    sequences, in ``accum`` micro-batches; ``element`` bytes each (K and V are matmul outputs:
+    bf16 under autocast and under FSDP's bf16 policy); the formula."""
+    shape = PRESETS[config.model]
+    layers = _layers_of(config, lay)
+    volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
+    gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
+    calls = accum * 2 * layers
+    pred.add("all_gather", gathers * 2 * layers * volume, lay.cp, calls=gathers * calls)
+    pred.add("reduce_scatter", 2 * layers * volume, lay.cp, calls=calls)
+    again = f"{gathers} x " if gathers > 1 else ""
+    return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {lay.cp} cp ranks)"
 
 
 def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:
