@@ -33,6 +33,12 @@ and the log-softmax (t V, fp32). Activation checkpointing keeps only each
 block's input (``--ac full``: t h per block) or the matmul and attention
 outputs (``--ac selective``: 11 t h per block without tensor parallelism).
 
+Context parallelism over C ranks: t is the rank's tokens, rows x seq / C, and
+attention saves the keys and values all-gathered from the C ranks (the whole
+sequence, 2 C t h / T) instead of the local ones (2 t h / T): 2 (C - 1) t h / T
+more per block. Under checkpointing the gathered keys and values are not kept
+(``--ac selective`` keeps the local k and v matmul outputs and gathers again).
+
 The peak is the largest of a few candidate moments (``Moment``):
 
 - **start of backward**: every saved activation, the parameters, the optimizer
@@ -144,6 +150,8 @@ class StepShape:
     sequence_parallel: bool
     element: int
     ac: str
+    cp: int = 1
+    """Context-parallel degree: ``tokens`` are this rank's 1/cp of each sequence."""
 
 
 def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.05) -> dict:
@@ -173,7 +181,7 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
         rows = config.global_batch // lay.dp // grad_accum_steps(config, lay.dp)
         in_flight = 1
     return StepShape(
-        tokens=rows * seq,
+        tokens=rows * seq // lay.cp,
         layers=layers,
         has_first="wte.weight" in names,
         has_last="lm_head.weight" in names,
@@ -182,6 +190,7 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
         sequence_parallel=config.sequence_parallel and lay.tp > 1,
         element=compute_bytes(config, lay),
         ac=config.ac,
+        cp=lay.cp,
     )
 
 
@@ -215,8 +224,10 @@ def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
         # local matmul result and, with T > 1, the all-reduced one), up output
         reduced = 2 * t * d * (2 if tp > 1 else 1)
         return e * (replicated + 8 * t * d // tp + reduced) + lse
-    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered)
-    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp) + stats + lse
+    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered);
+    # attention keeps the keys and values of all cp ranks
+    gathered_kv = 2 * (shape.cp - 1) * t * d // tp
+    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp + gathered_kv) + stats + lse
 
 
 def block_in_backward_bytes(shape: StepShape, n_head: int, d: int) -> int:
