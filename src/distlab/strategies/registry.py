@@ -24,6 +24,7 @@ STRATEGIES: dict[str, str] = {
     "ddp+pp": "distlab.strategies.composed:DDPPPStrategy",
     "fsdp+pp": "distlab.strategies.composed:FSDPPPStrategy",
     "fsdp+tp+pp": "distlab.strategies.composed:FSDPTPPPStrategy",
+    "fsdp+cp": "distlab.strategies.composed:FSDPCPStrategy",
     "zero1": "distlab.strategies.deepspeed_zero:Zero1Strategy",
     "zero2": "distlab.strategies.deepspeed_zero:Zero2Strategy",
     "zero3": "distlab.strategies.deepspeed_zero:Zero3Strategy",
