@@ -25,6 +25,7 @@ SAMPLE = {
     "dp_shard": 2,
     "tp": 2,
     "pp": 2,
+    "cp": 2,
     "schedule": "gpipe",
     "microbatches": 4,
     "sequence_parallel": True,
@@ -64,6 +65,8 @@ def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: s
         overrides["tp"] = 2
     elif "pp" in strategy:
         overrides["pp"] = 2
+    elif strategy.endswith("+cp"):
+        overrides["cp"] = 2
     load_config(None, overrides)  # valid without the option
     with pytest.raises(DistlabError) as error:
         load_config(None, {**overrides, option: SAMPLE[option]})

@@ -273,6 +273,8 @@ def _run_name(config: Config) -> str:
     parts = [config.strategy, f"n{config.nproc}", config.optimizer, f"s{config.steps}"]
     if config.tp > 1 or config.pp > 1:
         parts += [f"tp{config.tp}", f"pp{config.pp}", config.schedule]
+    if config.cp > 1:
+        parts.append(f"cp{config.cp}")
     if config.dp_replicate is not None or config.dp_shard is not None:
         parts.append(f"r{config.dp_replicate}s{config.dp_shard}")
     if config.global_batch != PARITY_GLOBAL_BATCH:
