@@ -67,13 +67,14 @@ def test_gathered_chunks_reordered_are_the_sequence(cp: int) -> None:
         ("cp", 4, {"cp": 2}, (2, 2)),
         ("fsdp+cp", 4, {"cp": 2}, (2, 2)),
         ("fsdp+cp", 4, {"cp": 4}, (1, 4)),
+        ("fsdp+cp+tp", 8, {"cp": 2, "tp": 2}, (2, 2)),
     ],
 )
 def test_degrees(strategy: str, nproc: int, flags: dict, expected: tuple) -> None:
     config = load_config(None, {"strategy": strategy, "nproc": nproc, "model": "tiny", **flags})
     dims = registry.describe(strategy).dims(config)
     assert (dims.dp, dims.cp) == expected
-    assert dims.reducers == nproc  # gradients are averaged over every rank
+    assert dims.reducers * dims.tp == nproc  # gradients are averaged over all but tp ranks
 
 
 @pytest.mark.parametrize(
@@ -86,6 +87,8 @@ def test_degrees(strategy: str, nproc: int, flags: dict, expected: tuple) -> Non
         ({"strategy": "fsdp+cp", "nproc": 4}, "strategy 'fsdp+cp' needs --cp >= 2 (got 1)"),
         ({"strategy": "fsdp+cp", "nproc": 4, "cp": 3}, "--nproc 4 is not divisible by --cp 3"),
         ({"strategy": "fsdp+cp", "nproc": 4, "cp": 2, "dp": 4}, "--dp 4 x --cp 2 x --tp 1"),
+        ({"strategy": "fsdp+cp+tp", "nproc": 4, "cp": 2}, "'fsdp+cp+tp' needs --tp >= 2"),
+        ({"strategy": "fsdp+cp+tp", "nproc": 8, "cp": 4, "tp": 4}, "--nproc 8 is not divisible"),
         ({"strategy": "ddp", "nproc": 2, "cp": 2}, "--cp 2 is not used by strategy 'ddp'"),
         ({"strategy": "cp", "nproc": 2, "compile": True}, "--compile is not supported by"),
     ],
@@ -148,9 +151,12 @@ PARITY = [
     pytest.param("cp", 4, {}, "adamw", marks=pytest.mark.slow),  # 23 s on 2 cores
     pytest.param("fsdp+cp", 4, {"cp": 2}, "sgd"),
     pytest.param("fsdp+cp", 4, {"cp": 2}, "adamw"),
+    pytest.param("fsdp+cp+tp", 4, {"cp": 2, "tp": 2}, "sgd"),
+    pytest.param("fsdp+cp+tp", 4, {"cp": 2, "tp": 2}, "adamw", marks=pytest.mark.slow),
 ]
-"""cp over 2 and 4 ranks (8 chunks of 4 tokens at 4), and 2 replicas x 2 cp ranks under FSDP,
-with SGD (which catches a gradient summed instead of averaged) and AdamW."""
+"""cp over 2 and 4 ranks (8 chunks of 4 tokens at 4), 2 replicas x 2 cp ranks under FSDP, and
+2 cp ranks x 2 tp ranks (each gathers the keys and values of its 2 heads), with SGD (which
+catches a gradient summed instead of averaged) and AdamW."""
 
 
 @pytest.mark.parametrize(("strategy", "nproc", "fields", "optimizer"), PARITY)
@@ -188,6 +194,7 @@ COMM_CELLS = {
         "ac": "full",
     },
     "fsdp+cp": {"strategy": "fsdp+cp", "cp": 2},
+    "fsdp+cp+tp": {"strategy": "fsdp+cp+tp", "cp": 2, "tp": 2},
 }
 
 

@@ -199,3 +199,16 @@ class FSDPTPPPStrategy(ComposedStrategy):
     summary = "3D: pipeline stages, tensor parallel inside each, FSDP2 over --dp replicas"
     tensor_parallel = True
     pipeline = True
+
+
+class FSDPCPTPStrategy(ComposedStrategy):
+    """Tensor parallel inside, context parallel across tp groups, FSDP2 over dp x cp."""
+
+    name = "fsdp+cp+tp"
+    summary = (
+        "3D: tensor parallel within --tp ranks, every sequence split over --cp tp groups "
+        "(K/V of the local heads gathered), FSDP2 over --dp x --cp"
+    )
+    tensor_parallel = True
+    context_parallel = True
+    compile_refusal = CPStrategy.compile_refusal

@@ -25,6 +25,7 @@ STRATEGIES: dict[str, str] = {
     "fsdp+pp": "distlab.strategies.composed:FSDPPPStrategy",
     "fsdp+tp+pp": "distlab.strategies.composed:FSDPTPPPStrategy",
     "fsdp+cp": "distlab.strategies.composed:FSDPCPStrategy",
+    "fsdp+cp+tp": "distlab.strategies.composed:FSDPCPTPStrategy",
     "zero1": "distlab.strategies.deepspeed_zero:Zero1Strategy",
     "zero2": "distlab.strategies.deepspeed_zero:Zero2Strategy",
     "zero3": "distlab.strategies.deepspeed_zero:Zero3Strategy",

@@ -299,7 +299,7 @@ def predict_comm(config: Config) -> CommPrediction | None:
         else:
             layers = _layers_of(config, lay)
             first, last = _has_first_last(config, lay)
-            tokens = rows * seq
+            tokens = rows * seq // lay.cp  # a cp rank computes its slice of each sequence
             count = 6 * layers + (1 if first else 0) + (1 if last else 0)
             # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
             # backward input gradients) are in the model's dtype (fp32 under autocast).
