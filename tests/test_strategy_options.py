@@ -26,6 +26,7 @@ SAMPLE = {
     "tp": 2,
     "pp": 2,
     "cp": 2,
+    "cp_attention": "ring",
     "schedule": "gpipe",
     "microbatches": 4,
     "sequence_parallel": True,

@@ -74,7 +74,7 @@ def parallelize(
         # in-place op on them would skip its pre-backward hook. Only the loss reads them.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     if dims.cp > 1:
-        apply_cp(module, mesh["cp"])
+        apply_cp(module, mesh["cp"], config.cp_attention)
     apply_ac(module, config.ac)
     if config.compile:
         apply_compile(module)

@@ -84,7 +84,7 @@ from distlab.strategies.base import (
 )
 from distlab.strategies.parallel_dims import ParallelDims
 
-CP_OPTIONS = frozenset({"cp"})
+CP_OPTIONS = frozenset({"cp", "cp_attention"})
 """Config fields of context parallelism."""
 
 
@@ -140,17 +140,87 @@ class ContextParallelAttention:
         return self.masks[key]
 
 
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> None:
-    """Make every block of ``model`` attend over the sequence split across ``cp_mesh``."""
-    attention = ContextParallelAttention(
-        cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank()
-    )
+class RingShift(torch.autograd.Function):
+    """Pass a tensor one step around the cp ring: send it to the next rank, receive the
+    previous rank's. Backward passes the gradients one step back the other way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return RingShift.exchange(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return RingShift.exchange(grad, ctx.group, -1), None
+
+    @staticmethod
+    def exchange(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> torch.Tensor:
+        """Send ``x`` to the rank ``step`` ahead in the ring; return what the rank ``step``
+        behind sent."""
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        peer = [dist.get_global_rank(group, (rank + d) % size) for d in (step, -step)]
+        x = x.contiguous()
+        received = torch.empty_like(x)
+        ops = [
+            dist.P2POp(dist.isend, x, peer[0], group),
+            dist.P2POp(dist.irecv, received, peer[1], group),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return received
+
+
+class RingAttention(ContextParallelAttention):
+    """``--cp-attention ring``: the keys and values travel around the cp ring instead.
+
+    In cp - 1 steps every rank passes the block of keys and values it holds to
+    the next rank (``RingShift``: send/recv), so after the last step it has
+    seen every rank's. Each block's scores q k^T are masked by the global
+    positions of its keys; one softmax over all of them, then a weighted sum of
+    the value blocks. Backward sends the gradients of the keys and values back
+    around the ring, each rank adding its own share: cp - 1 messages of one
+    block each, where gloo's reduce-scatter (an all-reduce) sends twice that.
+    Written with plain matmuls (SDPA returns no log-sum-exp to merge blocks
+    with), so it keeps the softmax output, (heads, local tokens, sequence) per
+    row: the lab's comparison of communication, not a memory-saving kernel.
+    """
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        local = q.shape[2]
+        mask = self.causal_mask(local, q.device)
+        scores, values = [], []
+        for step in range(self.cp):
+            source = (self.cp_rank - step) % self.cp  # whose keys this rank holds now
+            keys = held_positions(local * self.cp, self.cp, source).to(q.device)
+            block = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            scores.append(block.masked_fill(~mask[:, keys], float("-inf")))
+            values.append(v)
+            if step < self.cp - 1:
+                k, v = RingShift.apply(k, self.group), RingShift.apply(v, self.group)
+        weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+        return weights.to(v.dtype) @ torch.cat(values, dim=2)
+
+
+CP_ATTENTION = {"allgather": ContextParallelAttention, "ring": RingAttention}
+"""``--cp-attention``: how a rank gets the keys and values of the rest of the sequence."""
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, kind: str = "allgather") -> None:
+    """Make every block of ``model`` attend over the sequence split across ``cp_mesh``,
+    with the ``kind`` of attention (``CP_ATTENTION``)."""
+    attention = CP_ATTENTION[kind](cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
     for block in model.blocks.values():
         block.attn.attention = attention
 
 
 def validate_cp(config: Config, cp: int) -> None:
-    """One-line error unless every sequence splits into 2 cp equal chunks."""
+    """One-line error unless every sequence splits into 2 cp equal chunks and
+    ``--cp-attention`` names a kind of attention."""
+    if config.cp_attention not in CP_ATTENTION:
+        raise DistlabError(
+            f"unknown --cp-attention '{config.cp_attention}' "
+            f"(choose one of: {', '.join(CP_ATTENTION)})"
+        )
     seq_len = resolved_seq_len(config)
     if seq_len % (2 * cp):
         raise DistlabError(
@@ -237,7 +307,7 @@ class CPStrategy(ReplicatedStateStrategy):
         dims = self.dims(config)
         mesh = dims.build_mesh(ctx.device_type)
         model.to(ctx.device)
-        apply_cp(model, mesh["cp"])
+        apply_cp(model, mesh["cp"], config.cp_attention)
         apply_ac(model, config.ac)
         device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
         # Every rank: the dp x cp ranks are the whole world (no tp, no pp).

@@ -58,7 +58,9 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            output, the whole sequence) in forward, again when --ac recomputes the
            block, and reduce-scatter their gradients in backward (2 of B T d / tp);
            plus the data parallelism's gradient reduction (ddp or fsdp) over the
-           dp x C ranks (cp ranks average their gradients too)
+           dp x C ranks (cp ranks average their gradients too). --cp-attention ring:
+           send (and receive) (C - 1) blocks of B T d / (C tp) per layer for K and for V
+           in forward (again under --ac) and as many gradient blocks in backward
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
@@ -401,10 +403,22 @@ def _context_parallel_comm(
     layers = _layers_of(config, lay)
     volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
     gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
+    again = f"{gathers} x " if gathers > 1 else ""
+    if config.cp_attention == "ring":
+        # cp - 1 steps, each passing one rank's block (1/cp of the sequence) of K and of V;
+        # backward passes their gradients back the same number of steps
+        steps = 2 * layers * (lay.cp - 1)
+        block = volume // lay.cp
+        messages = (gathers + 1) * steps
+        pred.add("send", messages * block, lay.cp, calls=accum * messages)
+        pred.add("recv", messages * block, lay.cp, calls=accum * messages)
+        return (
+            f"send/recv ({again}2L + 2L) x (cp - 1) blocks of BTd/cp "
+            f"(K, V and their gradients around the ring of {lay.cp} cp ranks)"
+        )
     calls = accum * 2 * layers
     pred.add("all_gather", gathers * 2 * layers * volume, lay.cp, calls=gathers * calls)
     pred.add("reduce_scatter", 2 * layers * volume, lay.cp, calls=calls)
-    again = f"{gathers} x " if gathers > 1 else ""
     return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {lay.cp} cp ranks)"
 
 
