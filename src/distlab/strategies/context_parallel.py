@@ -188,6 +188,8 @@ class RingAttention(ContextParallelAttention):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         local = q.shape[2]
         mask = self.causal_mask(local, q.device)
+        # contiguous once: each matmul would otherwise copy (and keep) its own q and k
+        q, k = q.contiguous(), k.contiguous()
         scores, values = [], []
         for step in range(self.cp):
             source = (self.cp_rank - step) % self.cp  # whose keys this rank holds now
