@@ -34,6 +34,10 @@ DTensor has no sharding rule for ``_scaled_dot_product_flash_attention_for_cpu``
 ``DESIGN.md``). On a GPU torch's version would work (ring attention with
 load-balanced shards), but it is not used here: nothing in this lab could test it.
 
+``--cp-attention ring`` (``RingAttention``) passes the keys and values around
+the cp group with send/recv instead (cp - 1 steps), for comparing the two
+communication patterns; see its docstring.
+
 Gradients. Each rank's loss is the mean over its own tokens; the global
 batch's loss is the mean of those over the dp x cp ranks (every rank holds as
 many tokens), and so is its gradient: a rank's backward gives the gradient of
@@ -59,6 +63,7 @@ rows of the global batch.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -145,12 +150,12 @@ class RingShift(torch.autograd.Function):
     previous rank's. Backward passes the gradients one step back the other way."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         return RingShift.exchange(x, group, 1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return RingShift.exchange(grad, ctx.group, -1), None
 
     @staticmethod
@@ -241,11 +246,11 @@ class ContextParallelTrainStep(ModuleTrainStep):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         positions: torch.Tensor,
         loss_group: dist.ProcessGroup | None,
         loss_size: int,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.positions = positions.to(self.ctx.device)
@@ -285,7 +290,8 @@ class CPStrategy(ReplicatedStateStrategy):
     name = "cp"
     summary = (
         "context parallel: each of --cp ranks holds 2 head/tail chunks of every sequence, "
-        "K/V all-gathered per layer; DDP over all ranks"
+        "K/V all-gathered per layer (--cp-attention ring: passed around the ring); DDP over "
+        "all ranks"
     )
     options = CP_OPTIONS
     data_parallel = "ddp"
