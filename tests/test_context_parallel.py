@@ -149,7 +149,7 @@ PARITY = [
     pytest.param("cp", 2, {}, "sgd"),
     pytest.param("cp", 2, {}, "adamw"),
     pytest.param("cp", 4, {}, "sgd"),
-    pytest.param("cp", 4, {}, "adamw", marks=pytest.mark.slow),  # 23 s on 2 cores
+    pytest.param("cp", 4, {}, "adamw"),
     pytest.param("fsdp+cp", 4, {"cp": 2}, "sgd"),
     pytest.param("fsdp+cp", 4, {"cp": 2}, "adamw"),
     pytest.param("fsdp+cp+tp", 4, {"cp": 2, "tp": 2}, "sgd"),
