@@ -26,6 +26,8 @@ SAMPLE = {
     "ep": 2,
     "tp": 2,
     "pp": 2,
+    "cp": 2,
+    "cp_attention": "ring",
     "schedule": "gpipe",
     "microbatches": 4,
     "sequence_parallel": True,
@@ -60,12 +62,8 @@ def test_every_option_has_a_sample_and_a_default() -> None:
 def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: str) -> None:
     model = "small-moe" if strategy == "ep" else "small"
     overrides = {"strategy": strategy, "nproc": nproc(strategy), "model": model}
-    if strategy == "fsdp+tp+pp":
-        overrides.update(tp=2, pp=2)
-    elif "tp" in strategy:
-        overrides["tp"] = 2
-    elif "pp" in strategy:
-        overrides["pp"] = 2
+    parts = strategy.split("+")
+    overrides.update({degree: 2 for degree in ("tp", "pp", "cp") if degree in parts})
     load_config(None, overrides)  # valid without the option
     with pytest.raises(DistlabError) as error:
         load_config(None, {**overrides, option: SAMPLE[option]})

@@ -163,6 +163,14 @@ class Config:
     """Tensor-parallel degree (tp and compositions with tp)."""
     pp: int = 1
     """Pipeline-parallel degree, i.e. stages (pp and compositions with pp)."""
+    cp: int = 1
+    """Context-parallel degree (cp and compositions with cp): ranks that split every sequence
+    into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; default for strategy cp: all
+    ranks."""
+    cp_attention: str = "allgather"
+    """How a context-parallel rank gets the other ranks' keys and values: ``allgather`` (one
+    all-gather per layer, reduce-scatter in backward) or ``ring`` (cp - 1 send/recv steps
+    around the ring, the gradients sent back the same way)."""
     schedule: str = "1f1b"
     """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zb, zbv or
     dualpipev (``distlab.strategies.pipeline_schedules``)."""

@@ -18,6 +18,7 @@ The ``-moe`` presets replace each block's MLP by a mixture of experts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,26 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled-dot-product attention over (batch, heads, seq, head_dim) tensors."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``attention(q, k, v) -> output``, all (batch, heads, seq, head_dim)."""
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate q, k, v and output projections."""
+    """Multi-head causal self-attention with separate q, k, v and output projections.
+
+    ``attention`` computes softmax(q k^T) v from the projected heads; it is an
+    attribute so a strategy can replace it (context parallelism attends the
+    local queries to the keys of the whole sequence, gathered from other ranks).
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        self.attention: AttentionFunction = causal_attention
         self.n_head = config.n_head
         self.head_dim = config.d_model // config.n_head
         self.q = nn.Linear(config.d_model, config.d_model)
@@ -78,7 +94,7 @@ class CausalSelfAttention(nn.Module):
             layer(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
             for layer in (self.q, self.k, self.v)
         )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -129,10 +145,13 @@ class GPT(nn.Module):
         self.ln_f: nn.LayerNorm | None = nn.LayerNorm(config.d_model)
         self.lm_head: nn.Linear | None = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tokens``; ``positions``: each column's position in the sequence
+        (default 0, 1, ...; context parallelism passes those of the tokens a rank holds)."""
         x = tokens
         if self.wte is not None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            if positions is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device)
             x = self.wte(tokens) + self.wpe(positions)
         for block in self.blocks.values():
             x = block(x)

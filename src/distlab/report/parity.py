@@ -43,6 +43,14 @@ described above). So 1e-5 on losses (100x margin) and 1e-4 on AdamW weights
 graph replayed with the wrong weights, a missed gradient) moves losses by 1e-3
 or more.
 
+``--cp-attention ring`` is held to the same AdamW weight tolerance: it computes
+attention with plain matmuls and a softmax over the ring's key blocks instead of
+SDPA's fused kernel, the same numbers summed in another order. Measured (cp x4,
+5 steps): losses within 1.7e-7, SGD weights within 1.2e-7, AdamW weights within
+5.0e-6; a version that only laid q and k out differently in memory (so its
+matmuls summed in another order) reached 1.02e-5 in one MLP up-projection
+element (a dead GELU unit), the rest under 2e-6.
+
 bf16 (``parity_config(..., precision="bf16")``, checked against a bf16
 ``single`` run): the bounds are derived in ``bf16_tolerance``'s docstring,
 with the differences measured for every strategy family.
@@ -121,7 +129,10 @@ def tolerance(config: Config) -> Tolerance:
     if config.precision == "bf16":
         return bf16_tolerance(config)
     options = registry.describe(config.strategy).options
-    reordered = bool(options & MODEL_PARALLEL_OPTIONS) or config.compile
+    # ring attention: plain matmuls and softmax instead of SDPA's kernel, as --compile
+    reordered = (
+        bool(options & MODEL_PARALLEL_OPTIONS) or config.compile or config.cp_attention == "ring"
+    )
     if config.optimizer == "adamw" and reordered:
         return Tolerance(LOSS_RTOL, ADAMW_MODEL_PARALLEL_PARAM_ATOL)
     return Tolerance(LOSS_RTOL, PARAM_ATOL)
@@ -277,6 +288,10 @@ def _run_name(config: Config) -> str:
         parts.append(f"ep{config.ep}")
     if config.tp > 1 or config.pp > 1:
         parts += [f"tp{config.tp}", f"pp{config.pp}", config.schedule]
+    if config.cp > 1:
+        parts.append(f"cp{config.cp}")
+    if config.cp_attention != DEFAULTS["cp_attention"]:
+        parts.append(config.cp_attention)
     if config.dp_replicate is not None or config.dp_shard is not None:
         parts.append(f"r{config.dp_replicate}s{config.dp_shard}")
     if config.global_batch != PARITY_GLOBAL_BATCH:

@@ -299,9 +299,9 @@ class ModuleTrainStep(OptimizerTrainStep):
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
         for index, (x, y) in enumerate(micro_batches):
             with self.gradient_sync(index == self.accum - 1):
-                with autocast(self.ctx.device_type, self.config.precision, self.model):
-                    logits = self.model(x.to(device, non_blocking=True))
-                loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                loss = self.forward_loss(
+                    x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                )
                 aux = auxiliary_loss(self.moe_layers)
                 ((loss if aux is None else loss + aux) / self.accum).backward()
             loss_sum += loss.detach()
@@ -311,12 +311,23 @@ class ModuleTrainStep(OptimizerTrainStep):
         self._record_state_bytes()
         self.model.zero_grad(set_to_none=not self.keep_gradients)
         self.scheduler.step()
-        mean_loss = mean_over_group(loss_sum / self.accum, self.dp_group, self.dp_size)
+        mean_loss = self.mean_loss(loss_sum / self.accum)
         return StepResult(loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally))
 
     def routing(self, tally: RoutingTally) -> dict[str, float | list[int]]:
         """The step's routing statistics (``StepResult.routing``)."""
         return tally.metrics()
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The language-model loss of one micro-batch on this rank (the MoE balance loss,
+        if any, is added to it for the backward)."""
+        with autocast(self.ctx.device_type, self.config.precision, self.model):
+            logits = self.model(inputs)
+        return language_model_loss(logits, targets)
+
+    def mean_loss(self, local: torch.Tensor) -> float:
+        """The global batch's mean loss from this rank's: the mean over the data-parallel ranks."""
+        return mean_over_group(local, self.dp_group, self.dp_size)
 
     def clip_gradients(self) -> float:
         """Clip to ``config.grad_clip`` and return the global gradient norm."""

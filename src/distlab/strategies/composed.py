@@ -1,14 +1,20 @@
-"""Compositions: data x tensor x pipeline parallelism on one (pp, dp, tp) device mesh.
+"""Compositions: data x context x tensor x pipeline parallelism on one (pp, dp, cp, tp) mesh.
 
 ``parallelize`` applies the parallelisms in the only order that works:
 
 1. pipeline split: each rank keeps its stages' layers (``pipeline_parallel``);
 2. tensor parallelism inside each stage, over the mesh's ``tp`` dimension
    (``tensor_parallel.apply_tp``): parameters become DTensors on the tp mesh;
+   context parallelism over the ``cp`` dimension (``context_parallel.apply_cp``:
+   each block's attention gathers the keys and values of its local heads);
    then ``--ac`` checkpoints each block (``activation_checkpoint``) and
    ``--compile`` compiles it (``regional_compile``);
-3. data parallelism around each stage over the ``dp`` dimension: FSDP2
-   ``fully_shard`` (which shards the tp DTensors further, "2D") or DDP.
+3. data parallelism around each stage over the ``dp`` dimension, or with
+   context parallelism over ``dp`` and ``cp`` flattened into one (the cp ranks
+   of a replica compute gradients of the same rows, which must be averaged
+   like the replicas', and FSDP then shards the state over all dp x cp ranks,
+   as torchtitan does): FSDP2 ``fully_shard`` (which shards the tp DTensors
+   further, "2D") or DDP.
 
 Data parallelism comes last because it must see the final parameters (FSDP
 shards whatever tensors the module holds, DDP registers hooks on them), and
@@ -16,7 +22,9 @@ the pipeline comes first because the other two act on a stage's module.
 
 Example: ``--strategy fsdp+tp+pp --dp 2 --tp 2 --pp 2 --nproc 8``: ranks 0-3
 hold stage 0 and 4-7 stage 1; within a stage, ranks {0,1} and {2,3} are
-tensor-parallel pairs and {0,2}, {1,3} FSDP pairs.
+tensor-parallel pairs and {0,2}, {1,3} FSDP pairs. ``--strategy fsdp+cp --dp 2
+--cp 2 --nproc 4``: ranks {0,1} and {2,3} split the sequences of their replica's
+rows, and FSDP shards the model state over all four.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
-from distlab.config import Config
+from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
@@ -41,6 +49,14 @@ from distlab.strategies.base import (
     Strategy,
     TrainStep,
 )
+from distlab.strategies.context_parallel import (
+    CP_OPTIONS,
+    ContextParallelTrainStep,
+    CPStrategy,
+    apply_cp,
+    held_positions,
+    validate_cp,
+)
 from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
@@ -52,19 +68,22 @@ from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 def parallelize(
     module: GPT, mesh: DeviceMesh, dims: ParallelDims, config: Config, data_parallel: str
 ) -> nn.Module:
-    """Tensor parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or ddp) on a
-    model/stage."""
+    """Tensor and context parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or
+    ddp, over ``dims.reduction_mesh``: dp, or dp x cp) on a model/stage."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"], config.sequence_parallel)
         # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
         # in-place op on them would skip its pre-backward hook. Only the loss reads them.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    if dims.cp > 1:
+        apply_cp(module, mesh["cp"], config.cp_attention)
     apply_ac(module, config.ac)
     if config.compile:
         apply_compile(module)
+    replicas = dims.reduction_mesh(mesh)
     if data_parallel == "fsdp":
-        return apply_fsdp(module, mesh["dp"], config.reshard_after_forward, config.precision)
-    return DistributedDataParallel(module, process_group=mesh["dp"].get_group())
+        return apply_fsdp(module, replicas, config.reshard_after_forward, config.precision)
+    return DistributedDataParallel(module, process_group=replicas.get_group())
 
 
 class ComposedStrategy(Strategy):
@@ -74,11 +93,14 @@ class ComposedStrategy(Strategy):
     """``fsdp`` or ``ddp``: how replicas along the mesh's dp dimension share the work."""
     tensor_parallel = False
     pipeline = False
+    context_parallel = False
 
     @property
     def options(self) -> frozenset[str]:  # type: ignore[override]
         """``dp``, plus the fields of each parallelism this composition includes."""
         fields = {"dp"}
+        if self.context_parallel:
+            fields |= CP_OPTIONS
         if self.tensor_parallel:
             fields |= TP_OPTIONS
         if self.pipeline:
@@ -88,10 +110,14 @@ class ComposedStrategy(Strategy):
         return frozenset(fields)
 
     def dims(self, config: Config) -> ParallelDims:
-        return resolve_dims(config, self.name, True, self.tensor_parallel, self.pipeline)
+        return resolve_dims(
+            config, self.name, True, self.tensor_parallel, self.pipeline, self.context_parallel
+        )
 
     def validate(self, config: Config) -> None:
         dims = self.dims(config)
+        if self.context_parallel:
+            validate_cp(config, dims.cp)
         if self.tensor_parallel:
             validate_tp(config, dims.tp)
         if self.pipeline:
@@ -125,17 +151,26 @@ class ComposedStrategy(Strategy):
             return PipelineTrainStep(model, ctx, config, dims, mesh, wrap_stage)
         model.to(ctx.device)
         wrapped = parallelize(model, mesh, dims, config, self.data_parallel)
-        return ModuleTrainStep(
+        settings = {
+            "dp_rank": mesh["dp"].get_local_rank(),
+            "dp_size": dims.dp,
+            "dp_group": mesh["dp"].get_group(),
+            "gradient_sync": MicroBatchSettings(
+                wrapped, config.reshard_after_forward, config.reshard_between_microbatches
+            ),
+            "plain_model": model,
+        }
+        if dims.cp == 1:
+            return ModuleTrainStep(wrapped, ctx, config, **settings)
+        cp_rank = mesh["cp"].get_local_rank()
+        return ContextParallelTrainStep(
             wrapped,
             ctx,
             config,
-            dp_rank=mesh["dp"].get_local_rank(),
-            dp_size=dims.dp,
-            dp_group=mesh["dp"].get_group(),
-            gradient_sync=MicroBatchSettings(
-                wrapped, config.reshard_after_forward, config.reshard_between_microbatches
-            ),
-            plain_model=model,
+            **settings,
+            positions=held_positions(resolved_seq_len(config), dims.cp, cp_rank),
+            loss_group=dims.reduction_mesh(mesh).get_group(),
+            loss_size=dims.reducers,
         )
 
 
@@ -158,8 +193,32 @@ class FSDPPPStrategy(ComposedStrategy):
     pipeline = True
 
 
+class FSDPCPStrategy(ComposedStrategy):
+    """FSDP2 over the dp x cp ranks flattened; every sequence split over the --cp ranks."""
+
+    name = "fsdp+cp"
+    summary = (
+        "2D: context parallel within --cp ranks (sequences split), FSDP2 over all --dp x --cp ranks"
+    )
+    context_parallel = True
+    compile_refusal = CPStrategy.compile_refusal
+
+
 class FSDPTPPPStrategy(ComposedStrategy):
     name = "fsdp+tp+pp"
     summary = "3D: pipeline stages, tensor parallel inside each, FSDP2 over --dp replicas"
     tensor_parallel = True
     pipeline = True
+
+
+class FSDPCPTPStrategy(ComposedStrategy):
+    """Tensor parallel inside, context parallel across tp groups, FSDP2 over dp x cp."""
+
+    name = "fsdp+cp+tp"
+    summary = (
+        "3D: tensor parallel within --tp ranks, every sequence split over --cp tp groups "
+        "(K/V of the local heads gathered), FSDP2 over --dp x --cp"
+    )
+    tensor_parallel = True
+    context_parallel = True
+    compile_refusal = CPStrategy.compile_refusal

@@ -1,19 +1,22 @@
-"""Parallelism degrees (dp x tp x pp) and the one device mesh they live on.
+"""Parallelism degrees (dp x cp x tp x pp) and the one device mesh they live on.
 
-Every model-parallel strategy (``tp``, ``pp`` and their compositions with data
-parallelism) arranges its ranks on one 3-D ``DeviceMesh`` with named
-dimensions, outermost first::
+Every model-parallel strategy (``tp``, ``pp``, ``cp`` and their compositions with
+data parallelism) arranges its ranks on one 4-D ``DeviceMesh`` with named
+dimensions, outermost first (torchtitan's order)::
 
-    ("pp", "dp", "tp")      rank = (pp_index * dp + dp_index) * tp + tp_index
+    ("pp", "dp", "cp", "tp")
+    rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index
 
 Tensor parallelism is innermost because it talks most (every layer, forward
 and backward): on a GPU node its ranks are neighbours on the fastest links.
+Context parallelism (every rank of a cp group holds a slice of each sequence
+and gathers the others' keys and values in every layer) talks next most.
 Pipeline stages are outermost: they only exchange activations at stage
 boundaries. Rank 0 is therefore always (first stage, first replica, first
 tensor-parallel shard). A degree of 1 is just a size-1 mesh dimension.
 
-Degrees come from ``--dp``, ``--tp``, ``--pp`` and must multiply to ``--nproc``.
-``--dp`` may be left out (it is then ``nproc / (tp * pp)``). The plain ``tp``
+Degrees come from ``--dp``, ``--cp``, ``--tp``, ``--pp`` and must multiply to
+``--nproc``. ``--dp`` may be left out (it is then ``nproc / (cp * tp * pp)``). The plain ``tp``
 and ``pp`` strategies use every rank for their one parallelism: ``--tp`` (or
 ``--pp``) defaults to ``--nproc`` when left at 1.
 
@@ -43,12 +46,12 @@ from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
 Shapes = dict[str, tuple[int, ...]]
 """Parameter name (the plain GPT's) -> shape."""
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Data-, tensor- and pipeline-parallel degrees; ``dp * tp * pp == nproc``."""
+    """Data-, tensor-, pipeline- and context-parallel degrees; ``dp * cp * tp * pp == nproc``."""
 
     dp: int
     tp: int
@@ -56,30 +59,53 @@ class ParallelDims:
     replicate: int = 1
     """Of the dp ranks, how many groups hold a full copy of the model state (hsdp's
     ``--dp-replicate``); FSDP shards it over the ``dp / replicate`` ranks of each group."""
+    cp: int = 1
+    """Context-parallel ranks per replica: they train the same rows, each a slice of every
+    sequence, so gradients are reduced over dp x cp ranks (``reducers``)."""
+
+    @property
+    def reducers(self) -> int:
+        """Ranks whose gradients are averaged: the dp replicas times the cp ranks of each."""
+        return self.dp * self.cp
 
     @property
     def shard(self) -> int:
-        """Ranks FSDP shards the model state over: dp, or dp / replicate under hsdp."""
-        return self.dp // self.replicate
+        """Ranks FSDP shards the model state over: dp x cp, divided by replicate under hsdp."""
+        return self.reducers // self.replicate
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The 3-D (pp, dp, tp) mesh over all ranks (call on every rank)."""
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        """The 4-D (pp, dp, cp, tp) mesh over all ranks (call on every rank)."""
+        return init_device_mesh(
+            device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=MESH_DIMS
+        )
+
+    def reduction_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """The part of ``mesh`` (``build_mesh``'s) that gradients are averaged over: ``dp``,
+        or, with context parallelism, ``dp`` and ``cp`` flattened into one dimension."""
+        if self.cp == 1:
+            return mesh["dp"]
+        return mesh["dp", "cp"]._flatten("dp_cp")
 
 
 def resolve_dims(
-    config: Config, name: str, data_parallel: bool, tensor_parallel: bool, pipeline: bool
+    config: Config,
+    name: str,
+    data_parallel: bool,
+    tensor_parallel: bool,
+    pipeline: bool,
+    context_parallel: bool = False,
 ) -> ParallelDims:
     """The degrees strategy ``name`` runs with; a one-line DistlabError if impossible.
 
-    ``data_parallel``/``tensor_parallel``/``pipeline`` say which parallelisms the
-    strategy composes. A parallelism it names must have degree >= 2 (otherwise
-    another strategy says it better); the flags of one it does not use are
-    refused by ``distlab.strategies.resolve.validate`` from ``Strategy.options``.
+    ``data_parallel``/``tensor_parallel``/``pipeline``/``context_parallel`` say which
+    parallelisms the strategy composes (context parallelism only with data
+    parallelism). A parallelism it names must have degree >= 2 (otherwise another
+    strategy says it better); the flags of one it does not use are refused by
+    ``distlab.strategies.resolve.validate`` from ``Strategy.options``.
     """
     nproc = config.nproc
-    tp, pp = config.tp, config.pp
-    for flag, value in (("tp", tp), ("pp", pp), ("dp", config.dp)):
+    tp, pp, cp = config.tp, config.pp, config.cp
+    for flag, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", config.dp)):
         if value is not None and value < 1:
             raise DistlabError(f"--{flag} must be >= 1 (got {value})")
     # A degree the strategy does not use is at its default: resolve.validate refuses others.
@@ -98,22 +124,29 @@ def resolve_dims(
             )
         dims = ParallelDims(dp=1, tp=tp, pp=pp)
     else:
-        if nproc % (tp * pp) != 0:
+        # Name --cp only to strategies that have it (its default 1 changes nothing).
+        cp_flag, cp_name = (f" x --cp {cp}", "cp * ") if context_parallel else ("", "")
+        if nproc % (cp * tp * pp) != 0:
             raise DistlabError(
-                f"--nproc {nproc} is not divisible by --tp {tp} x --pp {pp}; "
-                f"the data-parallel degree is nproc / (tp * pp)"
+                f"--nproc {nproc} is not divisible by{cp_flag.removeprefix(' x')} --tp {tp} x "
+                f"--pp {pp}; the data-parallel degree is nproc / ({cp_name}tp * pp)"
             )
-        dp = config.dp if config.dp is not None else nproc // (tp * pp)
-        if dp * tp * pp != nproc:
+        dp = config.dp if config.dp is not None else nproc // (cp * tp * pp)
+        if dp * cp * tp * pp != nproc:
             raise DistlabError(
-                f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} ranks, but --nproc is "
-                f"{nproc}; the degrees must multiply to nproc"
+                f"--dp {dp}{cp_flag} x --tp {tp} x --pp {pp} = {dp * cp * tp * pp} ranks, but "
+                f"--nproc is {nproc}; the degrees must multiply to nproc"
             )
-        dims = ParallelDims(dp=dp, tp=tp, pp=pp)
+        dims = ParallelDims(dp=dp, tp=tp, pp=pp, cp=cp)
     if tensor_parallel and dims.tp < 2:
         raise DistlabError(
             f"strategy '{name}' needs --tp >= 2 (got {dims.tp}); without tensor "
             "parallelism use a strategy without tp"
+        )
+    if context_parallel and dims.cp < 2:
+        raise DistlabError(
+            f"strategy '{name}' needs --cp >= 2 (got {dims.cp}); without context "
+            "parallelism use a strategy without cp"
         )
     if pipeline and dims.pp < 2:
         raise DistlabError(

@@ -62,6 +62,14 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            taken from the run's routing counts (``ExpertRouting``; balanced routing,
            R = k B T, when none are given). On the wire a rank sends all but the rows
            it routes to itself
+    cp     per layer and micro-batch, all-gather the keys and the values over the C
+           context-parallel ranks (2 gathers of B T d / tp elements each: the gathered
+           output, the whole sequence) in forward, again when --ac recomputes the
+           block, and reduce-scatter their gradients in backward (2 of B T d / tp);
+           plus the data parallelism's gradient reduction (ddp or fsdp) over the
+           dp x C ranks (cp ranks average their gradients too). --cp-attention ring:
+           send (and receive) (C - 1) blocks of B T d / (C tp) per layer for K and for V
+           in forward (again under --ac) and as many gradient blocks in backward
 
 Small collectives (the loss mean, a DTensor gradient norm: 4 bytes per
 parameter tensor) are predicted too, so counts can be compared exactly.
@@ -196,11 +204,18 @@ class Layout:
     pp: int
     replicate: int = 1
     """Replica groups of hsdp (``ParallelDims.replicate``); 1 otherwise."""
+    cp: int = 1
+    """Context-parallel degree (``ParallelDims.cp``)."""
+
+    @property
+    def reducers(self) -> int:
+        """Ranks the gradients (and the loss) are averaged over: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def shard(self) -> int:
-        """Ranks FSDP shards over: dp, or dp / replicate under hsdp."""
-        return self.dp // self.replicate
+        """Ranks FSDP shards over: dp x cp, divided by replicate under hsdp."""
+        return self.reducers // self.replicate
 
 
 def compute_bytes(config: Config, lay: Layout) -> int:
@@ -220,7 +235,7 @@ def layout(config: Config) -> Layout | None:
     if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
         return None
     dims = strategy.dims(config)
-    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate)
+    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate, dims.cp)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -263,7 +278,7 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     # Data parallelism over the dp ranks.
     dp = lay.dp
     if lay.data_parallel == "ddp":
-        pred.add("all_reduce", FP32 * p_local, dp, calls=None)
+        pred.add("all_reduce", FP32 * p_local, lay.reducers, calls=None)
         formulas.append("all-reduce 4P")
     elif lay.data_parallel == "fsdp":
         formulas.append(_fsdp_comm(pred, config, lay, shapes, accum, model_bytes))
@@ -310,8 +325,8 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
         small = 8 if lay.data_parallel != "zero3" else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
         pred.add("all_reduce", small, dp, calls=None)
-    elif dp > 1:
-        pred.add("all_reduce", FP32, dp)  # the loss mean over data-parallel ranks
+    elif lay.reducers > 1:
+        pred.add("all_reduce", FP32, lay.reducers)  # the loss mean over data-parallel ranks
 
     # Tensor parallelism inside each replica/stage.
     tp = lay.tp
@@ -321,7 +336,7 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
         else:
             layers = _layers_of(config, lay)
             first, last = _has_first_last(config, lay)
-            tokens = rows * seq
+            tokens = rows * seq // lay.cp  # a cp rank computes its slice of each sequence
             count = 6 * layers + (1 if first else 0) + (1 if last else 0)
             # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
             # backward input gradients) are in the model's dtype (fp32 under autocast).
@@ -338,6 +353,9 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
             if degree > 1:
                 pred.add("all_reduce", FP32 * n_tensors, degree)
 
+    if lay.cp > 1:
+        formulas.append(_context_parallel_comm(pred, config, lay, rows * seq, accum, matmul_bytes))
+
     # Pipeline parallelism between stages.
     if lay.pp > 1:
         _pipeline_comm(pred, config, lay, rows, seq, model_bytes)
@@ -350,7 +368,7 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
 
 def microbatches(config: Config, lay: Layout) -> int:
     """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
-    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp))
+    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp, cp=lay.cp))
 
 
 def _layers_of(config: Config, lay: Layout) -> int:
@@ -407,6 +425,36 @@ def _fsdp_comm(
         pred.add("all_reduce", shard_bytes, lay.replicate, calls=units)
         formula += f" + all-reduce 4P'/{dp} over {lay.replicate} replicas"
     return formula
+
+
+def _context_parallel_comm(
+    pred: CommPrediction, config: Config, lay: Layout, tokens: int, accum: int, element: int
+) -> str:
+    """The keys' and values' all-gathers and their gradients' reduce-scatters
+    (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
+    sequences, in ``accum`` micro-batches; ``element`` bytes each (K and V are matmul outputs:
+    bf16 under autocast and under FSDP's bf16 policy); the formula."""
+    shape = PRESETS[config.model]
+    layers = _layers_of(config, lay)
+    volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
+    gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
+    again = f"{gathers} x " if gathers > 1 else ""
+    if config.cp_attention == "ring":
+        # cp - 1 steps, each passing one rank's block (1/cp of the sequence) of K and of V;
+        # backward passes their gradients back the same number of steps
+        steps = 2 * layers * (lay.cp - 1)
+        block = volume // lay.cp
+        messages = (gathers + 1) * steps
+        pred.add("send", messages * block, lay.cp, calls=accum * messages)
+        pred.add("recv", messages * block, lay.cp, calls=accum * messages)
+        return (
+            f"send/recv ({again}2L + 2L) x (cp - 1) blocks of BTd/cp "
+            f"(K, V and their gradients around the ring of {lay.cp} cp ranks)"
+        )
+    calls = accum * 2 * layers
+    pred.add("all_gather", gathers * 2 * layers * volume, lay.cp, calls=gathers * calls)
+    pred.add("reduce_scatter", 2 * layers * volume, lay.cp, calls=calls)
+    return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {lay.cp} cp ranks)"
 
 
 def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:

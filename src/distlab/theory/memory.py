@@ -35,6 +35,15 @@ checkpointing keeps only each
 block's input (``--ac full``: t h per block) or the matmul and attention
 outputs (``--ac selective``: 11 t h per block without tensor parallelism).
 
+Context parallelism over C ranks: t is the rank's tokens, rows x seq / C, and
+attention saves the keys and values all-gathered from the C ranks (the whole
+sequence, 2 C t h / T) instead of the local ones (2 t h / T): 2 (C - 1) t h / T
+more per block. Under checkpointing the gathered keys and values are not kept
+(``--ac selective`` keeps the local k and v matmul outputs and gathers again).
+``--cp-attention ring`` computes attention with matmuls and one softmax: it
+keeps the softmax weights, e (a / T) t s for a sequence of s keys, instead of
+the log-sum-exp (under autocast bf16 also their bf16 copy, not modelled).
+
 The peak is the largest of a few candidate moments (``Moment``):
 
 - **start of backward**: every saved activation, the parameters, the optimizer
@@ -154,6 +163,11 @@ class StepShape:
     sequence_parallel: bool
     element: int
     ac: str
+    cp: int = 1
+    """Context-parallel degree: ``tokens`` are this rank's 1/cp of each sequence."""
+    softmax_keys: int = 0
+    """Keys each query's softmax weights span when attention keeps them (``--cp-attention
+    ring``: the sequence); 0 when SDPA keeps only the log-sum-exp."""
 
 
 def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.05) -> dict:
@@ -188,7 +202,7 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
         rows = config.global_batch // lay.dp // grad_accum_steps(config, lay.dp)
         in_flight, outputs, heads = 1, 0, 1  # the whole model: no stage output to keep
     return StepShape(
-        tokens=rows * seq,
+        tokens=rows * seq // lay.cp,
         layers=layers,
         has_first="wte.weight" in names,
         has_last="lm_head.weight" in names,
@@ -199,6 +213,8 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
         sequence_parallel=config.sequence_parallel and lay.tp > 1,
         element=compute_bytes(config, lay),
         ac=config.ac,
+        cp=lay.cp,
+        softmax_keys=seq if lay.cp > 1 and config.cp_attention == "ring" else 0,
     )
 
 
@@ -233,14 +249,20 @@ def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
     if shape.ac == "full":
         return e * replicated
     stats = FP32 * t * (4 // tp if shape.sequence_parallel else 4)
-    lse = FP32 * t * n_head // tp
+    # what attention keeps besides its inputs and output: SDPA's log-sum-exp, or the
+    # softmax weights of ring attention
+    softmax = FP32 * t * n_head // tp
+    if shape.softmax_keys:
+        softmax = e * t * n_head // tp * shape.softmax_keys
     if shape.ac == "selective":
         # input, q k v, attention output, the two row-parallel outputs (each as the
         # local matmul result and, with T > 1, the all-reduced one), up output
         reduced = 2 * t * d * (2 if tp > 1 else 1)
-        return e * (replicated + 8 * t * d // tp + reduced) + lse
-    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered)
-    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp) + stats + lse
+        return e * (replicated + 8 * t * d // tp + reduced) + softmax
+    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered);
+    # attention keeps the keys and values of all cp ranks
+    gathered_kv = 2 * (shape.cp - 1) * t * d // tp
+    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp + gathered_kv) + stats + softmax
 
 
 def block_in_backward_bytes(shape: StepShape, n_head: int, d: int) -> int:
