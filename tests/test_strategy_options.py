@@ -17,7 +17,7 @@ from distlab.report.parity import parity_config, tolerance
 from distlab.strategies import registry
 from distlab.strategies.resolve import load_config
 
-NPROC = {"single": 1, "tp": 2, "pp": 2, "fsdp+tp+pp": 8}
+NPROC = {"single": 1, "tp": 2, "pp": 2, "fsdp+tp+pp": 8, "fsdp+cp+tp+pp": 16}
 """A valid world size per strategy (4 for the other compositions, 2 for the rest)."""
 SAMPLE = {
     "dp": 2,

@@ -222,3 +222,30 @@ class FSDPCPTPStrategy(ComposedStrategy):
     tensor_parallel = True
     context_parallel = True
     compile_refusal = CPStrategy.compile_refusal
+
+
+class FSDPCPPPStrategy(ComposedStrategy):
+    """Pipeline stages; inside each, sequences split over --cp ranks; FSDP2 over dp x cp."""
+
+    name = "fsdp+cp+pp"
+    summary = (
+        "3D: pipeline of --pp stages, every sequence split over --cp ranks within a stage, "
+        "FSDP2 over --dp x --cp"
+    )
+    context_parallel = True
+    pipeline = True
+    compile_refusal = CPStrategy.compile_refusal
+
+
+class FSDPCPTPPPStrategy(ComposedStrategy):
+    """All four on one (pp, dp, cp, tp) mesh: the 4D showcase."""
+
+    name = "fsdp+cp+tp+pp"
+    summary = (
+        "4D: pipeline stages; inside each, tensor parallel within --tp ranks and sequences "
+        "split over --cp tp groups; FSDP2 over --dp x --cp"
+    )
+    tensor_parallel = True
+    context_parallel = True
+    pipeline = True
+    compile_refusal = CPStrategy.compile_refusal

@@ -127,9 +127,10 @@ def resolve_dims(
         # Name --cp only to strategies that have it (its default 1 changes nothing).
         cp_flag, cp_name = (f" x --cp {cp}", "cp * ") if context_parallel else ("", "")
         if nproc % (cp * tp * pp) != 0:
+            degrees = f"--cp {cp} x " * context_parallel + f"--tp {tp} x --pp {pp}"
             raise DistlabError(
-                f"--nproc {nproc} is not divisible by{cp_flag.removeprefix(' x')} --tp {tp} x "
-                f"--pp {pp}; the data-parallel degree is nproc / ({cp_name}tp * pp)"
+                f"--nproc {nproc} is not divisible by {degrees}; the data-parallel degree is "
+                f"nproc / ({cp_name}tp * pp)"
             )
         dp = config.dp if config.dp is not None else nproc // (cp * tp * pp)
         if dp * cp * tp * pp != nproc:

@@ -76,6 +76,7 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
+from distlab.strategies.context_parallel import held_positions
 from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
     ParallelDims,
@@ -260,7 +261,14 @@ class PipelineTrainStep(OptimizerTrainStep):
         self.pp_rank = mesh["pp"].get_local_rank()
         self.dp_rank = mesh["dp"].get_local_rank()
         self.dp_size = dims.dp
-        self.dp_group = mesh["dp"].get_group() if dims.dp > 1 else None
+        # The loss is a mean over the ranks that average gradients (dp, or dp x cp).
+        self.loss_group = dims.reduction_mesh(mesh).get_group() if dims.reducers > 1 else None
+        self.positions: torch.Tensor | None = None
+        """Context parallelism: positions of the tokens this rank holds (None: all of them)."""
+        if dims.cp > 1:
+            seq = resolved_seq_len(config)
+            cp_rank = mesh["cp"].get_local_rank()
+            self.positions = held_positions(seq, dims.cp, cp_rank).to(ctx.device)
         virtual = VIRTUAL_STAGES.get(config.schedule, 1)
         n_stages = dims.pp * virtual
         plans = rank_stage_plans(config, dims.pp, self.pp_rank)
@@ -307,7 +315,7 @@ class PipelineTrainStep(OptimizerTrainStep):
         under sequence parallelism each tensor-parallel rank holds seq / tp of it.
         """
         shape = self.model.config
-        seq = resolved_seq_len(self.config)
+        seq = resolved_seq_len(self.config) // self.dims.cp
         local_seq = seq // self.dims.tp if self.config.sequence_parallel else seq
         dtype = activation_dtype(self.stage_module, self.config.precision)
         hidden = torch.empty(
@@ -319,11 +327,19 @@ class PipelineTrainStep(OptimizerTrainStep):
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         device = self.ctx.device
-        args = (inputs.to(device),) if self.has_first else ()
-        target = targets.to(device) if self.has_last else None
+        inputs, targets = inputs.to(device), targets.to(device)
+        kwargs = {}
+        if self.positions is not None:
+            # Context parallelism: this rank's slice of every sequence, at its global
+            # positions (one row per sequence, so the schedule splits them with the rows).
+            inputs, targets = inputs[:, self.positions], targets[:, self.positions]
+            kwargs["positions"] = self.positions.expand(inputs.shape[0], -1)
+        args = (inputs,) if self.has_first else ()
+        kwargs = kwargs if self.has_first else {}
+        target = targets if self.has_last else None
         losses: list[torch.Tensor] = []
         with autocast(self.ctx.device_type, self.config.precision, self.stage_module):
-            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.has_last:  # equal-sized microbatches: the mean of their means is the batch mean
             loss = torch.stack([loss.detach().float() for loss in losses]).mean()
         else:
@@ -337,7 +353,7 @@ class PipelineTrainStep(OptimizerTrainStep):
         self._record_state_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        mean_loss = mean_over_group(loss, self.dp_group, self.dp_size)
+        mean_loss = mean_over_group(loss, self.loss_group, self.dims.reducers)
         return StepResult(loss=mean_loss, grad_norm=grad_norm)
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:

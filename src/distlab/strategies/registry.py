@@ -27,6 +27,8 @@ STRATEGIES: dict[str, str] = {
     "fsdp+tp+pp": "distlab.strategies.composed:FSDPTPPPStrategy",
     "fsdp+cp": "distlab.strategies.composed:FSDPCPStrategy",
     "fsdp+cp+tp": "distlab.strategies.composed:FSDPCPTPStrategy",
+    "fsdp+cp+pp": "distlab.strategies.composed:FSDPCPPPStrategy",
+    "fsdp+cp+tp+pp": "distlab.strategies.composed:FSDPCPTPPPStrategy",
     "zero1": "distlab.strategies.deepspeed_zero:Zero1Strategy",
     "zero2": "distlab.strategies.deepspeed_zero:Zero2Strategy",
     "zero3": "distlab.strategies.deepspeed_zero:Zero3Strategy",

@@ -51,8 +51,8 @@ M pipeline microbatches; ``x4`` = bytes per fp32 element):
            the LM head: DTensor reduces each column-parallel input separately, where
            Megatron fuses q/k/v into one, 2 L), plus an all-gather of the B T V logits;
            the same bytes in A (or M) times as many calls
-    pp     send M activations of (B/M) T d to the next stage, receive M gradients
-           back (and the reverse for later stages)
+    pp     send M activations of (B/M) T d (T / cp tokens under cp) to the next stage,
+           receive M gradients back (and the reverse for later stages)
     ep     all-reduce 4 P_dense (one flat buffer) over all ranks (+ 4 E_local P_expert over the
            nproc / ep replicas of each expert, when ep < nproc); per MoE layer and
            micro-batch an all-to-all of the E int64 row counts and four all-to-alls of
@@ -501,7 +501,8 @@ def _pipeline_comm(
     m = microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = lay.pp * virtual
-    message = (rows // m) * seq * shape.d_model * element_bytes
+    # Under context parallelism a rank passes on only its T / cp tokens of each sequence.
+    message = (rows // m) * (seq // lay.cp) * shape.d_model * element_bytes
     if lay.tp > 1 and config.sequence_parallel:
         message //= lay.tp
     sends = recvs = 0
