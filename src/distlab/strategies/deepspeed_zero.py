@@ -241,8 +241,10 @@ class DeepSpeedTrainStep(TrainStep):
         coalesce = self.engine.coalesce_grad_reduction() if self.reduce_once else nullcontext()
         with coalesce:  # reduce_once: one reduction of the summed gradients, at the exit
             for index, (x, y) in enumerate(micro_batches):
-                logits = self.engine(x.to(device, non_blocking=True))
-                loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                # The logits go once the loss is computed (the theory counts them so).
+                loss = language_model_loss(
+                    self.engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                )
                 last = index == self.accum - 1
                 if last:
                     loss.register_hook(self._sample_grads_after_autograd)

@@ -354,7 +354,8 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
                 pred.add("all_reduce", FP32 * n_tensors, degree)
 
     if lay.cp > 1:
-        formulas.append(_context_parallel_comm(pred, config, lay, rows * seq, accum, matmul_bytes))
+        passes = accum if lay.pp == 1 else microbatches(config, lay)  # forwards per step
+        formulas.append(_context_parallel_comm(pred, config, lay, rows * seq, passes, matmul_bytes))
 
     # Pipeline parallelism between stages.
     if lay.pp > 1:
@@ -428,12 +429,12 @@ def _fsdp_comm(
 
 
 def _context_parallel_comm(
-    pred: CommPrediction, config: Config, lay: Layout, tokens: int, accum: int, element: int
+    pred: CommPrediction, config: Config, lay: Layout, tokens: int, passes: int, element: int
 ) -> str:
     """The keys' and values' all-gathers and their gradients' reduce-scatters
     (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
-    sequences, in ``accum`` micro-batches; ``element`` bytes each (K and V are matmul outputs:
-    bf16 under autocast and under FSDP's bf16 policy); the formula."""
+    sequences, in ``passes`` forwards (micro-batches); ``element`` bytes each (K and V are
+    matmul outputs: bf16 under autocast and under FSDP's bf16 policy); the formula."""
     shape = PRESETS[config.model]
     layers = _layers_of(config, lay)
     volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
@@ -445,13 +446,13 @@ def _context_parallel_comm(
         steps = 2 * layers * (lay.cp - 1)
         block = volume // lay.cp
         messages = (gathers + 1) * steps
-        pred.add("send", messages * block, lay.cp, calls=accum * messages)
-        pred.add("recv", messages * block, lay.cp, calls=accum * messages)
+        pred.add("send", messages * block, lay.cp, calls=passes * messages)
+        pred.add("recv", messages * block, lay.cp, calls=passes * messages)
         return (
             f"send/recv ({again}2L + 2L) x (cp - 1) blocks of BTd/cp "
             f"(K, V and their gradients around the ring of {lay.cp} cp ranks)"
         )
-    calls = accum * 2 * layers
+    calls = passes * 2 * layers
     pred.add("all_gather", gathers * 2 * layers * volume, lay.cp, calls=gathers * calls)
     pred.add("reduce_scatter", 2 * layers * volume, lay.cp, calls=calls)
     return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {lay.cp} cp ranks)"

@@ -28,8 +28,9 @@ so ``e t h (4 + 12 / T) + 4 t (4 + a / T)`` bytes per block: 68 t h + 16 t + 4 a
 in fp32 without tensor parallelism, the analogue of Korthikanti et al.'s 34 s b h
 + 5 a s^2 b (their fp16 model keeps dropout masks and, without flash attention,
 the s x s scores). The head adds the final LayerNorm's input and output (2 t h),
-its statistics (2 t), the logits (t V, held by the train step until it ends)
-and the log-softmax (t V, fp32). A mixture-of-experts block (``distlab.moe``, k of E
+its statistics (2 t) and the log-softmax (t V, fp32); the logits (t V) only in
+a pipeline, whose schedule keeps each stage's output until its backward (a
+train step computes the loss and lets them go). A mixture-of-experts block (``distlab.moe``, k of E
 experts per token) saves more in its MLP: ``moe_block_extra_bytes``. Activation
 checkpointing keeps only each
 block's input (``--ac full``: t h per block) or the matmul and attention
@@ -56,8 +57,7 @@ The peak is the largest of a few candidate moments (``Moment``):
 - **pipeline steady state** (pipelines instead of the two above): the in-flight
   micro-batches' activations, the stage's gradients, one block's backward;
 - **optimizer step**: parameters, full (local) gradients, optimizer state, the
-  optimizer's temporaries (AdamW's foreach step: one parameter-sized buffer)
-  and the last micro-batch's logits, which the train step still holds.
+  optimizer's temporaries (AdamW's foreach step: one parameter-sized buffer).
 """
 
 from __future__ import annotations
@@ -168,6 +168,10 @@ class StepShape:
     softmax_keys: int = 0
     """Keys each query's softmax weights span when attention keeps them (``--cp-attention
     ring``: the sequence); 0 when SDPA keeps only the log-sum-exp."""
+    logits_held: bool = False
+    """Whether the logits live until backward ends: a pipeline schedule keeps every stage's
+    output for its backward; the train steps let them go once the loss is computed (the
+    cross-entropy saves its log-softmax, not its input)."""
 
 
 def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.05) -> dict:
@@ -215,6 +219,7 @@ def step_shape(config: Config, lay: Layout) -> StepShape:
         ac=config.ac,
         cp=lay.cp,
         softmax_keys=seq if lay.cp > 1 and config.cp_attention == "ring" else 0,
+        logits_held=lay.pp > 1,
     )
 
 
@@ -277,7 +282,8 @@ def block_in_backward_bytes(shape: StepShape, n_head: int, d: int) -> int:
 def head_activation_bytes(shape: StepShape, d: int, vocab: int) -> int:
     """Bytes the final LayerNorm, LM head and loss keep for one micro-batch (last stage)."""
     t, e = shape.tokens, shape.element
-    return e * 2 * t * d + FP32 * 2 * t + e * t * vocab + FP32 * t * vocab
+    logits = e * t * vocab if shape.logits_held else 0
+    return e * 2 * t * d + FP32 * 2 * t + logits + FP32 * t * vocab
 
 
 def activation_bytes(config: Config) -> int:
@@ -364,12 +370,10 @@ def predict_peak(config: Config) -> PeakPrediction:
                 for k in range(shape.layers)
             ),
         ]
-    logits = shape.element * shape.tokens * model.vocab_size if shape.has_last else 0
     optimizer_step = _split(
         params=state.params,
         grads=optimizer_step_grads(config, lay, state),
         optimizer=state.optimizer + optimizer_temporaries(config, lay, state),
-        activations=logits if lay.pp <= 1 else 0,
         temporaries=ddp_pipeline_buckets(lay, state),
     )
     moments.append(Moment("optimizer step", "optimizer", optimizer_step))
@@ -407,8 +411,8 @@ def block_backward(
 
     Saved: blocks 0..k-1 (as ``--ac`` keeps them), block k whole (recomputed
     under checkpointing) but for the GELU output the down projection used, and
-    the logits. Gradients: those of the head and of blocks k+1.. (sharded
-    ones divided by the data-parallel degree). Temporaries: the incoming
+    the logits if a pipeline holds them. Gradients: those of the head and of
+    blocks k+1.. (sharded ones divided by the data-parallel degree). Temporaries: the incoming
     gradient and its residual copy (2 t h), the gradients of the GELU output
     and of the up projection (4 t h / T each); under FSDP also block k's
     unsharded gradients. FSDP holds the root, block k and the next block
@@ -419,7 +423,7 @@ def block_backward(
     moe = moe_block_extra_bytes(config, shape)
     recomputed = block_in_backward_bytes(shape, model.n_head, h) + moe
     saved = k * (block_activation_bytes(shape, model.n_head, h) + moe)
-    logits = e * t * model.vocab_size if shape.has_last else 0
+    logits = e * t * model.vocab_size if shape.has_last and shape.logits_held else 0
     blocks = block_elements(config, lay)
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
     head = 0 if lay.data_parallel == "fsdp" else root_elements(config, lay, head_only=True)
