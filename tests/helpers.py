@@ -125,3 +125,21 @@ def assert_resume_continues(tmp_path: Path, *flags: str, atol: float = 1e-6) -> 
     assert len(continued) == 4
     for a, b in zip(reference[2:], continued[2:], strict=True):
         assert abs(a - b) <= atol, (reference, continued)
+
+
+def assert_counted_matches_theory(
+    row: dict[str, Any], rel: float = 1e-3, tcp: tuple[float, float] | None = (0.99, 1.05)
+) -> None:
+    """A ``distlab.report.comm_check.summarize`` row: the bytes counted at the process group
+    equal the theory's (total within ``rel``, each collective within 1% or ``rel`` if
+    tighter), the number of calls exactly, and, unless ``tcp`` is None, the kernel's TCP
+    bytes of every rank lie within ``tcp`` of the counted wire bytes."""
+    assert abs(row["counted_over_predicted"] - 1) <= rel, row
+    kind_rel = min(rel, 1e-2)
+    for kind, predicted in row["predicted_kinds"].items():
+        assert abs(row["kinds"][kind] - predicted) <= kind_rel * predicted, (kind, row)
+    for kind, calls in row["predicted_calls"].items():
+        assert row["calls"][kind] == calls, (kind, row)
+    if tcp is not None:
+        for figures in row["ranks"]:
+            assert tcp[0] <= figures["tcp_over_wire"] <= tcp[1], figures

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command
+from tests.helpers import (
+    TINY_LOCAL_RUN,
+    assert_counted_matches_theory,
+    assert_one_line_error,
+    run_command,
+)
 
 from distlab.errors import DistlabError
 from distlab.model import PRESETS, count_parameters
@@ -235,13 +240,7 @@ def four_rank_check():
 def test_counted_bytes_match_theory(four_rank_check, name: str) -> None:
     row = four_rank_check[list(COMM_CELLS).index(name)]
     # DDP's bucket rebuild after its first iteration adds one tiny broadcast.
-    assert row["counted_over_predicted"] == pytest.approx(1.0, rel=1e-3), row
-    for kind, predicted in row["predicted_kinds"].items():
-        assert row["kinds"][kind] == pytest.approx(predicted, rel=1e-2), (kind, row)
-    for kind, calls in row["predicted_calls"].items():
-        assert row["calls"][kind] == calls, (kind, row)
-    for figures in row["ranks"]:  # the kernel's TCP bytes against the counted wire bytes
-        assert 0.99 <= figures["tcp_over_wire"] <= 1.05, figures
+    assert_counted_matches_theory(row)
 
 
 def test_the_ring_sends_what_the_gather_and_reduce_scatter_send_on_a_ring(four_rank_check):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     TINY_LOCAL_RUN,
+    assert_counted_matches_theory,
     assert_one_line_error,
     assert_resume_continues,
     run_command,
@@ -171,13 +172,7 @@ def four_rank_check():
 def test_counted_bytes_match_theory_and_tcp(four_rank_check, name: str) -> None:
     _, rows = four_rank_check
     row = rows[list(COMM_CELLS).index(name)]
-    assert row["counted_over_predicted"] == pytest.approx(1.0, abs=1e-9), row
-    for kind, predicted in row["predicted_kinds"].items():
-        assert row["kinds"][kind] == pytest.approx(predicted, rel=1e-9), (kind, row)
-    for kind, calls in row["predicted_calls"].items():
-        assert row["calls"][kind] == calls, (kind, row)
-    for figures in row["ranks"]:
-        assert 0.99 <= figures["tcp_over_wire"] <= 1.05, figures
+    assert_counted_matches_theory(row, rel=1e-9)
 
 
 def test_the_routing_is_data_dependent(four_rank_check) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     TINY_LOCAL_RUN,
+    assert_counted_matches_theory,
     assert_one_line_error,
     assert_resume_continues,
     run_command,
@@ -164,11 +165,7 @@ def four_rank_check():
 def test_counted_bytes_match_theory(four_rank_check, name: str) -> None:
     _, rows = four_rank_check
     row = rows[list(COMM_CELLS).index(name)]
-    assert row["counted_over_predicted"] == pytest.approx(1.0, rel=1e-3), row
-    for kind, predicted in row["predicted_kinds"].items():
-        assert row["kinds"][kind] == pytest.approx(predicted, rel=1e-2), (kind, row)
-    for kind, calls in row["predicted_calls"].items():
-        assert row["calls"][kind] == calls, (kind, row)
+    assert_counted_matches_theory(row, tcp=None)
 
 
 def test_replicas_all_reduce_the_reduce_scattered_shard(four_rank_check) -> None:
