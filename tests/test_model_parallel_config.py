@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distlab.errors import DistlabError
 from distlab.strategies import registry
@@ -96,3 +100,32 @@ def test_predicted_bytes_split_the_model() -> None:
         config = load_config(None, {"model": "tiny", **overrides})
         params = registry.describe(config.strategy).predicted_state_bytes(config, 0).params
         assert lower * single <= params <= upper * single, (overrides, params / single)
+
+
+MESH_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
+DEGREES = ("dp", "cp", "tp", "pp")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    strategy=st.sampled_from(registry.names()),
+    degrees=st.fixed_dictionaries({d: st.sampled_from([1, 2, 4]) for d in DEGREES}),
+)
+def test_every_valid_layout_names_a_mesh_whose_product_is_nproc(
+    strategy: str, degrees: dict[str, int]
+) -> None:
+    """Whatever degrees a strategy accepts, the mesh it declares (``Strategy.mesh_dims``:
+    torchtitan's dp_replicate, dp_shard, cp, tp, pp, then ep within the data-parallel ranks)
+    multiplies to ``--nproc``, in mesh order."""
+    nproc = math.prod(degrees.values())
+    parts = strategy.split("+")
+    fields = {d: v for d, v in degrees.items() if d in parts or (d == "dp" and len(parts) > 1)}
+    model = "tiny-moe" if strategy == "ep" else "small"
+    try:
+        config = load_config(None, {"strategy": strategy, "nproc": nproc, "model": model, **fields})
+    except DistlabError:
+        return  # not a layout this strategy runs
+    mesh = registry.describe(strategy).mesh_dims(config)
+    assert math.prod(d for name, d in mesh.items() if name != "ep") == nproc, mesh
+    assert list(mesh) == [name for name in MESH_NAMES if name in mesh]
+    assert all(degree > 1 for degree in mesh.values())

@@ -71,6 +71,14 @@ class RunRecorder:
         self.metrics_file.close()
 
 
+def mesh_text(mesh: dict[str, int]) -> str:
+    """``pp 2 x dp_shard 2 x cp 2 x tp 2``; ``ep`` (within the data-parallel ranks) apart."""
+    ep = mesh.get("ep")
+    text = " x ".join(f"{name} {degree}" for name, degree in mesh.items() if name != "ep")
+    text = text or "1 rank"
+    return f"{text}, experts split over ep {ep} of them" if ep else text
+
+
 def step_status(metrics: dict[str, Any]) -> str:
     """A step's loss and throughput, and the seconds it spent compiling if any (--compile)."""
     status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
@@ -115,6 +123,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("run dir", summary["run_dir"]),
     ]
+    if "mesh" in summary:  # (runs before it was recorded lack it)
+        rows.insert(1, ("mesh", mesh_text(summary["mesh"])))
     peak = step_memory_row(summary)
     if peak is not None:
         rows.insert(4, peak)

@@ -139,6 +139,12 @@ class Strategy(ABC):
         """The degrees this strategy runs ``config`` with (default: data parallel on every rank)."""
         return ParallelDims(dp=config.nproc, tp=1, pp=1)
 
+    def mesh_dims(self, config: Config) -> dict[str, int]:
+        """The named degrees this strategy arranges the ranks in (``ParallelDims.named``):
+        e.g. ``{"pp": 2, "dp_shard": 2, "cp": 2, "tp": 2}`` for fsdp+cp+tp+pp on 16 ranks."""
+        sharded = self.data_parallel not in (None, "ddp", "ep")
+        return self.dims(config).named(sharded)
+
     def data_parallel_size(self, config: Config) -> int:
         """How many data-parallel replicas split the global batch."""
         return self.dims(config).dp

@@ -265,7 +265,7 @@ class EPStrategy(Strategy):
             )
 
     def dims(self, config: Config) -> ParallelDims:
-        return ParallelDims(dp=config.nproc, tp=1, pp=1)
+        return ParallelDims(dp=config.nproc, tp=1, pp=1, ep=ep_degree(config))
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Dense parameters whole, plus E / ep of the experts (with grads, optimizer state)."""

@@ -62,6 +62,9 @@ class ParallelDims:
     cp: int = 1
     """Context-parallel ranks per replica: they train the same rows, each a slice of every
     sequence, so gradients are reduced over dp x cp ranks (``reducers``)."""
+    ep: int = 1
+    """Of the dp ranks, how many split the experts of a MoE model among themselves (``ep``'s
+    ``--ep``); expert parallelism borrows data-parallel ranks, it adds none."""
 
     @property
     def reducers(self) -> int:
@@ -72,6 +75,25 @@ class ParallelDims:
     def shard(self) -> int:
         """Ranks FSDP shards the model state over: dp x cp, divided by replicate under hsdp."""
         return self.reducers // self.replicate
+
+    def named(self, sharded: bool) -> dict[str, int]:
+        """The degrees under torchtitan's names, outermost first, those above 1.
+
+        ``pp``, ``dp_replicate`` (groups holding a full copy of the model state),
+        ``dp_shard`` (ranks sharding it, ``sharded``: FSDP, ZeRO, OSS; FSDP shards over
+        dp_shard x cp), ``cp``, ``tp``: their product is the number of ranks. ``ep``
+        comes last: it splits the experts over data-parallel ranks, it adds none.
+        """
+        replicate, shard = (self.replicate, self.dp // self.replicate) if sharded else (self.dp, 1)
+        degrees = {
+            "pp": self.pp,
+            "dp_replicate": replicate,
+            "dp_shard": shard,
+            "cp": self.cp,
+            "tp": self.tp,
+            "ep": self.ep,
+        }
+        return {name: degree for name, degree in degrees.items() if degree > 1}
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The 4-D (pp, dp, cp, tp) mesh over all ranks (call on every rank)."""

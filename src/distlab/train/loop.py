@@ -169,6 +169,7 @@ def train(
         "strategy": config.strategy,
         "nproc": config.nproc,
         "dp_size": train_step.dp_size,
+        "mesh": strategy.mesh_dims(config),
         "model": config.model,
         "parameters": parameters,
         "steps": config.steps,
