@@ -15,6 +15,7 @@ from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.launch.wandb_run import wandb_mode
 from distlab.measure.wire import KINDS
+from distlab.model import PRESETS
 from distlab.run.files import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -43,8 +44,11 @@ class Run:
 
     @property
     def label(self) -> str:
-        """``strategy xN``: what ran, on how many ranks."""
-        return f"{self.summary['strategy']} x{self.summary['nproc']}"
+        """``strategy xN``: what ran, on how many ranks; a mixture-of-experts model is named
+        too (``ep x4 small-moe``), since it is another model than the dense presets."""
+        label = f"{self.summary['strategy']} x{self.summary['nproc']}"
+        model = self.summary.get("model", "")
+        return f"{label} {model}" if PRESETS.get(model) and PRESETS[model].n_expert else label
 
     @property
     def predicted(self) -> dict[str, Any]:
