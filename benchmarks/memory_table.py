@@ -15,11 +15,12 @@ produced it:
   (``model_state_bytes_per_rank``, summed from the tensors the strategy holds)
   against ``Strategy.predicted_state_bytes``.
 
-By default every registered strategy except ``single`` is measured, so a newly
+By default every registered strategy but ``single`` (and ``ep``, a variant) is measured, so a newly
 registered strategy shows up without editing this script; one that cannot run
 at a world size (its ``validate`` refuses, or its library is missing) gets a
 row that says why. ``--variants`` adds runs with extra config fields
-(``NAME:field=value,...``), by default the ZeRO offload modes.
+(``NAME:field=value,...``), by default the ZeRO offload modes and ``ep`` on
+the MoE preset it needs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from distlab.strategies.resolve import load_config
 from distlab.theory.memory import nearest_moment, predict_peak
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = ["zero2:offload=optimizer", "zero3:offload=params"]
+DEFAULT_VARIANTS = ["zero2:offload=optimizer", "zero3:offload=params", "ep:model=tiny-moe"]
 KIB = 1024
 
 
@@ -81,7 +82,15 @@ def label(name: str, fields: dict[str, str]) -> str:
     return f"{name} ({settings})" if settings else name
 
 
-MODEL_PARALLEL_DEGREES = [{}, {"tp": "2"}, {"pp": "2"}, {"tp": "2", "pp": "2"}]
+MODEL_PARALLEL_DEGREES = [
+    {},
+    {"tp": "2"},
+    {"pp": "2"},
+    {"cp": "2"},
+    {"tp": "2", "pp": "2"},
+    {"cp": "2", "tp": "2"},
+    {"cp": "2", "pp": "2"},
+]
 """Tried in turn for a strategy without explicit fields, so composed ones (fsdp+tp, ...) run."""
 
 
@@ -280,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = args.strategies or [n for n in registry.names() if n != "single"]
+    # single is the reference; ep runs as a variant, on the MoE preset it needs.
+    names = args.strategies or [n for n in registry.names() if n not in ("single", "ep")]
     runs = [(name, {}) for name in names]
     runs += [parse_variant(v) for v in args.variants if parse_variant(v)[0] in registry.names()]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distlab-memory-"))
