@@ -91,7 +91,7 @@ between pipeline stages stay fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distlab.config import Config, grad_accum_steps, resolved_seq_len, zero_reduce_mode
@@ -197,28 +197,13 @@ MODELLED_DATA_PARALLEL = (
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How a strategy uses the ranks: data-parallel flavour and the three degrees."""
+class Layout(ParallelDims):
+    """How a strategy uses the ranks: its degrees (``ParallelDims``: dp, tp, pp, hsdp's
+    replicate, cp, ep, with the reducer and shard counts they imply) and its data-parallel
+    flavour."""
 
-    data_parallel: str | None
-    """ddp, fsdp, zero1/2/3, fairscale-oss/sdp or None."""
-    dp: int
-    tp: int
-    pp: int
-    replicate: int = 1
-    """Replica groups of hsdp (``ParallelDims.replicate``); 1 otherwise."""
-    cp: int = 1
-    """Context-parallel degree (``ParallelDims.cp``)."""
-
-    @property
-    def reducers(self) -> int:
-        """Ranks the gradients (and the loss) are averaged over: dp x cp."""
-        return self.dp * self.cp
-
-    @property
-    def shard(self) -> int:
-        """Ranks FSDP shards over: dp x cp, divided by replicate under hsdp."""
-        return self.reducers // self.replicate
+    data_parallel: str | None = None
+    """ddp, fsdp, zero1/2/3, fairscale-oss/sdp, ep or None."""
 
 
 def compute_bytes(config: Config, lay: Layout) -> int:
@@ -238,7 +223,7 @@ def layout(config: Config) -> Layout | None:
     if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
         return None
     dims = strategy.dims(config)
-    return Layout(strategy.data_parallel, dims.dp, dims.tp, dims.pp, dims.replicate, dims.cp)
+    return Layout(**asdict(dims), data_parallel=strategy.data_parallel)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -372,7 +357,7 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
 
 def microbatches(config: Config, lay: Layout) -> int:
     """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
-    return resolve_microbatches(config, ParallelDims(lay.dp, lay.tp, lay.pp, cp=lay.cp))
+    return resolve_microbatches(config, lay)
 
 
 def _layers_of(config: Config, lay: Layout) -> int:
