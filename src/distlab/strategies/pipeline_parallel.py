@@ -328,14 +328,15 @@ class PipelineTrainStep(OptimizerTrainStep):
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         device = self.ctx.device
         inputs, targets = inputs.to(device), targets.to(device)
-        kwargs = {}
-        if self.positions is not None:
-            # Context parallelism: this rank's slice of every sequence, at its global
-            # positions (one row per sequence, so the schedule splits them with the rows).
+        if self.positions is not None:  # context parallelism: this rank's slice of each sequence
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
-            kwargs["positions"] = self.positions.expand(inputs.shape[0], -1)
-        args = (inputs,) if self.has_first else ()
-        kwargs = kwargs if self.has_first else {}
+        args, kwargs = (), {}
+        if self.has_first:
+            args = (inputs,)
+            if self.positions is not None:
+                # The tokens' global positions, one row per sequence, so the schedule
+                # splits them into micro-batches with the rows.
+                kwargs["positions"] = self.positions.expand(inputs.shape[0], -1)
         target = targets if self.has_last else None
         losses: list[torch.Tensor] = []
         with autocast(self.ctx.device_type, self.config.precision, self.stage_module):
