@@ -1,0 +1,178 @@
+"""``python -m distlab.plan`` (``distlab plan``): which layout, how much memory per GPU
+and how fast, for a model on a cluster; ``--calibrate`` fits this machine from runs.
+
+    python -m distlab.plan --model gpt2 --gpus cpu --nproc 2 --global-batch 8
+    python -m distlab.plan --params 7.5e9 --gpus 64 --gpu a100-80gb --zero 3
+    python -m distlab.plan --layers 126 --hidden 16384 --heads 128 --kv-heads 8 \\
+        --ffn-hidden 53248 --gated-mlp --vocab 128000 --seq-len 8192 --gpus 8192 \\
+        --gpu h100-sxm --global-batch 2048 --precision mixed --tp 8 --pp 16
+    python -m distlab.plan --calibrate runs/compare/* --calibration cpu.json
+
+Prints the best layouts as a table (memory per GPU by category, step time split into
+compute, exposed communication and bubble, tokens/s, TFLOP/s and MFU) and draws them
+(``--plot``); ``--json`` prints every layout as JSON instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+from distlab.cli import OneLineErrorParser, run_cli
+from distlab.errors import DistlabError
+from distlab.plan.calibrate import fit, write_calibration
+from distlab.plan.hardware import GPUS, cpu_device, resolve_device
+from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
+from distlab.plan.render import picture, table
+from distlab.plan.runs import read_runs
+from distlab.plan.search import search
+from distlab.plan.shape import ModelShape, from_parameter_count, from_preset, with_seq_len
+from distlab.strategies.pipeline_schedules import SCHEDULES
+
+SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab")
+
+
+def parser() -> OneLineErrorParser:
+    """The command's flags."""
+    p = OneLineErrorParser(prog="distlab plan", description=__doc__.split("\n\n")[0])
+    model = p.add_argument_group("model (a preset, a shape, or a parameter count)")
+    model.add_argument("--model", help="a lab preset: tiny, small, gpt2, tiny-moe, small-moe")
+    for name in SHAPE_FLAGS:
+        model.add_argument(f"--{name}", type=int)
+    model.add_argument("--seq-len", type=int, help="tokens per sequence")
+    model.add_argument("--ffn-hidden", type=int, default=0, help="MLP width (default 4 x hidden)")
+    model.add_argument("--kv-heads", type=int, default=0, help="key/value heads (default: --heads)")
+    model.add_argument("--gated-mlp", action="store_true", help="SwiGLU MLP (three matrices)")
+    model.add_argument("--experts", type=int, default=0, help="MoE: experts per layer")
+    model.add_argument("--top-k", type=int, default=2, help="MoE: experts per token")
+    model.add_argument("--params", type=float, help="parameter count; the shape follows a rule")
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument(
+        "--gpus", default="8", help="GPU count, or 'cpu' for this machine (with --nproc ranks)"
+    )
+    cluster.add_argument("--nproc", type=int, help="with --gpus cpu: ranks (default: the cores)")
+    cluster.add_argument("--gpu", default="h100-sxm", help=f"one of: {', '.join(GPUS)}")
+    cluster.add_argument("--gpu-spec", type=Path, help="a JSON device file instead of --gpu")
+    cluster.add_argument("--gpus-per-node", type=int, help="default: the device's (8)")
+    cluster.add_argument("--calibration", type=Path, help="a fitted device (from --calibrate)")
+    step = p.add_argument_group("training step")
+    step.add_argument("--global-batch", type=int, default=16, help="sequences per step")
+    step.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    layout = p.add_argument_group("fixed degrees and settings (searched when left out)")
+    for name in ("dp", "tp", "pp", "cp", "ep", "microbatches"):
+        layout.add_argument(f"--{name}", type=int)
+    layout.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
+    layout.add_argument("--ac", choices=ACTIVATION_CHECKPOINTING)
+    layout.add_argument("--schedule", choices=tuple(SCHEDULES))
+    out = p.add_argument_group("output")
+    out.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
+    out.add_argument("--json", action="store_true", help="print every layout as JSON")
+    out.add_argument("--plot", default="runs/plan/plan.png", help="picture path, or 'none'")
+    out.add_argument(
+        "--calibrate",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="fit this machine's constants to these runs and write --calibration",
+    )
+    return p
+
+
+def model_shape(args) -> ModelShape:  # noqa: ANN001 (argparse namespace)
+    """The model from ``--model``, the shape flags or ``--params``."""
+    given = [name for name in SHAPE_FLAGS if getattr(args, name) is not None]
+    chosen = sum([args.model is not None, bool(given), args.params is not None])
+    if chosen != 1:
+        raise DistlabError(
+            "give the model one way: --model PRESET, or --layers --hidden --heads --vocab "
+            "--seq-len, or --params N"
+        )
+    if args.model is not None:
+        return with_seq_len(from_preset(args.model), args.seq_len)
+    if args.params is not None:
+        return from_parameter_count(args.params, args.seq_len or 2048, args.vocab or 51200)
+    missing = [f"--{n}" for n in (*SHAPE_FLAGS, "seq_len") if getattr(args, n) is None]
+    if missing:
+        raise DistlabError(f"a model shape needs {' '.join(missing).replace('_', '-')} too")
+    if args.hidden % args.heads:
+        raise DistlabError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    return ModelShape(
+        name=f"{args.layers}x{args.hidden}",
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        vocab=args.vocab,
+        seq_len=args.seq_len,
+        ffn_hidden=args.ffn_hidden,
+        kv_heads=args.kv_heads,
+        gated_mlp=args.gated_mlp,
+        biases=not args.gated_mlp,
+        experts=args.experts,
+        top_k=args.top_k,
+    )
+
+
+def calibrate(args) -> int:  # noqa: ANN001
+    """``--calibrate``: fit this machine to runs and write the calibration file."""
+    runs = read_runs(args.calibrate)
+    target = args.calibration or Path("runs/plan/calibration.json")
+    sys.stderr.write(f"fitting {len(runs)} runs ...\n")
+    device = fit(runs, cpu_device())
+    write_calibration(device, target)
+    print(f"calibration written to {target} ({device.notes[0]})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan (or calibrate); ``distlab: error: ...`` and exit 2 on bad input."""
+    args = parser().parse_args(argv)
+    if args.calibrate:
+        return calibrate(args)
+    shape = model_shape(args)
+    if args.gpus == "cpu":
+        device = resolve_device("cpu", args.gpu_spec, args.calibration)
+        gpus = args.nproc or device.cores
+    else:
+        try:
+            gpus = int(args.gpus)
+        except ValueError:
+            raise DistlabError(f"--gpus {args.gpus}: give a GPU count or 'cpu'") from None
+        device = resolve_device(args.gpu, args.gpu_spec, args.calibration)
+    if gpus < 1:
+        raise DistlabError(f"--gpus {gpus}: need at least one")
+    if args.gpus_per_node:
+        from dataclasses import replace
+
+        device = replace(device, gpus_per_node=args.gpus_per_node)
+    fixed = {
+        name: getattr(args, name)
+        for name in ("dp", "tp", "pp", "cp", "ep", "zero", "ac", "microbatches", "schedule")
+        if getattr(args, name) is not None
+    }
+    plans = search(shape, gpus, args.global_batch, args.precision, device, fixed)
+    if args.json:
+        print(json.dumps([plan.to_dict() for plan in plans], indent=1))
+        return 0
+    fitting = sum(plan.fits for plan in plans)
+    print(f"{shape.describe()}")
+    print(
+        f"{gpus} x {device.name} ({device.source}); global batch {args.global_batch}, "
+        f"{args.precision}; {len(plans)} layouts, {fitting} fit in memory\n"
+    )
+    print(table(plans, args.top))
+    if args.plot != "none":
+        title = f"{shape.name} on {gpus} x {device.name}, global batch {args.global_batch}"
+        path = picture(plans, args.top, Path(args.plot), title, device.memory_bytes)
+        print(f"\npicture: {path}")
+    return 0
+
+
+def cli() -> None:
+    """Entry point with one-line errors."""
+    run_cli(partial(main, sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

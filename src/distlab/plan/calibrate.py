@@ -1,0 +1,177 @@
+"""``--calibrate``: fit a device's constants to the lab's own runs.
+
+The constants: the matmul efficiency and per-matmul overhead, the memory bandwidth of
+elementwise work, the links' latency and bandwidth (alpha, beta), and, on a CPU, how
+much slower ranks beyond the cores run (the oversubscription exponent) and the per-step
+cost of DeepSpeed's engine. They are fitted together so that the planner's step time
+(``distlab.plan.step_time``) matches the runs' measured median step times: the least
+squares of log(predicted / measured) over the runs, by the Nelder-Mead simplex (no
+gradients: the model has maxima and minima). The fitted device is written as JSON
+(``hardware.device_from_file`` reads it back).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from distlab.plan.hardware import Device, Link
+from distlab.plan.runs import MeasuredRun
+from distlab.plan.step_time import step_time
+
+MIN_COMM_S = 0.005
+"""Runs with less measured communication time per step do not inform the link fit."""
+
+LINK = ("latency", "bandwidth")
+"""Fitted first, to the runs' measured communication times."""
+COMPUTE = (
+    "matmul_efficiency",
+    "matmul_overhead_s",
+    "oversubscription_exponent",
+    "deepspeed_overhead_s",
+    "deepspeed_zero3_overhead_s",
+)
+"""Fitted second, with the links fixed, to the runs' measured step times."""
+
+
+def with_constants(device: Device, **c: float) -> Device:
+    """``device`` with some of the ``LINK`` and ``COMPUTE`` constants replaced."""
+    link = Link(
+        bandwidth=c.get("bandwidth", device.intra_node.bandwidth),
+        latency=c.get("latency", device.intra_node.latency),
+    )
+    engines = dict(device.engine_overhead_s)
+    for key, engine in (
+        ("deepspeed_overhead_s", "deepspeed"),
+        ("deepspeed_zero3_overhead_s", "deepspeed-zero3"),
+    ):
+        if key in c:
+            engines[engine] = c[key]
+    return replace(
+        device,
+        matmul_efficiency=c.get("matmul_efficiency", device.matmul_efficiency),
+        matmul_overhead_s=c.get("matmul_overhead_s", device.matmul_overhead_s),
+        memory_bandwidth=c.get("memory_bandwidth", device.memory_bandwidth),
+        intra_node=link,
+        inter_node=link,
+        oversubscription_exponent=c.get(
+            "oversubscription_exponent", device.oversubscription_exponent
+        ),
+        engine_overhead_s=engines,
+    )
+
+
+def constants_of(device: Device, names: Sequence[str]) -> list[float]:
+    """``device``'s current values of the constants ``names`` (a fit's starting point)."""
+    values = {
+        "latency": device.intra_node.latency,
+        "bandwidth": device.intra_node.bandwidth,
+        "matmul_efficiency": device.matmul_efficiency,
+        "matmul_overhead_s": device.matmul_overhead_s,
+        "memory_bandwidth": device.memory_bandwidth,
+        "oversubscription_exponent": device.oversubscription_exponent,
+        "deepspeed_overhead_s": device.engine_overhead_s.get("deepspeed", 0.01),
+        "deepspeed_zero3_overhead_s": device.engine_overhead_s.get("deepspeed-zero3", 0.01),
+    }
+    return [values[name] for name in names]
+
+
+def predicted_step(run: MeasuredRun, device: Device) -> float:
+    """The planner's step time for ``run``'s model and layout on ``device``."""
+    return step_time(run.shape, run.layout, run.global_batch, run.precision, device).total_s
+
+
+def log_error(runs: Sequence[MeasuredRun], device: Device) -> float:
+    """Mean squared log(predicted / measured) step time over ``runs``."""
+    return float(
+        np.mean([math.log(predicted_step(run, device) / run.step_time_s) ** 2 for run in runs])
+    )
+
+
+def nelder_mead(
+    objective: Callable[[np.ndarray], float],
+    start: np.ndarray,
+    steps: int = 3000,
+    scale: float = 0.5,
+) -> np.ndarray:
+    """Minimise ``objective`` from ``start`` with the Nelder-Mead simplex."""
+    simplex = [start] + [start + scale * np.eye(len(start))[i] for i in range(len(start))]
+    values = [objective(x) for x in simplex]
+    for _ in range(steps):
+        order = np.argsort(values)
+        simplex = [simplex[i] for i in order]
+        values = [values[i] for i in order]
+        if values[-1] - values[0] < 1e-10:
+            break
+        centroid = np.mean(simplex[:-1], axis=0)
+        worst = simplex[-1]
+        reflected = centroid + (centroid - worst)
+        r = objective(reflected)
+        if r < values[0]:
+            expanded = centroid + 2 * (centroid - worst)
+            e = objective(expanded)
+            simplex[-1], values[-1] = (expanded, e) if e < r else (reflected, r)
+        elif r < values[-2]:
+            simplex[-1], values[-1] = reflected, r
+        else:
+            contracted = centroid + 0.5 * (worst - centroid)
+            c = objective(contracted)
+            if c < values[-1]:
+                simplex[-1], values[-1] = contracted, c
+            else:
+                best = simplex[0]
+                simplex = [best + 0.5 * (x - best) for x in simplex]
+                values = [objective(x) for x in simplex]
+    return simplex[int(np.argmin(values))]
+
+
+def comm_log_error(runs: Sequence[MeasuredRun], device: Device) -> float:
+    """Mean squared log(predicted / measured) communication time over ``runs``."""
+    errors = [
+        math.log(comm_seconds(run, device) / run.comm_time_s) ** 2
+        for run in runs
+        if run.comm_time_s > MIN_COMM_S
+    ]
+    return float(np.mean(errors)) if errors else 0.0
+
+
+def comm_seconds(run: MeasuredRun, device: Device) -> float:
+    """The planner's communication seconds of ``run`` (all of it, hidden or not)."""
+    return step_time(run.shape, run.layout, run.global_batch, run.precision, device).comm_s
+
+
+def _fit(device: Device, names: Sequence[str], error: Callable[[Device], float]) -> Device:
+    start = np.log(np.array(constants_of(device, names), dtype=float))
+
+    def objective(x: np.ndarray) -> float:
+        values = dict(zip(names, np.exp(x), strict=True))
+        if values.get("matmul_efficiency", 0.0) > 1.0:  # above the peak is not a fit
+            return 1e9
+        return error(with_constants(device, **values))
+
+    best = np.exp(nelder_mead(objective, start))
+    return with_constants(device, **dict(zip(names, best, strict=True)))
+
+
+def fit(runs: Sequence[MeasuredRun], device: Device) -> Device:
+    """``device`` with the constants that best predict ``runs``: the links from their
+    measured communication times, then compute from their step times."""
+    linked = _fit(device, LINK, lambda d: comm_log_error(runs, d))
+    fitted = _fit(linked, COMPUTE, lambda d: log_error(runs, d))
+    names = ", ".join(run.name for run in runs)
+    return replace(
+        fitted,
+        source=f"{device.source}; calibrated on {len(runs)} runs ({names})",
+        notes=(f"rms log error on those runs: {math.sqrt(log_error(runs, fitted)):.3f}",),
+    )
+
+
+def write_calibration(device: Device, path: Path) -> None:
+    """Save a fitted device as JSON (what ``--calibration`` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(device.to_dict(), indent=1) + "\n")

@@ -1,0 +1,98 @@
+"""The lab's runs as the planner sees them: each run's model, layout and precision, and
+what it measured (step time, communication time, peak memory by category)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distlab.config import build_config, read_config_values
+from distlab.errors import DistlabError
+from distlab.plan.layout import Layout
+from distlab.plan.shape import ModelShape, from_preset
+from distlab.strategies import registry
+from distlab.theory.comm import layout as lab_layout
+from distlab.theory.comm import microbatches
+
+SHARDING = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
+"""ZeRO stage of each sharded data-parallel flavour; the others replicate (stage 0)."""
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """One finished lab run: what it ran and what it measured."""
+
+    name: str
+    shape: ModelShape
+    layout: Layout
+    global_batch: int
+    precision: str
+    step_time_s: float
+    """Median step time (the run's own timer)."""
+    comm_time_s: float
+    """Seconds collectives were in flight in a typical step (rank 0, the comm counter)."""
+    comm_calls: int
+    comm_wire_bytes: int
+    tokens_per_s: float
+    peak_memory_bytes: int | None
+    """Rank 0's step peak seen by torch's memory tracker."""
+
+
+def read_run(run_dir: Path) -> MeasuredRun:
+    """The run in ``run_dir`` (its config.yaml and summary.json)."""
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise DistlabError(f"{run_dir}: not a finished run (no summary.json)")
+    try:
+        summary = json.loads(summary_file.read_text())
+    except ValueError as exc:
+        raise DistlabError(f"{summary_file}: not JSON ({exc})") from None
+    config = build_config(read_config_values(run_dir / "config.yaml"))
+    lab = lab_layout(config)
+    if lab is None:
+        raise DistlabError(
+            f"{run_dir}: strategy {config.strategy} has no layout the planner models"
+        )
+    strategy = registry.describe(config.strategy)
+    dims = strategy.dims(config)
+    dp = dims.dp
+    m = microbatches(config, lab) if dims.pp > 1 else 1
+    layout = Layout(
+        dp=dp,
+        tp=dims.tp,
+        pp=dims.pp,
+        cp=dims.cp,
+        ep=dims.ep if config.strategy == "ep" else 1,
+        zero=SHARDING.get(strategy.data_parallel, 0),
+        ac=config.ac,
+        microbatches=m,
+        schedule=config.schedule,
+        replicas=dims.replicate,
+        strategy=config.strategy,
+    )
+    comm = summary.get("comm_per_step") or {}
+    peaks = summary.get("memory_peak_by_rank") or [None]
+    name = f"{config.strategy} x{config.nproc}" + (
+        "" if config.model == "small" else f" {config.model}"
+    )
+    return MeasuredRun(
+        name=name,
+        shape=from_preset(config.model, config.seq_len),
+        layout=layout,
+        global_batch=config.global_batch,
+        precision=config.precision,
+        step_time_s=float(summary["median_step_time_s"]),
+        comm_time_s=float(comm.get("time_s", 0.0)),
+        comm_calls=int(comm.get("calls", 0)),
+        comm_wire_bytes=int(comm.get("wire_bytes", 0)),
+        tokens_per_s=float(summary["tokens_per_s"]),
+        peak_memory_bytes=peaks[0]["peak"] if peaks[0] else None,
+    )
+
+
+def read_runs(run_dirs: list[Path]) -> list[MeasuredRun]:
+    """Every run in ``run_dirs`` (a one-line error for a directory that is not one)."""
+    if not run_dirs:
+        raise DistlabError("--calibrate needs at least one run directory")
+    return [read_run(path) for path in run_dirs]
