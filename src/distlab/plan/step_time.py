@@ -227,12 +227,13 @@ def step_time(
         fraction = bubble_fraction(layout.schedule, layout.pp, layout.microbatches)
         bubble = compute * fraction / (1 - fraction)
     comm_exposed, comm_hidden = 0.0, 0.0
-    share = 1.0
-    if device.cores and layout.gpus > device.cores:
-        share = (layout.gpus / device.cores) ** device.oversubscription_exponent
+    # ranks beyond the cores take turns on them: their messages wait their turn (a fair
+    # share); their compute also pays for the switching (the fitted exponent)
+    fair = max(1.0, layout.gpus / device.cores) if device.cores else 1.0
+    share = fair**device.oversubscription_exponent
     for collective in collectives(shape, layout, global_batch, precision):
         link = group_link(collective.group, collective.size, layout, device)
-        seconds = collective_seconds(collective, link) * share
+        seconds = collective_seconds(collective, link) * fair
         if collective.overlapped and device.overlaps_comm:
             comm_hidden += seconds
         else:
@@ -246,11 +247,12 @@ def step_time(
         # busy time of all ranks spread over the cores (a pipeline's idle ranks yield
         # their core to others, so its bubble is partly filled)
         # (communication is already stretched: its ranks share the cores too). A
-        # pipeline rank waiting for its neighbour sleeps: its stages share the cores
-        # fairly (exponent 1), their busy time spread over the cores
+        # pipeline rank waiting for its neighbour's message sleeps: stages that talk
+        # only by messages share the cores fairly (exponent 1); ranks that also meet in
+        # collectives during the step (tensor, context parallel, FSDP) pay the switching
         busy = compute + optimizer
-        if layout.pp > 1:
-            share = layout.gpus / device.cores
+        if layout.pp > 1 and layout.tp == layout.cp == 1 and layout.zero == 0:
+            share = fair
         stretch = max(1.0, share * busy / (busy + bubble))
         compute, optimizer, bubble = compute * stretch, optimizer * stretch, bubble * stretch
     # an engine's own per-step work (Python bookkeeping), as measured at its world size

@@ -1,0 +1,162 @@
+"""The planner against published results: the ZeRO paper's model-state memory and the
+throughput per GPU of Megatron-LM's weak-scaling runs and Llama 3 405B's pre-training.
+
+    python benchmarks/plan_published.py [--render docs/planner.md]
+
+Every row uses the inputs the paper states (shape, degrees, batch, micro-batch,
+recomputation, precision, GPU) and the planner's datasheet device; the paper's figure
+stands beside the prediction. Throughput is compared in the paper's own FLOP
+convention: Megatron counts hardware FLOPs with recomputation (its formula
+96 B s l h^2 (1 + s/6h + V/16lh)), Llama 3 model FLOPs (MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distlab.plan.hardware import GPUS
+from distlab.plan.layout import Layout
+from distlab.plan.memory import state_bytes
+from distlab.plan.published import LLAMA3_405B, MEGATRON_WEAK_SCALING, ZERO_PAPER, PublishedRun
+from distlab.plan.search import evaluate
+from distlab.plan.shape import ModelShape, from_parameter_count
+
+MARK_BEGIN = "<!-- plan-published:begin -->"
+MARK_END = "<!-- plan-published:end -->"
+DEVICES = {"a100-80gb": "a100-80gb", "h100-sxm": "h100-sxm"}
+
+
+def zero_rows() -> list[list[str]]:
+    """The ZeRO paper's 7.5B / 64 GPUs model states per stage, paper vs planner."""
+    # a 7.5B shape by the --params rule, scaled to the paper's exact count: the model
+    # states depend on the count alone
+    shape = from_parameter_count(ZERO_PAPER.parameters, 2048, 51200)
+    scale = ZERO_PAPER.parameters / shape.parameters()
+    rows = []
+    for stage, paper in enumerate(ZERO_PAPER.gb_per_stage):
+        state = state_bytes(shape, Layout(dp=ZERO_PAPER.gpus, zero=stage), "mixed")
+        predicted = sum(state.values()) * scale / 1e9
+        rows.append(
+            [
+                f"ZeRO stage {stage}",
+                f"{paper:g} GB",
+                f"{predicted:.2f} GB",
+                f"{predicted / paper:.3f}",
+            ]
+        )
+    return rows
+
+
+def planner_shape(run: PublishedRun) -> ModelShape:
+    """The run's model as the planner's shape (Megatron: GPT with biases and learned
+    positions; Llama: SwiGLU, grouped-query attention, no biases, RoPE)."""
+    s = run.shape
+    return ModelShape(
+        name=run.name,
+        layers=s.layers,
+        hidden=s.hidden,
+        heads=s.heads,
+        vocab=s.vocab,
+        seq_len=s.seq_len,
+        ffn_hidden=s.ffn_hidden,
+        kv_heads=s.kv_heads,
+        gated_mlp=s.swiglu,
+        biases=not s.swiglu,
+        positions=0 if s.swiglu else s.seq_len,
+    )
+
+
+def megatron_flops_per_step(run: PublishedRun) -> float:
+    """Megatron's own FLOP count of a step (with recomputation)."""
+    s = run.shape
+    b, seq, layers, h, v = run.global_batch, s.seq_len, s.layers, s.hidden, s.vocab
+    return 96 * b * seq * layers * h * h * (1 + seq / (6 * h) + v / (16 * layers * h))
+
+
+def throughput_row(run: PublishedRun) -> tuple[list[str], float]:
+    """Paper vs planner TFLOP/s per GPU for one published run."""
+    shape = planner_shape(run)
+    micro = run.global_batch // run.dp // run.micro_batch
+    schedule = "interleaved-1f1b" if run.pp > 1 and run.virtual_stages > 1 else "1f1b"
+    layout = Layout(
+        dp=run.dp,
+        tp=run.tp,
+        pp=run.pp,
+        cp=run.cp,
+        zero=run.zero,
+        ac="full" if run.recompute == "full" else "none",
+        microbatches=micro,
+        schedule=schedule,
+    )
+    device = GPUS[DEVICES[run.gpu]]
+    plan = evaluate(shape, layout, run.global_batch, "mixed", device)
+    if run.flops_convention.startswith("hardware"):
+        predicted = megatron_flops_per_step(run) / plan.step.total_s / run.gpus / 1e12
+    else:
+        predicted = plan.tflops_per_gpu
+    ratio = predicted / run.achieved_tflops_per_gpu
+    split = plan.step
+    row = [
+        run.name,
+        f"{run.gpus:,}",
+        f"tp {run.tp} pp {run.pp} cp {run.cp} dp {run.dp}",
+        f"{run.achieved_tflops_per_gpu:g}",
+        f"{predicted:.0f}",
+        f"{ratio:.2f}",
+        "yes" if abs(ratio - 1) <= 0.25 else "**no**",
+        f"{split.compute_s:.2f} / {split.exposed_comm_s:.2f} / {split.bubble_s:.2f}",
+        f"{plan.memory.total / 2**30:.0f}",
+    ]
+    return row, ratio
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def report() -> str:
+    """Both tables as Markdown."""
+    zero = markdown(["", "paper", "planner", "ratio"], zero_rows())
+    rows, misses = [], []
+    for run in (*MEGATRON_WEAK_SCALING, *LLAMA3_405B):
+        row, ratio = throughput_row(run)
+        rows.append(row)
+        if abs(ratio - 1) > 0.25:
+            misses.append(run.name)
+    header = [
+        "run",
+        "GPUs",
+        "layout",
+        "paper TFLOP/s/GPU",
+        "planner",
+        "ratio",
+        "within 25%",
+        "step s: compute / exposed comm / bubble",
+        "memory/GPU GiB",
+    ]
+    summary = f"{len(rows) - len(misses)} of {len(rows)} runs within 25%"
+    if misses:
+        summary += f"; misses: {', '.join(misses)}"
+    return f"{zero}\n\n{markdown(header, rows)}\n\n{summary}.\n"
+
+
+def main() -> None:
+    """Print the tables, or write them between the markers of ``--render``'s file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--render", type=Path, help="Markdown file with the plan-published markers")
+    args = parser.parse_args()
+    text = report()
+    if args.render is None:
+        print(text)
+        return
+    page = args.render.read_text()
+    start, end = page.index(MARK_BEGIN) + len(MARK_BEGIN), page.index(MARK_END)
+    args.render.write_text(page[:start] + "\n" + text + page[end:])
+    print(f"wrote {args.render}")
+
+
+if __name__ == "__main__":
+    main()
