@@ -24,6 +24,8 @@ from distlab.plan.hardware import Device, Link
 from distlab.plan.runs import MeasuredRun
 from distlab.plan.step_time import step_time
 
+RESTARTS = 3
+"""Nelder-Mead runs, each from the previous one's best point."""
 MIN_COMM_S = 0.005
 """Runs with less measured communication time per step do not inform the link fit."""
 
@@ -31,6 +33,7 @@ LINK = ("latency", "bandwidth")
 """Fitted first, to the runs' measured communication times."""
 COMPUTE = (
     "matmul_efficiency",
+    "elementwise_bandwidth",
     "matmul_overhead_s",
     "oversubscription_exponent",
     "deepspeed_overhead_s",
@@ -56,7 +59,7 @@ def with_constants(device: Device, **c: float) -> Device:
         device,
         matmul_efficiency=c.get("matmul_efficiency", device.matmul_efficiency),
         matmul_overhead_s=c.get("matmul_overhead_s", device.matmul_overhead_s),
-        memory_bandwidth=c.get("memory_bandwidth", device.memory_bandwidth),
+        elementwise_bandwidth=c.get("elementwise_bandwidth", device.elementwise_rate()),
         intra_node=link,
         inter_node=link,
         oversubscription_exponent=c.get(
@@ -73,7 +76,7 @@ def constants_of(device: Device, names: Sequence[str]) -> list[float]:
         "bandwidth": device.intra_node.bandwidth,
         "matmul_efficiency": device.matmul_efficiency,
         "matmul_overhead_s": device.matmul_overhead_s,
-        "memory_bandwidth": device.memory_bandwidth,
+        "elementwise_bandwidth": device.elementwise_rate(),
         "oversubscription_exponent": device.oversubscription_exponent,
         "deepspeed_overhead_s": device.engine_overhead_s.get("deepspeed", 0.01),
         "deepspeed_zero3_overhead_s": device.engine_overhead_s.get("deepspeed-zero3", 0.01),
@@ -154,7 +157,10 @@ def _fit(device: Device, names: Sequence[str], error: Callable[[Device], float])
             return 1e9
         return error(with_constants(device, **values))
 
-    best = np.exp(nelder_mead(objective, start))
+    best = start
+    for _ in range(RESTARTS):  # a fresh simplex around the best point escapes a stall
+        best = nelder_mead(objective, best)
+    best = np.exp(best)
     return with_constants(device, **dict(zip(names, best, strict=True)))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class Device:
     intra_node: Link
     inter_node: Link
     gpus_per_node: int
+    elementwise_bandwidth: float = 0.0
+    """Bytes per second elementwise kernels (norms, activations, softmax, the optimizer)
+    stream; 0: the memory bandwidth (GPUs: memory-bound). Eager CPU kernels run below the
+    copy bandwidth: fitted by ``--calibrate``."""
     matmul_efficiency: float = 0.76
     """Fraction of the peak that large matmuls reach."""
     matmul_overhead_s: float = 6e-6
@@ -70,6 +75,10 @@ class Device:
     """Seconds an engine adds to every step (e.g. "deepspeed": its hooks and bookkeeping)."""
     source: str = "datasheet"
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def elementwise_rate(self) -> float:
+        """Bytes per second of elementwise work."""
+        return self.elementwise_bandwidth or self.memory_bandwidth
 
     def peak(self, precision: str) -> float:
         """Peak FLOP/s of the precision the matmuls run in."""
@@ -119,12 +128,32 @@ GPUS: dict[str, Device] = {
 tf32 on)."""
 
 
+def probe_memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
+    """Bytes per second one thread copies (read + write) through a ``mib`` MiB buffer."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        source = torch.empty(mib * 2**20 // 4)
+        target = torch.empty_like(source)
+        target.copy_(source)
+        best = float("inf")
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            target.copy_(source)
+            best = min(best, time.perf_counter() - tic)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * source.numel() * 4 / best
+
+
 def cpu_device(cores: int | None = None) -> Device:
     """This machine's CPU, one rank per core (``threads_per_rank`` 1), uncalibrated.
 
-    Peak: the lab's 1-thread matmul probe (``distlab.measure.mfu.cpu_peak``) if cached,
-    else a typical 100 GFLOP/s; memory: the machine's RAM; links: loopback TCP with a
-    guessed 50 us and 1 GB/s until ``--calibrate`` fits them.
+    Peak: the lab's 1-thread matmul probe (``distlab.measure.mfu.cpu_peak``, cached);
+    memory bandwidth: a 1-thread copy probe; memory: the machine's RAM; links: loopback
+    TCP with a guessed 50 us and 1 GB/s until ``--calibrate`` fits them.
     """
     from distlab.measure.mfu import cpu_peak  # torch probe only when asked for a CPU plan
 
@@ -135,7 +164,7 @@ def cpu_device(cores: int | None = None) -> Device:
         name="cpu",
         peak_flops={"fp32": peak, "bf16": peak},
         memory_bytes=float(memory),
-        memory_bandwidth=5e9,
+        memory_bandwidth=probe_memory_bandwidth(),
         intra_node=loopback,
         inter_node=loopback,
         gpus_per_node=cores or os.cpu_count() or 1,
@@ -143,7 +172,7 @@ def cpu_device(cores: int | None = None) -> Device:
         matmul_overhead_s=20e-6,
         overlaps_comm=False,
         cores=cores or os.cpu_count() or 1,
-        source=f"{cpu_model()}: {PROBE_SIZE}^2 fp32 matmul probe per core, uncalibrated",
+        source=f"{cpu_model()}: {PROBE_SIZE}^2 fp32 matmul and copy probes per core",
     )
 
 
@@ -194,6 +223,7 @@ def resolve_device(name: str, spec: Path | None = None, calibration: Path | None
             device,
             peak_flops=fitted.peak_flops,
             memory_bandwidth=fitted.memory_bandwidth,
+            elementwise_bandwidth=fitted.elementwise_bandwidth,
             intra_node=fitted.intra_node,
             inter_node=fitted.inter_node,
             matmul_efficiency=fitted.matmul_efficiency,

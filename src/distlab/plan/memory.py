@@ -137,7 +137,11 @@ def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, eleme
         reduced = 2 * t * h * (2 if tp > 1 else 1)
         return element * (t * h + (2 * h + 2 * kv_width + shape.ffn) * t // tp + reduced) + lse
     attention = 2 * h + 2 * kv_width + 2 * (cp - 1) * kv_width
-    return element * (4 * t * h + (attention + mlp) * t // tp) + FP32 * 4 * t + lse
+    scores = 0
+    if shape.attention == "materialized":
+        # softmax output, dropout mask and output per score: Korthikanti et al.'s 5 a s^2 b
+        scores = 5 * (shape.heads // tp) * t * shape.seq_len * element // 2
+    return element * (4 * t * h + (attention + mlp) * t // tp) + FP32 * 4 * t + lse + scores
 
 
 def activation_bytes(

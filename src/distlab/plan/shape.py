@@ -43,6 +43,10 @@ class ModelShape:
     """Experts per MoE layer; 0 for the dense MLP."""
     top_k: int = 2
     """Experts each token runs through (MoE only)."""
+    attention: str = "flash"
+    """"flash": attention never writes the s x s scores to memory (FlashAttention, torch's
+    SDPA); "materialized": scores, softmax and dropout go through memory (GPT training
+    before 2022, Megatron-LM 2021)."""
     fused_qkv: bool = True
     """One q/k/v matmul (Megatron, Llama) or three (the lab's model): under tensor
     parallelism, one all-reduce of the input gradient or three."""

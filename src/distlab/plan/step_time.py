@@ -37,6 +37,11 @@ ELEMENTWISE_BYTES_PER_TOKEN = 40
 """Bytes of elementwise traffic per token, per hidden unit, per layer, per element byte,
 forward and backward (two LayerNorms, GELU, two residual adds, softmax statistics:
 each reads and writes its tensors about once forward and twice backward)."""
+MATERIALIZED_ATTENTION_PASSES = 10
+"""Element-sized reads and writes of each s x s attention score when attention is
+materialized: forward softmax (read, write) and dropout (read, write, half-size mask);
+backward dropout (read gradient and mask, write) and softmax (read probabilities and
+gradient, write): about 10."""
 ADAMW_BYTES_PER_PARAMETER = 28
 """AdamW's update reads parameter, gradient and two moments and writes three (fp32)."""
 ENGINES = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed-zero3"}
@@ -132,7 +137,11 @@ def microbatch_compute_seconds(
     element = 4 if precision == "fp32" else 2
     layers = -(-shape.layers // layout.pp)
     elementwise = ELEMENTWISE_BYTES_PER_TOKEN * tokens * shape.hidden * layers * element
-    return passes * matmuls + elementwise / device.memory_bandwidth
+    if shape.attention == "materialized":
+        scores = tokens * shape.seq_len * (shape.heads // layout.tp) * element * layers
+        recompute = 4.5 if layout.ac == "full" else 0.0  # the forward's passes again
+        elementwise += (MATERIALIZED_ATTENTION_PASSES + recompute) * scores
+    return passes * matmuls + elementwise / device.elementwise_rate()
 
 
 def collectives(
@@ -241,7 +250,7 @@ def step_time(
     # what backward and forward cannot hide: the excess over the compute it runs under
     exposed = comm_exposed + max(0.0, comm_hidden - compute)
     updated = local_parameters(shape, layout) / (layout.dp * layout.cp if layout.zero else 1)
-    optimizer = ADAMW_BYTES_PER_PARAMETER * updated / device.memory_bandwidth
+    optimizer = ADAMW_BYTES_PER_PARAMETER * updated / device.elementwise_rate()
     if device.cores and layout.gpus > device.cores:
         # ranks share the cores: the step is the longer of its critical path and the
         # busy time of all ranks spread over the cores (a pipeline's idle ranks yield
