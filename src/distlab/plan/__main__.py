@@ -82,6 +82,10 @@ def parser() -> OneLineErrorParser:
 
 def model_shape(args) -> ModelShape:  # noqa: ANN001 (argparse namespace)
     """The model from ``--model``, the shape flags or ``--params``."""
+    for name in (*SHAPE_FLAGS, "seq_len"):
+        n = getattr(args, name)
+        if n is not None and n < 1:
+            raise DistlabError(f"--{name.replace('_', '-')} {n}: must be at least 1")
     given = [name for name in SHAPE_FLAGS if getattr(args, name) is not None]
     chosen = sum([args.model is not None, bool(given), args.params is not None])
     if chosen != 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from distlab.errors import DistlabError
@@ -184,14 +184,16 @@ def device_from_file(path: Path) -> Device:
         raise DistlabError(f"--gpu-spec {path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise DistlabError(f"--gpu-spec {path}: not a JSON device ({exc})") from None
+    if not isinstance(data, dict):
+        raise DistlabError(f"--gpu-spec {path}: not a JSON object of device fields")
     known = {f.name for f in fields(Device)}
     unknown = sorted(set(data) - known)
     missing = sorted(
         f.name
         for f in fields(Device)
-        if f.default is f.default_factory is None and f.name not in data
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in data
     )
-    if not isinstance(data, dict) or unknown:
+    if unknown:
         raise DistlabError(f"--gpu-spec {path}: unknown fields {unknown} (known: {sorted(known)})")
     try:
         data["intra_node"] = Link(**data["intra_node"])

@@ -30,6 +30,8 @@ class Plan:
     model_flops_per_token: float
     peak_flops: float
     fits: bool
+    moe: bool = False
+    """Whether the model has experts (the lab runs fewer layouts of those)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,7 +50,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form (``--json``)."""
-        lab = lab_strategy(self.layout)
+        lab = lab_strategy(self.layout, moe=self.moe)
         return {
             "degrees": self.layout.degrees(),
             "zero": self.layout.zero,
@@ -91,6 +93,7 @@ def evaluate(
         model_flops_per_token=shape.flops_per_token(),
         peak_flops=device.peak(precision),
         fits=memory.total <= budget,
+        moe=bool(shape.experts),
     )
 
 
@@ -156,6 +159,10 @@ def candidate_layouts(
 
 def check_fixed(shape: ModelShape, gpus: int, fixed: dict[str, object]) -> None:
     """One-line errors for fixed degrees no layout can have."""
+    for name in ("ep", "microbatches"):
+        n = fixed.get(name)
+        if isinstance(n, int) and n < 1:
+            raise DistlabError(f"--{name} {n}: must be at least 1")
     product = 1
     for name in ("dp", "tp", "pp", "cp"):
         n = fixed.get(name)
