@@ -72,7 +72,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
@@ -91,6 +90,13 @@ from distlab.strategies.base import (
     no_sync_unless,
 )
 from distlab.strategies.parallel_dims import ParallelDims
+
+try:
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+except ImportError:  # torch < 2.12 names it all_gather_tensor_autograd (same arguments)
+    from torch.distributed._functional_collectives import (
+        all_gather_tensor_autograd as all_gather_single_autograd,
+    )
 
 CP_OPTIONS = frozenset({"cp", "cp_attention"})
 """Config fields of context parallelism."""
