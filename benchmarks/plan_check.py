@@ -1,97 +1,92 @@
-"""The planner against the lab's own runs (docs/comparison.md's cells) on this machine.
+"""The planner against measured runs: the lab's comparison cells on this machine, the
+single-GPU runs on an H100, and its pick for gpt2 on this machine.
 
-    python benchmarks/plan_check.py [--runs runs/compare] [--render docs/planner.md]
-        [--calibration-out docs/measurements/plan_calibration_cpu.json]
+    python benchmarks/plan_check.py [--render docs/planner.md]
+        [--runs runs/compare] [--gpu-runs docs/measurements/plan_gpu_h100]
+        [--pick-runs runs/plan-gpt2] [--calibration-out FILE]
 
-Two-fold cross-validation: the cells are split into two halves (each strategy measured at
-2 and 4 ranks has one size in each half; the others alternate), the CPU is calibrated on
-one half (``distlab.plan.calibrate.fit``) and every cell of the other half is predicted,
-so each cell's predicted step time comes from a calibration that never saw it. Memory is
-rank 0's step peak seen by torch's memory tracker against the planner's memory per GPU
-(for these layouts the lab theory). A calibration on all cells is written for the
-planner's CPU plans (``--calibration``).
+Leave-one-out: every cell's step time is predicted by a calibration
+(``distlab.plan.calibrate.fit``) on the *other* cells, so no cell is predicted by
+constants fitted to it. Cells with more than ``MAX_RANKS_PER_CORE`` ranks per core are
+predicted but never calibrate (the oversubscription the model is fitted for stops
+there). Memory: rank 0's step peak seen by torch's memory tracker against the
+planner's memory per GPU. The pick: ``python -m distlab.plan`` for gpt2 on this
+machine (calibrated on all comparison cells, no gpt2 run), against the gpt2 cells
+measured by ``python -m distlab.sweep configs/plan_gpt2.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from distlab.plan.calibrate import fit, predicted_step, write_calibration
-from distlab.plan.hardware import cpu_device
+from distlab.plan.hardware import GPUS, Device, cpu_device
 from distlab.plan.memory import memory_per_gpu
 from distlab.plan.runs import MeasuredRun, read_run
+from distlab.plan.search import lab_command, ranked, search
 
-MARK_BEGIN = "<!-- plan-check:begin -->"
-MARK_END = "<!-- plan-check:end -->"
 TIME_TOLERANCE = 0.25
 MEMORY_TOLERANCE = 0.10
+PICK_TOLERANCE = 0.10
 MAX_RANKS_PER_CORE = 2
 
 
-def folds(runs: list[MeasuredRun]) -> tuple[list[MeasuredRun], list[MeasuredRun]]:
-    """Split ``runs``: of each strategy's sizes alternately one per half, the rest alternating."""
-    first, second = [], []
-    by_strategy: dict[str, list[MeasuredRun]] = {}
-    for run in runs:
-        by_strategy.setdefault(run.name.split(" x")[0] + run.shape.name, []).append(run)
-    singles = 0
-    for index, group in enumerate(by_strategy.values()):
-        if len(group) == 1:
-            (first if singles % 2 == 0 else second).extend(group)
-            singles += 1
-            continue
-        for turn, run in enumerate(sorted(group, key=lambda r: r.layout.gpus)):
-            (first if (turn + index) % 2 == 0 else second).append(run)
-    return first, second
+def read_dir(root: Path) -> list[MeasuredRun]:
+    """Every finished run under ``root``."""
+    return [read_run(d) for d in sorted(root.iterdir()) if (d / "summary.json").is_file()]
 
 
-def calibratable(run: MeasuredRun, cores: int) -> bool:
-    """Whether a cell may calibrate: at most ``MAX_RANKS_PER_CORE`` ranks per core (the
-    oversubscription the model is fitted for; beyond it cells are only predicted)."""
-    return run.layout.gpus <= MAX_RANKS_PER_CORE * cores
+def calibratable(run: MeasuredRun, device: Device) -> bool:
+    """Whether a cell may calibrate: at most ``MAX_RANKS_PER_CORE`` ranks per core."""
+    return not device.cores or run.layout.gpus <= MAX_RANKS_PER_CORE * device.cores
 
 
-def check(runs: list[MeasuredRun]) -> tuple[list[list[str]], int, int]:
-    """Rows of the table, and how many cells are within the time and memory tolerances."""
-    half_a, half_b = folds(runs)
-    cores = cpu_device().cores
-    fitted_a = fit([r for r in half_a if calibratable(r, cores)], cpu_device())
-    fitted_b = fit([r for r in half_b if calibratable(r, cores)], cpu_device())
+def leave_one_out(runs: Sequence[MeasuredRun], base: Device) -> list[float]:
+    """Each run's predicted step time from a calibration on the others."""
+    predicted = []
+    for i, run in enumerate(runs):
+        others = [r for j, r in enumerate(runs) if j != i and calibratable(r, base)]
+        predicted.append(predicted_step(run, fit(others, base)))
+    return predicted
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def flag(ratio: float, tolerance: float) -> str:
+    """A ratio, marked when it misses."""
+    return f"{ratio:.2f}" + ("" if abs(ratio - 1) <= tolerance else " **miss**")
+
+
+def cpu_section(runs: list[MeasuredRun], base: Device) -> str:
+    """The comparison cells: step time (leave-one-out) and memory."""
     rows, time_ok, memory_ok = [], 0, 0
-    for run in runs:
-        device, fold = (fitted_b, "B") if run in half_a else (fitted_a, "A")
-        if not calibratable(run, cores):
-            fold += " (predicted only)"
-        predicted = predicted_step(run, device)
+    for run, predicted in zip(runs, leave_one_out(runs, base), strict=True):
         ratio = predicted / run.step_time_s
         time_ok += abs(ratio - 1) <= TIME_TOLERANCE
         memory = memory_per_gpu(run.shape, run.layout, run.global_batch, run.precision)
-        mem_ratio = run.peak_memory_bytes / memory.total if run.peak_memory_bytes else None
-        memory_ok += mem_ratio is not None and abs(mem_ratio - 1) <= MEMORY_TOLERANCE
+        mem_ratio = (run.peak_memory_bytes or 0) / memory.total
+        memory_ok += abs(mem_ratio - 1) <= MEMORY_TOLERANCE
         rows.append(
             [
-                run.name,
+                run.name + ("" if calibratable(run, base) else " (never calibrates)"),
                 run.layout.label(),
-                fold,
                 f"{run.step_time_s:.3f}",
                 f"{predicted:.3f}",
-                f"{ratio:.2f}" + ("" if abs(ratio - 1) <= TIME_TOLERANCE else " **miss**"),
+                flag(ratio, TIME_TOLERANCE),
                 f"{(run.peak_memory_bytes or 0) / 2**20:.2f}",
                 f"{memory.total / 2**20:.2f}",
-                f"{mem_ratio:.3f}" if mem_ratio else "-",
+                flag(mem_ratio, MEMORY_TOLERANCE),
             ]
         )
-    return rows, time_ok, memory_ok
-
-
-def report(runs: list[MeasuredRun]) -> str:
-    """The table as Markdown, with its summary line."""
-    rows, time_ok, memory_ok = check(runs)
     header = [
         "cell",
         "layout",
-        "calibrated on",
         "measured step s",
         "predicted",
         "ratio",
@@ -99,36 +94,120 @@ def report(runs: list[MeasuredRun]) -> str:
         "planner MiB",
         "ratio",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return (
-        "\n".join(lines)
+        markdown(header, rows)
         + f"\n\nStep time within {TIME_TOLERANCE:.0%}: {time_ok} of {len(rows)} cells; "
         f"memory within {MEMORY_TOLERANCE:.0%}: {memory_ok} of {len(rows)}.\n"
     )
 
 
+def gpu_section(runs: list[MeasuredRun], base: Device) -> str:
+    """Single-GPU runs: the datasheet device's prediction and the leave-one-out one."""
+    rows, ok = [], 0
+    for run, predicted in zip(runs, leave_one_out(runs, base), strict=True):
+        ratio = predicted / run.step_time_s
+        ok += abs(ratio - 1) <= TIME_TOLERANCE
+        datasheet = predicted_step(run, base)
+        rows.append(
+            [
+                f"{run.name} {run.precision}",
+                run.layout.label(),
+                f"{run.step_time_s:.4f}",
+                f"{datasheet:.4f} ({datasheet / run.step_time_s:.2f})",
+                f"{predicted:.4f}",
+                flag(ratio, TIME_TOLERANCE),
+            ]
+        )
+    header = ["run", "layout", "measured step s", "datasheet device (ratio)", "calibrated", "ratio"]
+    return markdown(header, rows) + f"\n\nCalibrated step time within 25%: {ok} of {len(rows)}.\n"
+
+
+def pick_section(measured: list[MeasuredRun], calibration: Device) -> str:
+    """The planner's ranking for the measured runs' model and batch, beside them."""
+    sample = measured[0]
+    plans = []
+    for ranks in range(1, MAX_RANKS_PER_CORE * calibration.cores + 1):
+        plans += search(sample.shape, ranks, sample.global_batch, sample.precision, calibration, {})
+    plans = ranked(plans)
+    by_label = {(run.layout.gpus, run.layout.label()): run for run in measured}
+    best = max(measured, key=lambda run: run.tokens_per_s)
+    rows = []
+    for rank, plan in enumerate(plans[:8], 1):
+        run = by_label.get((plan.gpus, plan.layout.label()))
+        rows.append(
+            [
+                str(rank),
+                f"{plan.gpus} ranks: {plan.layout.label()}",
+                f"{plan.tokens_per_s:,.0f}",
+                f"{run.tokens_per_s:,.0f}" if run else "not measured",
+            ]
+        )
+    pick = plans[0]
+    run = by_label.get((pick.gpus, pick.layout.label()))
+    if run is None:
+        command = lab_command(sample.shape, pick.layout, sample.global_batch, sample.precision)
+        verdict = f"The pick was not measured: run `{command}`."
+    else:
+        ratio = run.tokens_per_s / best.tokens_per_s
+        verdict = (
+            f"The pick, {run.name}, measured {run.tokens_per_s:,.0f} tokens/s: {ratio:.2f} of the "
+            f"best measured cell ({best.name}, {best.tokens_per_s:,.0f} tokens/s); "
+            + ("within" if ratio >= 1 - PICK_TOLERANCE else "**not** within")
+            + f" {PICK_TOLERANCE:.0%}."
+        )
+    cells = [
+        [
+            run.name,
+            run.layout.label(),
+            f"{run.tokens_per_s:,.0f}",
+            f"{sample.global_batch * sample.shape.seq_len / predicted_step(run, calibration):,.0f}",
+        ]
+        for run in sorted(measured, key=lambda r: -r.tokens_per_s)
+    ]
+    return (
+        markdown(["#", "planner's ranking", "predicted tokens/s", "measured tokens/s"], rows)
+        + f"\n\n{verdict}\n\nEvery measured cell, best first:\n\n"
+        + markdown(["cell", "layout", "measured tokens/s", "predicted tokens/s"], cells)
+        + "\n"
+    )
+
+
+def render(page: Path, name: str, text: str) -> None:
+    """Write ``text`` between the ``<!-- name:begin -->`` and ``end`` markers of ``page``."""
+    body = page.read_text()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    start, stop = body.index(begin) + len(begin), body.index(end)
+    page.write_text(body[:start] + "\n" + text + body[stop:])
+
+
 def main() -> None:
-    """Print the table (or render it into a page) and write the all-cells calibration."""
+    """Print the sections (or render them into a page) and write the CPU calibration."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--gpu-runs", type=Path, default=Path("docs/measurements/plan_gpu_h100"))
+    parser.add_argument("--gpu", default="h100-sxm", choices=tuple(GPUS))
+    parser.add_argument("--pick-runs", type=Path, default=Path("runs/plan-gpt2"))
     parser.add_argument("--render", type=Path)
     parser.add_argument("--calibration-out", type=Path)
     args = parser.parse_args()
-    runs = [read_run(d) for d in sorted(args.runs.iterdir()) if (d / "summary.json").is_file()]
-    text = report(runs)
+    base = cpu_device()
+    runs = read_dir(args.runs)
+    sections = {"plan-check": cpu_section(runs, base)}
+    calibration = fit([r for r in runs if calibratable(r, base)], base)
     if args.calibration_out:
-        cores = cpu_device().cores
-        fitted = fit([r for r in runs if calibratable(r, cores)], cpu_device())
-        write_calibration(fitted, args.calibration_out)
+        write_calibration(calibration, args.calibration_out)
         print(f"wrote {args.calibration_out}")
-    if args.render is None:
-        print(text)
-        return
-    page = args.render.read_text()
-    start, end = page.index(MARK_BEGIN) + len(MARK_BEGIN), page.index(MARK_END)
-    args.render.write_text(page[:start] + "\n" + text + page[end:])
-    print(f"wrote {args.render}")
+    if args.gpu_runs.is_dir():
+        sections["plan-gpu"] = gpu_section(read_dir(args.gpu_runs), GPUS[args.gpu])
+    if args.pick_runs.is_dir():
+        sections["plan-pick"] = pick_section(read_dir(args.pick_runs), calibration)
+    for name, text in sections.items():
+        if args.render:
+            render(args.render, name, text)
+        else:
+            print(f"## {name}\n\n{text}")
+    if args.render:
+        print(f"wrote {args.render}")
 
 
 if __name__ == "__main__":

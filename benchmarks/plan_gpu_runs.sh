@@ -5,12 +5,15 @@
 #
 #   python -m distlab.plan --calibrate OUT_DIR/* --gpu h100-sxm --calibration h100.json
 #
-# usage: benchmarks/plan_gpu_runs.sh OUT_DIR    (on a machine with one CUDA GPU)
+# usage: benchmarks/plan_gpu_runs.sh OUT_DIR [NAME_REGEX]   (on a machine with one CUDA GPU)
+# OUT_DIR.tgz gets the same files in one archive.
 set -euo pipefail
-out=${1:?usage: benchmarks/plan_gpu_runs.sh OUT_DIR}
+out=${1:?usage: benchmarks/plan_gpu_runs.sh OUT_DIR [NAME_REGEX]}
+only=${2:-.}
 work=$(mktemp -d)
 run() {
   local name=$1; shift
+  [[ $name =~ $only ]] || return 0
   echo "== $name"
   python3 -m distlab.launch --launcher local --no-wandb --quiet --config configs/gpt2-gpu.yaml \
     --nproc 1 --steps 12 --checkpoint-every 0 --no-final-checkpoint --run-dir "$work/$name" "$@" > "$work/$name.log" 2>&1 \
@@ -30,3 +33,4 @@ run fsdp-mb8 --strategy fsdp --micro-batch 8
 run fsdp-mb32 --strategy fsdp --micro-batch 32
 run small-mb64 --strategy single --model small --global-batch 256 --micro-batch 64
 rm -rf "$work"
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"

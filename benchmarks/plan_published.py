@@ -15,28 +15,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distlab.plan.hardware import GPUS
-from distlab.plan.layout import Layout
-from distlab.plan.memory import state_bytes
 from distlab.plan.published import LLAMA3_405B, MEGATRON_WEAK_SCALING, ZERO_PAPER, PublishedRun
-from distlab.plan.search import evaluate
-from distlab.plan.shape import ModelShape, from_parameter_count
+from distlab.plan.replay import replay, zero_paper_state_gb
 
 MARK_BEGIN = "<!-- plan-published:begin -->"
 MARK_END = "<!-- plan-published:end -->"
-DEVICES = {"a100-80gb": "a100-80gb", "h100-sxm": "h100-sxm"}
 
 
 def zero_rows() -> list[list[str]]:
     """The ZeRO paper's 7.5B / 64 GPUs model states per stage, paper vs planner."""
-    # a 7.5B shape by the --params rule, scaled to the paper's exact count: the model
-    # states depend on the count alone
-    shape = from_parameter_count(ZERO_PAPER.parameters, 2048, 51200)
-    scale = ZERO_PAPER.parameters / shape.parameters()
     rows = []
     for stage, paper in enumerate(ZERO_PAPER.gb_per_stage):
-        state = state_bytes(shape, Layout(dp=ZERO_PAPER.gpus, zero=stage), "mixed")
-        predicted = sum(state.values()) * scale / 1e9
+        predicted = zero_paper_state_gb(stage)
         rows.append(
             [
                 f"ZeRO stage {stage}",
@@ -48,53 +38,9 @@ def zero_rows() -> list[list[str]]:
     return rows
 
 
-def planner_shape(run: PublishedRun) -> ModelShape:
-    """The run's model as the planner's shape (Megatron: GPT with biases and learned
-    positions; Llama: SwiGLU, grouped-query attention, no biases, RoPE)."""
-    s = run.shape
-    return ModelShape(
-        name=run.name,
-        layers=s.layers,
-        hidden=s.hidden,
-        heads=s.heads,
-        vocab=s.vocab,
-        seq_len=s.seq_len,
-        ffn_hidden=s.ffn_hidden,
-        kv_heads=s.kv_heads,
-        gated_mlp=s.swiglu,
-        biases=not s.swiglu,
-        positions=0 if s.swiglu else s.seq_len,
-    )
-
-
-def megatron_flops_per_step(run: PublishedRun) -> float:
-    """Megatron's own FLOP count of a step (with recomputation)."""
-    s = run.shape
-    b, seq, layers, h, v = run.global_batch, s.seq_len, s.layers, s.hidden, s.vocab
-    return 96 * b * seq * layers * h * h * (1 + seq / (6 * h) + v / (16 * layers * h))
-
-
 def throughput_row(run: PublishedRun) -> tuple[list[str], float]:
     """Paper vs planner TFLOP/s per GPU for one published run."""
-    shape = planner_shape(run)
-    micro = run.global_batch // run.dp // run.micro_batch
-    schedule = "interleaved-1f1b" if run.pp > 1 and run.virtual_stages > 1 else "1f1b"
-    layout = Layout(
-        dp=run.dp,
-        tp=run.tp,
-        pp=run.pp,
-        cp=run.cp,
-        zero=run.zero,
-        ac="full" if run.recompute == "full" else "none",
-        microbatches=micro,
-        schedule=schedule,
-    )
-    device = GPUS[DEVICES[run.gpu]]
-    plan = evaluate(shape, layout, run.global_batch, "mixed", device)
-    if run.flops_convention.startswith("hardware"):
-        predicted = megatron_flops_per_step(run) / plan.step.total_s / run.gpus / 1e12
-    else:
-        predicted = plan.tflops_per_gpu
+    plan, predicted = replay(run)
     ratio = predicted / run.achieved_tflops_per_gpu
     split = plan.step
     row = [

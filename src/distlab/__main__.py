@@ -5,6 +5,7 @@ distlab verify --strategy tp --nproc 2        (= python -m distlab.verify ...)
 distlab compare runs/*                        (= python -m distlab.compare ...)
 distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
 distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
+distlab plan --model gpt2 --gpus 64           (= python -m distlab.plan ...)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 from distlab.cli import run_cli
 from distlab.launch.__main__ import main as launch
+from distlab.plan.__main__ import main as plan
 from distlab.report.comm_check import main as comm_check
 from distlab.report.compare import main as compare
 from distlab.report.sweep import main as sweep
@@ -27,6 +29,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (compare, "runs side by side, measured against theory"),
     "sweep": (sweep, "run a matrix of strategies x world sizes, then report"),
     "comm-check": (comm_check, "counted communication vs theory vs the kernel's TCP bytes"),
+    "plan": (plan, "which layout, memory per GPU and speed for a model on a cluster"),
 }
 
 

@@ -15,23 +15,41 @@ compute, exposed communication and bubble, tokens/s, TFLOP/s and MFU) and draws 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
-from distlab.plan.calibrate import fit, write_calibration
-from distlab.plan.hardware import GPUS, cpu_device, resolve_device
+from distlab.plan.calibrate import fit, fit_matmul_rates, write_calibration
+from distlab.plan.hardware import GPUS, Device, cpu_device, resolve_device
 from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
 from distlab.plan.render import picture, table
 from distlab.plan.runs import read_runs
-from distlab.plan.search import search
+from distlab.plan.search import Plan, lab_command, ranked, search
 from distlab.plan.shape import ModelShape, from_parameter_count, from_preset, with_seq_len
 from distlab.strategies.pipeline_schedules import SCHEDULES
 
 SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab")
+DEFAULT_GPU = "h100-sxm"
+FIXED = (
+    "dp",
+    "tp",
+    "pp",
+    "cp",
+    "ep",
+    "zero",
+    "ac",
+    "microbatches",
+    "schedule",
+    "sequence_parallel",
+)
+"""Layout settings a flag can fix (the rest are searched)."""
+CPU_RANKS_PER_CORE = 2
+"""With --gpus cpu and no --nproc: rank counts searched, up to this many per core."""
 
 
 def parser() -> OneLineErrorParser:
@@ -52,8 +70,10 @@ def parser() -> OneLineErrorParser:
     cluster.add_argument(
         "--gpus", default="8", help="GPU count, or 'cpu' for this machine (with --nproc ranks)"
     )
-    cluster.add_argument("--nproc", type=int, help="with --gpus cpu: ranks (default: the cores)")
-    cluster.add_argument("--gpu", default="h100-sxm", help=f"one of: {', '.join(GPUS)}")
+    cluster.add_argument(
+        "--nproc", type=int, help="with --gpus cpu: ranks (default: search 1 to 2 x the cores)"
+    )
+    cluster.add_argument("--gpu", help=f"one of: {', '.join(GPUS)} (default h100-sxm)")
     cluster.add_argument("--gpu-spec", type=Path, help="a JSON device file instead of --gpu")
     cluster.add_argument("--gpus-per-node", type=int, help="default: the device's (8)")
     cluster.add_argument("--calibration", type=Path, help="a fitted device (from --calibrate)")
@@ -66,6 +86,12 @@ def parser() -> OneLineErrorParser:
     layout.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
     layout.add_argument("--ac", choices=ACTIVATION_CHECKPOINTING)
     layout.add_argument("--schedule", choices=tuple(SCHEDULES))
+    layout.add_argument(
+        "--sequence-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tensor parallelism splits norms and residuals too (default: on GPUs with tp)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     out.add_argument("--json", action="store_true", help="print every layout as JSON")
@@ -75,7 +101,8 @@ def parser() -> OneLineErrorParser:
         nargs="+",
         type=Path,
         metavar="RUN_DIR",
-        help="fit this machine's constants to these runs and write --calibration",
+        help="fit this machine's constants to these runs (or a GPU's matmuls to a "
+        "benchmarks/matmul_rate.py JSON, with --gpu) and write --calibration",
     )
     return p
 
@@ -118,12 +145,55 @@ def model_shape(args) -> ModelShape:  # noqa: ANN001 (argparse namespace)
     )
 
 
+def search_rank_counts(
+    shape: ModelShape, global_batch: int, precision: str, device: Device, fixed: dict
+) -> list[Plan]:
+    """This machine's plans at every rank count from 1 to twice its cores (the
+    oversubscription its calibration covers), fastest first."""
+    plans: list[Plan] = []
+    for ranks in range(1, CPU_RANKS_PER_CORE * device.cores + 1):
+        try:
+            plans += search(shape, ranks, global_batch, precision, device, fixed)
+        except DistlabError:
+            continue  # no layout of this many ranks (the batch or fixed degrees)
+    if not plans:
+        raise DistlabError(
+            f"no layout of 1 to {CPU_RANKS_PER_CORE * device.cores} ranks runs {shape.name} "
+            f"with --global-batch {global_batch}: change the batch or the fixed degrees"
+        )
+    return ranked(plans)
+
+
+def read_matmul_rates(path: Path) -> list[dict]:
+    """The rows of a ``benchmarks/matmul_rate.py`` JSON file."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except FileNotFoundError:
+        raise DistlabError(f"--calibrate {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DistlabError(
+            f"--calibrate {path}: not a matmul-rate JSON with 'rows' ({exc})"
+        ) from None
+    return rows
+
+
 def calibrate(args) -> int:  # noqa: ANN001
-    """``--calibrate``: fit this machine to runs and write the calibration file."""
-    runs = read_runs(args.calibrate)
+    """``--calibrate``: fit a device to runs and write the calibration file. The device is
+    this machine's CPU unless ``--gpu`` or ``--gpu-spec`` names one (then the runs are that
+    GPU's, e.g. from ``benchmarks/plan_gpu_runs.sh``)."""
     target = args.calibration or Path("runs/plan/calibration.json")
-    sys.stderr.write(f"fitting {len(runs)} runs ...\n")
-    device = fit(runs, cpu_device())
+    if args.gpu is None and args.gpu_spec is None:
+        base = cpu_device()
+    else:
+        base = resolve_device(args.gpu or DEFAULT_GPU, args.gpu_spec)
+    if len(args.calibrate) == 1 and args.calibrate[0].suffix == ".json":
+        rows = read_matmul_rates(args.calibrate[0])
+        sys.stderr.write(f"fitting {base.name}'s matmuls to {len(rows)} measured rates ...\n")
+        device = fit_matmul_rates(rows, base)
+    else:
+        runs = read_runs(args.calibrate)
+        sys.stderr.write(f"fitting {base.name} to {len(runs)} runs ...\n")
+        device = fit(runs, base)
     write_calibration(device, target)
     print(f"calibration written to {target} ({device.notes[0]})")
     return 0
@@ -137,37 +207,43 @@ def main(argv: list[str] | None = None) -> int:
     shape = model_shape(args)
     if args.gpus == "cpu":
         device = resolve_device("cpu", args.gpu_spec, args.calibration)
-        gpus = args.nproc or device.cores
+        gpus = args.nproc or device.cores  # without --nproc: every rank count (below)
     else:
         try:
             gpus = int(args.gpus)
         except ValueError:
             raise DistlabError(f"--gpus {args.gpus}: give a GPU count or 'cpu'") from None
-        device = resolve_device(args.gpu, args.gpu_spec, args.calibration)
+        device = resolve_device(args.gpu or DEFAULT_GPU, args.gpu_spec, args.calibration)
     if gpus < 1:
         raise DistlabError(f"--gpus {gpus}: need at least one")
     if args.gpus_per_node:
-        from dataclasses import replace
-
         device = replace(device, gpus_per_node=args.gpus_per_node)
-    fixed = {
-        name: getattr(args, name)
-        for name in ("dp", "tp", "pp", "cp", "ep", "zero", "ac", "microbatches", "schedule")
-        if getattr(args, name) is not None
-    }
-    plans = search(shape, gpus, args.global_batch, args.precision, device, fixed)
+    for name in ("global_batch", "top"):
+        if getattr(args, name) < 1:
+            raise DistlabError(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    fixed = {name: getattr(args, name) for name in FIXED if getattr(args, name) is not None}
+    if args.gpus == "cpu" and args.nproc is None:
+        plans = search_rank_counts(shape, args.global_batch, args.precision, device, fixed)
+        where = f"1 to {max(plan.gpus for plan in plans)} ranks on this machine's CPU"
+    else:
+        plans = search(shape, gpus, args.global_batch, args.precision, device, fixed)
+        where = f"{gpus} x {device.name}"
     if args.json:
         print(json.dumps([plan.to_dict() for plan in plans], indent=1))
         return 0
     fitting = sum(plan.fits for plan in plans)
-    print(f"{shape.describe()}")
+    print(shape.describe())
+    print(f"device: {device.source}")
     print(
-        f"{gpus} x {device.name} ({device.source}); global batch {args.global_batch}, "
-        f"{args.precision}; {len(plans)} layouts, {fitting} fit in memory\n"
+        f"{where}, global batch {args.global_batch}, {args.precision}: {len(plans)} layouts, "
+        f"{fitting} fit in memory\n"
     )
     print(table(plans, args.top))
+    command = lab_command(shape, plans[0].layout, args.global_batch, args.precision)
+    if command:
+        print(f"\nrun the pick in the lab: {command}")
     if args.plot != "none":
-        title = f"{shape.name} on {gpus} x {device.name}, global batch {args.global_batch}"
+        title = f"{shape.name} on {where}, global batch {args.global_batch}"
         path = picture(plans, args.top, Path(args.plot), title, device.memory_bytes)
         print(f"\npicture: {path}")
     return 0

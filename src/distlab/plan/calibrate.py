@@ -1,11 +1,13 @@
-"""``--calibrate``: fit a device's constants to the lab's own runs.
+"""``--calibrate``: fit a device's constants to measurements.
 
-The constants: the matmul efficiency and per-matmul overhead, the memory bandwidth of
-elementwise work, the links' latency and bandwidth (alpha, beta), and, on a CPU, how
-much slower ranks beyond the cores run (the oversubscription exponent) and the per-step
-cost of DeepSpeed's engine. They are fitted together so that the planner's step time
-(``distlab.plan.step_time``) matches the runs' measured median step times: the least
-squares of log(predicted / measured) over the runs, by the Nelder-Mead simplex (no
+From the lab's runs (``fit``), in two stages: first the links' latency and bandwidth
+(alpha, beta) to the runs' measured communication times (the comm counter's seconds in
+flight), then, with the links fixed, the compute constants (matmul efficiency and
+overhead, elementwise bandwidth, the host's cost per layer, and on a CPU the
+oversubscription exponent and DeepSpeed's per-step engine cost, each only where some
+run can tell it) to the runs' measured median step times. From a GPU's measured matmul
+rates (``fit_matmul_rates``): the matmul efficiency and overhead alone. Both minimise
+the mean squared log(predicted / measured) with a restarted Nelder-Mead simplex (no
 gradients: the model has maxima and minima). The fitted device is written as JSON
 (``hardware.device_from_file`` reads it back).
 """
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from distlab.errors import DistlabError
 from distlab.plan.hardware import Device, Link
 from distlab.plan.runs import MeasuredRun
-from distlab.plan.step_time import step_time
+from distlab.plan.step_time import ENGINES, matmul_seconds, step_time
 
 RESTARTS = 3
 """Nelder-Mead runs, each from the previous one's best point."""
@@ -35,11 +38,11 @@ COMPUTE = (
     "matmul_efficiency",
     "elementwise_bandwidth",
     "matmul_overhead_s",
-    "oversubscription_exponent",
-    "deepspeed_overhead_s",
-    "deepspeed_zero3_overhead_s",
+    "layer_overhead_s",
 )
-"""Fitted second, with the links fixed, to the runs' measured step times."""
+"""Fitted second, with the links fixed, to the runs' measured step times; on a CPU also
+the oversubscription exponent, and the per-step cost of any engine the runs used
+(``fitted_constants``)."""
 
 
 def with_constants(device: Device, **c: float) -> Device:
@@ -59,6 +62,7 @@ def with_constants(device: Device, **c: float) -> Device:
         device,
         matmul_efficiency=c.get("matmul_efficiency", device.matmul_efficiency),
         matmul_overhead_s=c.get("matmul_overhead_s", device.matmul_overhead_s),
+        layer_overhead_s=c.get("layer_overhead_s", device.layer_overhead_s),
         elementwise_bandwidth=c.get("elementwise_bandwidth", device.elementwise_rate()),
         intra_node=link,
         inter_node=link,
@@ -76,6 +80,7 @@ def constants_of(device: Device, names: Sequence[str]) -> list[float]:
         "bandwidth": device.intra_node.bandwidth,
         "matmul_efficiency": device.matmul_efficiency,
         "matmul_overhead_s": device.matmul_overhead_s,
+        "layer_overhead_s": device.layer_overhead_s or 1e-4,
         "elementwise_bandwidth": device.elementwise_rate(),
         "oversubscription_exponent": device.oversubscription_exponent,
         "deepspeed_overhead_s": device.engine_overhead_s.get("deepspeed", 0.01),
@@ -148,6 +153,17 @@ def comm_seconds(run: MeasuredRun, device: Device) -> float:
     return step_time(run.shape, run.layout, run.global_batch, run.precision, device).comm_s
 
 
+def fitted_constants(runs: Sequence[MeasuredRun], device: Device) -> list[str]:
+    """The ``COMPUTE`` constants ``runs`` can tell: oversubscription only on a CPU, an
+    engine's cost only if some run used it."""
+    engines = {ENGINES.get(run.layout.strategy or "", "") for run in runs}
+    names = list(COMPUTE)
+    if device.cores:
+        names.append("oversubscription_exponent")
+    names += [f"{engine.replace('-', '_')}_overhead_s" for engine in sorted(engines - {""})]
+    return names
+
+
 def _fit(device: Device, names: Sequence[str], error: Callable[[Device], float]) -> Device:
     start = np.log(np.array(constants_of(device, names), dtype=float))
 
@@ -167,13 +183,49 @@ def _fit(device: Device, names: Sequence[str], error: Callable[[Device], float])
 def fit(runs: Sequence[MeasuredRun], device: Device) -> Device:
     """``device`` with the constants that best predict ``runs``: the links from their
     measured communication times, then compute from their step times."""
-    linked = _fit(device, LINK, lambda d: comm_log_error(runs, d))
-    fitted = _fit(linked, COMPUTE, lambda d: log_error(runs, d))
+    linked = device
+    if any(run.comm_time_s > MIN_COMM_S for run in runs):
+        linked = _fit(device, LINK, lambda d: comm_log_error(runs, d))
+    fitted = _fit(linked, fitted_constants(runs, device), lambda d: log_error(runs, d))
     names = ", ".join(run.name for run in runs)
     return replace(
         fitted,
         source=f"{device.source}; calibrated on {len(runs)} runs ({names})",
         notes=(f"rms log error on those runs: {math.sqrt(log_error(runs, fitted)):.3f}",),
+    )
+
+
+def fit_matmul_rates(rows: Sequence[dict], device: Device) -> Device:
+    """``device``'s matmul efficiency and overhead fitted to measured matmul rates (the
+    rows of ``benchmarks/matmul_rate.py``: dtype, m, k, n, tflops), least squares of the
+    log of predicted over measured rate."""
+    measured = [r for r in rows if r["dtype"] in ("bf16", "fp32")]
+    if not measured:
+        raise DistlabError(
+            "no bf16 or fp32 rows to fit (expected benchmarks/matmul_rate.py's JSON)"
+        )
+
+    def error(candidate: Device) -> float:
+        return float(
+            np.mean(
+                [
+                    math.log(
+                        matmul_seconds(candidate, r["dtype"], r["m"], r["n"], r["k"])
+                        * r["tflops"]
+                        * 1e12
+                        / (2.0 * r["m"] * r["n"] * r["k"])
+                    )
+                    ** 2
+                    for r in measured
+                ]
+            )
+        )
+
+    fitted = _fit(device, ("matmul_efficiency", "matmul_overhead_s"), error)
+    return replace(
+        fitted,
+        source=f"{device.source}; matmuls fitted to {len(measured)} measured rates",
+        notes=(f"rms log error of the matmul rates: {math.sqrt(error(fitted)):.3f}",),
     )
 
 

@@ -64,6 +64,10 @@ class Device:
     """Fraction of the peak that large matmuls reach."""
     matmul_overhead_s: float = 6e-6
     """Fixed seconds per matmul (launch and small-shape inefficiency)."""
+    layer_overhead_s: float = 0.0
+    """Host seconds per layer per micro-batch, forward and backward (Python, autograd and
+    kernel launches of eager PyTorch). A GPU runs it ahead of its kernels (a micro-batch
+    takes the longer of the two); on a CPU the host is the device (they add)."""
     overlaps_comm: bool = True
     """Whether communication runs under compute (GPUs: yes; a CPU whose cores compute: no)."""
     cores: int = 0
@@ -89,6 +93,13 @@ class Device:
         return asdict(self)
 
 
+H100_MATMUL_EFFICIENCY = 0.78
+H100_MATMUL_OVERHEAD_S = 15e-6
+"""Fitted to the H100's 96 measured bf16 and fp32 matmul rates (rms error 15%) by
+``python -m distlab.plan --calibrate docs/measurements/matmul_rate_h100.json --gpu
+h100-sxm``; the other GPUs take them too until their own rates are measured."""
+
+
 def _gpu(
     name: str,
     table_name: str,
@@ -102,17 +113,20 @@ def _gpu(
         name=name,
         peak_flops={
             "bf16": gpu_peak(table_name, "bf16", tf32=False) or 0.0,
-            "fp32": gpu_peak(table_name, "fp32", tf32=True) or 0.0,
+            "fp32": gpu_peak(table_name, "fp32", tf32=False) or 0.0,
         },
         memory_bytes=memory_gb * GB,
         memory_bandwidth=hbm_tb_s * 1e12,
         intra_node=Link(bandwidth=nvlink_gb_s * GB, latency=3e-6),
         inter_node=Link(bandwidth=nic_gb_s * GB, latency=8e-6),
         gpus_per_node=8,
+        matmul_efficiency=H100_MATMUL_EFFICIENCY,
+        matmul_overhead_s=H100_MATMUL_OVERHEAD_S,
         source=(
             f"datasheet: {table_name} peak (distlab.measure.mfu), {memory_gb:g} GB at "
             f"{hbm_tb_s:g} TB/s, NVLink {nvlink_gb_s:g} GB/s and {nic_gb_s:g} GB/s NIC per GPU "
-            "each way; latencies 3 us (NVLink) and 8 us (network) assumed"
+            "each way; latencies 3 us (NVLink) and 8 us (network) assumed; matmuls as "
+            "measured on an H100"
         ),
     )
 
@@ -124,8 +138,8 @@ GPUS: dict[str, Device] = {
     "h200": _gpu("h200", "H200", 141, 4.8, 450, 50),
 }
 """Datasheet devices (DGX/HGX nodes of 8: A100 with HDR 200 Gb/s, H100/H200 with NDR
-400 Gb/s per GPU). A100 tf32 stands in for "fp32" (what torch uses on Ampere+ with
-tf32 on)."""
+400 Gb/s per GPU). "fp32" is the CUDA-core peak: torch's matmuls stay in fp32 unless
+tf32 is switched on."""
 
 
 def probe_memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
@@ -230,6 +244,7 @@ def resolve_device(name: str, spec: Path | None = None, calibration: Path | None
             inter_node=fitted.inter_node,
             matmul_efficiency=fitted.matmul_efficiency,
             matmul_overhead_s=fitted.matmul_overhead_s,
+            layer_overhead_s=fitted.layer_overhead_s,
             oversubscription_exponent=fitted.oversubscription_exponent,
             engine_overhead_s=fitted.engine_overhead_s,
             source=fitted.source,

@@ -39,6 +39,10 @@ class Layout:
     microbatches: int = 1
     """Micro-batches per step per data-parallel rank (pipelines: the schedule's m)."""
     schedule: str = "1f1b"
+    sequence_parallel: bool = False
+    """Tensor parallelism also splits the norms' and residuals' activations over the
+    sequence (Megatron's sequence parallelism): the same bytes on the wire, as
+    reduce-scatters and all-gathers, and 1/tp of those activations."""
     replicas: int = 1
     """ZeRO-3 only: replica groups that each hold the sharded state (HSDP); the state is
     sharded over dp x cp / replicas ranks."""
@@ -62,6 +66,8 @@ class Layout:
         settings = [f"zero {self.zero}"]
         if self.ac != "none":
             settings.append(f"ac {self.ac}")
+        if self.sequence_parallel:
+            settings.append("sp")
         if self.pp > 1:
             settings.append(f"{self.schedule} m {self.microbatches}")
         elif self.microbatches > 1:
@@ -108,6 +114,8 @@ def check(layout: Layout, shape: ModelShape, gpus: int, global_batch: int) -> La
             f"--global-batch {global_batch} is not divisible by --dp {layout.dp} x "
             f"{layout.microbatches} micro-batches"
         )
+    if layout.sequence_parallel and layout.tp == 1:
+        raise DistlabError("--sequence-parallel needs --tp above 1")
     if layout.zero not in (0, 1, 2, 3):
         raise DistlabError(f"--zero {layout.zero}: choose 0, 1, 2 or 3")
     if layout.ac not in ACTIVATION_CHECKPOINTING:
@@ -144,6 +152,8 @@ def lab_strategy(layout: Layout, moe: bool = False) -> tuple[str, dict[str, int]
         return (sharded or "ddp", {})
     if layout.dp == 1 and layout.zero == 0 and len(used) == 1:
         return (used[0], {})
+    if layout.sequence_parallel:
+        return None  # the lab's --sequence-parallel: tp only
     if layout.zero == 3:
         return ("fsdp+" + "+".join(used), extra)
     if used == ("pp",) and layout.zero == 0:

@@ -80,6 +80,7 @@ def lab_config(
         global_batch=global_batch,
         precision=precision,
         ac=layout.ac,
+        sequence_parallel=layout.sequence_parallel,
         dp=layout.dp if layout.dp > 1 and strategy.count("+") >= 3 else None,
         **extra,
         **(pipeline if layout.pp > 1 else accumulation),
@@ -141,7 +142,8 @@ def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, eleme
     if shape.attention == "materialized":
         # softmax output, dropout mask and output per score: Korthikanti et al.'s 5 a s^2 b
         scores = 5 * (shape.heads // tp) * t * shape.seq_len * element // 2
-    return element * (4 * t * h + (attention + mlp) * t // tp) + FP32 * 4 * t + lse + scores
+    replicated = 4 * t * h // (tp if layout.sequence_parallel else 1)
+    return element * (replicated + (attention + mlp) * t // tp) + FP32 * 4 * t + lse + scores
 
 
 def activation_bytes(

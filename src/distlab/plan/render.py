@@ -63,15 +63,21 @@ def picture(plans: list[Plan], top: int, path: Path, title: str, memory_limit: f
         time_ax.barh(labels, values, left=left, label=name)
         left = [a + b for a, b in zip(left, values, strict=True)]
     time_ax.set_xlabel("predicted step time (s)")
-    time_ax.legend(loc="lower right", fontsize=8)
+    time_ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, fontsize=8, frameon=False)
     left = [0.0] * len(shown)
     for name in MEMORY_PARTS:
         values = [p.memory.by_category[name] / GiB for p in shown]
         mem_ax.barh(labels, values, left=left, label=name)
         left = [a + b for a, b in zip(left, values, strict=True)]
-    mem_ax.axvline(memory_limit / GiB, color="black", linestyle="--", label="device memory")
-    mem_ax.set_xlabel("predicted memory per GPU (GiB)")
-    mem_ax.legend(loc="lower right", fontsize=8)
+    largest = max(left)
+    if memory_limit / GiB <= 3 * largest:
+        mem_ax.axvline(memory_limit / GiB, color="black", linestyle="--", label="device memory")
+        mem_ax.set_xlabel("predicted memory per GPU (GiB)")
+    else:  # a line far off the bars would squash them
+        mem_ax.set_xlabel(
+            f"predicted memory per GPU (GiB; the device has {memory_limit / GiB:.0f} GiB)"
+        )
+    mem_ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

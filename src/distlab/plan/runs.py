@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlab.config import build_config, read_config_values
+from distlab.config import build_config, grad_accum_steps, read_config_values
 from distlab.errors import DistlabError
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
@@ -57,7 +57,7 @@ def read_run(run_dir: Path) -> MeasuredRun:
     strategy = registry.describe(config.strategy)
     dims = strategy.dims(config)
     dp = dims.dp
-    m = microbatches(config, lab) if dims.pp > 1 else 1
+    m = microbatches(config, lab) if dims.pp > 1 else grad_accum_steps(config, dims.dp * dims.cp)
     layout = Layout(
         dp=dp,
         tp=dims.tp,

@@ -4,12 +4,13 @@ rank them by throughput."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
+from distlab.config import Config, option_flag
 from distlab.errors import DistlabError
 from distlab.plan.hardware import Device
 from distlab.plan.layout import Layout, check, lab_strategy
-from distlab.plan.memory import MemoryEstimate, memory_per_gpu
+from distlab.plan.memory import MemoryEstimate, lab_config, memory_per_gpu
 from distlab.plan.shape import ModelShape
 from distlab.plan.step_time import StepTime, step_time
 
@@ -57,6 +58,7 @@ class Plan:
             "ac": self.layout.ac,
             "microbatches": self.layout.microbatches,
             "schedule": self.layout.schedule if self.layout.pp > 1 else None,
+            "sequence_parallel": self.layout.sequence_parallel,
             "label": self.layout.label(),
             "lab_strategy": lab[0] if lab else None,
             "memory_per_gpu_bytes": self.memory.to_dict(),
@@ -97,6 +99,21 @@ def evaluate(
     )
 
 
+def lab_command(shape: ModelShape, layout: Layout, global_batch: int, precision: str) -> str | None:
+    """The ``distlab.launch`` command that runs ``layout`` in the lab, or None."""
+    config = lab_config(shape, layout, global_batch, precision)
+    if config is None:
+        return None
+    default = Config()
+    flags = [
+        option_flag(f.name, getattr(config, f.name))
+        for f in fields(Config)
+        if getattr(config, f.name) is not None
+        and getattr(config, f.name) != getattr(default, f.name)
+    ]
+    return "python -m distlab.launch " + " ".join(flags)
+
+
 def divisors(n: int) -> list[int]:
     """Positive divisors of ``n``."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -134,6 +151,7 @@ def candidate_layouts(
                 if pp > 1 and m < pp:
                     continue
                 layout = Layout(
+                    sequence_parallel=tp > 1 and not device.cores,
                     dp=dp,
                     tp=tp,
                     pp=pp,
@@ -210,4 +228,9 @@ def search(
             + ": change the fixed degrees or the batch"
         )
     plans = [evaluate(shape, layout, global_batch, precision, device) for layout in layouts]
-    return sorted(plans, key=lambda plan: (not plan.fits, -plan.tokens_per_s))
+    return ranked(plans)
+
+
+def ranked(plans: list[Plan]) -> list[Plan]:
+    """Those that fit first, fastest first, the smaller memory first at equal speed."""
+    return sorted(plans, key=lambda plan: (not plan.fits, -plan.tokens_per_s, plan.memory.total))

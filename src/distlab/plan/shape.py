@@ -17,6 +17,8 @@ from distlab.model import PRESETS, GPTConfig
 
 HEAD_DIM = 128
 """Head width of the ``--params`` shape rule (GPT-3, Megatron and Llama all use 128)."""
+HIDDEN_STEP = 256
+"""The ``--params`` rule's hidden sizes are multiples of this."""
 
 
 @dataclass(frozen=True)
@@ -146,17 +148,17 @@ def from_gpt_config(name: str, config: GPTConfig, seq_len: int | None = None) ->
 def from_parameter_count(params: float, seq_len: int, vocab: int) -> ModelShape:
     """The lab's architecture sized to about ``params`` parameters by a standard rule.
 
-    Heads of width 128, hidden a multiple of 128, and a depth with hidden / layers
+    Heads of width 128, hidden a multiple of 256, and a depth with hidden / layers
     between 64 and 160 (GPT-3's and Megatron's models sit in that band); of those the
-    shape whose parameter count is closest to ``params``, ties to the ratio nearest 128.
+    shape whose parameter count is closest to ``params`` to the percent, ties to the
+    ratio nearest 128.
     """
     if params < 1e6:
         raise DistlabError(f"--params {params:g} is too small for the shape rule (at least 1e6)")
     best: tuple[float, float, ModelShape] | None = None
     for layers in range(1, 257):
-        for hidden in range(
-            max(HEAD_DIM, 64 * layers // HEAD_DIM * HEAD_DIM), 160 * layers + 1, HEAD_DIM
-        ):
+        low = max(HIDDEN_STEP, 64 * layers // HIDDEN_STEP * HIDDEN_STEP)
+        for hidden in range(low, 160 * layers + 1, HIDDEN_STEP):
             if not 64 <= hidden / layers <= 160:
                 continue
             shape = ModelShape(
@@ -167,7 +169,8 @@ def from_parameter_count(params: float, seq_len: int, vocab: int) -> ModelShape:
                 vocab=vocab,
                 seq_len=seq_len,
             )
-            key = (abs(shape.parameters() - params) / params, abs(hidden / layers - 128))
+            error = round(abs(shape.parameters() - params) / params, 2)  # to the percent
+            key = (error, abs(hidden / layers - 128))
             if best is None or key < best[:2]:
                 best = (*key, shape)
     if best is None:

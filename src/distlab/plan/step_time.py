@@ -4,8 +4,11 @@ compute), the pipeline bubble, and the optimizer step.
 Compute: every matmul of one micro-batch on one GPU (q/k/v, attention, projection,
 MLP or experts, head), each timed as ``Device.matmul_overhead_s + 2 m n k / (peak x
 Device.matmul_efficiency)``; backward is twice the forward's matmuls, ``--ac full``
-runs the forward again. Elementwise work (norms, activations, residuals, softmax) and
-AdamW's update move bytes at the memory bandwidth.
+runs the forward again. Elementwise work (norms, activations, residuals; the s x s
+scores where attention is materialized) and AdamW's update stream bytes at the
+device's elementwise bandwidth. The host's per-layer cost of issuing a micro-batch
+(``Device.layer_overhead_s``) runs ahead of a GPU's kernels (the longer of the two
+counts) and adds to a CPU's.
 
 Communication: the collectives a step issues per GPU (``collectives``), each over the
 link its group spans (tensor-parallel groups are the nearest ranks, data-parallel the
@@ -18,8 +21,13 @@ reductions and ZeRO-3's gathers run under backward and forward compute on a GPU
 on the critical path.
 
 Bubble: the schedule's idle fraction (``distlab.strategies.pipeline_schedules.
-bubble_fraction``). On a CPU, ranks beyond the cores share them: compute stretches by
-ranks / cores.
+bubble_fraction``).
+
+A CPU's ranks beyond its cores take turns on them. Their messages wait a fair share
+(ranks / cores); their compute and optimizer stretch by (ranks / cores) **
+``Device.oversubscription_exponent`` (fitted: switching between ranks costs more than
+the share), less what a pipeline's idle ranks give back. Pipeline stages that only
+exchange messages sleep while they wait, so they share the cores fairly (exponent 1).
 """
 
 from __future__ import annotations
@@ -37,11 +45,16 @@ ELEMENTWISE_BYTES_PER_TOKEN = 40
 """Bytes of elementwise traffic per token, per hidden unit, per layer, per element byte,
 forward and backward (two LayerNorms, GELU, two residual adds, softmax statistics:
 each reads and writes its tensors about once forward and twice backward)."""
-MATERIALIZED_ATTENTION_PASSES = 10
+MATERIALIZED_ATTENTION_PASSES = 16
 """Element-sized reads and writes of each s x s attention score when attention is
-materialized: forward softmax (read, write) and dropout (read, write, half-size mask);
-backward dropout (read gradient and mask, write) and softmax (read probabilities and
-gradient, write): about 10."""
+materialized. Forward: q k^T writes the scores (1), softmax reads and writes them (2),
+dropout reads, writes and writes a half-size mask (2.5), the product with v reads them
+(1); backward: the value gradient reads the probabilities (1), the incoming gradient's
+product writes their gradient (1), dropout's backward reads it and the mask and writes
+(2.5), softmax's reads probabilities and gradient and writes (3), the query and key
+gradients read the result (2): 16 in all."""
+MATERIALIZED_RECOMPUTE_PASSES = 6.5
+"""The forward's passes again when ``--ac full`` recomputes it."""
 ADAMW_BYTES_PER_PARAMETER = 28
 """AdamW's update reads parameter, gradient and two moments and writes three (fp32)."""
 ENGINES = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed-zero3"}
@@ -96,14 +109,12 @@ def forward_matmuls(
     t, h, tp = tokens, shape.hidden, layout.tp
     kv_width = shape.kv * shape.head_dim
     layers = -(-shape.layers // layout.pp)
-    heads = shape.heads // tp
     per_layer: list[tuple[int, int, int, float]] = []
     if shape.fused_qkv:
         per_layer.append((t, h, (h + 2 * kv_width) // tp, 1))
     else:
         per_layer += [(t, h, h // tp, 1), (t, h, kv_width // tp, 2)]
-    # attention: q k^T and (softmax) v for every head, over the whole sequence's keys
-    per_layer.append((t, shape.head_dim, shape.seq_len, 2 * heads))
+    per_layer.append(attention_matmul(shape, layout, tokens, per_layer=True))
     per_layer.append((t, h // tp, h, 1))
     up = 2 if shape.gated_mlp else 1
     if shape.experts:
@@ -119,29 +130,47 @@ def forward_matmuls(
     return matmuls
 
 
+def attention_matmul(
+    shape: ModelShape, layout: Layout, tokens: int, per_layer: bool = False
+) -> tuple[int, int, int, float]:
+    """(m, n, k, count) of attention's q k^T and (softmax) v products on one GPU, every
+    local head over the whole sequence's keys, for all its layers (or one)."""
+    layers = 1 if per_layer else -(-shape.layers // layout.pp)
+    heads = shape.heads // layout.tp
+    return (tokens, shape.head_dim, shape.seq_len, 2 * heads * layers)
+
+
 def matmul_seconds(device: Device, precision: str, m: int, n: int, k: int) -> float:
     """One matmul of 2 m n k FLOPs on ``device`` (the alpha-beta model of compute)."""
     rate = device.peak(precision) * device.matmul_efficiency
     return device.matmul_overhead_s + 2.0 * m * n * k / rate
 
 
-def microbatch_compute_seconds(
+def microbatch_seconds(
     shape: ModelShape, layout: Layout, tokens: int, device: Device, precision: str
-) -> float:
-    """Forward and backward of one micro-batch on one GPU, matmuls and elementwise work."""
+) -> tuple[float, float]:
+    """(work, host) seconds of one micro-batch's forward and backward on one GPU: its
+    matmuls and elementwise kernels, and the host's per-layer cost of issuing them.
+    ``--ac full`` runs the forward again, ``selective`` the attention's score products."""
     passes = 3 + (1 if layout.ac == "full" else 0)
-    matmuls = sum(
-        count * matmul_seconds(device, precision, m, n, k)
-        for m, n, k, count in forward_matmuls(shape, layout, tokens)
-    )
+    matmuls = forward_matmuls(shape, layout, tokens)
+    seconds = [count * matmul_seconds(device, precision, m, n, k) for m, n, k, count in matmuls]
+    m, n, k, count = attention_matmul(shape, layout, tokens)
+    recomputed = count * matmul_seconds(device, precision, m, n, k)
     element = 4 if precision == "fp32" else 2
     layers = -(-shape.layers // layout.pp)
     elementwise = ELEMENTWISE_BYTES_PER_TOKEN * tokens * shape.hidden * layers * element
     if shape.attention == "materialized":
         scores = tokens * shape.seq_len * (shape.heads // layout.tp) * element * layers
-        recompute = 4.5 if layout.ac == "full" else 0.0  # the forward's passes again
+        recompute = MATERIALIZED_RECOMPUTE_PASSES if layout.ac == "full" else 0.0
         elementwise += (MATERIALIZED_ATTENTION_PASSES + recompute) * scores
-    return passes * matmuls + elementwise / device.elementwise_rate()
+    # the elementwise constant counts forward and backward (3 passes); --ac full adds one
+    elementwise *= passes / 3
+    work = passes * sum(seconds) + elementwise / device.elementwise_rate()
+    if layout.ac == "selective":
+        work += recomputed
+    host = device.layer_overhead_s * (layers + (1 if layout.pp == 1 else 0))
+    return work, host
 
 
 def collectives(
@@ -229,17 +258,15 @@ def step_time(
 ) -> StepTime:
     """Predicted step of ``layout`` on ``device`` (module docstring)."""
     tokens = tokens_per_microbatch(shape, layout, global_batch)
-    compute = microbatch_compute_seconds(shape, layout, tokens, device, precision)
-    compute *= layout.microbatches
+    work, host = microbatch_seconds(shape, layout, tokens, device, precision)
+    # a GPU's host issues kernels ahead of them (the longer counts); a CPU does both
+    compute = ((work + host) if device.cores else max(work, host)) * layout.microbatches
     bubble = 0.0
     if layout.pp > 1:
         fraction = bubble_fraction(layout.schedule, layout.pp, layout.microbatches)
         bubble = compute * fraction / (1 - fraction)
     comm_exposed, comm_hidden = 0.0, 0.0
-    # ranks beyond the cores take turns on them: their messages wait their turn (a fair
-    # share); their compute also pays for the switching (the fitted exponent)
     fair = max(1.0, layout.gpus / device.cores) if device.cores else 1.0
-    share = fair**device.oversubscription_exponent
     for collective in collectives(shape, layout, global_batch, precision):
         link = group_link(collective.group, collective.size, layout, device)
         seconds = collective_seconds(collective, link) * fair
@@ -251,17 +278,10 @@ def step_time(
     exposed = comm_exposed + max(0.0, comm_hidden - compute)
     updated = local_parameters(shape, layout) / (layout.dp * layout.cp if layout.zero else 1)
     optimizer = ADAMW_BYTES_PER_PARAMETER * updated / device.elementwise_rate()
-    if device.cores and layout.gpus > device.cores:
-        # ranks share the cores: the step is the longer of its critical path and the
-        # busy time of all ranks spread over the cores (a pipeline's idle ranks yield
-        # their core to others, so its bubble is partly filled)
-        # (communication is already stretched: its ranks share the cores too). A
-        # pipeline rank waiting for its neighbour's message sleeps: stages that talk
-        # only by messages share the cores fairly (exponent 1); ranks that also meet in
-        # collectives during the step (tensor, context parallel, FSDP) pay the switching
+    if fair > 1:  # ranks take turns on the cores (module docstring)
+        messages_only = layout.pp > 1 and layout.tp == layout.cp == 1 and layout.zero == 0
+        share = fair if messages_only else fair**device.oversubscription_exponent
         busy = compute + optimizer
-        if layout.pp > 1 and layout.tp == layout.cp == 1 and layout.zero == 0:
-            share = fair
         stretch = max(1.0, share * busy / (busy + bubble))
         compute, optimizer, bubble = compute * stretch, optimizer * stretch, bubble * stretch
     # an engine's own per-step work (Python bookkeeping), as measured at its world size
