@@ -109,19 +109,8 @@ def test_megatron_shapes_match_their_printed_parameter_counts():
     megatron = [run for run in PUBLISHED_RUNS if run.parameters_billion is not None]
     assert len(megatron) >= 10
     for run in megatron:
-        s = run.shape
-        shape = ModelShape(
-            name=run.name,
-            layers=s.layers,
-            hidden=s.hidden,
-            heads=s.heads,
-            vocab=s.vocab,
-            seq_len=s.seq_len,
-            ffn_hidden=s.ffn_hidden,
-            kv_heads=s.kv_heads,
-            positions=s.seq_len,
-        )
-        tied = shape.parameters() - s.vocab * s.hidden
+        shape = replay.planner_shape(run)
+        tied = shape.parameters() - shape.vocab * shape.hidden
         assert tied == pytest.approx(run.parameters_billion * 1e9, rel=0.03), run.name
 
 

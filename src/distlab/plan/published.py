@@ -333,398 +333,151 @@ _MEGATRON_NO_PIPELINE = (
 )
 
 
+def _megatron(
+    printed: tuple[str, ...],
+    micro_batch: int,
+    notes: str,
+    schedule: str = "1f1b",
+    virtual_stages: int = 1,
+    unstated: tuple[str, ...] = ("micro_batch",),
+) -> PublishedRun:
+    """One row of Table 1 from its printed cells (``MEGATRON_TABLE1_COLUMNS``), the
+    settings the authors' scripts give, and what the row's notes add."""
+    params, heads, hidden, layers, tp, pp, gpus, batch, tflops, percent, pflops = printed
+    tp_, pp_, gpus_ = int(tp), int(pp), int(gpus)
+    common = _MEGATRON_COMMON + (_MEGATRON_NO_PIPELINE if pp_ == 1 else "")
+    return PublishedRun(
+        name=f"{float(params):g}B",
+        source=_MEGATRON_SOURCE,
+        shape=PublishedShape(
+            layers=int(layers),
+            hidden=int(hidden),
+            heads=int(heads),
+            kv_heads=int(heads),
+            ffn_hidden=4 * int(hidden),
+            vocab=MEGATRON_VOCAB,
+            seq_len=MEGATRON_SEQ_LEN,
+            swiglu=False,
+        ),
+        parameters_billion=float(params),
+        gpus=gpus_,
+        gpus_per_node=MEGATRON_GPUS_PER_NODE,
+        gpu=MEGATRON_GPU,
+        tp=tp_,
+        pp=pp_,
+        cp=1,
+        dp=gpus_ // (tp_ * pp_),
+        global_batch=int(batch),
+        micro_batch=micro_batch,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+        recompute=MEGATRON_RECOMPUTE,
+        zero=0,
+        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
+        achieved_tflops_per_gpu=float(tflops),
+        percent_of_peak=float(percent.rstrip("%")),
+        mfu=None,
+        aggregate_pflops=float(pflops),
+        printed=printed,
+        unstated=unstated,
+        notes=common + notes,
+    )
+
+
 MEGATRON_WEAK_SCALING: tuple[PublishedRun, ...] = (
-    PublishedRun(
-        name="1.7B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=24,
-            hidden=2304,
-            heads=24,
-            kv_heads=24,
-            ffn_hidden=9216,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
-        ),
-        parameters_billion=1.7,
-        gpus=32,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=1,
-        pp=1,
-        cp=1,
-        dp=32,
-        global_batch=512,
+    _megatron(
+        ("1.7", "24", "2304", "24", "1", "1", "32", "512", "137", "44%", "4.4"),
         micro_batch=16,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=137.0,
-        percent_of_peak=44.0,
-        mfu=None,
-        aggregate_pflops=4.4,
-        printed=("1.7", "24", "2304", "24", "1", "1", "32", "512", "137", "44%", "4.4"),
-        unstated=("micro_batch",),
-        notes=_MEGATRON_COMMON
-        + _MEGATRON_NO_PIPELINE
-        + " dp = 32 / (1 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
+        notes=" dp = 32 / (1 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
     ),
-    PublishedRun(
-        name="3.6B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=30,
-            hidden=3072,
-            heads=32,
-            kv_heads=32,
-            ffn_hidden=12288,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
-        ),
-        parameters_billion=3.6,
-        gpus=64,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=2,
-        pp=1,
-        cp=1,
-        dp=32,
-        global_batch=512,
+    _megatron(
+        ("3.6", "32", "3072", "30", "2", "1", "64", "512", "138", "44%", "8.8"),
         micro_batch=16,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=138.0,
-        percent_of_peak=44.0,
-        mfu=None,
-        aggregate_pflops=8.8,
-        printed=("3.6", "32", "3072", "30", "2", "1", "64", "512", "138", "44%", "8.8"),
-        unstated=("micro_batch",),
-        notes=_MEGATRON_COMMON
-        + _MEGATRON_NO_PIPELINE
-        + " dp = 64 / (2 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
+        notes=" dp = 64 / (2 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
     ),
-    PublishedRun(
-        name="7.5B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=36,
-            hidden=4096,
-            heads=32,
-            kv_heads=32,
-            ffn_hidden=16384,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
-        ),
-        parameters_billion=7.5,
-        gpus=128,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=4,
-        pp=1,
-        cp=1,
-        dp=32,
-        global_batch=512,
+    _megatron(
+        ("7.5", "32", "4096", "36", "4", "1", "128", "512", "142", "46%", "18.2"),
         micro_batch=16,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=142.0,
-        percent_of_peak=46.0,
-        mfu=None,
-        aggregate_pflops=18.2,
-        printed=("7.5", "32", "4096", "36", "4", "1", "128", "512", "142", "46%", "18.2"),
-        unstated=("micro_batch",),
-        notes=_MEGATRON_COMMON
-        + _MEGATRON_NO_PIPELINE
-        + " dp = 128 / (4 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
+        notes=" dp = 128 / (4 x 1) = 32; micro-batches per step = 512 / (16 x 32) = 1.",
     ),
-    PublishedRun(
-        name="18.4B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=40,
-            hidden=6144,
-            heads=48,
-            kv_heads=48,
-            ffn_hidden=24576,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
-        ),
-        parameters_billion=18.4,
-        gpus=256,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=1,
-        cp=1,
-        dp=32,
-        global_batch=1024,
+    _megatron(
+        ("18.4", "48", "6144", "40", "8", "1", "256", "1024", "135", "43%", "34.6"),
         micro_batch=8,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=135.0,
-        percent_of_peak=43.0,
-        mfu=None,
-        aggregate_pflops=34.6,
-        printed=("18.4", "48", "6144", "40", "8", "1", "256", "1024", "135", "43%", "34.6"),
-        unstated=("micro_batch",),
-        notes=_MEGATRON_COMMON
-        + _MEGATRON_NO_PIPELINE
-        + " dp = 256 / (8 x 1) = 32; micro-batches per step = 1024 / (8 x 32) = 4.",
+        notes=" dp = 256 / (8 x 1) = 32; micro-batches per step = 1024 / (8 x 32) = 4.",
     ),
-    PublishedRun(
-        name="39.1B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=48,
-            hidden=8192,
-            heads=64,
-            kv_heads=64,
-            ffn_hidden=32768,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
-        ),
-        parameters_billion=39.1,
-        gpus=512,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=2,
-        cp=1,
-        dp=32,
-        global_batch=1536,
+    _megatron(
+        ("39.1", "64", "8192", "48", "8", "2", "512", "1536", "138", "44%", "70.8"),
         micro_batch=4,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=138.0,
-        percent_of_peak=44.0,
-        mfu=None,
-        aggregate_pflops=70.8,
-        printed=("39.1", "64", "8192", "48", "8", "2", "512", "1536", "138", "44%", "70.8"),
         unstated=("micro_batch", "schedule", "virtual_stages"),
-        notes=_MEGATRON_COMMON
-        + " schedule and virtual_stages: the paper says Table 1 uses the interleaved "
-        "schedule (Section 5.1), but the authors' run_table_1.sh sets no "
-        "--num-layers-per-virtual-pipeline-stage for this size, i.e. non-interleaved 1F1B "
-        "(v = 1); the script's value is used here, and the two sources disagree. "
-        "dp = 512 / (8 x 2) = 32; micro-batches per pipeline per step = 1536 / (4 x 32) = 12.",
-    ),
-    PublishedRun(
-        name="76.1B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=60,
-            hidden=10240,
-            heads=80,
-            kv_heads=80,
-            ffn_hidden=40960,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
+        notes=(
+            " schedule and virtual_stages: the paper says Table 1 uses the interleaved schedule "
+            "(Section 5.1), but the authors' run_table_1.sh sets no --num-layers-per-virtual-"
+            "pipeline-stage for this size, i.e. non-interleaved 1F1B (v = 1); the script's value is"
+            " used here, and the two sources disagree. dp = 512 / (8 x 2) = 32; micro-batches per "
+            "pipeline per step = 1536 / (4 x 32) = 12."
         ),
-        parameters_billion=76.1,
-        gpus=1024,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=4,
-        cp=1,
-        dp=32,
-        global_batch=1792,
+    ),
+    _megatron(
+        ("76.1", "80", "10240", "60", "8", "4", "1024", "1792", "140", "45%", "143.8"),
         micro_batch=2,
         schedule="interleaved-1f1b",
         virtual_stages=3,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=140.0,
-        percent_of_peak=45.0,
-        mfu=None,
-        aggregate_pflops=143.8,
-        printed=("76.1", "80", "10240", "60", "8", "4", "1024", "1792", "140", "45%", "143.8"),
         unstated=("micro_batch", "virtual_stages"),
-        notes=_MEGATRON_COMMON + " virtual_stages: not in the paper; run_table_1.sh passes "
-        "--num-layers-per-virtual-pipeline-stage 5, and 60 layers / 4 stages / 5 = 3 chunks "
-        "per rank. dp = 1024 / (8 x 4) = 32; micro-batches per pipeline per step = "
-        "1792 / (2 x 32) = 28.",
-    ),
-    PublishedRun(
-        name="145.6B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=80,
-            hidden=12288,
-            heads=96,
-            kv_heads=96,
-            ffn_hidden=49152,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
+        notes=(
+            " virtual_stages: not in the paper; run_table_1.sh passes --num-layers-per-virtual-"
+            "pipeline-stage 5, and 60 layers / 4 stages / 5 = 3 chunks per rank. dp = 1024 / (8 x "
+            "4) = 32; micro-batches per pipeline per step = 1792 / (2 x 32) = 28."
         ),
-        parameters_billion=145.6,
-        gpus=1536,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=8,
-        cp=1,
-        dp=24,
-        global_batch=2304,
+    ),
+    _megatron(
+        ("145.6", "96", "12288", "80", "8", "8", "1536", "2304", "148", "47%", "227.1"),
         micro_batch=2,
         schedule="interleaved-1f1b",
         virtual_stages=2,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=148.0,
-        percent_of_peak=47.0,
-        mfu=None,
-        aggregate_pflops=227.1,
-        printed=("145.6", "96", "12288", "80", "8", "8", "1536", "2304", "148", "47%", "227.1"),
         unstated=("micro_batch", "virtual_stages"),
-        notes=_MEGATRON_COMMON + " virtual_stages: not in the paper; run_table_1.sh passes "
-        "--num-layers-per-virtual-pipeline-stage 5, and 80 layers / 8 stages / 5 = 2 chunks "
-        "per rank. dp = 1536 / (8 x 8) = 24; micro-batches per pipeline per step = "
-        "2304 / (2 x 24) = 48.",
-    ),
-    PublishedRun(
-        name="310.1B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=96,
-            hidden=16384,
-            heads=128,
-            kv_heads=128,
-            ffn_hidden=65536,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
+        notes=(
+            " virtual_stages: not in the paper; run_table_1.sh passes --num-layers-per-virtual-"
+            "pipeline-stage 5, and 80 layers / 8 stages / 5 = 2 chunks per rank. dp = 1536 / (8 x "
+            "8) = 24; micro-batches per pipeline per step = 2304 / (2 x 24) = 48."
         ),
-        parameters_billion=310.1,
-        gpus=1920,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=16,
-        cp=1,
-        dp=15,
-        global_batch=2160,
+    ),
+    _megatron(
+        ("310.1", "128", "16384", "96", "8", "16", "1920", "2160", "155", "50%", "297.4"),
         micro_batch=1,
         schedule="interleaved-1f1b",
         virtual_stages=2,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=155.0,
-        percent_of_peak=50.0,
-        mfu=None,
-        aggregate_pflops=297.4,
-        printed=("310.1", "128", "16384", "96", "8", "16", "1920", "2160", "155", "50%", "297.4"),
         unstated=("micro_batch", "virtual_stages"),
-        notes=_MEGATRON_COMMON + " virtual_stages: not in the paper; run_table_1.sh passes "
-        "--num-layers-per-virtual-pipeline-stage 3, and 96 layers / 16 stages / 3 = 2 chunks "
-        "per rank. dp = 1920 / (8 x 16) = 15; micro-batches per pipeline per step = "
-        "2160 / (1 x 15) = 144.",
-    ),
-    PublishedRun(
-        name="529.6B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=105,
-            hidden=20480,
-            heads=128,
-            kv_heads=128,
-            ffn_hidden=81920,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
+        notes=(
+            " virtual_stages: not in the paper; run_table_1.sh passes --num-layers-per-virtual-"
+            "pipeline-stage 3, and 96 layers / 16 stages / 3 = 2 chunks per rank. dp = 1920 / (8 x "
+            "16) = 15; micro-batches per pipeline per step = 2160 / (1 x 15) = 144."
         ),
-        parameters_billion=529.6,
-        gpus=2520,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=35,
-        cp=1,
-        dp=9,
-        global_batch=2520,
+    ),
+    _megatron(
+        ("529.6", "128", "20480", "105", "8", "35", "2520", "2520", "163", "52%", "410.2"),
         micro_batch=1,
         schedule="interleaved-1f1b",
         virtual_stages=3,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=163.0,
-        percent_of_peak=52.0,
-        mfu=None,
-        aggregate_pflops=410.2,
-        printed=("529.6", "128", "20480", "105", "8", "35", "2520", "2520", "163", "52%", "410.2"),
         unstated=("micro_batch", "virtual_stages"),
-        notes=_MEGATRON_COMMON + " virtual_stages: not in the paper; run_table_1.sh passes "
-        "--num-layers-per-virtual-pipeline-stage 1, and 105 layers / 35 stages / 1 = 3 chunks "
-        "per rank. dp = 2520 / (8 x 35) = 9; micro-batches per pipeline per step = "
-        "2520 / (1 x 9) = 280.",
-    ),
-    PublishedRun(
-        name="1008B",
-        source=_MEGATRON_SOURCE,
-        shape=PublishedShape(
-            layers=128,
-            hidden=25600,
-            heads=160,
-            kv_heads=160,
-            ffn_hidden=102400,
-            vocab=MEGATRON_VOCAB,
-            seq_len=MEGATRON_SEQ_LEN,
-            swiglu=False,
+        notes=(
+            " virtual_stages: not in the paper; run_table_1.sh passes --num-layers-per-virtual-"
+            "pipeline-stage 1, and 105 layers / 35 stages / 1 = 3 chunks per rank. dp = 2520 / (8 x"
+            " 35) = 9; micro-batches per pipeline per step = 2520 / (1 x 9) = 280."
         ),
-        parameters_billion=1008.0,
-        gpus=3072,
-        gpus_per_node=MEGATRON_GPUS_PER_NODE,
-        gpu=MEGATRON_GPU,
-        tp=8,
-        pp=64,
-        cp=1,
-        dp=6,
-        global_batch=3072,
+    ),
+    _megatron(
+        ("1008.0", "160", "25600", "128", "8", "64", "3072", "3072", "163", "52%", "502.0"),
         micro_batch=1,
-        schedule="1f1b",
-        virtual_stages=1,
-        recompute=MEGATRON_RECOMPUTE,
-        zero=0,
-        flops_convention=FLOPS_HARDWARE_WITH_RECOMPUTE,
-        achieved_tflops_per_gpu=163.0,
-        percent_of_peak=52.0,
-        mfu=None,
-        aggregate_pflops=502.0,
-        printed=("1008.0", "160", "25600", "128", "8", "64", "3072", "3072", "163", "52%", "502.0"),
         unstated=("micro_batch", "schedule", "virtual_stages"),
-        notes=_MEGATRON_COMMON
-        + " schedule and virtual_stages: the paper says Table 1 uses the interleaved "
-        "schedule (Section 5.1), but the authors' run_table_1.sh sets no "
-        "--num-layers-per-virtual-pipeline-stage for this size, i.e. non-interleaved 1F1B "
-        "(v = 1); the script's value is used here, and the two sources disagree. "
-        "dp = 3072 / (8 x 64) = 6; micro-batches per pipeline per step = 3072 / (1 x 6) = 512. "
-        "Section 5.9: effective bisection bandwidth 892 GB/s for pipeline point-to-point and "
-        "12.9 TB/s for data-parallel all-reduce on this run.",
+        notes=(
+            " schedule and virtual_stages: the paper says Table 1 uses the interleaved schedule "
+            "(Section 5.1), but the authors' run_table_1.sh sets no --num-layers-per-virtual-"
+            "pipeline-stage for this size, i.e. non-interleaved 1F1B (v = 1); the script's value is"
+            " used here, and the two sources disagree. dp = 3072 / (8 x 64) = 6; micro-batches per "
+            "pipeline per step = 3072 / (1 x 6) = 512. Section 5.9: effective bisection bandwidth "
+            "892 GB/s for pipeline point-to-point and 12.9 TB/s for data-parallel all-reduce on "
+            "this run."
+        ),
     ),
 )
 
