@@ -10,7 +10,7 @@ splits the experts over ``ep`` of the data x context ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from distlab.errors import DistlabError
 from distlab.plan.shape import ModelShape
@@ -159,8 +159,3 @@ def lab_strategy(layout: Layout, moe: bool = False) -> tuple[str, dict[str, int]
     if used == ("pp",) and layout.zero == 0:
         return ("ddp+pp", extra)
     return None
-
-
-def with_degrees(layout: Layout, **degrees: int) -> Layout:
-    """``layout`` with some degrees replaced."""
-    return replace(layout, **degrees)

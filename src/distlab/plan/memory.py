@@ -123,16 +123,19 @@ def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, eleme
     attention output (2 t h / T), k and v (2 t h_kv / T), the MLP's inputs and outputs
     (2 t f / T, gated: 3 t f / T), LayerNorm statistics (4 t fp32) and the attention's
     log-sum-exp (a t / T fp32); context parallelism keeps the gathered keys and values
-    (2 (C - 1) t h_kv / T more). ``--ac full`` keeps the block input, ``selective`` the
-    matmul outputs.
+    (2 (C - 1) t h_kv / T more); sequence parallelism splits the 4 t h over T;
+    materialized attention keeps its softmax output, dropout mask and output (5 a s^2
+    bytes per sequence in 16-bit, Korthikanti et al.). ``--ac full`` keeps the block
+    input, ``selective`` the matmul outputs.
     """
     t, h, tp, cp = tokens, shape.hidden, layout.tp, layout.cp
     kv_width = shape.kv * shape.head_dim
     mlp = (3 if shape.gated_mlp else 2) * shape.ffn
     if shape.experts:
         mlp = shape.top_k * mlp + 2 * shape.hidden
+    split = tp if layout.sequence_parallel else 1
     if layout.ac == "full":
-        return element * t * h
+        return element * t * h // split
     lse = FP32 * t * shape.heads // tp
     if layout.ac == "selective":
         reduced = 2 * t * h * (2 if tp > 1 else 1)
@@ -142,7 +145,7 @@ def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, eleme
     if shape.attention == "materialized":
         # softmax output, dropout mask and output per score: Korthikanti et al.'s 5 a s^2 b
         scores = 5 * (shape.heads // tp) * t * shape.seq_len * element // 2
-    replicated = 4 * t * h // (tp if layout.sequence_parallel else 1)
+    replicated = 4 * t * h // split
     return element * (replicated + (attention + mlp) * t // tp) + FP32 * 4 * t + lse + scores
 
 

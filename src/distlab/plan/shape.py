@@ -49,6 +49,9 @@ class ModelShape:
     """"flash": attention never writes the s x s scores to memory (FlashAttention, torch's
     SDPA); "materialized": scores, softmax and dropout go through memory (GPT training
     before 2022, Megatron-LM 2021)."""
+    vocab_parallel_loss: bool = True
+    """Under tensor parallelism the loss runs over the vocabulary shards (Megatron: three
+    all-reduces of one float per token) instead of gathering the logits (the lab's)."""
     fused_qkv: bool = True
     """One q/k/v matmul (Megatron, Llama) or three (the lab's model): under tensor
     parallelism, one all-reduce of the input gradient or three."""
@@ -141,6 +144,7 @@ def from_gpt_config(name: str, config: GPTConfig, seq_len: int | None = None) ->
         positions=config.block_size,
         experts=config.n_expert,
         top_k=config.top_k,
+        vocab_parallel_loss=False,
         fused_qkv=False,
     )
 

@@ -55,6 +55,7 @@ product writes their gradient (1), dropout's backward reads it and the mask and 
 gradients read the result (2): 16 in all."""
 MATERIALIZED_RECOMPUTE_PASSES = 6.5
 """The forward's passes again when ``--ac full`` recomputes it."""
+FP32 = 4
 ADAMW_BYTES_PER_PARAMETER = 28
 """AdamW's update reads parameter, gradient and two moments and writes three (fp32)."""
 ENGINES = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed-zero3"}
@@ -208,9 +209,11 @@ def collectives(
                 "all_reduce", "tp", layout.tp, activation, m * (per_layer * layers + 2), False
             )
         )
-        out.append(
-            Collective("all_gather", "tp", layout.tp, tokens * shape.vocab * element, m, False)
-        )
+        if shape.vocab_parallel_loss:  # max, sum and target logit of every token
+            out.append(Collective("all_reduce", "tp", layout.tp, FP32 * tokens, 3 * m, False))
+        else:
+            logits = tokens * shape.vocab * element
+            out.append(Collective("all_gather", "tp", layout.tp, logits, m, False))
     if layout.cp > 1:
         kv = 2 * tokens * layout.cp * shape.kv * shape.head_dim // layout.tp * element
         out.append(Collective("all_gather", "cp", layout.cp, kv, m * layers, False))
