@@ -522,7 +522,11 @@ def test_calibration_recovers_known_constants(tmp_path):
     path = tmp_path / "calibration.json"
     calibrate.write_calibration(fitted, path)
     assert hardware.device_from_file(path) == fitted
-    applied = hardware.resolve_device("h100-sxm", calibration=path)
+    with pytest.raises(DistlabError, match="is for cpu-like, not h100-sxm"):
+        hardware.resolve_device("h100-sxm", calibration=path)  # another device's constants
+    h100_fit = tmp_path / "h100.json"
+    calibrate.write_calibration(dataclasses.replace(fitted, name="h100-sxm"), h100_fit)
+    applied = hardware.resolve_device("h100-sxm", calibration=h100_fit)
     assert applied.matmul_efficiency == fitted.matmul_efficiency
     assert applied.intra_node == fitted.intra_node
     assert applied.memory_bytes == H100.memory_bytes  # the device's own memory stays

@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     fitting = sum(plan.fits for plan in plans)
     print(shape.describe())
     print(f"device: {device.source}")
+    if args.gpus == "cpu" and args.calibration is None:
+        print(
+            "uncalibrated: fit this machine to its runs with `python -m distlab.plan "
+            "--calibrate runs/compare/* --calibration cpu.json`, then pass --calibration cpu.json"
+        )
     print(
         f"{where}, global batch {args.global_batch}, {args.precision}: {len(plans)} layouts, "
         f"{fitting} fit in memory\n"

@@ -235,6 +235,11 @@ def resolve_device(name: str, spec: Path | None = None, calibration: Path | None
         )
     if calibration is not None:
         fitted = device_from_file(calibration)
+        if fitted.name != device.name:
+            raise DistlabError(
+                f"--calibration {calibration} is for {fitted.name}, not {device.name} "
+                f"(calibrate {device.name} or choose its device)"
+            )
         device = replace(
             device,
             peak_flops=fitted.peak_flops,
