@@ -8,11 +8,12 @@ single-GPU runs on an H100, and its pick for gpt2 on this machine.
 Leave-one-out: every cell's step time is predicted by a calibration
 (``distlab.plan.calibrate.fit``) on the *other* cells, so no cell is predicted by
 constants fitted to it. Cells with more than ``MAX_RANKS_PER_CORE`` ranks per core are
-predicted but never calibrate (the oversubscription the model is fitted for stops
-there). Memory: rank 0's step peak seen by torch's memory tracker against the
-planner's memory per GPU. The pick: ``python -m distlab.plan`` for gpt2 on this
-machine (calibrated on all comparison cells, no gpt2 run), against the gpt2 cells
-measured by ``python -m distlab.sweep configs/plan_gpt2.yaml``.
+predicted but never calibrate (``distlab.plan.calibrate.calibrates``: the
+oversubscription the model is fitted for stops there). Memory: rank 0's step peak seen
+by torch's memory tracker against the planner's memory per GPU. The pick: ``python -m
+distlab.plan`` for gpt2 on this machine (calibrated on all comparison cells, no gpt2
+run), against the gpt2 cells measured by ``python -m distlab.sweep
+configs/plan_gpt2.yaml``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from distlab.plan.calibrate import fit, predicted_step, write_calibration
+from distlab.plan.calibrate import (
+    MAX_RANKS_PER_CORE,
+    calibrates,
+    fit,
+    predicted_step,
+    write_calibration,
+)
 from distlab.plan.hardware import GPUS, Device, cpu_device
 from distlab.plan.memory import memory_per_gpu
 from distlab.plan.runs import MeasuredRun, read_run
@@ -30,7 +37,6 @@ from distlab.plan.search import lab_command, ranked, search
 TIME_TOLERANCE = 0.25
 MEMORY_TOLERANCE = 0.10
 PICK_TOLERANCE = 0.10
-MAX_RANKS_PER_CORE = 2
 
 
 def read_dir(root: Path) -> list[MeasuredRun]:
@@ -38,16 +44,11 @@ def read_dir(root: Path) -> list[MeasuredRun]:
     return [read_run(d) for d in sorted(root.iterdir()) if (d / "summary.json").is_file()]
 
 
-def calibratable(run: MeasuredRun, device: Device) -> bool:
-    """Whether a cell may calibrate: at most ``MAX_RANKS_PER_CORE`` ranks per core."""
-    return not device.cores or run.layout.gpus <= MAX_RANKS_PER_CORE * device.cores
-
-
 def leave_one_out(runs: Sequence[MeasuredRun], base: Device) -> list[float]:
     """Each run's predicted step time from a calibration on the others."""
     predicted = []
     for i, run in enumerate(runs):
-        others = [r for j, r in enumerate(runs) if j != i and calibratable(r, base)]
+        others = [r for j, r in enumerate(runs) if j != i]
         predicted.append(predicted_step(run, fit(others, base)))
     return predicted
 
@@ -74,7 +75,7 @@ def cpu_section(runs: list[MeasuredRun], base: Device) -> str:
         memory_ok += abs(mem_ratio - 1) <= MEMORY_TOLERANCE
         rows.append(
             [
-                run.name + ("" if calibratable(run, base) else " (never calibrates)"),
+                run.name + ("" if calibrates(run, base) else " (never calibrates)"),
                 run.layout.label(),
                 f"{run.step_time_s:.3f}",
                 f"{predicted:.3f}",
@@ -193,7 +194,7 @@ def main() -> None:
     base = cpu_device()
     runs = read_dir(args.runs)
     sections = {"plan-check": cpu_section(runs, base)}
-    calibration = fit([r for r in runs if calibratable(r, base)], base)
+    calibration = fit(runs, base)
     if args.calibration_out:
         write_calibration(calibration, args.calibration_out)
         print(f"wrote {args.calibration_out}")

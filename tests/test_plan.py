@@ -540,8 +540,10 @@ def test_read_run_refuses_a_directory_without_a_summary(tmp_path):
     (tmp_path / "config.yaml").write_text("strategy: ddp\nnproc: 2\n")
     with pytest.raises(DistlabError, match="summary.json"):
         runs.read_run(tmp_path)
-    with pytest.raises(DistlabError, match="at least one"):
+    with pytest.raises(DistlabError, match="no finished run"):
         runs.read_runs([])
+    with pytest.raises(DistlabError, match="no finished run"):
+        runs.read_runs([tmp_path])  # a glob's non-run folders are skipped, but not all
 
 
 def test_read_run_reads_a_pipeline_run(tmp_path):
@@ -630,7 +632,7 @@ def test_plot_writes_a_png(tmp_path, capsys):
         (["--model", "gpt2", "--params", "1e9"], "give the model one way"),
         (["--layers", "4", "--hidden", "128"], "--heads --vocab --seq-len"),
         (["--model", "gpt2", "--gpus", "eight"], "--gpus eight"),
-        (["--calibrate", "/nonexistent"], "no summary.json"),
+        (["--calibrate", "/nonexistent"], "no finished run"),
         (["--model", "gpt2", "--precision", "fp8"], "--precision"),
         (["--model", "gpt2", "--microbatches", "0"], "--microbatches 0"),
         (["--model", "small-moe", "--gpus", "4", "--ep", "0"], "--ep 0"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
-from distlab.plan.calibrate import fit, fit_matmul_rates, write_calibration
+from distlab.plan.calibrate import MAX_RANKS_PER_CORE, fit, fit_matmul_rates, write_calibration
 from distlab.plan.hardware import GPUS, Device, cpu_device, resolve_device
 from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
 from distlab.plan.render import picture, table
@@ -48,8 +48,6 @@ FIXED = (
     "sequence_parallel",
 )
 """Layout settings a flag can fix (the rest are searched)."""
-CPU_RANKS_PER_CORE = 2
-"""With --gpus cpu and no --nproc: rank counts searched, up to this many per core."""
 
 
 def parser() -> OneLineErrorParser:
@@ -151,14 +149,14 @@ def search_rank_counts(
     """This machine's plans at every rank count from 1 to twice its cores (the
     oversubscription its calibration covers), fastest first."""
     plans: list[Plan] = []
-    for ranks in range(1, CPU_RANKS_PER_CORE * device.cores + 1):
+    for ranks in range(1, MAX_RANKS_PER_CORE * device.cores + 1):
         try:
             plans += search(shape, ranks, global_batch, precision, device, fixed)
         except DistlabError:
             continue  # no layout of this many ranks (the batch or fixed degrees)
     if not plans:
         raise DistlabError(
-            f"no layout of 1 to {CPU_RANKS_PER_CORE * device.cores} ranks runs {shape.name} "
+            f"no layout of 1 to {MAX_RANKS_PER_CORE * device.cores} ranks runs {shape.name} "
             f"with --global-batch {global_batch}: change the batch or the fixed degrees"
         )
     return ranked(plans)

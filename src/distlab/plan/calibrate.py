@@ -29,6 +29,8 @@ from distlab.plan.step_time import ENGINES, matmul_seconds, step_time
 
 RESTARTS = 3
 """Nelder-Mead runs, each from the previous one's best point."""
+MAX_RANKS_PER_CORE = 2
+"""The most ranks per core a CPU run may have to calibrate (``calibrates``)."""
 MIN_COMM_S = 0.005
 """Runs with less measured communication time per step do not inform the link fit."""
 
@@ -180,18 +182,38 @@ def _fit(device: Device, names: Sequence[str], error: Callable[[Device], float])
     return with_constants(device, **dict(zip(names, best, strict=True)))
 
 
+def calibrates(run: MeasuredRun, device: Device) -> bool:
+    """Whether ``run`` may calibrate ``device``: on a CPU at most ``MAX_RANKS_PER_CORE``
+    ranks per core (the oversubscription the model is fitted for; beyond it runs are
+    only predicted)."""
+    return not device.cores or run.layout.gpus <= MAX_RANKS_PER_CORE * device.cores
+
+
 def fit(runs: Sequence[MeasuredRun], device: Device) -> Device:
-    """``device`` with the constants that best predict ``runs``: the links from their
-    measured communication times, then compute from their step times."""
+    """``device`` with the constants that best predict ``runs`` (those that calibrate
+    it): the links from their measured communication times, then compute from their
+    step times."""
+    used = [run for run in runs if calibrates(run, device)]
+    if not used:
+        raise DistlabError(
+            f"no run to calibrate {device.name} with (runs beyond {MAX_RANKS_PER_CORE} ranks "
+            "per core only get predicted)"
+        )
     linked = device
-    if any(run.comm_time_s > MIN_COMM_S for run in runs):
-        linked = _fit(device, LINK, lambda d: comm_log_error(runs, d))
-    fitted = _fit(linked, fitted_constants(runs, device), lambda d: log_error(runs, d))
-    names = ", ".join(run.name for run in runs)
+    if any(run.comm_time_s > MIN_COMM_S for run in used):
+        linked = _fit(device, LINK, lambda d: comm_log_error(used, d))
+    fitted = _fit(linked, fitted_constants(used, device), lambda d: log_error(used, d))
+    names = ", ".join(run.name for run in used)
+    skipped = [run.name for run in runs if not calibrates(run, device)]
+    notes = [f"rms log error on those runs: {math.sqrt(log_error(used, fitted)):.3f}"]
+    if skipped:
+        notes.append(
+            f"not calibrating (over {MAX_RANKS_PER_CORE} ranks per core): {', '.join(skipped)}"
+        )
     return replace(
         fitted,
-        source=f"{device.source}; calibrated on {len(runs)} runs ({names})",
-        notes=(f"rms log error on those runs: {math.sqrt(log_error(runs, fitted)):.3f}",),
+        source=f"{device.source}; calibrated on {len(used)} runs ({names})",
+        notes=tuple(notes),
     )
 
 

@@ -4,6 +4,7 @@ what it measured (step time, communication time, peak memory by category)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,16 @@ def read_run(run_dir: Path) -> MeasuredRun:
 
 
 def read_runs(run_dirs: list[Path]) -> list[MeasuredRun]:
-    """Every run in ``run_dirs`` (a one-line error for a directory that is not one)."""
-    if not run_dirs:
-        raise DistlabError("--calibrate needs at least one run directory")
-    return [read_run(path) for path in run_dirs]
+    """The finished runs among ``run_dirs`` (a glob like ``runs/compare/*`` also matches a
+    sweep's log folder: directories without a summary.json are skipped and counted);
+    a one-line error if none is a run."""
+    finished = [path for path in run_dirs if (path / "summary.json").is_file()]
+    if not finished:
+        given = ", ".join(str(path) for path in run_dirs[:3]) or "nothing"
+        raise DistlabError(
+            f"--calibrate: no finished run (a directory with summary.json) in {given}"
+        )
+    skipped = len(run_dirs) - len(finished)
+    if skipped:
+        sys.stderr.write(f"skipped {skipped} directories without summary.json\n")
+    return [read_run(path) for path in finished]
