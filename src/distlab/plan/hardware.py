@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -142,32 +141,13 @@ GPUS: dict[str, Device] = {
 tf32 is switched on."""
 
 
-def probe_memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
-    """Bytes per second one thread copies (read + write) through a ``mib`` MiB buffer."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        source = torch.empty(mib * 2**20 // 4)
-        target = torch.empty_like(source)
-        target.copy_(source)
-        best = float("inf")
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            target.copy_(source)
-            best = min(best, time.perf_counter() - tic)
-    finally:
-        torch.set_num_threads(previous)
-    return 2 * source.numel() * 4 / best
-
-
 def cpu_device(cores: int | None = None) -> Device:
     """This machine's CPU, one rank per core (``threads_per_rank`` 1), uncalibrated.
 
     Peak: the lab's 1-thread matmul probe (``distlab.measure.mfu.cpu_peak``, cached);
-    memory bandwidth: a 1-thread copy probe; memory: the machine's RAM; links: loopback
-    TCP with a guessed 50 us and 1 GB/s until ``--calibrate`` fits them.
+    memory: the machine's RAM. The rest are starting points that ``--calibrate`` fits
+    (the same every time, so a calibration is reproducible): elementwise kernels at
+    5 GB/s, loopback TCP at 50 us and 1 GB/s.
     """
     from distlab.measure.mfu import cpu_peak  # torch probe only when asked for a CPU plan
 
@@ -178,7 +158,8 @@ def cpu_device(cores: int | None = None) -> Device:
         name="cpu",
         peak_flops={"fp32": peak, "bf16": peak},
         memory_bytes=float(memory),
-        memory_bandwidth=probe_memory_bandwidth(),
+        memory_bandwidth=5e9,
+        elementwise_bandwidth=5e9,
         intra_node=loopback,
         inter_node=loopback,
         gpus_per_node=cores or os.cpu_count() or 1,
@@ -186,7 +167,7 @@ def cpu_device(cores: int | None = None) -> Device:
         matmul_overhead_s=20e-6,
         overlaps_comm=False,
         cores=cores or os.cpu_count() or 1,
-        source=f"{cpu_model()}: {PROBE_SIZE}^2 fp32 matmul and copy probes per core",
+        source=f"{cpu_model()}: {PROBE_SIZE}^2 fp32 matmul probe per core",
     )
 
 
