@@ -632,6 +632,8 @@ def test_plot_writes_a_png(tmp_path, capsys):
         (["--model", "gpt2", "--params", "1e9"], "give the model one way"),
         (["--layers", "4", "--hidden", "128"], "--heads --vocab --seq-len"),
         (["--model", "gpt2", "--gpus", "eight"], "--gpus eight"),
+        (["--model", "tiny", "--gpus", "cpu", "--nproc", "0"], "--nproc 0"),
+        (["--model", "tiny", "--gpus", "8", "--gpus-per-node", "0"], "--gpus-per-node 0"),
         (["--calibrate", "/nonexistent"], "no finished run"),
         (["--model", "gpt2", "--precision", "fp8"], "--precision"),
         (["--model", "gpt2", "--microbatches", "0"], "--microbatches 0"),

@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         raise DistlabError(f"--gpus {gpus}: need at least one")
     if args.gpus_per_node:
         device = replace(device, gpus_per_node=args.gpus_per_node)
-    for name in ("global_batch", "top"):
-        if getattr(args, name) < 1:
+    for name in ("global_batch", "top", "nproc", "gpus_per_node"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DistlabError(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
     fixed = {name: getattr(args, name) for name in FIXED if getattr(args, name) is not None}
     if args.gpus == "cpu" and args.nproc is None:
