@@ -540,6 +540,10 @@ def test_read_run_refuses_a_directory_without_a_summary(tmp_path):
     (tmp_path / "config.yaml").write_text("strategy: ddp\nnproc: 2\n")
     with pytest.raises(DistlabError, match="summary.json"):
         runs.read_run(tmp_path)
+    (tmp_path / "summary.json").write_text('{"steps": 3}')
+    with pytest.raises(DistlabError, match="no step time"):
+        runs.read_run(tmp_path)  # a summary without the measurements
+    (tmp_path / "summary.json").unlink()
     with pytest.raises(DistlabError, match="no finished run"):
         runs.read_runs([])
     with pytest.raises(DistlabError, match="no finished run"):

@@ -49,6 +49,8 @@ def read_run(run_dir: Path) -> MeasuredRun:
         summary = json.loads(summary_file.read_text())
     except ValueError as exc:
         raise DistlabError(f"{summary_file}: not JSON ({exc})") from None
+    if not isinstance(summary, dict):
+        raise DistlabError(f"{summary_file}: not a run summary (a JSON object)")
     config = build_config(read_config_values(run_dir / "config.yaml"))
     lab = lab_layout(config)
     if lab is None:
@@ -57,10 +59,9 @@ def read_run(run_dir: Path) -> MeasuredRun:
         )
     strategy = registry.describe(config.strategy)
     dims = strategy.dims(config)
-    dp = dims.dp
     m = microbatches(config, lab) if dims.pp > 1 else grad_accum_steps(config, dims.dp * dims.cp)
     layout = Layout(
-        dp=dp,
+        dp=dims.dp,
         tp=dims.tp,
         pp=dims.pp,
         cp=dims.cp,
@@ -77,17 +78,21 @@ def read_run(run_dir: Path) -> MeasuredRun:
     name = f"{config.strategy} x{config.nproc}" + (
         "" if config.model == "small" else f" {config.model}"
     )
+    try:
+        measured = (float(summary["median_step_time_s"]), float(summary["tokens_per_s"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DistlabError(f"{summary_file}: no step time and throughput ({exc!r})") from None
     return MeasuredRun(
         name=name,
         shape=from_preset(config.model, config.seq_len),
         layout=layout,
         global_batch=config.global_batch,
         precision=config.precision,
-        step_time_s=float(summary["median_step_time_s"]),
+        step_time_s=measured[0],
         comm_time_s=float(comm.get("time_s", 0.0)),
         comm_calls=int(comm.get("calls", 0)),
         comm_wire_bytes=int(comm.get("wire_bytes", 0)),
-        tokens_per_s=float(summary["tokens_per_s"]),
+        tokens_per_s=measured[1],
         peak_memory_bytes=peaks[0]["peak"] if peaks[0] else None,
     )
 
