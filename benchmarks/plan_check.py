@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distlab.plan.calibrate import (
-    MAX_RANKS_PER_CORE,
     calibrates,
     fit,
     predicted_step,
@@ -32,7 +31,8 @@ from distlab.plan.calibrate import (
 from distlab.plan.hardware import GPUS, Device, cpu_device
 from distlab.plan.memory import memory_per_gpu
 from distlab.plan.runs import MeasuredRun, read_run
-from distlab.plan.search import lab_command, ranked, search
+from distlab.plan.search import lab_command, search_rank_counts
+from distlab.report.markdown import fill_marked_section
 
 TIME_TOLERANCE = 0.25
 MEMORY_TOLERANCE = 0.10
@@ -126,10 +126,7 @@ def gpu_section(runs: list[MeasuredRun], base: Device) -> str:
 def pick_section(measured: list[MeasuredRun], calibration: Device) -> str:
     """The planner's ranking for the measured runs' model and batch, beside them."""
     sample = measured[0]
-    plans = []
-    for ranks in range(1, MAX_RANKS_PER_CORE * calibration.cores + 1):
-        plans += search(sample.shape, ranks, sample.global_batch, sample.precision, calibration, {})
-    plans = ranked(plans)
+    plans = search_rank_counts(sample.shape, sample.global_batch, sample.precision, calibration, {})
     by_label = {(run.layout.gpus, run.layout.label()): run for run in measured}
     best = max(measured, key=lambda run: run.tokens_per_s)
     rows = []
@@ -173,14 +170,6 @@ def pick_section(measured: list[MeasuredRun], calibration: Device) -> str:
     )
 
 
-def render(page: Path, name: str, text: str) -> None:
-    """Write ``text`` between the ``<!-- name:begin -->`` and ``end`` markers of ``page``."""
-    body = page.read_text()
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    start, stop = body.index(begin) + len(begin), body.index(end)
-    page.write_text(body[:start] + "\n" + text + body[stop:])
-
-
 def main() -> None:
     """Print the sections (or render them into a page) and write the CPU calibration."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -204,7 +193,7 @@ def main() -> None:
         sections["plan-pick"] = pick_section(read_dir(args.pick_runs), calibration)
     for name, text in sections.items():
         if args.render:
-            render(args.render, name, text)
+            fill_marked_section(args.render, name, text.strip())
         else:
             print(f"## {name}\n\n{text}")
     if args.render:

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from distlab.plan.published import LLAMA3_405B, MEGATRON_WEAK_SCALING, ZERO_PAPER, PublishedRun
 from distlab.plan.replay import replay, zero_paper_state_gb
-
-MARK_BEGIN = "<!-- plan-published:begin -->"
-MARK_END = "<!-- plan-published:end -->"
+from distlab.report.markdown import fill_marked_section
 
 
 def zero_rows() -> list[list[str]]:
@@ -98,9 +96,7 @@ def main() -> None:
     if args.render is None:
         print(text)
         return
-    page = args.render.read_text()
-    start, end = page.index(MARK_BEGIN) + len(MARK_BEGIN), page.index(MARK_END)
-    args.render.write_text(page[:start] + "\n" + text + page[end:])
+    fill_marked_section(args.render, "plan-published", text.strip())
     print(f"wrote {args.render}")
 
 

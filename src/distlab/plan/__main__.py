@@ -24,12 +24,12 @@ from pathlib import Path
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
-from distlab.plan.calibrate import MAX_RANKS_PER_CORE, fit, fit_matmul_rates, write_calibration
-from distlab.plan.hardware import GPUS, Device, cpu_device, resolve_device
+from distlab.plan.calibrate import fit, fit_matmul_rates, write_calibration
+from distlab.plan.hardware import GPUS, cpu_device, resolve_device
 from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
 from distlab.plan.render import picture, table
 from distlab.plan.runs import read_runs
-from distlab.plan.search import Plan, lab_command, ranked, search
+from distlab.plan.search import lab_command, search, search_rank_counts
 from distlab.plan.shape import ModelShape, from_parameter_count, from_preset, with_seq_len
 from distlab.strategies.pipeline_schedules import SCHEDULES
 
@@ -141,25 +141,6 @@ def model_shape(args) -> ModelShape:  # noqa: ANN001 (argparse namespace)
         experts=args.experts,
         top_k=args.top_k,
     )
-
-
-def search_rank_counts(
-    shape: ModelShape, global_batch: int, precision: str, device: Device, fixed: dict
-) -> list[Plan]:
-    """This machine's plans at every rank count from 1 to twice its cores (the
-    oversubscription its calibration covers), fastest first."""
-    plans: list[Plan] = []
-    for ranks in range(1, MAX_RANKS_PER_CORE * device.cores + 1):
-        try:
-            plans += search(shape, ranks, global_batch, precision, device, fixed)
-        except DistlabError:
-            continue  # no layout of this many ranks (the batch or fixed degrees)
-    if not plans:
-        raise DistlabError(
-            f"no layout of 1 to {MAX_RANKS_PER_CORE * device.cores} ranks runs {shape.name} "
-            f"with --global-batch {global_batch}: change the batch or the fixed degrees"
-        )
-    return ranked(plans)
 
 
 def read_matmul_rates(path: Path) -> list[dict]:

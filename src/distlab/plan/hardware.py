@@ -221,19 +221,12 @@ def resolve_device(name: str, spec: Path | None = None, calibration: Path | None
                 f"--calibration {calibration} is for {fitted.name}, not {device.name} "
                 f"(calibrate {device.name} or choose its device)"
             )
+        # the fitted constants come from the file; this machine's own facts stay
         device = replace(
-            device,
-            peak_flops=fitted.peak_flops,
-            memory_bandwidth=fitted.memory_bandwidth,
-            elementwise_bandwidth=fitted.elementwise_bandwidth,
-            intra_node=fitted.intra_node,
-            inter_node=fitted.inter_node,
-            matmul_efficiency=fitted.matmul_efficiency,
-            matmul_overhead_s=fitted.matmul_overhead_s,
-            layer_overhead_s=fitted.layer_overhead_s,
-            oversubscription_exponent=fitted.oversubscription_exponent,
-            engine_overhead_s=fitted.engine_overhead_s,
-            source=fitted.source,
-            notes=fitted.notes,
+            fitted,
+            memory_bytes=device.memory_bytes,
+            gpus_per_node=device.gpus_per_node,
+            overlaps_comm=device.overlaps_comm,
+            cores=device.cores,
         )
     return device

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 
 from distlab.config import Config, option_flag
 from distlab.errors import DistlabError
+from distlab.plan.calibrate import MAX_RANKS_PER_CORE
 from distlab.plan.hardware import Device
 from distlab.plan.layout import Layout, check, lab_strategy
 from distlab.plan.memory import MemoryEstimate, lab_config, memory_per_gpu
@@ -27,12 +28,16 @@ class Plan:
     memory: MemoryEstimate
     step: StepTime
     tokens_per_step: int
-    gpus: int
     model_flops_per_token: float
     peak_flops: float
     fits: bool
     moe: bool = False
     """Whether the model has experts (the lab runs fewer layouts of those)."""
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the layout uses."""
+        return self.layout.gpus
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,7 +96,6 @@ def evaluate(
         memory=memory,
         step=step_time(shape, layout, global_batch, precision, device),
         tokens_per_step=global_batch * shape.seq_len,
-        gpus=layout.gpus,
         model_flops_per_token=shape.flops_per_token(),
         peak_flops=device.peak(precision),
         fits=memory.total <= budget,
@@ -191,17 +195,17 @@ def check_fixed(shape: ModelShape, gpus: int, fixed: dict[str, object]) -> None:
     if gpus % product:
         given = " x ".join(f"--{k} {v}" for k, v in fixed.items() if k in ("dp", "tp", "pp", "cp"))
         raise DistlabError(f"{given} = {product} does not divide --gpus {gpus}")
+    # the largest data-parallel degree the fixed ones leave: any layout's is a divisor
     probe = replace(
-        Layout(dp=1), **{k: v for k, v in fixed.items() if k in ("tp", "pp", "cp", "schedule")}
+        Layout(dp=1),
+        **{k: v for k, v in fixed.items() if k in ("tp", "pp", "cp", "ep", "schedule")},
     )
     check(
-        replace(probe, dp=gpus // probe.gpus), shape, gpus, gpus * (fixed.get("microbatches") or 1)
-    )  # type: ignore[operator]
-    ep = fixed.get("ep")
-    if isinstance(ep, int) and ep > 1 and (not shape.experts or shape.experts % ep):
-        raise DistlabError(
-            f"--ep {ep} needs a MoE model whose experts it divides (the model has {shape.experts})"
-        )
+        replace(probe, dp=gpus // probe.gpus),
+        shape,
+        gpus,
+        gpus * (fixed.get("microbatches") or 1),  # type: ignore[operator]
+    )
 
 
 def search(
@@ -234,3 +238,26 @@ def search(
 def ranked(plans: list[Plan]) -> list[Plan]:
     """Those that fit first, fastest first, the smaller memory first at equal speed."""
     return sorted(plans, key=lambda plan: (not plan.fits, -plan.tokens_per_s, plan.memory.total))
+
+
+def search_rank_counts(
+    shape: ModelShape,
+    global_batch: int,
+    precision: str,
+    device: Device,
+    fixed: dict[str, object],
+) -> list[Plan]:
+    """This machine's plans at every rank count from 1 to twice its cores (the
+    oversubscription its calibration covers), fastest first."""
+    plans: list[Plan] = []
+    for ranks in range(1, MAX_RANKS_PER_CORE * device.cores + 1):
+        try:
+            plans += search(shape, ranks, global_batch, precision, device, fixed)
+        except DistlabError:
+            continue  # no layout of this many ranks (the batch or fixed degrees)
+    if not plans:
+        raise DistlabError(
+            f"no layout of 1 to {MAX_RANKS_PER_CORE * device.cores} ranks runs {shape.name} "
+            f"with --global-batch {global_batch}: change the batch or the fixed degrees"
+        )
+    return ranked(plans)
