@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distlab.config import Config, grad_accum_steps
+from distlab.config import Config, grad_accum_steps, model_label, model_shape
 from distlab.errors import DistlabError
+from distlab.model import PRESETS, count_parameters
 from distlab.report.sweep import load_sweep
 from distlab.strategies.resolve import load_config
 
@@ -40,13 +41,40 @@ def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
         ({"precision": "fp8"}, "precision must be one of"),
         ({"lr": -1}, "lr must be a positive number"),
         ({"colour": "red"}, "unknown config field 'colour'"),
+        ({"hidden": 100, "heads": 3}, "hidden 100 is not divisible by heads 3"),
+        ({"vocab": 100}, "vocab must be >= 256"),
+        ({"layers": 0}, "layers must be >= 1"),
+        ({"layers": 2, "seq_len": 4096, "model": "tiny", "hidden": 32}, None),
+        ({"strategy": "tp", "nproc": 4, "heads": 6, "hidden": 48}, "the model has 6 heads"),
     ],
 )
-def test_invalid_values_raise_one_line_errors(overrides: dict, fragment: str) -> None:
+def test_invalid_values_raise_one_line_errors(overrides: dict, fragment: str | None) -> None:
+    if fragment is None:  # valid: a shape of one's own takes its context from --seq-len
+        load_config(None, overrides)
+        return
     with pytest.raises(DistlabError) as error:
         load_config(None, overrides)
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_model_shape_replaces_the_presets() -> None:
+    """--layers/--hidden/--heads/--vocab reshape the preset; the context is --seq-len."""
+    config = load_config(
+        None,
+        {"model": "gpt2", "layers": 32, "hidden": 4096, "heads": 32, "vocab": 32000,
+         "seq_len": 4096},
+    )  # fmt: skip
+    shape = model_shape(config)
+    assert (shape.n_layer, shape.d_model, shape.n_head) == (32, 4096, 32)
+    assert (shape.vocab_size, shape.block_size) == (32000, 4096)
+    assert count_parameters(shape) == 6_723_084_288  # a 7B-class GPT-2-style model
+    assert model_label(config) == (
+        "gpt2 reshaped: 32 layers x 4096, 32 heads, vocab 32000, context 4096"
+    )
+    assert model_shape(load_config(None, {"model": "gpt2"})) is PRESETS["gpt2"]
+    with pytest.raises(DistlabError, match="context length 1024"):
+        load_config(None, {"model": "gpt2", "seq_len": 4096})  # a preset keeps its context
 
 
 def test_bad_yaml_file(tmp_path: Path) -> None:

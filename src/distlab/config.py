@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from distlab.errors import DistlabError
-from distlab.model import PRESETS
+from distlab.model import PRESETS, VOCAB_SIZE, GPTConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
@@ -45,7 +45,16 @@ class Config:
     """Number of ranks (processes) to launch on this machine."""
     model: str = "small"
     """Model preset: tiny, small or gpt2, or the mixture-of-experts tiny-moe or small-moe
-    (see ``distlab.model.PRESETS``)."""
+    (see ``distlab.model.PRESETS``); --layers, --hidden, --heads, --vocab reshape it."""
+    layers: int | None = None
+    """Transformer blocks, in place of the preset's (a model shape of your own: with
+    --layers, --hidden, --heads or --vocab the model's context length is --seq-len)."""
+    hidden: int | None = None
+    """Model width (d_model), in place of the preset's; a multiple of --heads."""
+    heads: int | None = None
+    """Attention heads per block, in place of the preset's."""
+    vocab: int | None = None
+    """Vocabulary size, in place of the preset's 256 (at least 256: the corpus is bytes)."""
     data: str | None = None
     """Text file, directory or glob to train on; default: the bundled corpus."""
     steps: int = 100
@@ -356,12 +365,14 @@ def check_fields(config: Config) -> None:
     _require(config.log_every >= 1, "log_every must be >= 1")
     _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
     _require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    preset = PRESETS[config.model]
+    check_shape(config)
+    shape = model_shape(config)
     seq_len = resolved_seq_len(config)
     _require(
-        1 <= seq_len <= preset.block_size,
-        f"seq_len must be between 1 and the model's context length {preset.block_size} "
-        f"(got {seq_len})",
+        1 <= seq_len <= shape.block_size,
+        f"seq_len must be between 1 and the model's context length {shape.block_size} "
+        f"(got {seq_len}; a model shape of your own, --layers/--hidden/--heads/--vocab, "
+        "takes its context length from --seq-len)",
     )
     if isinstance(config.micro_batch, str) and config.micro_batch != AUTO:
         raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
@@ -383,10 +394,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTLAB_CACHE") or Path.home() / ".cache" / "distlab")
 
 
-def resolved_seq_len(config: Config) -> int:
-    """Sequence length: the configured one, else the model preset's context length."""
+SHAPE_FIELDS = {"layers": "n_layer", "hidden": "d_model", "heads": "n_head", "vocab": "vocab_size"}
+"""Config fields that reshape the preset -> the ``GPTConfig`` field each replaces."""
 
-    return config.seq_len if config.seq_len is not None else PRESETS[config.model].block_size
+
+def reshaped(config: Config) -> bool:
+    """Whether the config gives a model shape of its own (--layers, --hidden, --heads, --vocab)."""
+    return any(getattr(config, name) is not None for name in SHAPE_FIELDS)
+
+
+def model_shape(config: Config) -> GPTConfig:
+    """The transformer ``config`` trains: its preset, with the shape flags in place of the
+    preset's values; a reshaped model's context length is ``--seq-len`` (else the preset's)."""
+    preset = PRESETS[config.model]
+    changes: dict[str, int] = {
+        attribute: getattr(config, name)
+        for name, attribute in SHAPE_FIELDS.items()
+        if getattr(config, name) is not None
+    }
+    if changes and config.seq_len is not None:
+        changes["block_size"] = config.seq_len
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
+def model_label(config: Config) -> str:
+    """The model as a run names it: the preset, and the shape given in its place if any."""
+    if not reshaped(config):
+        return config.model
+    shape = model_shape(config)
+    return (
+        f"{config.model} reshaped: {shape.n_layer} layers x {shape.d_model}, "
+        f"{shape.n_head} heads, vocab {shape.vocab_size}, context {shape.block_size}"
+    )
+
+
+def check_shape(config: Config) -> None:
+    """One-line errors for a model shape the GPT cannot take."""
+    for name in SHAPE_FIELDS:
+        value = getattr(config, name)
+        _require(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
+    shape = model_shape(config)
+    _require(
+        shape.d_model % shape.n_head == 0,
+        f"hidden {shape.d_model} is not divisible by heads {shape.n_head}; "
+        "each head takes hidden / heads of the width",
+    )
+    _require(
+        shape.vocab_size >= VOCAB_SIZE,
+        f"vocab must be >= {VOCAB_SIZE} (got {shape.vocab_size}): the corpus is byte tokens",
+    )
+
+
+def resolved_seq_len(config: Config) -> int:
+    """Sequence length: the configured one, else the model's context length."""
+    return config.seq_len if config.seq_len is not None else model_shape(config).block_size
 
 
 ZERO_REDUCE_CHOICES = ("once", "per-microbatch")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from distlab.config import Config
 from distlab.errors import DistlabError
@@ -31,6 +34,17 @@ class RankContext:
     def device_type(self) -> str:
         """``cpu`` or ``cuda``: what device meshes are built on."""
         return self.device.type
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Move ``model`` to this rank's device, unless all of it is there already.
+
+        Already there is the common case on a CPU, and the only case in a traced
+        step (``distlab.train.trace``), whose fake parameters ``Module.to`` cannot
+        swap in place even when nothing would move.
+        """
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        if any(t.device != self.device for t in tensors):
+            model.to(self.device)
 
 
 def resolve_device(config: Config) -> str:
@@ -58,6 +72,17 @@ def host_state(config: Config) -> bool:
     CPU tensors, which nccl refuses: such a run also gets a gloo backend for CPU tensors.
     """
     return config.strategy == "fsdp" and config.offload == "params"
+
+
+def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """``init_device_mesh`` over all ranks, dimensions ``names`` of sizes ``shape``.
+
+    The mesh is bookkeeping (which ranks form which group), kept in real tensors
+    even inside a step traced with fake tensors (``distlab.train.trace``), where
+    torch would otherwise make its rank table fake and unreadable.
+    """
+    with unset_fake_temporarily():
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
 def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from distlab.config import Config
+from distlab.values import scalar
 
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
@@ -72,4 +73,4 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    return float(norm)
+    return scalar(norm)

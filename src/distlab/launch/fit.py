@@ -2,10 +2,14 @@
 
 ``python -m distlab.launch ... --dry-run`` prints rank 0's predicted peak by
 category (``distlab.theory.memory``) next to the memory one rank may use, and
-exits. A real launch checks the same prediction first and refuses, in one
-line, a run that would not fit: on a GPU always, on a CPU when
-``--memory-budget`` is given (a CPU's RAM is shared, so there is no fixed
-size to check against unless you set one). The refusal names the first
+exits; ``--trace`` adds torch's measured peak of one real step of the layout,
+traced in this process with fake ranks (``distlab.train.trace``), beside it;
+``--json`` prints the same as one JSON object.
+
+A real launch checks the same prediction first and refuses, in one line, a
+run that would not fit: on a GPU always, on a CPU when ``--memory-budget`` is
+given (a CPU's RAM is shared, so there is no fixed size to check against
+unless you set one). The refusal names the first
 change that the same theory says would fit: checkpointing, a smaller
 micro-batch, a sharded strategy, or more ranks.
 """
@@ -13,9 +17,11 @@ micro-batch, a sharded strategy, or more ranks.
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from collections.abc import Iterator
 
-from distlab.config import Config, fixed_micro_batch
+from distlab.config import Config, fixed_micro_batch, model_label
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.launch.micro_batch import budget_bytes, gib, wants_auto
@@ -24,6 +30,7 @@ from distlab.strategies import registry
 from distlab.strategies.resolve import validate
 from distlab.theory.comm import layout
 from distlab.theory.memory import PeakPrediction, predict_peak
+from distlab.train.trace import TracedStep, check_traceable, trace_step
 
 SHARDED_ALTERNATIVE = {"single": "fsdp", "ddp": "fsdp", "zero1": "zero3", "zero2": "zero3"}
 """The strategy to suggest when the model state itself does not fit."""
@@ -42,7 +49,7 @@ def describe(config: Config, budget: int) -> str:
     width = max(map(len, CATEGORIES))
     lines = [
         f"predicted peak of rank 0 ({config.strategy}, {config.nproc} ranks, model "
-        f"{config.model}, --ac {config.ac}, {config.precision}):"
+        f"{model_label(config)}, --ac {config.ac}, {config.precision}):"
     ]
     for category in CATEGORIES:
         if peak.by_category[category]:
@@ -53,6 +60,85 @@ def describe(config: Config, budget: int) -> str:
     if peak.total > budget:
         lines.append(refusal(config, peak, budget))
     return "\n".join(lines)
+
+
+def dry_run(config: Config, trace: bool, as_json: bool) -> int:
+    """``--dry-run`` (``--trace``, ``--json``): print the figures; 2 if the peak does not fit."""
+    budget = budget_bytes(config, resolve_device(config))
+    peak = prediction(config)
+    traced = None
+    if trace:
+        if peak is None:
+            raise DistlabError(f"--trace: strategy {config.strategy} has no memory prediction")
+        check_traceable(config)
+        if not as_json:
+            print(
+                f"tracing one step of {config.strategy} at {config.nproc:,} fake ranks ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        traced = trace_step(config)
+    worst = max(traced.total if traced else 0, peak.total if peak else 0)
+    if as_json:
+        figures: dict[str, object] = {
+            "strategy": config.strategy,
+            "nproc": config.nproc,
+            "model": model_label(config),
+            "budget": budget,
+            "fits": worst <= budget,
+        }
+        if peak is not None:
+            figures["predicted"] = {**peak.by_category, "total": peak.total}
+            figures["predicted_phase"] = peak.phase
+        if traced is not None:
+            figures["traced"] = {**traced.by_category, "total": traced.total}
+            figures["traced_phase"] = traced.phase
+            figures["trace_seconds"] = round(traced.seconds, 3)
+        print(json.dumps(figures, indent=1))
+    elif traced is not None and peak is not None:
+        print(describe_trace(config, traced, peak, budget))
+    else:
+        print(describe(config, budget))
+    return 2 if worst > budget else 0
+
+
+def describe_trace(config: Config, traced: TracedStep, peak: PeakPrediction, budget: int) -> str:
+    """The traced peak by category beside the predicted one, their ratios, the verdict."""
+    worst = max(traced.total, peak.total)
+    return "\n".join(
+        [
+            f"rank 0 of {config.nproc:,} ({config.strategy}, model {model_label(config)}, "
+            f"--ac {config.ac}, {config.precision}): one step traced in {traced.seconds:.1f} s",
+            side_by_side(traced.by_category, peak.by_category, "predicted"),
+            f"peak traced in the {traced.phase} phase; predicted at the {peak.peak.name}",
+            f"{'fits' if worst <= budget else 'does NOT fit'} in {gib(budget)} per rank",
+        ]
+    )
+
+
+def side_by_side(traced: dict[str, int], expected: dict[str, int], label: str) -> str:
+    """Bytes by category, traced beside ``label`` (predicted, planned), with their ratios."""
+    width = max(map(len, CATEGORIES))
+    lines = [f"  {'':<{width}}  {'traced':>12}  {label:>12}  traced/{label}"]
+    rows = [(c, traced[c], expected[c]) for c in CATEGORIES if traced[c] or expected[c]]
+    rows.append(("total", sum(traced.values()), sum(expected.values())))
+    for name, measured, other in rows:
+        lines.append(
+            f"  {name:<{width}}  {size(measured):>12}  {size(other):>12}  {ratio(measured, other)}"
+        )
+    return "\n".join(lines)
+
+
+def size(value: int) -> str:
+    """Bytes with the unit that keeps three figures: ``812.0 KiB``, ``693.8 MiB``, ``12.30 GiB``."""
+    if value < 2**20:
+        return f"{value / 2**10:.1f} KiB"
+    return gib(value)
+
+
+def ratio(measured: int, expected: int) -> str:
+    """``measured / expected`` to three places, or a dash where nothing was expected."""
+    return f"{measured / expected:.3f}" if expected else "-"
 
 
 def check_fits(config: Config) -> None:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from distlab.checkpoint.layout import checkpoint_step
-from distlab.config import Config
+from distlab.config import Config, model_shape
 from distlab.errors import first_line
-from distlab.model import PRESETS, count_parameters
+from distlab.model import count_parameters
 from distlab.run.files import EVENTS_FILE, METRICS_FILE, WANDB_FILE, JsonlTail
 
 
@@ -100,7 +100,7 @@ class WandbFeed:
             "mode": mode,
             "config": {
                 **config.to_dict(),
-                "parameters": count_parameters(PRESETS[config.model]),
+                "parameters": count_parameters(model_shape(config)),
             },
             "allow_val_change": True,
             "reinit": "finish_previous",

@@ -10,7 +10,9 @@ and how fast, for a model on a cluster; ``--calibrate`` fits this machine from r
 
 Prints the best layouts as a table (memory per GPU by category, step time split into
 compute, exposed communication and bubble, tokens/s, TFLOP/s and MFU) and draws them
-(``--plot``); ``--json`` prints every layout as JSON instead.
+(``--plot``); ``--json`` prints every layout as JSON instead. ``--trace`` traces one
+step of the pick in the lab, with fake ranks at its full GPU count
+(``distlab.train.trace``), and prints torch's measured memory per GPU beside the plan's.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from pathlib import Path
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
+from distlab.launch.fit import side_by_side
 from distlab.plan.calibrate import fit, fit_matmul_rates, write_calibration
 from distlab.plan.hardware import GPUS, cpu_device, resolve_device
 from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
+from distlab.plan.memory import lab_config
 from distlab.plan.render import picture, table
 from distlab.plan.runs import read_runs
-from distlab.plan.search import lab_command, search, search_rank_counts
+from distlab.plan.search import Plan, lab_command, search, search_rank_counts
 from distlab.plan.shape import ModelShape, from_parameter_count, from_preset, with_seq_len
 from distlab.strategies.pipeline_schedules import SCHEDULES
+from distlab.train.trace import check_traceable, trace_step
 
 SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab")
 DEFAULT_GPU = "h100-sxm"
@@ -93,6 +98,12 @@ def parser() -> OneLineErrorParser:
     out = p.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     out.add_argument("--json", action="store_true", help="print every layout as JSON")
+    out.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace one step of the pick in the lab with fake ranks (no GPU needed) and print "
+        "its measured memory per GPU beside the plan's (with --json: one object)",
+    )
     out.add_argument("--plot", default="runs/plan/plan.png", help="picture path, or 'none'")
     out.add_argument(
         "--calibrate",
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plans = search(shape, gpus, args.global_batch, args.precision, device, fixed)
         where = f"{gpus} x {device.name}"
+    if args.trace:
+        return trace_pick(shape, plans[0], args.global_batch, args.precision, args.json)
     if args.json:
         print(json.dumps([plan.to_dict() for plan in plans], indent=1))
         return 0
@@ -230,6 +243,33 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{shape.name} on {where}, global batch {args.global_batch}"
         path = picture(plans, args.top, Path(args.plot), title, device.memory_bytes)
         print(f"\npicture: {path}")
+    return 0
+
+
+def trace_pick(
+    shape: ModelShape, plan: Plan, global_batch: int, precision: str, as_json: bool
+) -> int:
+    """``--trace``: one step of the pick traced in the lab, its memory beside the plan's."""
+    config = lab_config(shape, plan.layout, global_batch, precision)
+    if config is None:
+        raise DistlabError(
+            f"--trace: the lab cannot run the pick ({plan.layout.label()}, {precision}): it "
+            "runs plain GPT shapes in fp32 or bf16 with a lab strategy"
+        )
+    check_traceable(config)
+    if not as_json:
+        print(f"tracing the pick ({plan.layout.label()}) at {config.nproc:,} fake ranks ...")
+    traced = trace_step(config)
+    measured = {**traced.by_category, "total": traced.total}
+    if as_json:
+        figures = {"pick": plan.to_dict(), "lab_strategy": config.strategy}
+        print(json.dumps({**figures, "traced": measured, "planned": plan.memory.to_dict()}))
+        return 0
+    print(
+        f"lab strategy {config.strategy}, one step traced in {traced.seconds:.1f} s; "
+        f"planned by the {plan.memory.source}"
+    )
+    print(side_by_side(traced.by_category, plan.memory.by_category, "planned"))
     return 0
 
 

@@ -35,6 +35,7 @@ from distlab.measure.step_memory import HeldTensors
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.parallel_dims import ParallelDims
+from distlab.values import scalar
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None, size: 
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
         value /= size
-    return float(value)
+    return scalar(value)
 
 
 GradientSync = Callable[[bool], contextlib.AbstractContextManager]

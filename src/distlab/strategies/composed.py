@@ -149,7 +149,7 @@ class ComposedStrategy(Strategy):
                 return wrapped
 
             return PipelineTrainStep(model, ctx, config, dims, mesh, wrap_stage)
-        model.to(ctx.device)
+        ctx.place(model)
         wrapped = parallelize(model, mesh, dims, config, self.data_parallel)
         settings = {
             "dp_rank": mesh["dp"].get_local_rank(),

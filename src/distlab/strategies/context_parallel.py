@@ -323,7 +323,7 @@ class CPStrategy(ReplicatedStateStrategy):
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
         mesh = dims.build_mesh(ctx.device_type)
-        model.to(ctx.device)
+        ctx.place(model)
         apply_cp(model, mesh["cp"], config.cp_attention)
         apply_ac(model, config.ac)
         device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None

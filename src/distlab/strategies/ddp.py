@@ -45,7 +45,7 @@ class DDPStrategy(ReplicatedStateStrategy):
         return self.predicted_state_bytes(config, n_params)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        model.to(ctx.device)
+        ctx.place(model)
         apply_ac(model, config.ac)
         if config.compile:
             apply_compile(model)  # blocks first, then DDP's hooks on their parameters

@@ -47,9 +47,8 @@ from typing import Any
 
 import torch
 
-from distlab.config import Config, grad_accum_steps, zero_reduce_mode
+from distlab.config import Config, grad_accum_steps, model_shape, zero_reduce_mode
 from distlab.measure.memory import ModelStateBytes, optimizer_bytes_per_param
-from distlab.model import PRESETS
 from distlab.strategies.parallel_dims import parameter_sizes
 
 BUCKET_FRACTION = 8
@@ -69,7 +68,7 @@ def bucket_elements(n_params: int) -> int:
 
 def largest_tensor_elements(config: Config) -> int:
     """Elements of the model's largest parameter (embedding, LM head or MLP matrix)."""
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     d = shape.d_model
     return max(shape.vocab_size * d, shape.block_size * d, 4 * d * d)
 

@@ -374,7 +374,7 @@ class DeepSpeedZeroStrategy(Strategy):
         )
         if config.quiet:
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-        model.to(ctx.device)
+        ctx.place(model)
         apply_ac(model, config.ac)  # before DeepSpeed takes the parameters
         if config.compile:  # before DeepSpeed flattens the parameters; compiles lazily
             apply_compile(model)

@@ -59,14 +59,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from distlab.config import Config
-from distlab.distributed import RankContext
+from distlab.config import Config, model_shape
+from distlab.distributed import RankContext, device_mesh
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
-from distlab.model import PRESETS, GPTConfig
+from distlab.model import GPTConfig
 from distlab.moe import Experts, MoE, RoutingTally, moe_layers
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
@@ -78,7 +77,7 @@ MESH_DIMS = ("replica", "ep")
 
 def ep_degree(config: Config) -> int:
     """The expert-parallel degree; a one-line DistlabError if the config cannot use it."""
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     if not shape.n_expert:
         raise DistlabError(
             f"ep needs a MoE preset: --model tiny-moe or small-moe (got '{config.model}')"
@@ -269,19 +268,19 @@ class EPStrategy(Strategy):
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Dense parameters whole, plus E / ep of the experts (with grads, optimizer state)."""
-        experts = expert_parameter_count(PRESETS[config.model])
+        experts = expert_parameter_count(model_shape(config))
         local = n_params - experts + experts // ep_degree(config)
         return predicted_bytes(local, config.optimizer)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ep = ep_degree(config)
         replicas = ctx.world_size // ep
-        model.to(ctx.device)
+        ctx.place(model)
         if replicas > 1:
-            mesh = init_device_mesh(ctx.device_type, (replicas, ep), mesh_dim_names=MESH_DIMS)
+            mesh = device_mesh(ctx.device_type, (replicas, ep), MESH_DIMS)
             ep_mesh, replica_group = mesh["ep"], mesh.get_group("replica")
         else:
-            mesh = ep_mesh = init_device_mesh(ctx.device_type, (ep,), mesh_dim_names=("ep",))
+            mesh = ep_mesh = device_mesh(ctx.device_type, (ep,), ("ep",))
             replica_group = None
         ep_group, ep_rank = ep_mesh.get_group(), ep_mesh.get_local_rank()
         layers = moe_layers(model)

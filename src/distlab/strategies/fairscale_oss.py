@@ -190,7 +190,7 @@ class FairscaleStrategy(Strategy):
         )
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        model.to(ctx.device)
+        ctx.place(model)
         apply_ac(model, config.ac)
         if config.compile:  # before OSS and the wrapper take the parameters
             apply_compile(model)

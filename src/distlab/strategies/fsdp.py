@@ -51,7 +51,6 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -61,11 +60,12 @@ from torch.distributed.fsdp import (
 )
 
 from distlab.config import Config
-from distlab.distributed import RankContext
+from distlab.distributed import RankContext, device_mesh
 from distlab.errors import DistlabError
-from distlab.measure.memory import ModelStateBytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.parallel_dims import rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
 
 
@@ -209,12 +209,13 @@ class FSDPStrategy(Strategy):
         validate_offload(config.offload)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        n = config.nproc
-        return predicted_bytes(n_params, config.optimizer, params_div=n, grads_div=n, optim_div=n)
+        """16 N / n with fp32 AdamW, tensor by tensor: rank 0 holds each parameter's first
+        ceil(rows / n) rows (FSDP2 pads the last ranks' shards, never rank 0's)."""
+        return rank0_state_bytes(config, self.dims(config), self.data_parallel)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        model.to(ctx.device)
-        mesh = init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
+        ctx.place(model)
+        mesh = device_mesh(ctx.device_type, (ctx.world_size,), ("dp",))
         apply_ac(model, config.ac)  # before fully_shard, like compile
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs

@@ -50,16 +50,15 @@ alone S = nproc / R; with neither, R = 2 when ``--nproc`` is even and at least
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from distlab.config import Config
-from distlab.distributed import RankContext
+from distlab.distributed import RankContext, device_mesh
 from distlab.errors import DistlabError
-from distlab.measure.memory import ModelStateBytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims
+from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
 
 MESH_DIMS = ("replicate", "shard")
@@ -112,18 +111,18 @@ class HSDPStrategy(Strategy):
         return ParallelDims(dp=replicate * shard, tp=1, pp=1, replicate=replicate)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        n = self.dims(config).shard
-        return predicted_bytes(n_params, config.optimizer, params_div=n, grads_div=n, optim_div=n)
+        """16 N / S with fp32 AdamW, tensor by tensor as under fsdp (``rank0_state_bytes``)."""
+        return rank0_state_bytes(config, self.dims(config), self.data_parallel)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         replicate, shard = hsdp_degrees(config)
-        model.to(ctx.device)
+        ctx.place(model)
         # R = 1: fsdp's 1-D mesh. On a (1, S) mesh FSDP2 would all-reduce every unit's
         # gradient shard over the one-rank replicate group: a no-op collective per unit.
         shape, names = (
             ((shard,), MESH_DIMS[1:]) if replicate == 1 else ((replicate, shard), MESH_DIMS)
         )
-        mesh = init_device_mesh(ctx.device_type, shape, mesh_dim_names=names)
+        mesh = device_mesh(ctx.device_type, shape, names)
         apply_ac(model, config.ac)  # before fully_shard, as in fsdp
         if config.compile:
             apply_compile(model)

@@ -28,7 +28,8 @@ which layers form which pipeline stage and which stages a rank runs, which
 parameters tensor parallelism splits and along which dimension, and so the
 parameter shapes on rank 0 under any mesh. The strategies build their modules
 from it and ``distlab.theory`` predicts from it, so the two cannot disagree.
-It imports only the declaring layer (config, model, memory arithmetic).
+It imports only the declaring layer (config, model, memory arithmetic) and the mesh
+helper of ``distlab.distributed``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
-from distlab.config import Config
+from distlab.config import Config, model_shape
+from distlab.distributed import device_mesh
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
-from distlab.model import GPT, PRESETS
+from distlab.model import GPT, GPTConfig
 from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
 
 Shapes = dict[str, tuple[int, ...]]
@@ -100,9 +102,7 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The 4-D (pp, dp, cp, tp) mesh over all ranks (call on every rank)."""
-        return init_device_mesh(
-            device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=MESH_DIMS
-        )
+        return device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), MESH_DIMS)
 
     def reduction_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
         """The part of ``mesh`` (``build_mesh``'s) that gradients are averaged over: ``dp``,
@@ -186,16 +186,16 @@ def resolve_dims(
 
 
 @functools.cache
-def parameter_shapes(model: str) -> Shapes:
-    """Every parameter of the ``model`` preset's GPT and its shape (built once, on meta)."""
+def parameter_shapes(model: GPTConfig) -> Shapes:
+    """Every parameter of a GPT of shape ``model`` and its shape (built once, on meta)."""
     with torch.device("meta"):
-        gpt = GPT(PRESETS[model])
+        gpt = GPT(model)
     return {name: tuple(p.shape) for name, p in gpt.named_parameters()}
 
 
 def parameter_sizes(config: Config) -> list[int]:
     """Elements of each parameter tensor of ``config``'s model, in the model's order."""
-    return [math.prod(shape) for shape in parameter_shapes(config.model).values()]
+    return [math.prod(shape) for shape in parameter_shapes(model_shape(config)).values()]
 
 
 def numel(shapes: Shapes) -> int:
@@ -247,13 +247,13 @@ def plan_stages(n_layer: int, n_stages: int) -> list[StagePlan]:
 def rank_stage_plans(config: Config, pp: int, pp_rank: int) -> list[StagePlan]:
     """The stages pipeline rank ``pp_rank`` runs under ``config``'s schedule."""
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    plans = plan_stages(PRESETS[config.model].n_layer, pp * virtual)
+    plans = plan_stages(model_shape(config).n_layer, pp * virtual)
     return [plans[i] for i in rank_stages(config.schedule, pp, pp_rank)]
 
 
 def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> Shapes:
     """Parameters of the pipeline stage(s) ``pp_rank`` holds (all of them when ``pp`` is 1)."""
-    shapes = parameter_shapes(config.model)
+    shapes = parameter_shapes(model_shape(config))
     if pp <= 1:
         return dict(shapes)
     plans = rank_stage_plans(config, pp, pp_rank)
@@ -288,6 +288,13 @@ def tp_local_shapes(shapes: Shapes, tp: int) -> Shapes:
             dims[axis] = -(-dims[axis] // tp)
         local[name] = tuple(dims)
     return local
+
+
+def fsdp_gathered_shapes(shapes: Shapes, shard: int) -> Shapes:
+    """The parameters as FSDP2 gathers them over ``shard`` ranks: dim 0 padded to a multiple
+    of ``shard`` (every rank sends a shard of ceil(rows / shard) rows, and the unsharded
+    parameter is a view into that padded all-gather output)."""
+    return {n: (-(-s[0] // shard) * shard, *s[1:]) for n, s in shapes.items()}
 
 
 # --- What rank 0 holds --------------------------------------------------------------------

@@ -59,11 +59,11 @@ from torch.distributed.tensor import DTensor
 
 from distlab.checkpoint.layout import checkpoint_step
 from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
-from distlab.config import AUTO, Config, fixed_micro_batch, resolved_seq_len
+from distlab.config import AUTO, Config, fixed_micro_batch, model_shape, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
-from distlab.model import GPT, PRESETS
+from distlab.model import GPT
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     PP_OPTIONS,
@@ -153,13 +153,13 @@ def validate_pp(config: Config, dims: ParallelDims) -> None:
         raise DistlabError(
             f"unknown pipeline schedule '{config.schedule}' (choose one of: {', '.join(SCHEDULES)})"
         )
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = dims.pp * virtual
     if n_stages > shape.n_layer:
         per_rank = f" ({virtual} per rank with {config.schedule})" if virtual > 1 else ""
         raise DistlabError(
-            f"{n_stages} pipeline stages{per_rank} but model '{config.model}' has only "
+            f"{n_stages} pipeline stages{per_rank} but the model has only "
             f"{shape.n_layer} layers; use at most {shape.n_layer // virtual} for --pp"
         )
     if schedule_spec(config.schedule).split_backward and config.compile:
@@ -272,7 +272,7 @@ class PipelineTrainStep(OptimizerTrainStep):
         virtual = VIRTUAL_STAGES.get(config.schedule, 1)
         n_stages = dims.pp * virtual
         plans = rank_stage_plans(config, dims.pp, self.pp_rank)
-        model.to(ctx.device)
+        ctx.place(model)
         self.model, stage_modules = split_model(model, plans)
         if wrap_stage is not None:
             stage_modules = [wrap_stage(module) for module in stage_modules]

@@ -16,11 +16,11 @@ from distlab.config import (
     build_config,
     check_fields,
     fixed_micro_batch,
+    model_shape,
     option_flag,
     read_config_values,
 )
 from distlab.errors import DistlabError
-from distlab.model import PRESETS
 from distlab.strategies import registry
 
 
@@ -68,12 +68,12 @@ def validate(config: Config) -> None:
             f"--ac selective is not supported by strategy '{config.strategy}': "
             f"{strategy.selective_ac_refusal}"
         )
-    if PRESETS[config.model].n_expert and config.compile:
+    if model_shape(config).n_expert and config.compile:
         raise DistlabError(
             f"--compile cannot compile the mixture-of-experts model '{config.model}' yet: "
             "its experts' row counts are data-dependent shapes"
         )
-    if PRESETS[config.model].n_expert and not strategy.trains_moe:
+    if model_shape(config).n_expert and not strategy.trains_moe:
         moe = ", ".join(n for n in registry.names() if registry.describe(n).trains_moe)
         raise DistlabError(
             f"strategy '{config.strategy}' cannot train the mixture-of-experts model "

@@ -29,7 +29,7 @@ class SingleStrategy(ReplicatedStateStrategy):
             )
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        model.to(ctx.device)
+        ctx.place(model)
         apply_ac(model, config.ac)
         if config.compile:
             apply_compile(model)

@@ -46,11 +46,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from distlab.config import Config, resolved_seq_len
+from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
-from distlab.model import PRESETS
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.parallel_dims import (
@@ -151,16 +150,16 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
 
 def validate_tp(config: Config, tp: int) -> None:
     """One-line errors for shapes that cannot be split ``tp`` ways."""
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     if shape.n_head % tp:
         raise DistlabError(
             f"tensor parallelism over {tp} ranks needs n_head divisible by {tp} "
-            f"(model '{config.model}' has {shape.n_head} heads); use a --tp dividing {shape.n_head}"
+            f"(the model has {shape.n_head} heads); use a --tp dividing {shape.n_head}"
         )
     if shape.d_model % tp:
         raise DistlabError(
             f"tensor parallelism over {tp} ranks needs d_model divisible by {tp} "
-            f"(model '{config.model}' has d_model {shape.d_model})"
+            f"(the model has d_model {shape.d_model})"
         )
     if shape.vocab_size % tp:
         raise DistlabError(
@@ -198,7 +197,7 @@ class TPStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         mesh = self.dims(config).build_mesh(ctx.device_type)
-        model.to(ctx.device)
+        ctx.place(model)
         apply_tp(model, mesh["tp"], config.sequence_parallel)
         apply_ac(model, config.ac)  # after tp: recomputation runs the DTensor forward again
         if config.compile:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from distlab.config import Config
-from distlab.model import PRESETS, count_parameters
+from distlab.config import Config, model_shape
+from distlab.model import count_parameters
 from distlab.strategies import registry
 from distlab.strategies.pipeline_schedules import bubble_fraction
 from distlab.theory.comm import ExpertRouting, layout, microbatches, predict_comm
@@ -40,7 +40,7 @@ def predict(config: Config, routing: ExpertRouting | None = None) -> dict[str, A
     ``routing``: an ``ep`` run's routing counts of the step whose communication is
     compared (its all-to-all volume depends on them).
     """
-    n_params = count_parameters(PRESETS[config.model])
+    n_params = count_parameters(model_shape(config))
     strategy = registry.describe(config.strategy)
     comm = predict_comm(config, routing)
     return {

@@ -94,10 +94,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from distlab.config import Config, grad_accum_steps, resolved_seq_len, zero_reduce_mode
+from distlab.config import Config, grad_accum_steps, model_shape, resolved_seq_len, zero_reduce_mode
 from distlab.errors import DistlabError
 from distlab.measure.wire import KINDS, wire_bytes
-from distlab.model import PRESETS
 from distlab.strategies import registry
 from distlab.strategies.deepspeed_zero import deepspeed_config
 from distlab.strategies.expert_parallel import ep_degree, expert_parameter_count
@@ -250,7 +249,7 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     lay = layout(config)
     if lay is None:
         return None
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     seq = resolved_seq_len(config)
     model_bytes = compute_bytes(config, lay)  # parameters gathered, activations under FSDP
     matmul_bytes = 2 if config.precision == "bf16" else FP32  # matmul outputs (autocast too)
@@ -361,7 +360,7 @@ def microbatches(config: Config, lay: Layout) -> int:
 
 
 def _layers_of(config: Config, lay: Layout) -> int:
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     if lay.pp <= 1:
         return shape.n_layer
     return len({n.split(".")[1] for n in stage_shapes(config, lay.pp) if n.startswith("blocks.")})
@@ -423,7 +422,7 @@ def _context_parallel_comm(
     (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
     sequences, in ``passes`` forwards (micro-batches); ``element`` bytes each (K and V are
     matmul outputs: bf16 under autocast and under FSDP's bf16 policy); the formula."""
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     layers = _layers_of(config, lay)
     volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
     gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
@@ -486,7 +485,7 @@ def _pipeline_comm(
     Messages are the residual stream, ``element_bytes`` per element (fp32 under
     autocast, bf16 from FSDP stages under bf16).
     """
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     m = microbatches(config, lay)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
     n_stages = lay.pp * virtual
@@ -520,7 +519,7 @@ def _ep_comm(
 ) -> str:
     """Expert parallelism (``distlab.strategies.expert_parallel``): gradient all-reduces, the
     gradient norm's, and the all-to-alls of ``tokens`` per rank (module docstring); the formula."""
-    shape = PRESETS[config.model]
+    shape = model_shape(config)
     ep, d, layers = ep_degree(config), shape.d_model, shape.n_layer
     experts = expert_parameter_count(shape)
     dense = sum(parameter_sizes(config)) - experts

@@ -68,12 +68,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distlab.config import Config, grad_accum_steps, resolved_seq_len
+from distlab.config import Config, grad_accum_steps, model_shape, resolved_seq_len
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import CATEGORIES
-from distlab.model import PRESETS, count_parameters
+from distlab.model import count_parameters
 from distlab.strategies import registry
 from distlab.strategies.parallel_dims import (
+    fsdp_gathered_shapes,
     numel,
     rank_stage_plans,
     stage_shapes,
@@ -310,7 +311,7 @@ def moe_block_extra_bytes(config: Config, shape: StepShape) -> int:
     are the ones this rank's experts received, k t under balanced routing (the
     real number is the routing's). Checkpointed runs are not modelled for MoE.
     """
-    model = PRESETS[config.model]
+    model = model_shape(config)
     if not model.n_expert or shape.ac != "none":
         return 0
     t, h, k, experts = shape.tokens, model.d_model, model.top_k, model.n_expert
@@ -318,7 +319,7 @@ def moe_block_extra_bytes(config: Config, shape: StepShape) -> int:
 
 
 def _activations(shape: StepShape, config: Config) -> int:
-    model = PRESETS[config.model]
+    model = model_shape(config)
     per_block = block_activation_bytes(shape, model.n_head, model.d_model)
     blocks = shape.layers * (per_block + moe_block_extra_bytes(config, shape))
     total = blocks * shape.in_flight
@@ -336,7 +337,7 @@ def predict_peak(config: Config) -> PeakPrediction:
     lay = layout(config)
     if lay is None:
         raise ValueError(f"no memory model for strategy {config.strategy!r}")
-    model = PRESETS[config.model]
+    model = model_shape(config)
     strategy = registry.describe(config.strategy)
     n_params = count_parameters(model)
     state = strategy.predicted_state_bytes(config, n_params)
@@ -391,7 +392,7 @@ def backward_start(
     gathered: dict[str, int],
 ) -> dict[str, int]:
     """Every activation saved, and the loss's first gradients: log-softmax's and the logits'."""
-    vocab = PRESETS[config.model].vocab_size
+    vocab = model_shape(config).vocab_size
     return _split(
         **common,
         grads=resident.grads,
@@ -421,13 +422,14 @@ def block_backward(
     unsharded gradients. FSDP holds the root, block k and the next block
     (prefetched) gathered, block k twice when it is recomputed.
     """
-    model = PRESETS[config.model]
+    model = model_shape(config)
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
     moe = moe_block_extra_bytes(config, shape)
     recomputed = block_in_backward_bytes(shape, model.n_head, h) + moe
     saved = k * (block_activation_bytes(shape, model.n_head, h) + moe)
     logits = e * t * model.vocab_size if shape.has_last and shape.logits_held else 0
     blocks = block_elements(config, lay)
+    gathered = block_elements(config, lay, gathered=True)
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
     head = 0 if lay.data_parallel == "fsdp" else root_elements(config, lay, head_only=True)
     done = sum(blocks[k + 1 :]) + head
@@ -443,9 +445,12 @@ def block_backward(
         # once more for its recomputation. Block k's gradients, before their
         # reduce-scatter, are backward's own tensors (temporaries).
         gathered_blocks = (
-            blocks[k] + blocks[max(k - 1, 0)] + (blocks[k] if shape.ac != "none" else 0)
+            gathered[k] + gathered[max(k - 1, 0)] + (gathered[k] if shape.ac != "none" else 0)
         )
-        comm = e * (root_elements(config, lay) + gathered_blocks)
+        comm = e * (root_elements(config, lay, gathered=True) + gathered_blocks)
+        # FSDP2 holds the last reduce-scatter's input (block k + 1's gradients, fp32,
+        # padded as gathered) until the next one starts (reduce_scatter_states)
+        comm += FP32 * (gathered[k + 1] if k + 1 < len(gathered) else 0)
         unsharded_grads = FP32 * blocks[k]
     return _split(
         **common,
@@ -472,7 +477,7 @@ def pipeline_moment(
 
     ``last``: the last micro-batch's backward, with only its own activations left,
     in which DDP fills its buckets (``ddp_pipeline_buckets``)."""
-    model = PRESETS[config.model]
+    model = model_shape(config)
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
     recomputed = block_in_backward_bytes(shape, model.n_head, h) if shape.ac != "none" else 0
     # The last backward: one micro-batch, of the stage that sends its output if any.
@@ -498,9 +503,10 @@ def ddp_pipeline_buckets(lay: Layout, state: ModelStateBytes) -> int:
     return state.grads if lay.data_parallel == "ddp" and lay.pp > 1 else 0
 
 
-def block_elements(config: Config, lay: Layout) -> list[int]:
-    """Rank 0's parameter elements of each of its blocks (tensor-parallel local)."""
-    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+def block_elements(config: Config, lay: Layout, gathered: bool = False) -> list[int]:
+    """Rank 0's parameter elements of each of its blocks (tensor-parallel local);
+    ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
+    shapes = _local_shapes(config, lay, gathered)
     per_block: dict[str, int] = {}
     for name, shape in shapes.items():
         if name.startswith("blocks."):
@@ -509,11 +515,21 @@ def block_elements(config: Config, lay: Layout) -> list[int]:
     return [per_block[i] for i in sorted(per_block, key=int)]
 
 
-def root_elements(config: Config, lay: Layout, head_only: bool = False) -> int:
-    """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``)."""
-    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+def root_elements(
+    config: Config, lay: Layout, head_only: bool = False, gathered: bool = False
+) -> int:
+    """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``);
+    ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
+    shapes = _local_shapes(config, lay, gathered)
     names = ROOT_PARAMETERS[2:] if head_only else ROOT_PARAMETERS
     return numel({name: shape for name, shape in shapes.items() if name in names})
+
+
+def _local_shapes(config: Config, lay: Layout, gathered: bool) -> dict[str, tuple[int, ...]]:
+    """Rank 0's tensor-parallel local parameter shapes of its stage(s), padded as FSDP2
+    gathers them if ``gathered``."""
+    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    return fsdp_gathered_shapes(shapes, lay.shard) if gathered else shapes
 
 
 def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
@@ -529,9 +545,10 @@ def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
     e = compute_bytes(config, lay)
     shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
     if lay.data_parallel == "fsdp" and lay.pp > 1:
-        return {"params": 0, "comm_buffers": 2 * e * numel(shapes)}
+        padded = numel(fsdp_gathered_shapes(shapes, lay.shard))
+        return {"params": 0, "comm_buffers": e * (padded + numel(shapes))}
     if lay.data_parallel == "fsdp":
-        return {"params": 0, "comm_buffers": e * root_elements(config, lay)}
+        return {"params": 0, "comm_buffers": e * root_elements(config, lay, gathered=True)}
     if lay.data_parallel == "zero3":
         return {"params": e * numel(shapes), "comm_buffers": 0}
     return {"params": 0, "comm_buffers": 0}
@@ -558,7 +575,7 @@ def optimizer_step_grads(config: Config, lay: Layout, state: ModelStateBytes) ->
     whose inner optimizer reads the fp32 gradient of its slice (4 P / N) after the
     reduction has freed the rest."""
     if lay.data_parallel in ZERO_FLAVOURS:
-        return FP32 * count_parameters(PRESETS[config.model]) // lay.dp
+        return FP32 * count_parameters(model_shape(config)) // lay.dp
     return state.grads
 
 

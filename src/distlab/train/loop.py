@@ -34,10 +34,17 @@ from distlab.checkpoint.layout import (
 )
 from distlab.checkpoint.save import save_checkpoint
 from distlab.checkpoint.state import restore_rng
-from distlab.config import Config, FaultSpec, checkpoint_steps, resolved_seq_len
+from distlab.config import (
+    Config,
+    FaultSpec,
+    checkpoint_steps,
+    model_label,
+    model_shape,
+    resolved_seq_len,
+)
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
-from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
+from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, first_fault_since_last_start, read_events
 from distlab.run.events import fault_figures as event_figures
 from distlab.run.files import FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_jsonl
@@ -55,10 +62,10 @@ def train(
     started = time.time()
     write_pid(run_dir, ctx.rank)
     beat(run_dir, ctx.rank, "setup")
-    model_config = PRESETS[config.model]
+    model_config = model_shape(config)
     seq_len = resolved_seq_len(config)
     tokens = load_tokens(token_file)
-    model = build_model(config.model, config.seed)
+    model = build_model(model_config, config.seed)
     strategy = registry.describe(config.strategy)
     train_step = strategy.prepare(model, ctx, config)
 
@@ -170,7 +177,7 @@ def train(
         "nproc": config.nproc,
         "dp_size": train_step.dp_size,
         "mesh": strategy.mesh_dims(config),
-        "model": config.model,
+        "model": model_label(config),
         "parameters": parameters,
         "steps": config.steps,
         "steps_run": len(metrics),
