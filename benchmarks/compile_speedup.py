@@ -5,7 +5,7 @@
 
 Every run is a real ``python -m distlab.launch`` run (the local launcher, no
 W&B, one thread per rank), started in this process through
-``distlab.launch.run``. Each round runs, for every case (strategy x ranks), an
+``distlab.launch.runner.run``. Each round runs, for every case (strategy x ranks), an
 eager and a compiled run back to back, the order alternating from round to
 round (eager first in even rounds), so that a slow phase of a shared machine
 falls on both runs of a pair.
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from distlab.config import cache_dir  # noqa: E402
-from distlab.launch import run  # noqa: E402
+from distlab.launch.runner import run  # noqa: E402
 from distlab.run.files import METRICS_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
 from distlab.strategies.regional_compile import INDUCTOR_CACHE  # noqa: E402
 from distlab.strategies.resolve import load_config  # noqa: E402

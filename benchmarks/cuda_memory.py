@@ -31,7 +31,7 @@ from pathlib import Path
 
 from distlab.config import resolved_seq_len
 from distlab.errors import DistlabError
-from distlab.launch import run
+from distlab.launch.runner import run
 from distlab.report.markdown import fill_marked_section
 from distlab.strategies.resolve import load_config
 from distlab.theory.memory import predict_peak

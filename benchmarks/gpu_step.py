@@ -9,7 +9,7 @@ optimizer, precision and global batch, reached by gradient accumulation) and
 times the optimizer steps after ``--warmup`` warm-up steps (compiles happen
 there); its tokens/s come from the median step time. Rows, keyed RUN/MODE/SIZE:
 
-- ``single``, ``ddp``, ``fsdp``: ``distlab.launch.run`` with that strategy on one
+- ``single``, ``ddp``, ``fsdp``: ``distlab.launch.runner.run`` with that strategy on one
   rank (local launcher, no W&B); step times from the run's ``metrics.jsonl``.
   MODE ``compile`` sets the config field ``compile``.
 - ``hf``: Hugging Face ``transformers.GPT2LMHeadModel`` of distlab's GPT shape
@@ -59,7 +59,7 @@ from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
-from distlab.launch import run
+from distlab.launch.runner import run
 from distlab.measure.compile_time import compile_seconds
 from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from distlab.config import Config
 from distlab.errors import DistlabError
-from distlab.launch import run
+from distlab.launch.runner import run
 from distlab.measure.step_memory import CATEGORIES
 from distlab.report.markdown import fill_marked_section
 from distlab.strategies import registry

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
 import json
 import os
 import struct
@@ -10,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from distlab.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LOCAL_RUN = [
@@ -29,6 +35,31 @@ def run_command(module: str, *args: str, timeout: float = 300, cwd: Path | None 
         env=env,
         cwd=cwd or ROOT,
     )
+
+
+def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m module args...`` in this process: the module's ``main(argv)`` under
+    ``run_cli``, as its ``__main__`` does (exit status, one-line errors), output captured.
+
+    For checks of what a command says and exits with, where a new interpreter adds
+    nothing but its seconds of imports; ``run_command`` when the process itself matters.
+    """
+    package = importlib.import_module(module)
+    entry = f"{module}.__main__" if hasattr(package, "__path__") else module
+    main = importlib.import_module(entry).main
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(functools.partial(main, list(args)))
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def rank_pids(run_dir: Path, nproc: int) -> list[int]:
+    """The rank processes of a running run, from their ``logs/rankR.pid`` files."""
+    return [int((Path(run_dir) / "logs" / f"rank{r}.pid").read_text()) for r in range(nproc)]
 
 
 def assert_one_line_error(result, fragment: str) -> None:

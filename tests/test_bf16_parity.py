@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.launch import run
+from distlab.launch.runner import run
 from distlab.report.parity import compare, compare_runs, parity_config, tolerance
 
 BF16 = {"precision": "bf16"}

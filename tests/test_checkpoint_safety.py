@@ -27,7 +27,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.helpers import assert_one_line_error, run_command
+from tests.helpers import assert_one_line_error, run_main
 
 from distlab.checkpoint.layout import newest_checkpoint
 from distlab.checkpoint.safe_unpickle import Refused, SafeUnpickler, allow_list, load_pickle
@@ -152,9 +152,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory):
     def get(name: str) -> Path:
         if name not in made:
             run_dir = root / name
-            result = run_command(
-                "distlab.launch", *TINY, *commands[name], "--run-dir", str(run_dir), timeout=600
-            )
+            result = run_main("distlab.launch", *TINY, *commands[name], "--run-dir", str(run_dir))
             assert result.returncode == 0, result.stderr
             made[name] = run_dir
         return made[name]
@@ -212,7 +210,7 @@ def test_resume_refuses_payload(sources, tmp_path: Path, case: str, dotted: bool
     before = tree_digest(run)
     siblings = sorted(os.listdir(tmp_path))
     target = tmp_path / "resumed"
-    result = run_command(
+    result = run_main(
         "distlab.launch",
         "--resume",
         str(run),

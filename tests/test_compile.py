@@ -22,7 +22,7 @@ from distlab.report.parity import _run_name, compare, parity_config
 from distlab.run.files import METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.run.recorder import step_status, summary_table
 from distlab.strategies.regional_compile import INDUCTOR_CACHE, apply_compile
-from helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command
+from helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
 COMPILED_RUNS = [
     ("single", 1, "adamw", {}),
@@ -72,18 +72,17 @@ def test_compiled_run_matches_eager_and_compiles_once(
 @pytest.mark.slow
 def test_verify_checks_a_compiled_strategy(compile_cache: Path, parity_workdir: Path) -> None:
     """``verify --compile`` holds the compiled strategy to eager ``single`` (reusing the runs)."""
-    result = run_command(
+    result = run_main(
         "distlab.verify",
         *("--strategy", "ddp", "--nproc", "2", "--optimizer", "sgd", "--compile"),
         *("--workdir", str(parity_workdir)),
-        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
 
 
 def test_zero3_refuses_compile() -> None:
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--strategy", "zero3", "--nproc", "2", "--compile", *TINY_LOCAL_RUN
     )
     assert_one_line_error(result, "--compile is not supported by strategy 'zero3': ZeRO-3 gathers")
@@ -106,7 +105,7 @@ def test_apply_compile_keeps_names_and_points_caches_at_distlab(
 
 
 def test_compile_flag_in_help() -> None:
-    result = run_command("distlab.launch", "--help")
+    result = run_main("distlab.launch", "--help")
     assert result.returncode == 0, result.stderr
     assert "--compile, --no-compile" in result.stdout
 

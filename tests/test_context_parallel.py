@@ -19,7 +19,7 @@ from tests.helpers import (
     TINY_LOCAL_RUN,
     assert_counted_matches_theory,
     assert_one_line_error,
-    run_command,
+    run_main,
 )
 
 from distlab.errors import DistlabError
@@ -116,7 +116,7 @@ def test_impossible_configs_are_refused(overrides: dict, message: str) -> None:
 
 def test_a_sequence_that_does_not_split_is_refused_on_the_command_line() -> None:
     args = ["--strategy", "cp", "--nproc", "2", "--seq-len", "30", *TINY_LOCAL_RUN]
-    assert_one_line_error(run_command("distlab.launch", *args), "divisible by 4 (got 30)")
+    assert_one_line_error(run_main("distlab.launch", *args), "divisible by 4 (got 30)")
 
 
 # --- Theory ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import TINY_LOCAL_RUN, run_command
+from tests.helpers import TINY_LOCAL_RUN, run_main
 
 from distlab.checkpoint.layout import (
     checkpoint_step,
@@ -49,7 +49,7 @@ RUN = [
 
 
 def launch(*args: str) -> object:
-    return run_command("distlab.launch", *args, timeout=300)
+    return run_main("distlab.launch", *args)
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -13,7 +13,7 @@ from tests.helpers import (
     assert_counted_matches_theory,
     assert_one_line_error,
     assert_resume_continues,
-    run_command,
+    run_main,
 )
 
 from distlab.errors import DistlabError
@@ -55,7 +55,7 @@ def test_the_ep_flag_is_refused_by_other_strategies() -> None:
 
 
 def test_a_dense_preset_is_refused_on_the_command_line() -> None:
-    result = run_command("distlab.launch", "--strategy", "ep", "--nproc", "2", *TINY_LOCAL_RUN)
+    result = run_main("distlab.launch", "--strategy", "ep", "--nproc", "2", *TINY_LOCAL_RUN)
     assert_one_line_error(result, "ep needs a MoE preset: --model tiny-moe or small-moe")
 
 

@@ -25,7 +25,9 @@ from tests.helpers import (
     ROOT,
     TINY_LOCAL_RUN,
     assert_one_line_error,
+    rank_pids,
     run_command,
+    run_main,
     wandb_history,
     wandb_offline_runs,
     wandb_run_record,
@@ -43,8 +45,9 @@ LONG = [*COMMON, "--steps", "40", "--checkpoint-every", "5"]
 """Long enough (in steps) for a test to act on a rank while the run is going."""
 
 
-def launch(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    return run_command("distlab.launch", *args, timeout=timeout)
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """The launch command, in this process (its ranks are processes of their own)."""
+    return run_main("distlab.launch", *args)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -196,13 +199,7 @@ def _rank_pids_after(launch_proc: subprocess.Popen, run_dir: Path, steps: int) -
     while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
         assert time.monotonic() < deadline and launch_proc.poll() is None, "run did not start"
         time.sleep(0.05)
-    out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(launch_proc.pid)], capture_output=True, text=True
-    )
-    pids = [int(p) for p in out.stdout.split()]
-    ranks = [p for p in pids if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
-    assert len(ranks) == 2, ranks
-    return ranks
+    return rank_pids(run_dir, 2)
 
 
 def test_external_kill_recovers(tmp_path: Path, refs) -> None:
@@ -455,7 +452,9 @@ def test_bad_resume_is_a_one_line_error_exit_2(tmp_path: Path, refs) -> None:
     shutil.copytree(refs("ddp", 2), source)
     _corrupt_shard(source)
     before = _tree_digest(source)
-    result = launch("--launcher", "local", "--resume", str(source), "--steps", "12")
+    result = run_command(
+        "distlab.launch", "--launcher", "local", "--resume", str(source), "--steps", "12"
+    )
     assert_one_line_error(result, "is corrupt")
     assert _tree_digest(source) == before
 

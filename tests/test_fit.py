@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.helpers import assert_one_line_error, run_command
+from tests.helpers import assert_one_line_error, run_main
 
 from distlab.launch.fit import alternatives, prediction, refusal
 from distlab.strategies.resolve import load_config
@@ -22,7 +22,7 @@ GIB = 2**30
 
 
 def test_dry_run_prints_the_peak_by_category_and_fits() -> None:
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--strategy", "fsdp", "--nproc", "4", "--model", "gpt2", "--dry-run",
         "--memory-budget", "16GiB",
     )  # fmt: skip
@@ -32,7 +32,7 @@ def test_dry_run_prints_the_peak_by_category_and_fits() -> None:
 
 
 def test_dry_run_over_budget_exits_2_and_names_a_change() -> None:
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--strategy", "single", "--model", "gpt2", "--dry-run",
         "--memory-budget", "4GiB",
     )  # fmt: skip
@@ -43,7 +43,7 @@ def test_dry_run_over_budget_exits_2_and_names_a_change() -> None:
 
 def test_launch_predicted_not_to_fit_is_refused_before_anything_starts(tmp_path: Path) -> None:
     run_dir = tmp_path / "never"
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--strategy", "ddp", "--nproc", "2", "--model", "gpt2",
         "--memory-budget", "1536MiB", "--run-dir", str(run_dir), "--no-wandb",
     )  # fmt: skip

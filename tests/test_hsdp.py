@@ -12,7 +12,7 @@ from tests.helpers import (
     assert_counted_matches_theory,
     assert_one_line_error,
     assert_resume_continues,
-    run_command,
+    run_main,
 )
 
 from distlab.errors import DistlabError
@@ -81,7 +81,7 @@ def test_the_mesh_flags_are_refused_by_other_strategies() -> None:
     ],
 )
 def test_bad_degrees_on_the_command_line(args: list[str], fragment: str) -> None:
-    result = run_command("distlab.launch", *args, "--nproc", "4", *TINY_LOCAL_RUN)
+    result = run_main("distlab.launch", *args, "--nproc", "4", *TINY_LOCAL_RUN)
     assert_one_line_error(result, fragment)
 
 

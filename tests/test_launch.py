@@ -12,7 +12,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import ROOT, TINY_LOCAL_RUN, assert_one_line_error, run_command
+from tests.helpers import (
+    ROOT,
+    TINY_LOCAL_RUN,
+    assert_one_line_error,
+    rank_pids,
+    run_command,
+    run_main,
+)
+
+from distlab.launch.runner import run
+from distlab.strategies.resolve import load_config
+
+RUN = {
+    "strategy": "ddp", "nproc": 2, "model": "tiny", "global_batch": 8, "steps": 1,
+    "launcher": "local", "wandb": False, "quiet": True, "final_checkpoint": False,
+}  # fmt: skip
+"""An in-process run of two local ranks, one step."""
 
 TINY = [
     "--launcher",
@@ -69,7 +85,7 @@ def test_run_dir_contract(tmp_path: Path) -> None:
 )
 def test_bad_input_is_a_one_line_error(args: list[str], fragment: str) -> None:
     assert_one_line_error(
-        run_command("distlab.launch", *args, "--launcher", "local", "--no-wandb"), fragment
+        run_main("distlab.launch", *args, "--launcher", "local", "--no-wandb"), fragment
     )
 
 
@@ -80,23 +96,18 @@ def test_unwritable_run_dir(tmp_path: Path) -> None:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = str(locked / "run")
-    result = run_command("distlab.launch", *TINY, "--run-dir", target)
+    result = run_main("distlab.launch", *TINY, "--run-dir", target)
     assert_one_line_error(result, "not writable")
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert run_command("distlab.launch", *TINY, "--run-dir", str(run_dir)).returncode == 0
+    assert run_main("distlab.launch", *TINY, "--run-dir", str(run_dir)).returncode == 0
     before = (run_dir / "metrics.jsonl").read_bytes()
     assert_one_line_error(
-        run_command("distlab.launch", *TINY, "--run-dir", str(run_dir)), "already holds a run"
+        run_main("distlab.launch", *TINY, "--run-dir", str(run_dir)), "already holds a run"
     )
     assert (run_dir / "metrics.jsonl").read_bytes() == before
-
-
-def _child_pids(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
@@ -130,10 +141,7 @@ def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert time.monotonic() < deadline and launch.poll() is None, "run did not start"
         time.sleep(0.2)
-    ranks = [
-        p for p in _child_pids(launch.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()
-    ]
-    assert len(ranks) == 2, ranks
+    ranks = rank_pids(run_dir, 2)
     killed_at = time.monotonic()
     os.kill(ranks[-1], signal.SIGKILL)
     _, stderr = launch.communicate(timeout=30)
@@ -148,7 +156,7 @@ def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
 
 def test_wandb_offline_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_command(
+    result = run_main(
         "distlab.launch",
         "--launcher",
         "local",
@@ -169,7 +177,7 @@ def test_wandb_offline_run(tmp_path: Path) -> None:
 
 
 def test_list_strategies() -> None:
-    result = run_command("distlab.launch", "--list")
+    result = run_main("distlab.launch", "--list")
     assert result.returncode == 0
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert {"single", "ddp", "fsdp"} <= set(lines)
@@ -185,9 +193,7 @@ def test_list_strategies() -> None:
 
 
 def test_verify_command_prints_a_table() -> None:
-    result = run_command(
-        "distlab.verify", "--strategy", "ddp", "--nproc", "2", "--optimizer", "sgd"
-    )
+    result = run_main("distlab.verify", "--strategy", "ddp", "--nproc", "2", "--optimizer", "sgd")
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "single loss" in result.stdout
 
@@ -196,17 +202,35 @@ def test_no_final_checkpoint_saves_nothing(tmp_path: Path) -> None:
     """--no-final-checkpoint (benchmarks, probes): the run finishes and writes no checkpoint."""
     run_dir = tmp_path / "run"
     flags = [*TINY_LOCAL_RUN, "--steps", "2", "--no-final-checkpoint", "--run-dir", str(run_dir)]
-    result = run_command("distlab.launch", *flags)
+    result = run_main("distlab.launch", *flags)
     assert result.returncode == 0, result.stderr
     assert (run_dir / "summary.json").exists()
     assert not list((run_dir / "checkpoints").glob("step_*"))
 
 
 def test_verify_command_compares_bf16_runs_at_the_bf16_tolerance() -> None:
-    result = run_command(
+    result = run_main(
         "distlab.verify", "--strategy", "fsdp", "--nproc", "2", "--optimizer", "sgd",
         "--precision", "bf16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "fsdp x2, sgd, bf16" in result.stdout
     assert "(tolerance 3.9e-03)" in result.stdout and "PASS" in result.stdout
+
+
+def test_ranks_are_forked_processes_with_the_launchers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local ranks come from the rank server (``launch.spawn``): separate processes, none of
+    them this one, that see the environment of the launch, not the server's. Here the
+    cache dir is moved after the server started (a run of this session started it):
+    rank 0 writes its CPU peak probe there."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    run(load_config(None, {**RUN, "run_dir": str(tmp_path / "warm"), "data": str(corpus)}))
+    cache = tmp_path / "moved-cache"
+    monkeypatch.setenv("DISTLAB_CACHE", str(cache))
+    run_dir = run(load_config(None, {**RUN, "run_dir": str(tmp_path / "run"), "data": str(corpus)}))
+    pids = rank_pids(run_dir, 2)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert (cache / "peak_flops.json").is_file()

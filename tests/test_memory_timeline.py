@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, run_command
+from tests.helpers import TINY_LOCAL_RUN, run_main
 from tests.test_compare import make_run
 
 from distlab.errors import DistlabError
@@ -184,7 +184,7 @@ def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> N
     runs = {}
     for strategy, nproc in (("fsdp", 2), ("single", 1)):
         runs[strategy] = tmp_path / strategy
-        result = run_command(
+        result = run_main(
             "distlab.launch", *TINY_LOCAL_RUN, "--strategy", strategy, "--nproc", str(nproc),
             "--steps", "2", "--run-dir", str(runs[strategy]),
         )  # fmt: skip

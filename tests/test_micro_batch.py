@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
 from distlab.config import parse_bytes
 from distlab.errors import DistlabError
@@ -84,20 +84,20 @@ def test_auto_probes_once_then_reads_the_cache(tmp_path: Path, monkeypatch):
         "--micro-batch", "auto", "--memory-budget", "16GiB",
     ]  # fmt: skip
     flags.remove("--quiet")
-    first = run_command("distlab.launch", *flags, "--run-dir", str(tmp_path / "a"))
+    first = run_main("distlab.launch", *flags, "--run-dir", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     assert "micro-batch auto: probing" in first.stdout
     assert "micro-batch auto: 4 (cached in" in first.stdout
     saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert saved["micro_batch"] == 4
 
-    second = run_command("distlab.launch", *flags, "--run-dir", str(tmp_path / "b"))
+    second = run_main("distlab.launch", *flags, "--run-dir", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
     assert "probing" not in second.stdout
     assert "micro-batch auto: 4 (cached for cpu" in second.stdout
 
     flags[flags.index("16GiB")] = "1MB"
-    tight = run_command("distlab.launch", *flags, "--run-dir", str(tmp_path / "c"))
+    tight = run_main("distlab.launch", *flags, "--run-dir", str(tmp_path / "c"))
     assert_one_line_error(tight, "does not fit in 1.0 MiB per rank")
     assert "more ranks, a sharded strategy" in tight.stderr
     assert not (tmp_path / "c").exists()

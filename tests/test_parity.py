@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distlab.launch import run
+from distlab.launch.runner import run
 from distlab.report.parity import LOSS_RTOL, compare, compare_runs, parity_config, tolerance
 
 

@@ -24,7 +24,7 @@ from distlab.strategies.pipeline_schedules import last_stage_rank
 from distlab.strategies.resolve import load_config
 from distlab.theory.comm import layout, predict_comm
 from distlab.theory.memory import nearest_moment, pipeline_in_flight, predict_peak, step_shape
-from helpers import assert_one_line_error, run_command
+from helpers import assert_one_line_error, run_main
 
 SMALL = {"model": "small", "seq_len": 32}
 slow = pytest.mark.slow
@@ -112,7 +112,7 @@ def test_invalid_schedule_settings_raise_one_line_errors(overrides: dict, fragme
 
 
 def test_bad_schedule_exits_2_with_one_line() -> None:
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--strategy", "pp", "--nproc", "4", "--model", "tiny",
         "--schedule", "dualpipev", "--launcher", "local", "--no-wandb",
     )  # fmt: skip

@@ -9,7 +9,7 @@ one-line error naming the flag and the strategies that do use it.
 from __future__ import annotations
 
 import pytest
-from tests.helpers import assert_one_line_error, run_command
+from tests.helpers import assert_one_line_error, run_main
 
 from distlab.config import DEFAULTS, option_flag
 from distlab.errors import DistlabError
@@ -110,12 +110,12 @@ def test_a_resume_under_another_strategy_drops_the_source_strategys_options() ->
     ],
 )
 def test_unused_flags_on_the_command_line(args: list[str], fragment: str) -> None:
-    result = run_command("distlab.launch", *args, "--launcher", "local", "--no-wandb")
+    result = run_main("distlab.launch", *args, "--launcher", "local", "--no-wandb")
     assert_one_line_error(result, fragment)
 
 
 def test_verify_refuses_to_compare_single_with_itself() -> None:
-    result = run_command("distlab.verify", "--strategy", "single", "--nproc", "1")
+    result = run_main("distlab.verify", "--strategy", "single", "--nproc", "1")
     assert_one_line_error(result, "compares a strategy with 'single'")
 
 

@@ -4,6 +4,10 @@ python -m distlab.launch --strategy fsdp --nproc 4
 python -m distlab.launch --config configs/small.yaml --steps 50 --no-wandb
 python -m distlab.launch --list
 python -m distlab.launch --strategy fsdp --nproc 4 --model gpt2 --dry-run
+python -m distlab.launch --strategy fsdp --nproc 1024 --model gpt2 --global-batch 1024 \
+    --dry-run --trace
+python -m distlab.launch --strategy fsdp+tp --tp 8 --nproc 64 --layers 32 --hidden 4096 \
+    --heads 32 --vocab 32000 --seq-len 4096 --global-batch 64 --dry-run --trace --json
 python -m distlab.launch --strategy ddp --nproc 2 --checkpoint-every 10 --max-failures 2
 python -m distlab.launch --resume runs/ddp-n2-... --strategy fsdp --nproc 4 --run-dir runs/more
 
@@ -17,12 +21,18 @@ the new total from the resumed step on). The source run dir is only read.
 
 from __future__ import annotations
 
+import sys
+
+from distlab.launch.spawn import start_early
+
+if __name__ == "__main__":  # before torch is imported below: see launch.spawn.start_early
+    start_early(sys.argv[1:])
+
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
-from distlab.distributed import resolve_device
-from distlab.launch import run
-from distlab.launch.fit import check_fits, describe, prediction
-from distlab.launch.micro_batch import budget_bytes
+from distlab.errors import DistlabError
+from distlab.launch.fit import check_fits, dry_run
 from distlab.launch.prepare import inherited_config
+from distlab.launch.runner import run
 from distlab.strategies import registry
 from distlab.strategies.resolve import load_config
 
@@ -40,6 +50,19 @@ def build_parser() -> OneLineErrorParser:
         action="store_true",
         help="print rank 0's predicted peak memory by category against the memory one rank "
         "may use (--memory-budget, the GPU, or RAM / nproc) and exit; exit 2 if it does not fit",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="with --dry-run: trace one real training step of this layout in this process, "
+        "with fake ranks and fake tensors (any --nproc, no rank started), and print torch's "
+        "measured peak of rank 0 by category next to the prediction",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="with --dry-run: print the figures as one JSON object (keys predicted, and traced "
+        "with --trace: category -> bytes, plus total)",
     )
     add_config_flags(parser, skip={"inject_fault"})
     parser.add_argument(
@@ -69,14 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["inject_fault"] = ",".join(overrides["inject_fault"])
     base = inherited_config(overrides["resume"]) if overrides.get("resume") else None
     config = load_config(args.config, overrides, base=base)
+    if (args.trace or args.json) and not args.dry_run:
+        flag = "--trace" if args.trace else "--json"
+        raise DistlabError(f"{flag} goes with --dry-run; add --dry-run (nothing is trained)")
     if args.dry_run:
-        print(describe(config, budget_bytes(config, resolve_device(config))))
-        peak = prediction(config)
-        return (
-            2
-            if peak is not None and peak.total > budget_bytes(config, resolve_device(config))
-            else 0
-        )
+        return dry_run(config, args.trace, args.json)
     check_fits(config)
     run_dir = run(config)
     print(f"run dir: {run_dir}")

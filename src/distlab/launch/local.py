@@ -1,4 +1,7 @@
-"""The local launcher: one spawned process per rank on this machine, watched until done.
+"""The local launcher: one process per rank on this machine, watched until done.
+
+Ranks are forked from a server that has already imported torch and distlab
+(``launch.spawn``), so they start in milliseconds, each a separate process.
 
 If any rank exits non-zero (a crash, an error, a kill), the others are stopped
 within about a second. Then, while ``--max-failures`` allows, all ranks are
@@ -28,6 +31,7 @@ from distlab.config import Config
 from distlab.distributed import free_port
 from distlab.errors import DistlabError
 from distlab.launch.printer import EventPrinter
+from distlab.launch.spawn import rank_context
 from distlab.launch.watchdog import Watchdog
 from distlab.run.events import append_event
 from distlab.train.rank import done_marker, run_rank
@@ -93,7 +97,7 @@ def _attempt(
     feed: WandbFeed | None,
 ) -> Failure | None:
     """Start every rank on a fresh port and watch them; None if all finished."""
-    context = mp.get_context("spawn")
+    context = rank_context([config.strategy])
     errors = context.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
     processes = [
@@ -107,6 +111,7 @@ def _attempt(
                 str(token_file),
                 str(run_dir),
                 errors,
+                dict(os.environ),
             ),
             name=f"distlab-rank{rank}",
         )

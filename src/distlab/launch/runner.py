@@ -1,15 +1,5 @@
-"""Launching a run (``python -m distlab.launch``): launchers start, watch and restart the ranks.
-
-- ``ray`` (default): Ray Train's TorchTrainer runs one worker per rank on a
-  Ray instance started for the run (or the cluster at ``--ray-address``);
-  Ray's FailureConfig replaces the worker group after a failure.
-- ``local``: one spawned process per rank; the launcher itself restarts them.
-
-Either way a restarted group resumes from the run dir's newest complete
-checkpoint, ``events.jsonl`` records each fault and resume, a watchdog on the
-ranks' step progress kills a hung rank (``launch.watchdog``), and the
-launcher's own process writes the run's one W&B run (``launch.wandb_run``).
-"""
+"""``run(config)``: check, prepare and launch one run with its launcher; ``probe_peak`` for
+``--micro-batch auto`` (``distlab.launch`` says what the launchers do)."""
 
 from __future__ import annotations
 
@@ -26,7 +16,8 @@ from distlab.launch.prepare import prepare_run
 from distlab.launch.ray_launcher import check_address, launch_ray, resolve_address
 from distlab.launch.wandb_run import WandbFeed
 from distlab.run.events import append_event, read_events
-from distlab.run.files import SUMMARY_FILE
+from distlab.run.files import SUMMARY_FILE, memory_rank_file
+from distlab.train.measurements import draw_memory_picture
 
 
 def run(config: Config) -> Path:
@@ -59,6 +50,8 @@ def run(config: Config) -> Path:
         else:
             launch_local(config, token_file, run_dir, feed)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        if memory_rank_file(run_dir, 0).is_file():  # the ranks tracked memory: draw it
+            draw_memory_picture(run_dir, f"{config.strategy} x{config.nproc}")
     finally:
         if feed is not None:
             feed.finish(summary)

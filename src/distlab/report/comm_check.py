@@ -21,16 +21,16 @@ gloo algorithm model (ring all-reduce 2 (N-1)/N of the buffer per rank, ...).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 from datetime import timedelta
 from typing import Any
 
 from distlab.cli import OneLineErrorParser, run_cli
-from distlab.config import resolved_seq_len
+from distlab.config import model_shape, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice
 from distlab.distributed import RankContext, free_port
+from distlab.launch.spawn import rank_context
 from distlab.measure.counter import counter
 from distlab.measure.process_group import register_backend
 from distlab.measure.tcp import tcp_bytes
@@ -52,10 +52,13 @@ def _rank(
     steps: int,
     warmup: int,
     queue: Any,
+    environment: dict[str, str],
 ) -> None:
     import torch
     import torch.distributed as dist
 
+    os.environ.clear()  # the launcher's, not the rank server's (``distlab.launch.spawn``)
+    os.environ.update(environment)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     try:
@@ -77,7 +80,7 @@ def _rank(
                 continue
             config = load_config(None, {**cell, "nproc": world, "steps": steps})
             seq = resolved_seq_len(config)
-            model = build_model(config.model, config.seed)
+            model = build_model(model_shape(config), config.seed)
             train_step = registry.describe(config.strategy).prepare(model, ctx, config)
 
             def run(step: int, train_step=train_step, config=config, seq=seq) -> StepResult:
@@ -189,12 +192,15 @@ def check(
     the ``steps - warmup`` measured steps, ``tcp_sent``/``tcp_received`` bytes in the
     same window, and the losses.
     """
-    context = mp.get_context("spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = rank_context(cell.get("strategy", "") for cell in cells)
     queue = context.Queue()
     port = free_port()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    environment = dict(os.environ)
     procs = [
-        context.Process(target=_rank, args=(r, nproc, port, cells, steps, warmup, queue))
+        context.Process(
+            target=_rank, args=(r, nproc, port, cells, steps, warmup, queue, environment)
+        )
         for r in range(nproc)
     ]
     for proc in procs:

@@ -16,10 +16,10 @@ Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
 itself to ``ranks/rank<r>.jsonl`` in the run dir (no collective needed).
 ``finish`` gathers each rank's peak memory and typical step communication
 once, and adds the predictions of ``distlab.theory``. Every rank writes the
-memory timeline of one step (``ranks/memory_rank<r>.json``) before the
-gather, so after it rank 0 draws them all into ``memory_timeline.png``
-(``distlab.measure.memory_timeline``); a picture that fails to draw costs a
-one-line warning, never the finished run.
+memory timeline of one step (``ranks/memory_rank<r>.json``); the launcher
+draws them all into ``memory_timeline.png`` when the ranks are done
+(``draw_memory_picture``; the ranks never import a plotting library): a
+picture that fails to draw costs a one-line warning, never the finished run.
 
 With ``--compile`` each step also records ``compile_s``, the seconds this rank
 spent compiling in it (``distlab.measure.compile_time``: step 0's forward and
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import theory
-from distlab.config import Config, resolved_seq_len
+from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import first_line
 from distlab.measure import mfu
@@ -56,7 +56,7 @@ from distlab.measure.step_memory import (
     StepMemoryTracker,
     cuda_peaks,
 )
-from distlab.model import PRESETS, flops_per_token
+from distlab.model import flops_per_token
 from distlab.run.files import MEMORY_TIMELINE_PNG, RANKS_DIR, memory_rank_file, read_memory_ranks
 from distlab.strategies.pipeline_schedules import schedule_spec
 
@@ -68,7 +68,7 @@ class RunMeasurements:
         self.ctx = ctx
         self.config = config
         self.counter = counter() if is_counting() else None
-        self.flops_per_token = flops_per_token(PRESETS[config.model], resolved_seq_len(config))
+        self.flops_per_token = flops_per_token(model_shape(config), resolved_seq_len(config))
         self.peak: mfu.PeakFlops | None = None
         self.ranks = mfu.effective_ranks(ctx.device_type, ctx.world_size, config.threads_per_rank)
         if ctx.is_main:
@@ -205,8 +205,6 @@ class RunMeasurements:
             gathered = [local]
         if not self.ctx.is_main:
             return {}
-        if self.peak_step is not None:
-            draw_memory_picture(self.run_dir, f"{self.config.strategy} x{self.config.nproc}")
         summary: dict[str, Any] = {
             "peak_memory_bytes_by_rank": [g["peak_memory_bytes"] for g in gathered],
             "memory_peak_by_rank": [g["memory"] for g in gathered],

@@ -35,8 +35,16 @@ def run_rank(
     token_file: str,
     run_dir: str,
     errors: Any,
+    environment: dict[str, str] | None = None,
 ) -> None:
-    """Run one rank; on failure put a one-line reason on ``errors`` and exit non-zero."""
+    """Run one rank; on failure put a one-line reason on ``errors`` and exit non-zero.
+
+    ``environment``: the launcher's environment, applied first (a rank forked from a
+    server started earlier has the server's: ``distlab.launch.spawn``).
+    """
+    if environment is not None:
+        os.environ.clear()
+        os.environ.update(environment)
     config = Config(**config_dict)
     try:
         ctx = init_rank(rank, world_size, init_method, config)

@@ -1,0 +1,101 @@
+"""Where the test suite's time goes: per test and file, and inside the runs the tests make.
+
+    pytest --report-log=suite.jsonl --basetemp=/tmp/suite        # (pytest-reportlog)
+    python benchmarks/suite_time.py suite.jsonl --runs /tmp/suite
+
+Reads a pytest report log (one JSON line per test phase, ``pytest-reportlog``) and
+prints Markdown: the totals, the time by test file, and the slowest tests. With
+``--runs`` it also reads every run dir the suite left under its base temp dir
+(``events.jsonl``, ``metrics.jsonl``) and splits the runs' wall time, from the
+launcher's ``launch`` event to the ``finish`` event, into
+
+- rank start-up: ``launch`` to rank 0's ``start`` (rank processes and their imports,
+  the process group, the model, the strategy's ``prepare``), per attempt;
+- training steps: the sum of the steps' ``step_time_s`` (memory-tracked steps included);
+- the rest of the run: checkpoints, the summary, the memory picture, restarts' waits.
+
+What a test spends outside its runs (this process's imports, the CLI subprocesses'
+imports, Ray's start-up, compiling, tokenising) is the test time left over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+
+def durations(report_log: Path) -> dict[str, float]:
+    """Seconds per test node id (setup, call and teardown together)."""
+    seconds: dict[str, float] = collections.defaultdict(float)
+    for line in report_log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("$report_type") == "TestReport":
+            seconds[record["nodeid"]] += record["duration"]
+    return dict(seconds)
+
+
+def run_split(root: Path) -> dict[str, float]:
+    """Summed seconds of every run dir under ``root``: start-up, steps, the rest; and counts."""
+    totals = collections.Counter()
+    for events_file in root.rglob("events.jsonl"):
+        events = [json.loads(line) for line in events_file.read_text().splitlines() if line]
+        launch = next((e["t"] for e in events if e["event"] == "launch"), None)
+        finish = next((e["t"] for e in events if e["event"] == "finish"), None)
+        if launch is None or finish is None:
+            continue
+        starts = [e["t"] for e in events if e["event"] == "start"]
+        metrics_file = events_file.parent / "metrics.jsonl"
+        steps = 0.0
+        if metrics_file.is_file():
+            lines = metrics_file.read_text().splitlines()
+            steps = sum(json.loads(line)["step_time_s"] for line in lines if line)
+        startup = starts[0] - launch if starts else 0.0
+        totals["runs"] += 1
+        totals["wall"] += finish - launch
+        totals["startup"] += startup
+        totals["steps"] += steps
+        totals["rest"] += max(0.0, finish - launch - startup - steps)
+    return dict(totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report_log", type=Path)
+    parser.add_argument("--runs", type=Path, help="the suite's pytest --basetemp dir")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    seconds = durations(args.report_log)
+    total = sum(seconds.values())
+    print(f"{len(seconds)} tests, {total / 60:.1f} minutes of test time\n")
+    by_file: dict[str, list[float]] = collections.defaultdict(list)
+    for node, value in seconds.items():
+        by_file[node.split("::")[0]].append(value)
+    print("| file | tests | seconds | share |")
+    print("|---|---:|---:|---:|")
+    for file, values in sorted(by_file.items(), key=lambda item: -sum(item[1])):
+        print(f"| {file} | {len(values)} | {sum(values):,.0f} | {sum(values) / total:.1%} |")
+    print(f"\n| the {args.top} slowest tests | seconds |")
+    print("|---|---:|")
+    for node, value in sorted(seconds.items(), key=lambda item: -item[1])[: args.top]:
+        print(f"| `{node}` | {value:.1f} |")
+    if args.runs:
+        split = run_split(args.runs)
+        runs = split.get("runs", 0)
+        print(f"\n{runs} runs under {args.runs}: launch to finish {split.get('wall', 0):,.0f} s\n")
+        print("| inside the runs | seconds | per run |")
+        print("|---|---:|---:|")
+        for key, label in (
+            ("startup", "rank start-up (processes, imports, process group, model, prepare)"),
+            ("steps", "training steps (memory-tracked ones included)"),
+            ("rest", "the rest (checkpoints, summary, picture, restarts)"),
+        ):
+            value = split.get(key, 0.0)
+            print(f"| {label} | {value:,.0f} | {value / max(runs, 1):.1f} |")
+        outside = total - split.get("wall", 0.0)
+        print(f"| outside the runs (imports, CLI subprocesses, Ray, compiles) | {outside:,.0f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Starting rank processes cheaply: forked from a server that has already imported torch.
+
+A fresh interpreter per rank (multiprocessing's ``spawn``) imports torch and
+distlab's training stack again in every rank before it can train: seconds per
+rank, and on a machine with fewer cores than ranks those imports queue up.
+Instead the local launcher (and ``distlab.comm_check``) start ranks from
+multiprocessing's ``forkserver``: one server process, started by the first
+launch of this process, imports those modules once (``PRELOAD``); every rank
+is then forked from it. A rank is still a real, separate process (its own
+interpreter state, its own gloo connections, its own pid to kill), created
+in milliseconds with everything imported. The server lives as long as the
+process that started it (a test session, a sweep), so the next launch pays
+nothing for it at all.
+
+Two things a forked rank does not get from the launcher, and how it gets them:
+
+- the launcher's *current* environment: the server was started with the
+  environment of the first launch (``DISTLAB_CACHE`` may have changed since),
+  so each rank is handed ``os.environ`` and applies it first
+  (``distlab.train.rank.run_rank``);
+- libraries of strategies the server did not preload: DeepSpeed and fairscale
+  are preloaded when the first launch needs them (``rank_context``), else
+  imported by the rank that uses them, as before.
+
+Threads: the server imports modules and runs nothing else, so no thread pool
+exists to be inherited half-copied by a fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+from collections.abc import Iterable
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
+
+PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor.parallel",
+    "torch.distributed.checkpoint",
+    "torch.distributed.pipelining",
+    "distlab.train.rank",
+)
+"""Modules every rank needs, imported once by the server."""
+LIBRARIES = {
+    "zero1": "deepspeed",
+    "zero2": "deepspeed",
+    "zero3": "deepspeed",
+    "fairscale-oss": "fairscale",
+    "fairscale-sdp": "fairscale",
+}
+"""A strategy's own heavy library, preloaded when a launch that starts the server needs it."""
+
+_preload: set[str] = set()
+
+
+def rank_context(strategies: Iterable[str] = ()) -> BaseContext:
+    """The multiprocessing context ranks are started in (``forkserver``), with ``PRELOAD`` and
+    the libraries of ``strategies`` preloaded if this call is the one that starts the server."""
+    _preload.update(PRELOAD)
+    for name in strategies:
+        library = LIBRARIES.get(name)
+        if library and importlib.util.find_spec(library) is not None:
+            _preload.add(library)
+    context = multiprocessing.get_context("forkserver")
+    # Only the first start reads the list: later launches reuse the running server.
+    context.set_forkserver_preload(sorted(_preload))
+    return context
+
+
+def start_early(argv: list[str]) -> None:
+    """Start the rank server now if ``argv`` (the launch command's) trains on local ranks.
+
+    Called by ``python -m distlab.launch`` before it imports torch itself: the server
+    imports its modules while this process imports its own, on another core, so the
+    ranks fork the moment the launcher is ready instead of after a second import.
+    Anything else (``--launcher ray``, a launcher set in ``--config``, ``--dry-run``)
+    leaves the server to the first launch, as before; the libraries of DeepSpeed and
+    fairscale are then imported by their ranks (their environment is not set yet here).
+    """
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--launcher")
+    for flag in ("--dry-run", "--list", "--help", "-h"):
+        peek.add_argument(flag, action="store_true")
+    known, _ = peek.parse_known_args(argv)
+    if known.launcher == "local" and not (known.dry_run or known.list or known.help or known.h):
+        rank_context()
+        forkserver.ensure_running()
