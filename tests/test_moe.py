@@ -90,9 +90,9 @@ def test_the_model_reports_its_balance_loss_with_gradients() -> None:
 @pytest.mark.parametrize("preset", ["tiny-moe", "small-moe"])
 def test_parameter_count_and_meta_shapes(preset: str) -> None:
     shape = PRESETS[preset]
-    assert numel(parameter_shapes(preset)) == count_parameters(shape)
+    assert numel(parameter_shapes(shape)) == count_parameters(shape)
     assert sum(p.numel() for p in build_model(preset, 0).parameters()) == count_parameters(shape)
-    assert parameter_shapes(preset)["blocks.0.mlp.experts.up_weight"] == (
+    assert parameter_shapes(shape)["blocks.0.mlp.experts.up_weight"] == (
         shape.n_expert,
         shape.d_model,
         4 * shape.d_model,
@@ -108,7 +108,7 @@ def test_flops_count_k_of_the_experts() -> None:
 
 
 def test_dense_presets_are_unchanged() -> None:
-    assert "blocks.0.mlp.up.weight" in parameter_shapes("tiny")
+    assert "blocks.0.mlp.up.weight" in parameter_shapes(PRESETS["tiny"])
     assert count_parameters(PRESETS["tiny"]) == 139_296
 
 

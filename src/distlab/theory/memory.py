@@ -441,12 +441,10 @@ def block_backward(
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
     comm, unsharded_grads = 0, 0
     if lay.data_parallel == "fsdp":
-        # block k and the prefetched k-1 gathered; a checkpointed block k is gathered
-        # once more for its recomputation. Block k's gradients, before their
+        # block k and the prefetched k-1 gathered (a checkpointed block's recomputation
+        # reuses block k's gathered parameters). Block k's gradients, before their
         # reduce-scatter, are backward's own tensors (temporaries).
-        gathered_blocks = (
-            gathered[k] + gathered[max(k - 1, 0)] + (gathered[k] if shape.ac != "none" else 0)
-        )
+        gathered_blocks = gathered[k] + gathered[max(k - 1, 0)]
         comm = e * (root_elements(config, lay, gathered=True) + gathered_blocks)
         # FSDP2 holds the last reduce-scatter's input (block k + 1's gradients, fp32,
         # padded as gathered) until the next one starts (reduce_scatter_states)
