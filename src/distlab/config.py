@@ -189,7 +189,8 @@ class Config:
     """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
     track_memory: str = "sample"
     """Which steps run inside torch's MemTracker, measuring memory by category: ``sample``
-    (the first two steps of a run or restart, and the last), ``every`` step, or ``off``.
+    (the second step of a run or restart, the first steady one, and the last), ``every``
+    step, or ``off``.
     Every op of a tracked step passes through it (1.76x the step time of the small model
     on a CPU), so the run's throughput and MFU leave tracked steps out when untracked ones
     exist. Off under ``--compile``, which does not compile while a tracker is active."""

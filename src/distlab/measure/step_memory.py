@@ -172,7 +172,10 @@ class _PhaseTimeline:
         super()._pre_fw_hook(module, inputs)  # type: ignore[misc]
 
     def _update_peak_stats(self, peak_state: Any) -> None:
-        super()._update_peak_stats(peak_state)  # type: ignore[misc]
+        # After every op torch would also update each active module's peak (a loop over
+        # every tracked module, with deep copies): the lab reads one peak, the step's, which
+        # record_sample keeps. Skipping the per-module peaks makes a tracked step of the
+        # tiny model 2x faster and changes no figure the lab reports.
         self.record_sample()
 
     def record_sample(self) -> None:

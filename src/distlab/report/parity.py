@@ -103,6 +103,7 @@ def parity_config(
         "device": "cpu",
         "wandb": False,
         "save_final_weights": True,
+        "final_checkpoint": False,  # compared by their weights; nothing resumes them
         "quiet": True,
         "launcher": "local",
     }

@@ -240,8 +240,8 @@ class RunMeasurements:
 def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
     """Whether ``step`` runs inside torch's memory tracker (``--track-memory``).
 
-    ``sample``: the first two steps this process runs (the first allocates the
-    optimizer state; the second is the steady state) and the run's last step.
+    ``sample``: the second step this process runs (the first steady one: a fresh run's
+    first step creates the optimizer state, so it holds less) and the run's last step.
     Never under ``--compile``: a tracker is a dispatch mode, and torch.compile
     does not compile a frame while one is active (the blocks would run eagerly).
     Never under a pipeline schedule that splits the backward into input and weight
@@ -252,7 +252,7 @@ def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
         return False
     if schedule_spec(config.schedule).split_backward:
         return False
-    return config.track_memory == "every" or steps_done < 2 or step == config.steps - 1
+    return config.track_memory == "every" or steps_done == 1 or step == config.steps - 1
 
 
 def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
