@@ -37,6 +37,8 @@ from tests.helpers import assert_resume_continues
 
 from distlab.report.parity import _run_name, compare, parity_config
 
+pytestmark = pytest.mark.slow  # the whole file: micro-batch counts on real ranks
+
 slow = pytest.mark.slow
 """A resumed run at the same strategy and world size (bitwise equal in practice, as in
 ``tests/test_fault_tolerance.py``)."""

@@ -19,6 +19,8 @@ from distlab.report.parity import compare, parity_config
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.resolve import load_config
 
+pytestmark = pytest.mark.slow  # the whole file: real runs with and without checkpointing
+
 
 def activations_and_grads(mode: str) -> tuple[int, dict[str, torch.Tensor], list[str]]:
     """Peak activation bytes of a forward and backward, the gradients and the state-dict keys."""

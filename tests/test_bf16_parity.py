@@ -18,6 +18,8 @@ import pytest
 from distlab.launch.runner import run
 from distlab.report.parity import compare, compare_runs, parity_config, tolerance
 
+pytestmark = pytest.mark.slow  # the whole file: real runs in bf16 against a bf16 single
+
 BF16 = {"precision": "bf16"}
 NEEDS = {"zero": "deepspeed", "fairscale": "fairscale"}
 

@@ -163,6 +163,7 @@ def test_losses_are_the_same_under_counting(two_rank_check):
     assert max(first) - min(first) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_zero_counted_bytes_match_theory():
     """zero3 in fp32, and zero2/zero3 in DeepSpeed's bf16 mode (bf16 gathers, fp32 reductions)."""

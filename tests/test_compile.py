@@ -24,6 +24,8 @@ from distlab.run.recorder import step_status, summary_table
 from distlab.strategies.regional_compile import INDUCTOR_CACHE, apply_compile
 from helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
+pytestmark = pytest.mark.slow  # the whole file: torch.compile
+
 COMPILED_RUNS = [
     ("single", 1, "adamw", {}),
     ("ddp", 2, "sgd", {}),

@@ -31,6 +31,8 @@ from distlab.strategies.resolve import load_config
 from distlab.theory.comm import predict_comm
 from distlab.theory.memory import predict_peak
 
+pytestmark = pytest.mark.slow  # the whole file: most tests train on real ranks, up to 16
+
 SEQ = PRESETS["tiny"].block_size
 """32 tokens: 8 chunks of 4 at cp = 4."""
 

@@ -35,6 +35,8 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.strategies.resolve import load_config
 
+pytestmark = pytest.mark.slow  # the whole file: runs crashed at every point of a save
+
 RESTART_ATOL = 1e-6
 STEPS = 8
 RUN = [

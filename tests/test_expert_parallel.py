@@ -24,6 +24,8 @@ from distlab.strategies.expert_parallel import expert_parameter_count
 from distlab.strategies.resolve import load_config
 from distlab.theory.comm import ExpertRouting, predict_comm
 
+pytestmark = pytest.mark.slow  # the whole file: MoE runs on real ranks
+
 
 def moe_config(strategy: str, nproc: int, optimizer: str, **fields):
     """The parity config on the tiny MoE preset."""

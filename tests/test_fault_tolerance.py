@@ -38,6 +38,8 @@ from distlab.launch.__main__ import main as launch_main
 from distlab.report.parity import LOSS_RTOL
 from distlab.strategies.resolve import load_config
 
+pytestmark = pytest.mark.slow  # the whole file: every test kills, hangs or restarts real ranks
+
 RESTART_ATOL = 1e-6
 COMMON = [*TINY_LOCAL_RUN, "--keep-checkpoints", "10"]
 SHORT = [*COMMON, "--steps", "10", "--checkpoint-every", "2"]

@@ -23,6 +23,8 @@ from distlab.report.parity import compare, parity_config
 from distlab.strategies.fsdp import apply_fsdp, offload_policy
 from distlab.strategies.resolve import load_config
 
+pytestmark = pytest.mark.slow  # the whole file: real runs with offloaded state
+
 
 def test_fsdp_accepts_params_and_explains_why_not_optimizer() -> None:
     assert load_config(None, {"strategy": "fsdp", "nproc": 2, "offload": "params"}).offload == (

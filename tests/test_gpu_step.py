@@ -17,6 +17,8 @@ from distlab.data import prepare_tokens
 from distlab.errors import DistlabError
 from distlab.strategies.resolve import load_config
 
+pytestmark = pytest.mark.slow  # the whole file: the GPU benchmark's CPU smoke runs
+
 SCRIPT = ROOT / "benchmarks" / "gpu_step.py"
 FORBIDDEN = ("ray", "deepspeed", "wandb")
 """Absent on the GPU machine: the script must not import them."""

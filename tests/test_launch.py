@@ -43,6 +43,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_run_dir_contract(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_command(
@@ -110,6 +111,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_dying_rank_fails_the_launch_within_seconds(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     launch = subprocess.Popen(
@@ -192,6 +194,7 @@ def test_list_strategies() -> None:
     assert "[" not in lines["ddp"]
 
 
+@pytest.mark.slow
 def test_verify_command_prints_a_table() -> None:
     result = run_main("distlab.verify", "--strategy", "ddp", "--nproc", "2", "--optimizer", "sgd")
     assert result.returncode == 0, result.stderr
@@ -208,6 +211,7 @@ def test_no_final_checkpoint_saves_nothing(tmp_path: Path) -> None:
     assert not list((run_dir / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.slow
 def test_verify_command_compares_bf16_runs_at_the_bf16_tolerance() -> None:
     result = run_main(
         "distlab.verify", "--strategy", "fsdp", "--nproc", "2", "--optimizer", "sgd",

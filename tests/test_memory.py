@@ -23,6 +23,8 @@ import pytest
 from distlab.report.parity import _run_name, _run_once, parity_config
 from distlab.theory.memory import nearest_moment, predict_peak
 
+pytestmark = pytest.mark.slow  # the whole file: real runs measured by torch's tracker
+
 TOLERANCE = 0.10
 GRAD_TOLERANCE = 0.01
 """Gradient bytes alone, predicted to within a few bytes: 1% tells reducing once (4P) from

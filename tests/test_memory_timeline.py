@@ -72,6 +72,7 @@ def test_phase_spans_follow_the_samples() -> None:
     assert phase_spans([]) == []
 
 
+@pytest.mark.slow
 def test_picture_grows_with_ranks_and_runs(tmp_path: Path) -> None:
     sizes = {}
     for ranks in (1, 2, 4):
@@ -135,6 +136,7 @@ def _with_memory(path: Path, predicted_total: int | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compare_shows_step_memory_beside_the_prediction(tmp_path: Path, capsys) -> None:
     fsdp = _with_memory(make_run(tmp_path, "fsdp", 2), predicted_total=6 << 20)
     ddp = _with_memory(make_run(tmp_path, "ddp", 2))

@@ -74,6 +74,7 @@ def test_bad_values_are_one_line_errors(overrides: dict, fragment: str):
         load_config(None, overrides)
 
 
+@pytest.mark.slow
 def test_auto_probes_once_then_reads_the_cache(tmp_path: Path, monkeypatch):
     """A CPU run with --micro-batch auto: probes, picks the whole local batch under a roomy
     budget, records it in the run's config; the second run reads the cache; a budget that

@@ -24,6 +24,8 @@ import pytest
 
 from distlab.report.parity import compare, parity_config
 
+pytestmark = pytest.mark.slow  # the whole file: tp, pp and their compositions on up to 8 real ranks
+
 SP = {"sequence_parallel": True}
 GPIPE = {"schedule": "gpipe"}
 ONE_F_ONE_B = {"schedule": "1f1b"}

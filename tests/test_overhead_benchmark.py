@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # the whole file: the overhead benchmark's real runs
+
 
 def test_hand_steps_match_distlab_steps(tmp_path: Path) -> None:
     families = ["ddp", "fsdp", "tp", "pp"]

@@ -53,6 +53,7 @@ def _meta_gpt(n_layer: int) -> GPT:
         return GPT(GPTConfig(n_layer=n_layer, n_head=2, d_model=8, block_size=4))
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=40)
 @given(layers_and_stages(max_layers=12), st.integers(1, 2))
 def test_stage_modules_partition_the_parameters(shape: tuple[int, int], virtual: int) -> None:

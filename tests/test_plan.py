@@ -666,6 +666,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragment, tmp_path, capsys):
     assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback():
     """``python -m distlab.plan`` with bad degrees exits 2 with one line and no traceback."""
     env = {

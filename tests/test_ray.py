@@ -23,6 +23,8 @@ from tests.helpers import ROOT, assert_one_line_error, wandb_history, wandb_offl
 
 from distlab.distributed import free_port
 
+pytestmark = pytest.mark.slow  # the whole file: Ray's start-up
+
 RUN = ["--model", "tiny", "--global-batch", "8", "--no-wandb", "--steps", "8"]
 RUN += ["--checkpoint-every", "2", "--strategy", "ddp", "--nproc", "2"]
 

@@ -10,6 +10,8 @@ import yaml
 from distlab.errors import DistlabError
 from distlab.report import sweep
 
+pytestmark = pytest.mark.slow  # the whole file: a sweep of real runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -33,16 +33,18 @@ from distlab.train.trace import REFUSED, trace_step
 TRACE_TOLERANCE = 0.10
 """Traced peak / predicted peak at scale: the issue's bound, the memory table's (10%)."""
 
+SLOW = pytest.mark.slow
+
 # --- The trace is a real run's measurement ------------------------------------------------
 
 REAL_RUNS = [
     pytest.param("ddp", 2, {}, id="ddp-x2"),
     pytest.param("fsdp", 2, {}, id="fsdp-x2"),
     pytest.param("fsdp", 4, {}, id="fsdp-x4"),
-    pytest.param("tp", 2, {}, id="tp-x2"),
-    pytest.param("hsdp", 4, {"dp_replicate": 2, "dp_shard": 2}, id="hsdp-x4"),
-    pytest.param("fsdp+tp", 4, {"tp": 2}, id="fsdp+tp-x4"),
-    pytest.param("cp", 2, {}, id="cp-x2"),
+    pytest.param("tp", 2, {}, id="tp-x2", marks=SLOW),
+    pytest.param("hsdp", 4, {"dp_replicate": 2, "dp_shard": 2}, id="hsdp-x4", marks=SLOW),
+    pytest.param("fsdp+tp", 4, {"tp": 2}, id="fsdp+tp-x4", marks=SLOW),
+    pytest.param("cp", 2, {}, id="cp-x2", marks=SLOW),
 ]
 
 
@@ -115,6 +117,7 @@ def test_trace_and_json_need_dry_run() -> None:
         launch_main(["--strategy", "fsdp", "--nproc", "2", "--trace"])
 
 
+@pytest.mark.slow
 def test_dry_run_trace_json_at_1024_ranks(tmp_path: Path) -> None:
     """The command a user runs: one JSON object with the traced and predicted bytes."""
     result = run_command(
@@ -133,6 +136,7 @@ def test_dry_run_trace_json_at_1024_ranks(tmp_path: Path) -> None:
     assert figures["fits"] is True
 
 
+@pytest.mark.slow
 def test_planner_traces_its_pick(capsys: pytest.CaptureFixture[str]) -> None:
     """The planner's pick for 64 GPUs among layouts the lab runs (ZeRO-3: fsdp; no sequence
     parallelism), traced in the lab, against the plan's memory."""

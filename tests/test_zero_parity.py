@@ -27,6 +27,8 @@ import pytest
 
 from distlab.report.parity import compare, parity_config
 
+pytestmark = pytest.mark.slow  # the whole file: DeepSpeed's engine on real ranks at 2 and 4
+
 STRATEGIES = ["zero1", "zero2", "zero3", "fairscale-oss", "fairscale-sdp"]
 
 

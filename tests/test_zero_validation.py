@@ -58,6 +58,7 @@ def test_valid_offload_passes(strategy: str, offload: str) -> None:
     validate(config(strategy=strategy, offload=offload))
 
 
+@pytest.mark.slow
 def test_strategy_modules_import_no_heavy_library() -> None:
     """The launcher validates in the parent process: describing must not import DeepSpeed."""
     import subprocess
