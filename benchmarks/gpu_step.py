@@ -22,9 +22,10 @@ that fits. distlab finds its own: ``--micro-batch auto`` (probe runs, largest
 divisor of the batch whose peak stays under 90% of the GPU; cached in the
 distlab cache dir, so a rerun skips the probes). For the peers, powers of two
 dividing the global batch are tried from the batch downward, and a size is
-skipped when a step raises ``torch.OutOfMemoryError``. The peers run in a fresh
-process per row, like distlab's ranks, so each row's peak memory is its own:
-``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU
+skipped when a step raises ``torch.OutOfMemoryError``. The peers run in a process
+of their own per row, forked like distlab's ranks (``distlab.launch.spawn``), so
+each row's peak memory is its own: ``torch.cuda.max_memory_allocated`` on a GPU,
+the process's peak RSS on a CPU
 (``distlab.measure.memory.peak_memory_bytes`` for both). MFU is distlab's
 (``distlab.model.flops_per_token`` over ``distlab.measure.mfu.peak_flops``).
 
@@ -41,7 +42,6 @@ import argparse
 import fnmatch
 import gc
 import json
-import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
@@ -60,6 +60,7 @@ from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
 from distlab.launch.runner import run
+from distlab.launch.spawn import rank_context
 from distlab.measure.compile_time import compile_seconds
 from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops
@@ -421,7 +422,8 @@ def main() -> int:
                 if row.run in DISTLAB_RUNS:
                     result = distlab_row(row, config_file, overrides, Path(work_dir))
                 else:
-                    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                    # a process of its own (its peak memory is the row's), forked like a rank
+                    with ProcessPoolExecutor(1, mp_context=rank_context()) as pool:
                         result = pool.submit(peer_row, row, base, str(token_file), device).result()
                 entry.update(result)
                 entry.update(figures(result, warmup, tokens_per_step, flops, peak.flops))

@@ -26,20 +26,27 @@ import json
 from pathlib import Path
 
 
-def durations(report_log: Path) -> dict[str, float]:
-    """Seconds per test node id (setup, call and teardown together)."""
+def durations(report_log: Path) -> tuple[dict[str, float], set[str], float]:
+    """Seconds per test node id (setup, call and teardown together), the ids marked
+    ``slow``, and the wall-clock seconds from the first test's start to the last's end."""
     seconds: dict[str, float] = collections.defaultdict(float)
+    slow: set[str] = set()
+    first, last = float("inf"), 0.0
     for line in report_log.read_text().splitlines():
         record = json.loads(line)
         if record.get("$report_type") == "TestReport":
             seconds[record["nodeid"]] += record["duration"]
-    return dict(seconds)
+            first, last = min(first, record["start"]), max(last, record["stop"])
+            if "slow" in record["keywords"]:
+                slow.add(record["nodeid"])
+    return dict(seconds), slow, max(0.0, last - first)
 
 
 def run_split(root: Path) -> dict[str, float]:
     """Summed seconds of every run dir under ``root``: start-up, steps, the rest; and counts."""
-    totals = collections.Counter()
-    for events_file in root.rglob("events.jsonl"):
+    totals: collections.Counter[str] = collections.Counter()
+    # pytest links <name>current to the newest <name>N: count each run dir once
+    for events_file in sorted({p.resolve() for p in root.rglob("events.jsonl")}):
         events = [json.loads(line) for line in events_file.read_text().splitlines() if line]
         launch = next((e["t"] for e in events if e["event"] == "launch"), None)
         finish = next((e["t"] for e in events if e["event"] == "finish"), None)
@@ -66,9 +73,16 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="the suite's pytest --basetemp dir")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
-    seconds = durations(args.report_log)
+    seconds, slow, wall = durations(args.report_log)
     total = sum(seconds.values())
-    print(f"{len(seconds)} tests, {total / 60:.1f} minutes of test time\n")
+    print(f"{len(seconds)} tests, {total / 60:.1f} minutes of test time, {wall / 60:.1f} wall\n")
+    slow_seconds = sum(seconds[node] for node in slow)
+    print(f"- marked slow: {len(slow)} tests, {slow_seconds / 60:.1f} minutes")
+    print(
+        f'- the rest (`-m "not slow"`): {len(seconds) - len(slow)} tests, '
+        f"{(total - slow_seconds) / 60:.1f} minutes (here; alone they also make the runs "
+        "that slow tests made for them)\n"
+    )
     by_file: dict[str, list[float]] = collections.defaultdict(list)
     for node, value in seconds.items():
         by_file[node.split("::")[0]].append(value)
