@@ -264,6 +264,7 @@ def test_rank_load_paths_refuse_payload(sources, tmp_path: Path, case: str, dott
     assert not (tmp_path / "CREATED").exists(), "the payload ran"
 
 
+@pytest.mark.slow  # four real runs, DeepSpeed and fairscale among them
 def test_real_checkpoints_pass(sources) -> None:
     """The allow-lists admit what distlab writes (checked for every strategy in the docs)."""
     for name in ("ddp", "zero2", "zero2-bf16", "fairscale"):
