@@ -191,9 +191,10 @@ class Config:
     """Which steps run inside torch's MemTracker, measuring memory by category: ``sample``
     (the second step of a run or restart, the first steady one, and the last), ``every``
     step, or ``off``.
-    Every op of a tracked step passes through it (1.76x the step time of the small model
-    on a CPU), so the run's throughput and MFU leave tracked steps out when untracked ones
-    exist. Off under ``--compile``, which does not compile while a tracker is active."""
+    Every op of a tracked step passes through it (1.37x the step time of the small model
+    on a CPU: ``benchmarks/tracker_overhead.py``), so the run's throughput and MFU leave
+    tracked steps out when untracked ones exist. Off under ``--compile``, which does not
+    compile while a tracker is active."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless an API key is configured)."""
     wandb_project: str = "distlab"
