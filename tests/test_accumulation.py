@@ -39,10 +39,6 @@ from distlab.report.parity import _run_name, compare, parity_config
 
 pytestmark = pytest.mark.slow  # the whole file: micro-batch counts on real ranks
 
-slow = pytest.mark.slow
-"""A resumed run at the same strategy and world size (bitwise equal in practice, as in
-``tests/test_fault_tolerance.py``)."""
-
 
 @dataclass(frozen=True)
 class Case:
@@ -98,8 +94,6 @@ CASES = {
     ),
 }
 GROUP_RANKS = {"torch": 2, "libraries": 2, "compositions": 4}
-SLOW_GROUPS = {"libraries", "compositions"}
-"""Over a minute each on two cores (DeepSpeed's start-up; four ranks)."""
 DATA_PARALLEL = 2
 """Data-parallel ranks in every group (the compositions' other 2 are tp or pp)."""
 
@@ -142,9 +136,7 @@ def case_params(only=lambda case: True) -> list:
     for label, case in CASES.items():
         if not only(case):
             continue
-        marks = [slow] if case.group in SLOW_GROUPS else []
-        if not available(case):
-            marks.append(pytest.mark.skip(reason=f"needs {case.needs}"))
+        marks = [] if available(case) else [pytest.mark.skip(reason=f"needs {case.needs}")]
         params.append(pytest.param(label, id=label, marks=marks))
     return params
 
@@ -185,26 +177,20 @@ PARITY = [
     ),
     # ZeRO-2 reduces the summed gradients once (default) or every micro-batch's; ZeRO-3 once.
     pytest.param("zero2", 2, "sgd", {}, id="zero2-sgd", marks=deepspeed),
-    pytest.param("zero2", 2, "adamw", {}, id="zero2-adamw", marks=[slow, deepspeed]),
-    pytest.param(
-        "zero2", 2, "sgd", PER_MICROBATCH, id="zero2-per-microbatch-sgd", marks=[slow, deepspeed]
-    ),
+    pytest.param("zero2", 2, "adamw", {}, id="zero2-adamw", marks=deepspeed),
+    pytest.param("zero2", 2, "sgd", PER_MICROBATCH, id="zero2-per-microbatch-sgd", marks=deepspeed),
     pytest.param(
         "zero2",
         2,
         "adamw",
         PER_MICROBATCH,
         id="zero2-per-microbatch-adamw",
-        marks=[slow, deepspeed],
+        marks=deepspeed,
     ),
-    pytest.param(
-        "zero3", 2, "sgd", REDUCE_ONCE, id="zero3-reduce-once-sgd", marks=[slow, deepspeed]
-    ),
-    pytest.param(
-        "zero3", 2, "adamw", REDUCE_ONCE, id="zero3-reduce-once-adamw", marks=[slow, deepspeed]
-    ),
-    pytest.param("fsdp+tp", 4, "sgd", {"tp": 2}, id="fsdp+tp-sgd", marks=slow),
-    pytest.param("fsdp+tp", 4, "adamw", {"tp": 2}, id="fsdp+tp-adamw", marks=slow),
+    pytest.param("zero3", 2, "sgd", REDUCE_ONCE, id="zero3-reduce-once-sgd", marks=deepspeed),
+    pytest.param("zero3", 2, "adamw", REDUCE_ONCE, id="zero3-reduce-once-adamw", marks=deepspeed),
+    pytest.param("fsdp+tp", 4, "sgd", {"tp": 2}, id="fsdp+tp-sgd"),
+    pytest.param("fsdp+tp", 4, "adamw", {"tp": 2}, id="fsdp+tp-adamw"),
 ]
 
 

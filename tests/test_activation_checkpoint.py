@@ -79,7 +79,6 @@ def test_checkpointed_run_matches_single_without_ac(
     assert report.losses[-1] < report.losses[0]  # it trained
 
 
-@pytest.mark.slow
 def test_checkpointed_and_compiled_run_matches_single(
     compile_cache: Path, parity_workdir: Path
 ) -> None:

@@ -36,7 +36,6 @@ COMPILED_RUNS = [
 plain, DDP-wrapped, FSDP2-sharded (with accumulation) and DTensor blocks."""
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "nproc", "optimizer", "fields"), COMPILED_RUNS)
 def test_compiled_run_matches_eager_and_compiles_once(
     strategy: str,
@@ -71,7 +70,6 @@ def test_compiled_run_matches_eager_and_compiles_once(
     assert "not in throughput" in console.export_text()
 
 
-@pytest.mark.slow
 def test_verify_checks_a_compiled_strategy(compile_cache: Path, parity_workdir: Path) -> None:
     """``verify --compile`` holds the compiled strategy to eager ``single`` (reusing the runs)."""
     result = run_main(

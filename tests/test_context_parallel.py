@@ -261,7 +261,6 @@ def test_the_ring_sends_what_the_gather_and_reduce_scatter_send_on_a_ring(four_r
 # --- All four on one mesh: the 16-rank showcase -----------------------------------------------
 
 
-@pytest.mark.slow
 def test_four_dimensions_on_sixteen_ranks_match_single(parity_workdir: Path) -> None:
     """fsdp+cp+tp+pp on a (pp 2, dp 2, cp 2, tp 2) mesh: 16 ranks, each holding half the
     layers, half of each layer's heads, a quarter of every sequence's tokens and a shard of

@@ -100,15 +100,11 @@ STAGES = [
     ("single", 1, "0@6:save-rotation", 6, [".trash-step_000002"]),
     ("ddp", 2, "0@6:save-rotation", 6, [".trash-step_000002"]),
 ]
-FAST = {("ddp", "1@6:save-mid-shard"), ("single", "0@6:save-rotation")}
-"""The stages run without ``-m 'not slow'``: one of a shard, one of rank 0's commit."""
 
 
 def stage_params():
     for strategy, nproc, fault, newest, left in STAGES:
-        marks = () if (strategy, fault) in FAST else (pytest.mark.slow,)
-        yield pytest.param(strategy, nproc, fault, newest, left, marks=marks,
-                           id=f"{strategy}-{fault}")  # fmt: skip
+        yield pytest.param(strategy, nproc, fault, newest, left, id=f"{strategy}-{fault}")
 
 
 def assert_no_torn_checkpoint(run_dir: Path, nproc: int) -> list[Path]:

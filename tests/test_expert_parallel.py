@@ -97,10 +97,10 @@ PARITY_CELLS = [
     ("ep", 4, "sgd", {}),
     ("ep", 4, "adamw", {}),
     # two expert-parallel groups: expert gradients all-reduced across them
-    pytest.param("ep", 4, "sgd", {"ep": 2}, marks=pytest.mark.slow),
+    ("ep", 4, "sgd", {"ep": 2}),
     # fsdp shards the stacked experts along dim 0 like any parameter (ddp too trains
     # MoE presets: measured with verify, left out of the suite's time budget)
-    pytest.param("fsdp", 2, "adamw", {}, marks=pytest.mark.slow),
+    ("fsdp", 2, "adamw", {}),
 ]
 
 
@@ -130,7 +130,6 @@ def test_the_run_records_its_routing_and_state(parity_workdir: Path) -> None:
         assert row["moe/aux_loss"] > 0
 
 
-@pytest.mark.slow
 def test_a_resumed_run_continues_the_losses(tmp_path: Path) -> None:
     """The DTensor experts and both optimizer groups go through DCP and come back."""
     assert_resume_continues(tmp_path, "--strategy", "ep", "--nproc", "2", "--model", "tiny-moe")

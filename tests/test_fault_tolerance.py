@@ -105,8 +105,8 @@ def refs(tmp_path_factory: pytest.TempPathFactory):
     [
         ("ddp", ["1@5"], 1),
         ("fsdp", ["1@3", "0@6:save"], 1 + 2),
-        pytest.param("ddp", ["0@2:save", "1@7"], 2 + 1, marks=pytest.mark.slow),
-        pytest.param("fsdp", ["0@5"], 1, marks=pytest.mark.slow),
+        ("ddp", ["0@2:save", "1@7"], 2 + 1),
+        ("fsdp", ["0@5"], 1),
         ("zero2", ["1@3", "0@6:save"], 1 + 2),
         ("pp", ["1@5"], 1),
     ],
@@ -218,7 +218,6 @@ def test_external_kill_recovers(tmp_path: Path, refs) -> None:
     assert summary(run_dir)["restarts"] == 1
 
 
-@pytest.mark.slow
 def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
     timeout_s = 10
     reference = refs("ddp", 2, LONG)

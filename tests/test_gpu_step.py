@@ -135,7 +135,6 @@ def test_a_peer_that_never_fits_is_a_one_line_error(monkeypatch):
         )
 
 
-@pytest.mark.slow
 def test_cpu_smoke_run_fills_every_row(tmp_path):
     out = tmp_path / "gpu_step.json"
     result = run_script(

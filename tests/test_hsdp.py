@@ -138,7 +138,6 @@ def test_each_rank_holds_one_shard_of_the_state(parity_workdir: Path) -> None:
     assert abs(measured["total"] / predicted["total"] - 1) <= 0.01  # AdamW's step counters
 
 
-@pytest.mark.slow
 def test_a_resumed_run_continues_the_losses(tmp_path: Path) -> None:
     """A 2 x 2 run's DCP checkpoint loads into a fresh 2 x 2 mesh and training continues."""
     assert_resume_continues(

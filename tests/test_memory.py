@@ -55,7 +55,6 @@ def test_measured_state_bytes_match_prediction(
     assert abs(ratio - 1) <= TOLERANCE, f"{strategy}: measured {measured}, predicted {predicted}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "zero_reduce"),
     [("zero2", "once"), ("zero2", "per-microbatch"), ("zero3", "once"), ("zero3", None)],

@@ -31,40 +31,39 @@ GPIPE = {"schedule": "gpipe"}
 ONE_F_ONE_B = {"schedule": "1f1b"}
 INTERLEAVED = {"schedule": "interleaved-1f1b"}
 SMALL = {"model": "small", "seq_len": 32}
-slow = pytest.mark.slow
 
 
-def case(strategy: str, nproc: int, optimizer: str, marks=(), **fields):
+def case(strategy: str, nproc: int, optimizer: str, **fields):
     name = "-".join([strategy, str(nproc), optimizer, *(f"{k}={v}" for k, v in fields.items())])
-    return pytest.param(strategy, nproc, optimizer, fields, id=name, marks=marks)
+    return pytest.param(strategy, nproc, optimizer, fields, id=name)
 
 
 CASES = [
     # Tensor parallel, with and without sequence parallelism.
     case("tp", 2, "sgd", tp=2),
     case("tp", 2, "adamw", tp=2),
-    case("tp", 4, "adamw", slow, tp=4),
+    case("tp", 4, "adamw", tp=4),
     case("tp", 2, "sgd", tp=2, **SP),
-    case("tp", 4, "adamw", slow, tp=4, **SP),
+    case("tp", 4, "adamw", tp=4, **SP),
     # Pipeline parallel, every schedule at 2 and 4 stages.
     case("pp", 2, "sgd", pp=2, microbatches=8, **GPIPE),
     case("pp", 2, "adamw", pp=2, **GPIPE),
-    case("pp", 4, "adamw", slow, pp=4, **GPIPE),
-    case("pp", 4, "sgd", slow, pp=4, **ONE_F_ONE_B),
-    case("pp", 4, "adamw", slow, pp=4, **ONE_F_ONE_B),
+    case("pp", 4, "adamw", pp=4, **GPIPE),
+    case("pp", 4, "sgd", pp=4, **ONE_F_ONE_B),
+    case("pp", 4, "adamw", pp=4, **ONE_F_ONE_B),
     case("pp", 2, "adamw", pp=2, microbatches=2, **ONE_F_ONE_B),
     case("pp", 2, "sgd", pp=2, **INTERLEAVED),
     case("pp", 2, "adamw", pp=2, **INTERLEAVED),
-    case("pp", 4, "adamw", slow, pp=4, **INTERLEAVED, **SMALL),
+    case("pp", 4, "adamw", pp=4, **INTERLEAVED, **SMALL),
     # Compositions on one (pp, dp, tp) mesh.
-    case("fsdp+tp", 4, "sgd", slow, tp=2),
-    case("fsdp+tp", 4, "adamw", slow, tp=2),
-    case("ddp+pp", 4, "sgd", slow, pp=2),
-    case("ddp+pp", 4, "adamw", slow, pp=2),
-    case("fsdp+pp", 4, "sgd", slow, pp=2),
-    case("fsdp+pp", 4, "adamw", slow, pp=2),
-    case("fsdp+tp+pp", 8, "sgd", slow, dp=2, tp=2, pp=2),
-    case("fsdp+tp+pp", 8, "adamw", slow, dp=2, tp=2, pp=2, **SP),
+    case("fsdp+tp", 4, "sgd", tp=2),
+    case("fsdp+tp", 4, "adamw", tp=2),
+    case("ddp+pp", 4, "sgd", pp=2),
+    case("ddp+pp", 4, "adamw", pp=2),
+    case("fsdp+pp", 4, "sgd", pp=2),
+    case("fsdp+pp", 4, "adamw", pp=2),
+    case("fsdp+tp+pp", 8, "sgd", dp=2, tp=2, pp=2),
+    case("fsdp+tp+pp", 8, "adamw", dp=2, tp=2, pp=2, **SP),
 ]
 
 

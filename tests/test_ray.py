@@ -56,7 +56,6 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_default_launcher_is_ray_and_restarts_a_killed_worker(tmp_path: Path) -> None:
     reference = tmp_path / "local"
     result = launch(*RUN, "--launcher", "local", "--quiet", "--run-dir", str(reference))
@@ -125,7 +124,6 @@ def ray_cluster() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_run_on_a_separately_started_cluster(tmp_path: Path, ray_cluster: str) -> None:
     # ray start --head enables token authentication (the token is in ~/.ray/auth_token);
     # Ray sends it only with RAY_AUTH_MODE=token, which distlab sets when a token exists

@@ -37,9 +37,8 @@ def cases() -> list:
     for strategy in STRATEGIES:
         for nproc in (2, 4):
             for optimizer in ("sgd", "adamw"):
-                marks = [pytest.mark.slow] if nproc == 4 else []
                 name = f"{strategy}-{nproc}-{optimizer}"
-                out.append(pytest.param(strategy, nproc, optimizer, {}, id=name, marks=marks))
+                out.append(pytest.param(strategy, nproc, optimizer, {}, id=name))
     extra = [
         # DeepSpeedCPUAdam (ZeRO-Offload) instead of torch's AdamW, parameters offloaded too.
         ("zero3", 2, "adamw", {"offload": "params"}),
