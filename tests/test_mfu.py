@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from distlab.measure import mfu
 
@@ -40,6 +42,27 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
 def test_probe_measures_a_plausible_rate():
     rate = mfu.probe_matmul_flops(1, size=256, repeats=3)
     assert 1e8 < rate < 1e13
+
+
+@given(st.floats(min_value=1e6, max_value=1e13))
+def test_probe_size_is_the_largest_that_stays_within_the_time_budget(flops: float) -> None:
+    """At ``flops`` FLOP/s, the probe's matmul takes at most PROBE_MATMUL_S unless even the
+    smallest size would not, and the next size up would take longer (or is beyond the cap)."""
+
+    def seconds(n: int) -> float:
+        return 2 * n**3 / flops
+
+    size, took = mfu.probe_size(seconds)
+    assert took == seconds(size)
+    assert mfu.MIN_PROBE_SIZE <= size <= mfu.PROBE_SIZE
+    assert size == mfu.MIN_PROBE_SIZE or seconds(size) <= mfu.PROBE_MATMUL_S
+    assert size == mfu.PROBE_SIZE or seconds(2 * size) > mfu.PROBE_MATMUL_S
+
+
+def test_the_probe_picks_the_full_size_in_fp32_and_a_smaller_one_for_slow_bf16() -> None:
+    """Measured here: fp32 34 GFLOP/s (one core), bf16 without bf16 hardware 0.66 GFLOP/s."""
+    assert mfu.probe_size(lambda n: 2 * n**3 / 34e9)[0] == 1024
+    assert mfu.probe_size(lambda n: 2 * n**3 / 0.66e9)[0] == 256
 
 
 def test_mfu_and_effective_ranks():

@@ -6,7 +6,7 @@
 attention, the PaLM definition: recomputation and communication do not count).
 The peak comes from a table of GPU datasheet figures (dense, no sparsity) for
 the precision the matmuls run in, or, on a CPU, from a short matmul probe run
-once and cached in ``$DISTLAB_CACHE`` (default ``~/.cache/distlab``), keyed by
+once (a second or two) and cached in ``$DISTLAB_CACHE`` (default ``~/.cache/distlab``), keyed by
 CPU model, thread count, dtype and torch version.
 
 A CPU "device" is the cores a rank may use (``threads_per_rank``). Ranks
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,15 @@ GPU_PEAKS: list[tuple[str, tuple[float, float, float]]] = [
 ]
 
 PROBE_SIZE = 1024
-"""Side of the square matmul the CPU probe times (2 n^3 FLOPs, about 20 ms on one core)."""
+"""Largest side of the square matmul the CPU probe times (2 n^3 FLOPs, about 60 ms on one
+core in fp32)."""
+MIN_PROBE_SIZE = 128
+PROBE_MATMUL_S = 0.25
+"""The probe picks the largest size whose one matmul should take at most this long: a CPU
+without bf16 arithmetic multiplies bf16 at about 1 GFLOP/s (a 1024^2 matmul: 2-3 s, the
+whole probe a minute), where a 256^2 one still keeps the matmul unit busy."""
+PROBE_S = 1.5
+"""Timed matmuls stop after about this long (at least 3 of them)."""
 
 
 @dataclass(frozen=True)
@@ -83,25 +92,41 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def probe_size(seconds_at: Callable[[int], float], largest: int = PROBE_SIZE) -> tuple[int, float]:
+    """The largest power of two from ``MIN_PROBE_SIZE`` up to ``largest`` whose matmul takes at
+    most ``PROBE_MATMUL_S`` (judged from the size below, times 8), and its ``seconds_at``."""
+    size, seconds = MIN_PROBE_SIZE, seconds_at(MIN_PROBE_SIZE)
+    while size < largest and seconds * 8 <= PROBE_MATMUL_S:
+        size *= 2
+        seconds = seconds_at(size)
+    return size, seconds
+
+
 def probe_matmul_flops(
     threads: int, dtype: torch.dtype = torch.float32, size: int = PROBE_SIZE, repeats: int = 20
 ) -> float:
-    """FLOP/s of the best of ``repeats`` (size x size) matmuls on ``threads`` CPU threads."""
+    """FLOP/s of the best of ``repeats`` square matmuls on ``threads`` CPU threads (fewer where
+    they would take over ``PROBE_S``), of side ``size`` or less where that would be slow."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator).to(dtype)
-        b = torch.randn(size, size, generator=generator).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+
+    def best_seconds(n: int, times: int) -> float:
+        a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
         torch.mm(a, b)  # warm-up: thread pool, packing buffers
         best = float("inf")
-        for _ in range(repeats):
+        for _ in range(times):
             tic = time.perf_counter()
             torch.mm(a, b)
             best = min(best, time.perf_counter() - tic)
+        return best
+
+    try:
+        size, seconds = probe_size(lambda n: best_seconds(n, 1), size)
+        times = max(3, min(repeats, int(PROBE_S / seconds)))
+        return 2.0 * size**3 / min(seconds, best_seconds(size, times))
     finally:
         torch.set_num_threads(previous)
-    return 2.0 * size**3 / best
 
 
 def cpu_peak(threads: int, precision: str = "fp32") -> PeakFlops:
@@ -124,7 +149,9 @@ def cpu_peak(threads: int, precision: str = "fp32") -> PeakFlops:
         except OSError:
             pass  # an unwritable cache only means probing again next time
     return PeakFlops(
-        cache[key], f"probe: {PROBE_SIZE}^2 {dtype} matmul on {threads} thread(s), cached in {file}"
+        cache[key],
+        f"probe: square {dtype} matmul (up to {PROBE_SIZE}^2) on {threads} thread(s), "
+        f"cached in {file}",
     )
 
 
