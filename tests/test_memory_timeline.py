@@ -182,17 +182,25 @@ def _phases_in_order(timeline: list[dict]) -> list[str]:
 
 @pytest.mark.slow
 def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> None:
-    """A 2-rank fsdp run and a single run, 2 steps each: pictures, json, compare."""
+    """A 2-rank fsdp run and a single run, 2 steps each: pictures, json, compare.
+
+    The fsdp run draws its picture (``--memory-picture``), the single run does not
+    (``--no-memory-picture``, in ``TINY_LOCAL_RUN``) but keeps its timeline to draw later.
+    """
     runs = {}
-    for strategy, nproc in (("fsdp", 2), ("single", 1)):
+    for strategy, nproc, picture in (("fsdp", 2, "--memory-picture"), ("single", 1, None)):
         runs[strategy] = tmp_path / strategy
         result = run_main(
-            "distlab.launch", *TINY_LOCAL_RUN, "--strategy", strategy, "--nproc", str(nproc),
-            "--steps", "2", "--run-dir", str(runs[strategy]),
+            "distlab.launch", *TINY_LOCAL_RUN, *([picture] if picture else []),
+            "--strategy", strategy, "--nproc", str(nproc), "--steps", "2",
+            "--run-dir", str(runs[strategy]),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         # (gloo sometimes aborts a finished rank at exit: the launcher warns and ignores it)
         assert "no memory_timeline.png" not in result.stdout + result.stderr
+    assert not (runs["single"] / "memory_timeline.png").exists()
+    assert memory_rank_file(runs["single"], 0).is_file()
+    draw_memory_picture(runs["single"], "single x1")
     for rank in (0, 1):
         record = json.loads(memory_rank_file(runs["fsdp"], rank).read_text())
         assert record["rank"] == rank and record["peak"] > 0

@@ -142,6 +142,10 @@ class Config:
     """Parent directory of run dirs when run_dir is not given."""
     save_final_weights: bool = False
     """Write the full final weights to final_weights.pt (used by parity checks)."""
+    memory_picture: bool = True
+    """Draw memory_timeline.png after a run that tracked memory (about a second of
+    plotting on a CPU); --no-memory-picture for runs nobody looks at (parity checks,
+    --micro-batch auto's probes)."""
     reshard_after_forward: bool = True
     """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
     reshard_between_microbatches: bool = False

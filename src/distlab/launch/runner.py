@@ -50,7 +50,7 @@ def run(config: Config) -> Path:
         else:
             launch_local(config, token_file, run_dir, feed)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        if memory_rank_file(run_dir, 0).is_file():  # the ranks tracked memory: draw it
+        if config.memory_picture and memory_rank_file(run_dir, 0).is_file():  # tracked: draw it
             draw_memory_picture(run_dir, f"{config.strategy} x{config.nproc}")
     finally:
         if feed is not None:
@@ -73,6 +73,7 @@ def probe_peak(config: Config) -> int | None:
             checkpoint_every=0,
             final_checkpoint=False,
             save_final_weights=False,
+            memory_picture=False,
             max_failures=0,
             inject_fault=None,
             resume=None,
