@@ -138,13 +138,13 @@ def assert_resume_continues(tmp_path: Path, *flags: str, atol: float = 1e-6) -> 
     """A 4-step local run with ``flags``, resumed from its step-2 checkpoint in a new run dir,
     logs the uninterrupted run's losses for steps 2 and 3 (within ``atol``)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    result = run_command(
+    result = run_main(
         "distlab.launch", *TINY_LOCAL_RUN, *flags, "--steps", "4", "--checkpoint-every", "2",
         "--run-dir", str(full),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     checkpoint = full / "checkpoints" / "step_000002"
-    result = run_command(
+    result = run_main(
         "distlab.launch", "--resume", str(checkpoint), "--launcher", "local",
         "--run-dir", str(resumed),
     )  # fmt: skip
