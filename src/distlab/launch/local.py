@@ -24,6 +24,7 @@ import queue
 import signal
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,7 @@ def _attempt(
     feed: WandbFeed | None,
 ) -> Failure | None:
     """Start every rank on a fresh port and watch them; None if all finished."""
-    context = rank_context([config.strategy])
+    context = rank_context([config.strategy], compile=config.compile)
     errors = context.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
     processes = [
@@ -157,7 +158,8 @@ def _attempt(
             printer.poll()
             if feed is not None:
                 feed.poll()
-            time.sleep(POLL_S)
+            # Sleep until the next poll or until a rank exits, whichever comes first.
+            wait([p.sentinel for p in processes if p.exitcode is None], POLL_S)
     except KeyboardInterrupt:
         _stop(processes)
         raise DistlabError("interrupted; all ranks stopped") from None
