@@ -12,11 +12,15 @@ import torch.distributed as dist
 
 from distlab.config import cache_dir
 from distlab.distributed import RankContext, free_port
+from distlab.launch.spawn import LIBRARIES, rank_context
 from distlab.strategies.regional_compile import INDUCTOR_CACHE
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The session launches every kind of run: the rank server, started by the first launch,
+# preloads DeepSpeed, fairscale and the compiler once instead of in every rank that needs them.
+rank_context(LIBRARIES, compile=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,10 @@ Two things a forked rank does not get from the launcher, and how it gets them:
   environment of the first launch (``DISTLAB_CACHE`` may have changed since),
   so each rank is handed ``os.environ`` and applies it first
   (``distlab.train.rank.run_rank``);
-- libraries of strategies the server did not preload: DeepSpeed and fairscale
-  are preloaded when the first launch needs them (``rank_context``), else
-  imported by the rank that uses them, as before.
+- libraries of strategies the server did not preload: DeepSpeed, fairscale
+  and the compiler are preloaded when the first launch needs them
+  (``rank_context``), else imported by the rank that uses them. A process that
+  will launch many kinds of run (a test session) names them all up front.
 
 Threads: the server imports modules and runs nothing else, so no thread pool
 exists to be inherited half-copied by a fork.
@@ -46,25 +47,32 @@ PRELOAD = (
 )
 """Modules every rank needs, imported once by the server."""
 LIBRARIES = {
-    "zero1": "deepspeed",
-    "zero2": "deepspeed",
-    "zero3": "deepspeed",
-    "fairscale-oss": "fairscale",
-    "fairscale-sdp": "fairscale",
+    "zero1": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
+    "zero2": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
+    "zero3": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
+    "fairscale-oss": ("fairscale",),
+    "fairscale-sdp": ("fairscale",),
 }
-"""A strategy's own heavy library, preloaded when a launch that starts the server needs it."""
+"""A strategy's own heavy library, preloaded when a launch that starts the server needs it.
+DeepSpeed's engine imports its Muon optimizer on every start, which applies
+``torch.compile`` at import and so imports inductor: 3 s of every rank, once in the server."""
+COMPILER = ("torch._inductor.compile_fx",)
+"""What ``--compile``'s first ``torch.compile`` imports (inductor: seconds a rank)."""
 
 _preload: set[str] = set()
 
 
-def rank_context(strategies: Iterable[str] = ()) -> BaseContext:
-    """The multiprocessing context ranks are started in (``forkserver``), with ``PRELOAD`` and
-    the libraries of ``strategies`` preloaded if this call is the one that starts the server."""
+def rank_context(strategies: Iterable[str] = (), compile: bool = False) -> BaseContext:
+    """The multiprocessing context ranks are started in (``forkserver``), with ``PRELOAD``,
+    the libraries of ``strategies`` and, for ``compile``, the compiler preloaded if this call
+    is the one that starts the server (a missing library is left out)."""
     _preload.update(PRELOAD)
     for name in strategies:
-        library = LIBRARIES.get(name)
-        if library and importlib.util.find_spec(library) is not None:
-            _preload.add(library)
+        modules = LIBRARIES.get(name, ())
+        if modules and importlib.util.find_spec(modules[0]) is not None:
+            _preload.update(modules)
+    if compile:
+        _preload.update(COMPILER)
     context = multiprocessing.get_context("forkserver")
     # Only the first start reads the list: later launches reuse the running server.
     context.set_forkserver_preload(sorted(_preload))
