@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,49 @@ def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
         except SystemExit as exit_:
             code = exit_.code
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+class BackgroundMain:
+    """``run_main`` in a thread, for a command the test acts on while it runs (kill or stop a
+    rank, watch its progress); ``poll`` and ``communicate`` as on a ``subprocess.Popen``.
+
+    The command's output is captured the way ``run_main`` captures it: by redirecting this
+    process's ``sys.stdout`` and ``sys.stderr`` until it ends, so the test itself prints nothing
+    meanwhile.
+    """
+
+    def __init__(self, module: str, *args: str) -> None:
+        self.args = [module, *args]
+        self.result: subprocess.CompletedProcess | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"{module} {' '.join(args)}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = run_main(*self.args)
+        except BaseException as exc:  # handed to the test by communicate()
+            self.error = exc
+
+    def poll(self) -> int | str | None:
+        """None while the command runs, then its exit status."""
+        if self.thread.is_alive():
+            return None
+        return self.result.returncode if self.result is not None else 1
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        """Wait up to ``timeout`` s for the command to end; its (stdout, stderr)."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result.stdout, self.result.stderr
+
+    @property
+    def returncode(self) -> int | str | None:
+        return self.poll()
 
 
 def rank_pids(run_dir: Path, nproc: int) -> list[int]:

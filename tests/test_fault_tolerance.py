@@ -16,14 +16,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from tests.helpers import (
-    ROOT,
     TINY_LOCAL_RUN,
+    BackgroundMain,
     assert_one_line_error,
     rank_pids,
     run_command,
@@ -169,32 +168,16 @@ def test_fault_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
 
 def _start(
     run_dir: Path, *extra: str, strategy: str = "ddp", nproc: int = 2, max_failures: int = 1
-) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distlab.launch",
-            *LONG,
-            "--strategy",
-            strategy,
-            "--nproc",
-            str(nproc),
-            "--max-failures",
-            str(max_failures),
-            "--run-dir",
-            str(run_dir),
-            *extra,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+) -> BackgroundMain:
+    """The launch command, running in this process's background while the test acts on its
+    ranks (separate processes: killed or stopped from outside, as an operator would)."""
+    return BackgroundMain(
+        "distlab.launch", *LONG, "--strategy", strategy, "--nproc", str(nproc),
+        "--max-failures", str(max_failures), "--run-dir", str(run_dir), *extra,
+    )  # fmt: skip
 
 
-def _rank_pids_after(launch_proc: subprocess.Popen, run_dir: Path, steps: int) -> list[int]:
+def _rank_pids_after(launch_proc: BackgroundMain, run_dir: Path, steps: int) -> list[int]:
     """Wait until ``steps`` steps are recorded; return the rank processes' pids."""
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -242,7 +225,7 @@ def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
     assert not status.exists() or "zombie" in status.read_text(), "hung rank left running"
 
 
-def _stop_rank0_after(launch_proc: subprocess.Popen, run_dir: Path, steps: int) -> float:
+def _stop_rank0_after(launch_proc: BackgroundMain, run_dir: Path, steps: int) -> float:
     """Wait until ``steps`` steps are recorded, SIGSTOP rank 0 (its pid file); return when."""
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240

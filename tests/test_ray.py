@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT, assert_one_line_error, wandb_history, wandb_offline_runs
+from tests.helpers import (
+    ROOT,
+    assert_one_line_error,
+    run_main,
+    wandb_history,
+    wandb_offline_runs,
+)
 
 from distlab.distributed import free_port
 
@@ -58,7 +64,9 @@ def events(run_dir: Path) -> list[dict]:
 
 def test_default_launcher_is_ray_and_restarts_a_killed_worker(tmp_path: Path) -> None:
     reference = tmp_path / "local"
-    result = launch(*RUN, "--launcher", "local", "--quiet", "--run-dir", str(reference))
+    result = run_main(
+        "distlab.launch", *RUN, "--launcher", "local", "--quiet", "--run-dir", str(reference)
+    )
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ray"
     with_wandb = [arg for arg in RUN if arg != "--no-wandb"]
