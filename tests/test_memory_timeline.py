@@ -21,7 +21,8 @@ from distlab.report.compare import main as compare_main
 from distlab.report.runs import load_runs
 from distlab.report.tables import memory_table_rows
 from distlab.run.files import memory_rank_file
-from distlab.train.measurements import draw_memory_picture
+from distlab.strategies.resolve import load_config
+from distlab.train.measurements import EARLY_SAMPLE_STEPS, draw_memory_picture, tracks_memory
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,6 +63,31 @@ def synthetic_record(rank: int, scale: int = 1) -> dict:
         "cuda_peak_reserved": None,
         "timeline": timeline,
     }
+
+
+@pytest.mark.parametrize(
+    ("steps", "restart_at"), [(2, 0), (5, 0), (5, 3), (12, 0), (12, 3), (40, 0), (40, 3)]
+)
+def test_sample_tracks_the_last_step_and_an_early_one_only_where_many_follow(
+    steps: int, restart_at: int
+) -> None:
+    """A process that starts at ``restart_at``: its last step is tracked, its second step too
+    only if more than EARLY_SAMPLE_STEPS steps follow; ``every`` tracks all, ``off`` none."""
+    config = load_config(None, {"strategy": "ddp", "nproc": 2, "steps": steps})
+    tracked = [
+        step
+        for done, step in enumerate(range(restart_at, steps))
+        if tracks_memory(config, step, done)
+    ]
+    early = restart_at + 1
+    expected = ([early] if steps - 1 - early > EARLY_SAMPLE_STEPS else []) + [steps - 1]
+    assert tracked == expected
+    every = load_config(
+        None, {"strategy": "ddp", "nproc": 2, "steps": steps, "track_memory": "every"}
+    )
+    off = load_config(None, {"strategy": "ddp", "nproc": 2, "steps": steps, "track_memory": "off"})
+    assert all(tracks_memory(every, step, step) for step in range(steps))
+    assert not any(tracks_memory(off, step, step) for step in range(steps))
 
 
 def test_phase_spans_follow_the_samples() -> None:

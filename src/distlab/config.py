@@ -193,8 +193,8 @@ class Config:
     """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
     track_memory: str = "sample"
     """Which steps run inside torch's MemTracker, measuring memory by category: ``sample``
-    (the second step of a run or restart, the first steady one, and the last), ``every``
-    step, or ``off``.
+    (the last step, and in a process with over 10 steps after it the second one, the first
+    steady one, so long runs and restarts show memory early), ``every`` step, or ``off``.
     Every op of a tracked step passes through it (1.37x the step time of the small model
     on a CPU: ``benchmarks/tracker_overhead.py``), so the run's throughput and MFU leave
     tracked steps out when untracked ones exist. Off under ``--compile``, which does not

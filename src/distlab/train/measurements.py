@@ -237,11 +237,18 @@ class RunMeasurements:
         return summary
 
 
+EARLY_SAMPLE_STEPS = 10
+"""``--track-memory sample`` tracks a process's second step only if more steps follow it."""
+
+
 def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
     """Whether ``step`` runs inside torch's memory tracker (``--track-memory``).
 
-    ``sample``: the second step this process runs (the first steady one: a fresh run's
-    first step creates the optimizer state, so it holds less) and the run's last step.
+    ``sample``: the run's last step (the summary's), and, in a process with more than
+    ``EARLY_SAMPLE_STEPS`` steps still to run after it, the second step it runs (the first
+    steady one: a fresh run's first step creates the optimizer state, so it holds less),
+    so a long run or a restart shows its memory early. In a shorter one the last step
+    comes moments later and would repeat it: a parity run of 5 steps tracks 1 step, not 2.
     Never under ``--compile``: a tracker is a dispatch mode, and torch.compile
     does not compile a frame while one is active (the blocks would run eagerly).
     Never under a pipeline schedule that splits the backward into input and weight
@@ -252,7 +259,8 @@ def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
         return False
     if schedule_spec(config.schedule).split_backward:
         return False
-    return config.track_memory == "every" or steps_done == 1 or step == config.steps - 1
+    early = steps_done == 1 and config.steps - 1 - step > EARLY_SAMPLE_STEPS
+    return config.track_memory == "every" or early or step == config.steps - 1
 
 
 def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
