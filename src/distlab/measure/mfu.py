@@ -6,8 +6,8 @@
 attention, the PaLM definition: recomputation and communication do not count).
 The peak comes from a table of GPU datasheet figures (dense, no sparsity) for
 the precision the matmuls run in, or, on a CPU, from a short matmul probe run
-once (a second or two) and cached in ``$DISTLAB_CACHE`` (default ``~/.cache/distlab``), keyed by
-CPU model, thread count, dtype and torch version.
+once (a second or two) and cached in ``$DISTLAB_CACHE`` (default
+``~/.cache/distlab``), keyed by CPU model, thread count, dtype and torch version.
 
 A CPU "device" is the cores a rank may use (``threads_per_rank``). Ranks
 beyond the machine's cores share them, so the run's peak is the per-rank peak
@@ -123,7 +123,7 @@ def probe_matmul_flops(
 
     try:
         size, seconds = probe_size(lambda n: best_seconds(n, 1), size)
-        times = max(3, min(repeats, int(PROBE_S / seconds)))
+        times = max(3, min(repeats, int(PROBE_S / max(seconds, 1e-9))))
         return 2.0 * size**3 / min(seconds, best_seconds(size, times))
     finally:
         torch.set_num_threads(previous)
