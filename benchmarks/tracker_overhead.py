@@ -8,7 +8,7 @@ Runs ``single`` (local launcher, one rank) with ``--track-memory every`` and wit
 noise hits both alike, and prints the median step time of each (steps 1 to the
 end, from ``metrics.jsonl``: step 0 allocates the optimizer state) and their
 ratio. This is the figure behind ``--track-memory sample``'s default: tracking
-two steps of a run, not all of them.
+the last step of a run (and the second of a long one), not all of them.
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def test_sample_tracks_the_last_step_and_an_early_one_only_where_many_follow(
 ) -> None:
     """A process that starts at ``restart_at``: its last step is tracked, its second step too
     only if more than EARLY_SAMPLE_STEPS steps follow; ``every`` tracks all, ``off`` none."""
-    config = load_config(None, {"strategy": "ddp", "nproc": 2, "steps": steps})
+    fields = {"strategy": "ddp", "nproc": 2, "steps": steps}
+    config = load_config(None, fields)
     tracked = [
         step
         for done, step in enumerate(range(restart_at, steps))
@@ -82,10 +83,8 @@ def test_sample_tracks_the_last_step_and_an_early_one_only_where_many_follow(
     early = restart_at + 1
     expected = ([early] if steps - 1 - early > EARLY_SAMPLE_STEPS else []) + [steps - 1]
     assert tracked == expected
-    every = load_config(
-        None, {"strategy": "ddp", "nproc": 2, "steps": steps, "track_memory": "every"}
-    )
-    off = load_config(None, {"strategy": "ddp", "nproc": 2, "steps": steps, "track_memory": "off"})
+    every = load_config(None, {**fields, "track_memory": "every"})
+    off = load_config(None, {**fields, "track_memory": "off"})
     assert all(tracks_memory(every, step, step) for step in range(steps))
     assert not any(tracks_memory(off, step, step) for step in range(steps))
 
@@ -214,10 +213,10 @@ def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> N
     (``--no-memory-picture``, in ``TINY_LOCAL_RUN``) but keeps its timeline to draw later.
     """
     runs = {}
-    for strategy, nproc, picture in (("fsdp", 2, "--memory-picture"), ("single", 1, None)):
+    for strategy, nproc, picture in (("fsdp", 2, ("--memory-picture",)), ("single", 1, ())):
         runs[strategy] = tmp_path / strategy
         result = run_main(
-            "distlab.launch", *TINY_LOCAL_RUN, *([picture] if picture else []),
+            "distlab.launch", *TINY_LOCAL_RUN, *picture,
             "--strategy", strategy, "--nproc", str(nproc), "--steps", "2",
             "--run-dir", str(runs[strategy]),
         )  # fmt: skip

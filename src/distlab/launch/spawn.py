@@ -46,16 +46,18 @@ PRELOAD = (
     "distlab.train.rank",
 )
 """Modules every rank needs, imported once by the server."""
+DEEPSPEED = ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
+"""DeepSpeed, and the Muon optimizer its engine imports on every start: that module applies
+``torch.compile`` at import and so imports inductor, 3 s of every rank, once in the server."""
+FAIRSCALE = ("fairscale",)
 LIBRARIES = {
-    "zero1": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
-    "zero2": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
-    "zero3": ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"),
-    "fairscale-oss": ("fairscale",),
-    "fairscale-sdp": ("fairscale",),
+    "zero1": DEEPSPEED,
+    "zero2": DEEPSPEED,
+    "zero3": DEEPSPEED,
+    "fairscale-oss": FAIRSCALE,
+    "fairscale-sdp": FAIRSCALE,
 }
-"""A strategy's own heavy library, preloaded when a launch that starts the server needs it.
-DeepSpeed's engine imports its Muon optimizer on every start, which applies
-``torch.compile`` at import and so imports inductor: 3 s of every rank, once in the server."""
+"""A strategy's own heavy library, preloaded when a launch that starts the server needs it."""
 COMPILER = ("torch._inductor.compile_fx",)
 """What ``--compile``'s first ``torch.compile`` imports (inductor: seconds a rank)."""
 
