@@ -106,6 +106,7 @@ JIT-compiles its C++ ops on first use (about 40 s, then cached).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -380,6 +381,7 @@ class DeepSpeedZeroStrategy(Strategy):
             apply_compile(model)
         n_params = sum(p.numel() for p in model.parameters())
         ds_config = deepspeed_config(config, self.stage, ctx.world_size, n_params)
+        _skip_inference_all_reduce_op()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -388,6 +390,17 @@ class DeepSpeedZeroStrategy(Strategy):
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, config),
         )
         return DeepSpeedTrainStep(engine, ctx, config, self.stage)
+
+
+def _skip_inference_all_reduce_op() -> None:
+    """DeepSpeed's communication backend builds a shared-memory all-reduce op on start: a
+    C++ extension compiled on a machine's first DeepSpeed run (60-90 s of g++ here), used
+    only by its inference all-reduce, which training never calls. Without the op that
+    all-reduce falls back to torch's, so nothing the lab runs changes."""
+    # import_module, not `import deepspeed.comm.torch as ...`: that name finds the torch
+    # module, which deepspeed.comm re-exports as its attribute `torch`
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
 
 
 class Zero1Strategy(DeepSpeedZeroStrategy):
