@@ -25,8 +25,9 @@ and ``pp`` strategies use every rank for their one parallelism: ``--tp`` (or
 
 Besides the degrees, this module owns the arithmetic of what a rank holds:
 which layers form which pipeline stage and which stages a rank runs, which
-parameters tensor parallelism splits and along which dimension, and so the
-parameter shapes on rank 0 under any mesh. The strategies build their modules
+parameters tensor parallelism splits and along which dimension (read from
+``tp_plan``, the plan ``apply_tp`` applies), and so the parameter shapes on rank 0
+under any mesh. The strategies build their modules
 from it and ``distlab.theory`` predicts from it, so the two cannot disagree.
 It imports only the declaring layer (config, model, memory arithmetic) and the mesh
 helper of ``distlab.distributed``.
@@ -47,6 +48,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, GPTConfig
 from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
+from distlab.strategies.tp_plan import shard_dim
 
 Shapes = dict[str, tuple[int, ...]]
 """Parameter name (the plain GPT's) -> shape."""
@@ -262,29 +264,15 @@ def stage_shapes(config: Config, pp: int, pp_rank: int = 0) -> Shapes:
 
 # --- Tensor-parallel shards ---------------------------------------------------------------
 
-SHARDED_LINEARS = ("q", "k", "v", "up")
-"""Column-parallel linears: weight and bias split along the output features."""
-ROW_LINEARS = ("proj", "down")
-"""Row-parallel linears: weight split along the input features, bias replicated."""
-
-
-def tp_sharded(name: str) -> bool:
-    """Whether tensor parallelism splits the parameter of the plain GPT called ``name``."""
-    module, _, kind = name.rpartition(".")
-    leaf = module.rpartition(".")[2]
-    if leaf in SHARDED_LINEARS or name in ("wte.weight", "lm_head.weight"):
-        return True
-    return leaf in ROW_LINEARS and kind == "weight"
-
 
 def tp_local_shapes(shapes: Shapes, tp: int) -> Shapes:
-    """Local shape of each parameter on tensor-parallel rank 0 (split ones / tp, rounded up)."""
+    """Local shape of each parameter on tensor-parallel rank 0: the dimension that
+    ``tp_plan`` splits divided by tp, rounded up; the rest whole."""
     local = {}
     for name, shape in shapes.items():
         dims = list(shape)
-        if tp > 1 and tp_sharded(name):
-            # Column-parallel and embedding/head: dim 0; row-parallel weights: dim 1.
-            axis = 1 if name.rpartition(".")[0].endswith(ROW_LINEARS) else 0
+        axis = shard_dim(name)
+        if tp > 1 and axis is not None:
             dims[axis] = -(-dims[axis] // tp)
         local[name] = tuple(dims)
     return local

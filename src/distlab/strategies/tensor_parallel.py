@@ -1,7 +1,8 @@
 """``tp``: Megatron-style tensor parallelism with DTensor's ``parallelize_module``.
 
 Each transformer block's matmuls are split across the ``tp`` ranks so that a
-block costs two all-reduces in forward (and two in backward), never more:
+block costs two all-reduces in forward (and two in backward), never more
+(``tp_plan`` holds the split; this module turns it into DTensor's styles):
 
     attention: q, k, v  column-parallel  (each rank computes n_head / tp heads)
                proj     row-parallel     (partial sums -> all-reduce)
@@ -58,6 +59,7 @@ from distlab.strategies.parallel_dims import (
     resolve_dims,
 )
 from distlab.strategies.regional_compile import apply_compile
+from distlab.strategies.tp_plan import BLOCK_PLAN, TOP_PLAN, Split
 
 
 class ReplicateParallel(ParallelStyle):
@@ -86,33 +88,57 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, None, to_dtensor, to_local)
 
 
+def parallel_style(
+    split: Split,
+    sequence_parallel: bool,
+    inputs: Placement | None = None,
+    outputs: Placement | None = None,
+) -> ParallelStyle:
+    """``split`` (``tp_plan``) as DTensor's parallel style. ``inputs``/``outputs``: the
+    layouts of the activations the module takes and gives, where not the style's default."""
+    layouts = {"input_layouts": inputs, "output_layouts": outputs}
+    layouts = {key: layout for key, layout in layouts.items() if layout is not None}
+    if split is Split.COLUMN:
+        return ColwiseParallel(**layouts)
+    if split is Split.ROW:
+        return RowwiseParallel(**layouts)
+    if sequence_parallel and outputs is None:
+        return SequenceParallel()  # a norm on the sequence-sharded residual stream
+    return ReplicateParallel(outputs)
+
+
 def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """How one transformer block is split (module name -> parallel style)."""
-    if not sequence_parallel:
-        return {
-            "ln_1": ReplicateParallel(),
-            "attn.q": ColwiseParallel(),
-            "attn.k": ColwiseParallel(),
-            "attn.v": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(),
-            "ln_2": ReplicateParallel(),
-            "mlp.up": ColwiseParallel(),
-            "mlp.down": RowwiseParallel(),
-        }
-    # Residual stream sharded along the sequence (dim 1); gather it once per
-    # sub-layer (not once per q/k/v), reduce-scatter the row-parallel outputs.
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    """How one transformer block is split: ``tp_plan.BLOCK_PLAN`` as parallel styles."""
+    sp = sequence_parallel
+    # SP: the residual stream is sharded along the sequence (dim 1), so the row-parallel
+    # outputs are reduce-scattered back to sequence shards instead of all-reduced.
+    outputs = {Split.ROW: Shard(1)} if sp else {}
+    plan: dict[str, ParallelStyle] = {}
+    for name, split in BLOCK_PLAN.items():
+        sublayer = name.partition(".")[0]
+        if sp and name != sublayer and sublayer not in plan:
+            # SP: gather the stream once per sub-layer (attn, mlp), not once per q/k/v.
+            plan[sublayer] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            )
+        plan[name] = parallel_style(split, sp, outputs=outputs.get(split))
+    return plan
+
+
+def top_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The modules outside the blocks that ``model`` still has (a pipeline stage may lack
+    them): ``tp_plan.TOP_PLAN`` as parallel styles, with the layouts of where each sits."""
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream
+    layouts = {
+        "wte": (Replicate(), stream),  # the token ids arrive whole on every rank
+        "wpe": (None, Shard(0) if sequence_parallel else Replicate()),  # its (seq, d) output
+        "ln_f": (None, None),
+        "lm_head": (stream, Replicate()),  # the logits gathered: the ordinary loss
+    }
     return {
-        "ln_1": SequenceParallel(),
-        "attn": gather,
-        "attn.q": ColwiseParallel(),
-        "attn.k": ColwiseParallel(),
-        "attn.v": ColwiseParallel(),
-        "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-        "ln_2": SequenceParallel(),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "mlp.up": ColwiseParallel(),
-        "mlp.down": RowwiseParallel(output_layouts=Shard(1)),
+        name: parallel_style(split, sequence_parallel, *layouts[name])
+        for name, split in TOP_PLAN.items()
+        if getattr(model, name) is not None
     }
 
 
@@ -122,19 +148,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     Only the parts the model still has are parallelized, so this works on a
     pipeline stage whose other blocks, embeddings or head were removed.
     """
-    sp = sequence_parallel
-    top: dict[str, ParallelStyle] = {}
-    if model.wte is not None:
-        top["wte"] = RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()
-        )
-        top["wpe"] = ReplicateParallel(Shard(0) if sp else Replicate())
-    if model.ln_f is not None:
-        top["ln_f"] = SequenceParallel() if sp else ReplicateParallel()
-    if model.lm_head is not None:
-        top["lm_head"] = ColwiseParallel(
-            input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate()
-        )
+    top = top_plan(model, sequence_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
     if model.wte is not None:
@@ -144,7 +158,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         weight = model.wte.weight
         weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
     for block in model.blocks.values():
-        parallelize_module(block, tp_mesh, block_plan(sp))
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
     return model
 
 
