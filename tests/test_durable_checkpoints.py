@@ -309,7 +309,7 @@ def test_stage_specs_parse() -> None:
     overrides = {"strategy": "ddp", "nproc": 2, "steps": 8, "checkpoint_every": 2}
     specs = "1@6:save-mid-shard,0@6:save-before-rename,0@6:save-after-rename,0@6:save-rotation"
     config = load_config(None, {**overrides, "inject_fault": f"{specs},1@3:raise,1@2:save"})
-    from distlab.config import fault_specs
+    from distlab.fault_spec import fault_specs
 
     names = [spec.name for spec in fault_specs(config)]
     assert names == [*specs.split(","), "1@3:raise", "1@2:save"]

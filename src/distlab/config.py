@@ -1,7 +1,7 @@
 """The run configuration: a typed dataclass, loaded from YAML plus CLI overrides.
 
-One cohesive thing over 300 lines: every field with its docstring (the flags'
-help), then parsing and the per-field checks.
+Every field with its docstring (the flags' help), then parsing and the per-field
+checks. The ``--inject-fault`` grammar lives in ``distlab.fault_spec``.
 
 Precedence, lowest to highest: the defaults below, ``configs/*.yaml`` given
 with ``--config``, then command-line flags. ``validate`` turns every impossible
@@ -314,67 +314,68 @@ def build_config(values: dict[str, Any]) -> Config:
     return Config(**{k: _coerce(k, v) for k, v in values.items()})
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """A one-line DistlabError with ``message`` unless ``condition``."""
     if not condition:
         raise DistlabError(message)
 
 
 def check_fields(config: Config) -> None:
     """Check every field's range and the relations between fields that need no strategy."""
-    _require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
-    _require(config.steps >= 1, f"steps must be >= 1 (got {config.steps})")
-    _require(
+    require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
+    require(config.steps >= 1, f"steps must be >= 1 (got {config.steps})")
+    require(
         config.model in PRESETS,
         f"unknown model preset '{config.model}' (choose one of: {', '.join(PRESETS)})",
     )
-    _require(config.global_batch >= 1, f"global_batch must be >= 1 (got {config.global_batch})")
-    _require(
+    require(config.global_batch >= 1, f"global_batch must be >= 1 (got {config.global_batch})")
+    require(
         config.optimizer in OPTIMIZERS,
         f"optimizer must be one of {', '.join(OPTIMIZERS)} (got '{config.optimizer}')",
     )
-    _require(
+    require(
         config.lr > 0 and math.isfinite(config.lr),
         f"lr must be a positive number (got {config.lr})",
     )
-    _require(0 <= config.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1")
-    _require(config.warmup_steps >= 0, "warmup_steps must be >= 0")
-    _require(config.weight_decay >= 0, "weight_decay must be >= 0")
-    _require(config.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
-    _require(
+    require(0 <= config.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1")
+    require(config.warmup_steps >= 0, "warmup_steps must be >= 0")
+    require(config.weight_decay >= 0, "weight_decay must be >= 0")
+    require(config.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
+    require(
         config.precision in PRECISIONS,
         f"precision must be one of {', '.join(PRECISIONS)} (got '{config.precision}')",
     )
-    _require(
+    require(
         config.ac in AC_MODES,
         f"ac must be one of {', '.join(AC_MODES)} (got '{config.ac}')",
     )
-    _require(
+    require(
         config.track_memory in TRACK_MEMORY_MODES,
         f"track_memory must be one of {', '.join(TRACK_MEMORY_MODES)} "
         f"(got '{config.track_memory}')",
     )
-    _require(
+    require(
         config.device in DEVICES,
         f"device must be one of {', '.join(DEVICES)} (got '{config.device}')",
     )
-    _require(
+    require(
         config.launcher in LAUNCHERS,
         f"launcher must be one of {', '.join(LAUNCHERS)} (got '{config.launcher}')",
     )
-    _require(
+    require(
         config.ray_address is None or config.launcher == "ray",
         "--ray-address needs --launcher ray",
     )
-    _require(config.timeout_s > 0, "timeout_s must be > 0")
-    _require(config.max_failures >= 0, "max_failures must be >= 0")
-    _require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
-    _require(config.log_every >= 1, "log_every must be >= 1")
-    _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
-    _require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    require(config.timeout_s > 0, "timeout_s must be > 0")
+    require(config.max_failures >= 0, "max_failures must be >= 0")
+    require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
+    require(config.log_every >= 1, "log_every must be >= 1")
+    require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     check_shape(config)
     shape = model_shape(config)
     seq_len = resolved_seq_len(config)
-    _require(
+    require(
         1 <= seq_len <= shape.block_size,
         f"seq_len must be between 1 and the model's context length {shape.block_size} "
         f"(got {seq_len}; a model shape of your own, --layers/--hidden/--heads/--vocab, "
@@ -384,7 +385,6 @@ def check_fields(config: Config) -> None:
         raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
     if config.memory_budget is not None:
         parse_bytes(config.memory_budget)
-    fault_specs(config)
 
 
 def option_flag(name: str, value: Any) -> str:
@@ -438,14 +438,14 @@ def check_shape(config: Config) -> None:
     """One-line errors for a model shape the GPT cannot take."""
     for name in SHAPE_FIELDS:
         value = getattr(config, name)
-        _require(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
+        require(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
     shape = model_shape(config)
-    _require(
+    require(
         shape.d_model % shape.n_head == 0,
         f"hidden {shape.d_model} is not divisible by heads {shape.n_head}; "
         "each head takes hidden / heads of the width",
     )
-    _require(
+    require(
         shape.vocab_size >= VOCAB_SIZE,
         f"vocab must be >= {VOCAB_SIZE} (got {shape.vocab_size}): the corpus is byte tokens",
     )
@@ -485,89 +485,8 @@ def grad_accum_steps(config: Config, dp_size: int) -> int:
     return local // micro
 
 
-SAVE_STAGES = (
-    "save",
-    "save-mid-shard",
-    "save-before-rename",
-    "save-after-rename",
-    "save-rotation",
-)
-"""Crash points of a checkpoint save, in the order a save passes them."""
-MAIN_RANK_STAGES = ("save-before-rename", "save-after-rename", "save-rotation")
-"""Save stages only rank 0 passes (it alone commits and rotates)."""
-FAULT_PHASES = ("", "raise", *SAVE_STAGES)
-"""What may follow ``RANK@STEP:`` in a fault spec ("" is a plain kill)."""
-FAULT_FORMS = f"RANK@STEP, RANK@STEP:raise or RANK@STEP:STAGE (STAGE: {', '.join(SAVE_STAGES)})"
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    """One injected fault: ``rank`` fails when ``step`` steps are done, or while saving them.
-
-    ``phase`` is "" (SIGKILL before step ``step``), "raise" (raise an exception
-    there) or a save stage (SIGKILL at that crash point of saving checkpoint
-    step_``step``; ``SAVE_STAGES``).
-    """
-
-    rank: int
-    step: int
-    phase: str = ""
-
-    @property
-    def during_save(self) -> bool:
-        """Whether it fires while checkpoint step_``step`` is being saved."""
-        return self.phase in SAVE_STAGES
-
-    @property
-    def name(self) -> str:
-        """The spec as written on the command line, e.g. ``1@4:save``."""
-        return f"{self.rank}@{self.step}" + (f":{self.phase}" if self.phase else "")
-
-
 def checkpoint_steps(config: Config) -> list[int]:
     """The steps after which a checkpoint is saved (``step_N`` for N in the list)."""
     every = config.checkpoint_every
     steps = set(range(every, config.steps + 1, every)) if every > 0 else set()
     return sorted(steps | ({config.steps} if config.final_checkpoint else set()))
-
-
-def fault_specs(config: Config) -> list[FaultSpec]:
-    """Parse and check ``inject_fault``; a one-line error names a bad or impossible spec."""
-    specs: list[FaultSpec] = []
-    for text in (config.inject_fault or "").split(","):
-        text = text.strip()
-        if not text:
-            continue
-        where, _, phase = text.partition(":")
-        rank, _, step = where.partition("@")
-        if not (rank.isdigit() and step.isdigit() and phase in FAULT_PHASES):
-            raise DistlabError(f"inject_fault '{text}' must look like {FAULT_FORMS} (e.g. 1@4)")
-        spec = FaultSpec(int(rank), int(step), phase)
-        _require(
-            spec.rank < config.nproc,
-            f"inject_fault '{text}': rank {spec.rank} does not exist with nproc {config.nproc}",
-        )
-        _require(
-            spec.phase not in MAIN_RANK_STAGES or spec.rank == 0,
-            f"inject_fault '{text}' never fires: only rank 0 passes stage {spec.phase}",
-        )
-        if spec.during_save:
-            saved = checkpoint_steps(config)
-            _require(
-                spec.step in saved,
-                f"inject_fault '{text}' never fires: no checkpoint is saved after step "
-                f"{spec.step} (checkpoint_every {config.checkpoint_every}, steps {config.steps})",
-            )
-            before = len([s for s in saved if s <= spec.step])
-            _require(
-                spec.phase != "save-rotation" or before > config.keep_checkpoints,
-                f"inject_fault '{text}' never fires: saving step_{spec.step} removes no old "
-                f"checkpoint (keep_checkpoints {config.keep_checkpoints})",
-            )
-        else:
-            _require(
-                spec.step < config.steps,
-                f"inject_fault '{text}' never fires: the run has only {config.steps} steps",
-            )
-        specs.append(spec)
-    return specs

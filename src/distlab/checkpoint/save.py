@@ -39,7 +39,7 @@ class StateWriter(Protocol):
 
 
 SaveHook = Callable[[str], None]
-"""Called with a stage name (``distlab.config.SAVE_STAGES``) at each crash point of a save."""
+"""Called with a stage name (``distlab.fault_spec.SAVE_STAGES``) at each crash point of a save."""
 
 
 def save_checkpoint(

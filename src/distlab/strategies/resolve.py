@@ -21,6 +21,7 @@ from distlab.config import (
     read_config_values,
 )
 from distlab.errors import DistlabError
+from distlab.fault_spec import fault_specs
 from distlab.strategies import registry
 
 
@@ -56,6 +57,7 @@ def inheritable(base: dict[str, Any], strategy: str | None) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Every field on its own, then what the strategy says of the whole; one-line errors."""
     check_fields(config)
+    fault_specs(config)
     strategy = registry.describe(config.strategy)
     refuse_unused_options(config, strategy.options, registry.option_users())
     if config.compile and strategy.compile_refusal:

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from distlab.config import Config, FaultSpec, fault_specs
+from distlab.config import Config
 from distlab.distributed import RankContext
+from distlab.fault_spec import FaultSpec, fault_specs
 from distlab.run.events import append_event
 from distlab.run.files import FAULTS_DIR
 

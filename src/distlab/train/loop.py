@@ -36,7 +36,6 @@ from distlab.checkpoint.save import save_checkpoint
 from distlab.checkpoint.state import restore_rng
 from distlab.config import (
     Config,
-    FaultSpec,
     checkpoint_steps,
     model_label,
     model_shape,
@@ -44,6 +43,7 @@ from distlab.config import (
 )
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
+from distlab.fault_spec import FaultSpec
 from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, first_fault_since_last_start, read_events
 from distlab.run.events import fault_figures as event_figures
