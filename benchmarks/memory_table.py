@@ -147,7 +147,7 @@ def measure(
     row.parameters = summary["parameters"]
     row.peak = summary["memory_peak_by_rank"][0]
     # Recomputed rather than read from the summary, so reused runs show the current theory.
-    strategy = registry.describe(name)
+    strategy = registry.get(name)
     row.predicted = strategy.predicted_state_bytes(config, row.parameters).to_dict()
     row.predicted_peak = predict_peak(config).to_dict()
     return row

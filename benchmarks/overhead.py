@@ -13,7 +13,7 @@ on the same global batches, interleaved block by block so that machine noise
   loss averaged over the data-parallel ranks, clipping, the gradient norm;
 - ``hand+count``: the same step on distlab's counting process group
   (``distlab.measure``), to show what counting the collectives costs;
-- ``distlab``: ``registry.describe(strategy).prepare(model, ctx, config)`` and its
+- ``distlab``: ``registry.get(strategy).prepare(model, ctx, config)`` and its
   ``TrainStep.step`` on the counting group, as in ``python -m distlab.launch``.
 
 Checked, not assumed: the last warm-up step's loss and gradient norm of each
@@ -97,9 +97,7 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
             },
         )
         seq = resolved_seq_len(config)
-        step = registry.describe(strategy).prepare(
-            build_model(config.model, config.seed), ctx, config
-        )
+        step = registry.get(strategy).prepare(build_model(config.model, config.seed), ctx, config)
         microbatches = getattr(step, "microbatches", None)
         runners = {
             "distlab": lambda x, y, s=step: s.step(x, y),

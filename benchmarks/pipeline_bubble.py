@@ -99,7 +99,7 @@ def run_rank(rank: int, world: int, init_method: str, settings: dict, out: str) 
     config = load_config(None, settings["config"])
     ctx = init_rank(rank, world, init_method, config)
     tokens = load_tokens(prepare_tokens(None))
-    step = registry.describe("pp").prepare(build_model(config.model, config.seed), ctx, config)
+    step = registry.get("pp").prepare(build_model(config.model, config.seed), ctx, config)
     events: list[StageEvent] = []
     for stage in step.stages:
         record_timeline(stage, events)

@@ -37,7 +37,7 @@ import torch
 from distlab.errors import DistlabError
 from distlab.launch.runner import run
 from distlab.measure.step_memory import CATEGORIES
-from distlab.plan.hardware import resolve_device
+from distlab.plan.hardware import device_spec
 from distlab.plan.memory import lab_config
 from distlab.plan.search import search
 from distlab.plan.shape import from_preset
@@ -70,7 +70,7 @@ def config_for(strategy: str, nproc: int, fields: dict) -> object:
     """The config of ``strategy`` at ``nproc`` ranks, one sequence per data-parallel rank."""
     probe = load_config(None, {"strategy": strategy, "nproc": nproc, "global_batch": 1024 * 64,
                                **fields})  # fmt: skip
-    dp = registry.describe(strategy).data_parallel_size(probe)
+    dp = registry.get(strategy).data_parallel_size(probe)
     return dataclasses.replace(probe, global_batch=dp)
 
 
@@ -148,7 +148,7 @@ def scale_rows(nprocs: list[int]) -> list[str]:
 def planner_rows() -> list[str]:
     """Table 3: the planner's 64-GPU gpt2 pick, traced in the lab, against the plan."""
     shape = from_preset("gpt2")
-    device = resolve_device("h100-sxm", None, None)
+    device = device_spec("h100-sxm", None, None)
     fixed = {"sequence_parallel": False}
     pick = search(shape, 64, 64, "bf16", device, fixed)[0]
     config = lab_config(shape, pick.layout, 64, "bf16")

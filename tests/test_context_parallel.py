@@ -79,7 +79,7 @@ def test_gathered_chunks_reordered_are_the_sequence(cp: int) -> None:
 )
 def test_degrees(strategy: str, nproc: int, flags: dict, expected: tuple) -> None:
     config = load_config(None, {"strategy": strategy, "nproc": nproc, "model": "tiny", **flags})
-    dims = registry.describe(strategy).dims(config)
+    dims = registry.get(strategy).dims(config)
     assert (dims.dp, dims.cp) == expected
     assert dims.reducers * dims.tp == nproc  # gradients are averaged over all but tp ranks
 
@@ -143,10 +143,10 @@ def test_fsdp_cp_shards_the_state_over_every_rank() -> None:
     to a multiple of 4); cp x 4 keeps the full 16 N, as ddp."""
     n_params = count_parameters(PRESETS["tiny"])
     config = parity_config("fsdp+cp", 4, "adamw", cp=2)
-    sharded = registry.describe("fsdp+cp").predicted_state_bytes(config, n_params)
+    sharded = registry.get("fsdp+cp").predicted_state_bytes(config, n_params)
     assert sharded.total == pytest.approx(16 * n_params / 4, rel=0.01)
     config = parity_config("cp", 4, "adamw")
-    assert registry.describe("cp").predicted_state_bytes(config, n_params).total == 16 * n_params
+    assert registry.get("cp").predicted_state_bytes(config, n_params).total == 16 * n_params
 
 
 def test_activations_are_those_of_a_cp_th_of_the_tokens_plus_gathered_kv() -> None:

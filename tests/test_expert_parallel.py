@@ -70,7 +70,7 @@ def test_each_rank_holds_the_dense_model_and_its_share_of_the_experts() -> None:
     experts = expert_parameter_count(shape)
     for ep, nproc in ((2, 2), (4, 4), (2, 4)):
         config = moe_config("ep", nproc, "adamw", ep=ep)
-        state = registry.describe("ep").predicted_state_bytes(config, n)
+        state = registry.get("ep").predicted_state_bytes(config, n)
         assert state.params == 4 * (n - experts + experts // ep)
         assert state.total == 16 * (n - experts + experts // ep)
 

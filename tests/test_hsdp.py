@@ -50,7 +50,7 @@ def hsdp_config(nproc: int, replicate: int, shard: int, optimizer: str = "adamw"
 )
 def test_degrees_and_their_defaults(nproc: int, flags: dict, expected: tuple) -> None:
     config = load_config(None, {"strategy": "hsdp", "nproc": nproc, "global_batch": 48, **flags})
-    dims = registry.describe("hsdp").dims(config)
+    dims = registry.get("hsdp").dims(config)
     assert (dims.replicate, dims.shard) == expected
     assert dims.dp == nproc  # every rank trains its own rows of the batch
 
@@ -102,8 +102,8 @@ def test_theory_is_fsdp_over_the_shards_plus_the_replicas_all_reduce() -> None:
     assert hsdp.kinds["all_reduce"] == fsdp.kinds["all_reduce"] + shard_bytes
     # rank 0's model state is fsdp's over S = 2, tensor by tensor with FSDP2's padding
     fsdp_config = parity_config("fsdp", 2, "adamw", global_batch=4)
-    state = registry.describe("hsdp").predicted_state_bytes(hsdp_config(4, 2, 2), 0)
-    assert state == registry.describe("fsdp").predicted_state_bytes(fsdp_config, 0)
+    state = registry.get("hsdp").predicted_state_bytes(hsdp_config(4, 2, 2), 0)
+    assert state == registry.get("fsdp").predicted_state_bytes(fsdp_config, 0)
     assert state.total >= 16 * count_parameters(PRESETS["tiny"]) // 2  # AdamW fp32: 16 B/param
 
 

@@ -73,7 +73,7 @@ def test_invalid_settings_raise_one_line_errors(overrides: dict, fragment: str) 
 )
 def test_degrees(overrides: dict, dp: int, tp: int, pp: int) -> None:
     config = load_config(None, overrides)
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     dims = strategy.dims(config)
     assert (dims.dp, dims.tp, dims.pp) == (dp, tp, pp)
     assert strategy.data_parallel_size(config) == dp
@@ -81,24 +81,24 @@ def test_degrees(overrides: dict, dp: int, tp: int, pp: int) -> None:
 
 def test_default_microbatches_are_two_per_stage_and_divide_the_local_batch() -> None:
     config = load_config(None, {"strategy": "pp", "nproc": 4, "global_batch": 16})
-    assert resolve_microbatches(config, registry.describe("pp").dims(config)) == 8
+    assert resolve_microbatches(config, registry.get("pp").dims(config)) == 8
     config = load_config(None, {"strategy": "fsdp+pp", "nproc": 4, "pp": 2, "global_batch": 12})
-    assert resolve_microbatches(config, registry.describe("fsdp+pp").dims(config)) == 3
+    assert resolve_microbatches(config, registry.get("fsdp+pp").dims(config)) == 3
     config = load_config(None, {"strategy": "pp", "nproc": 2, "global_batch": 8, "micro_batch": 2})
-    assert resolve_microbatches(config, registry.describe("pp").dims(config)) == 4
+    assert resolve_microbatches(config, registry.get("pp").dims(config)) == 4
 
 
 def test_predicted_bytes_split_the_model() -> None:
     """Rank 0 of tp/pp holds about 1/degree of the model (plus what is replicated)."""
     full = load_config(None, {"model": "tiny"})
-    single = registry.describe("single").predicted_state_bytes(full, 139_296).params
+    single = registry.get("single").predicted_state_bytes(full, 139_296).params
     for overrides, lower, upper in [
         ({"strategy": "tp", "nproc": 2}, 0.5, 0.55),
         ({"strategy": "pp", "nproc": 2}, 0.4, 0.6),
         ({"strategy": "fsdp+tp+pp", "nproc": 8, "tp": 2, "pp": 2}, 0.12, 0.14),
     ]:
         config = load_config(None, {"model": "tiny", **overrides})
-        params = registry.describe(config.strategy).predicted_state_bytes(config, 0).params
+        params = registry.get(config.strategy).predicted_state_bytes(config, 0).params
         assert lower * single <= params <= upper * single, (overrides, params / single)
 
 
@@ -125,7 +125,7 @@ def test_every_valid_layout_names_a_mesh_whose_product_is_nproc(
         config = load_config(None, {"strategy": strategy, "nproc": nproc, "model": model, **fields})
     except DistlabError:
         return  # not a layout this strategy runs
-    mesh = registry.describe(strategy).mesh_dims(config)
+    mesh = registry.get(strategy).mesh_dims(config)
     assert math.prod(d for name, d in mesh.items() if name != "ep") == nproc, mesh
     assert list(mesh) == [name for name in MESH_NAMES if name in mesh]
     assert all(degree > 1 for degree in mesh.values())

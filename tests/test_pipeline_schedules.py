@@ -22,7 +22,7 @@ from distlab.errors import DistlabError
 from distlab.report.parity import _run_name, _run_once, compare, parity_config
 from distlab.strategies.pipeline_schedules import last_stage_rank
 from distlab.strategies.resolve import load_config
-from distlab.theory.comm import layout, predict_comm
+from distlab.theory.comm import predict_comm, rank_layout
 from distlab.theory.memory import nearest_moment, pipeline_in_flight, predict_peak, step_shape
 from helpers import assert_one_line_error, run_main
 
@@ -130,7 +130,7 @@ def test_v_placement_puts_the_loss_and_the_head_on_rank_0() -> None:
     assert last_stage_rank("zbv", 2) == 0 and last_stage_rank("1f1b", 2) == 1
     extra_sends = comm.kinds["send"] - looped.kinds["send"]
     assert comm.wire_bytes - looped.wire_bytes == extra_sends + 4  # + the 4-byte loss
-    shape = step_shape(config, layout(config))
+    shape = step_shape(config, rank_layout(config))
     assert shape.has_first and shape.has_last
     assert (shape.outputs_in_flight, shape.heads_in_flight) == (3, 1)
 

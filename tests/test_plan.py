@@ -356,7 +356,7 @@ def test_block_activations_generalise_the_lab_table(rows, heads, head_dim, tp, c
     hidden = heads * head_dim
     tokens = rows * 32
     shape = ModelShape(name="t", layers=2, hidden=hidden, heads=heads, vocab=64, seq_len=64)
-    planner = memory.block_activation_bytes(
+    planner = memory.planned_block_activation_bytes(
         shape, tokens, Layout(dp=1, tp=tp, cp=cp, ac=ac), element
     )
     step = theory_memory.StepShape(
@@ -523,10 +523,10 @@ def test_calibration_recovers_known_constants(tmp_path):
     calibrate.write_calibration(fitted, path)
     assert hardware.device_from_file(path) == fitted
     with pytest.raises(DistlabError, match="is for cpu-like, not h100-sxm"):
-        hardware.resolve_device("h100-sxm", calibration=path)  # another device's constants
+        hardware.device_spec("h100-sxm", calibration=path)  # another device's constants
     h100_fit = tmp_path / "h100.json"
     calibrate.write_calibration(dataclasses.replace(fitted, name="h100-sxm"), h100_fit)
-    applied = hardware.resolve_device("h100-sxm", calibration=h100_fit)
+    applied = hardware.device_spec("h100-sxm", calibration=h100_fit)
     assert applied.matmul_efficiency == fitted.matmul_efficiency
     assert applied.intra_node == fitted.intra_node
     assert applied.memory_bytes == H100.memory_bytes  # the device's own memory stays
@@ -731,8 +731,8 @@ def test_sequence_parallelism_splits_the_replicated_activations():
     plain = Layout(dp=2, tp=4, zero=1)
     sp = dataclasses.replace(plain, sequence_parallel=True)
     tokens, element = 4096, 2
-    saved = memory.block_activation_bytes(gpt2, tokens, plain, element)
-    split = memory.block_activation_bytes(gpt2, tokens, sp, element)
+    saved = memory.planned_block_activation_bytes(gpt2, tokens, plain, element)
+    split = memory.planned_block_activation_bytes(gpt2, tokens, sp, element)
     assert saved - split == element * 4 * tokens * gpt2.hidden * 3 // 4
     with pytest.raises(DistlabError, match="--sequence-parallel needs --tp"):
         check(Layout(dp=8, sequence_parallel=True), gpt2, 8, 64)
@@ -749,8 +749,8 @@ def test_materialized_attention_costs_time_and_memory():
         > step_time.step_time(flash, layout, 64, "bf16", H100).total_s
     )
     tokens = 8 * flash.seq_len
-    extra = memory.block_activation_bytes(scores, tokens, layout, 2) - (
-        memory.block_activation_bytes(flash, tokens, layout, 2)
+    extra = memory.planned_block_activation_bytes(scores, tokens, layout, 2) - (
+        memory.planned_block_activation_bytes(flash, tokens, layout, 2)
     )
     assert extra == 5 * flash.heads * tokens * flash.seq_len
 
@@ -775,7 +775,7 @@ def test_cpu_search_tries_every_rank_count(capsys):
         + ["--calibration", str(calibration)]
     )
     plans = json.loads(capsys.readouterr().out)
-    device = hardware.resolve_device("cpu", calibration=calibration)
+    device = hardware.device_spec("cpu", calibration=calibration)
     counts = {math.prod(p["degrees"][d] for d in ("dp", "tp", "pp", "cp")) for p in plans}
     assert counts == set(range(1, 2 * device.cores + 1))
     assert all(p["lab_strategy"] for p in plans)

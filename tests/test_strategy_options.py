@@ -49,7 +49,7 @@ def unused_options() -> list:
         pytest.param(strategy, option, id=f"{strategy}-{option}")
         for strategy in registry.names()
         for option in users
-        if option not in registry.describe(strategy).options
+        if option not in registry.get(strategy).options
     ]
 
 

@@ -67,7 +67,7 @@ def test_strategy_modules_import_no_heavy_library() -> None:
     code = (
         "import sys; from distlab.strategies import registry\n"
         "for n in ('zero1', 'zero2', 'zero3', 'fairscale-oss', 'fairscale-sdp'):\n"
-        "    registry.describe(n)\n"
+        "    registry.get(n)\n"
         "print(sorted(m for m in ('deepspeed', 'fairscale') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -107,7 +107,7 @@ def test_oss_partition_is_greedy_by_tensor() -> None:
 def test_predictions_shrink_with_the_stage() -> None:
     n_params = 139_296
     totals = [
-        registry.describe(name).predicted_state_bytes(config(nproc=4), n_params).total
+        registry.get(name).predicted_state_bytes(config(nproc=4), n_params).total
         for name in ("zero1", "zero2", "zero3")
     ]
     assert totals[0] > totals[1] > totals[2]

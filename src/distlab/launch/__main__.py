@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         for name in registry.names():
-            strategy = registry.describe(name)
+            strategy = registry.get(name)
             flags = " ".join(f"--{option.replace('_', '-')}" for option in sorted(strategy.options))
             print(f"{name:16s} {strategy.summary}" + (f"  [{flags}]" if flags else ""))
         return 0

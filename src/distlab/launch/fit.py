@@ -28,7 +28,7 @@ from distlab.launch.micro_batch import budget_bytes, gib, wants_auto
 from distlab.measure.step_memory import CATEGORIES
 from distlab.strategies import registry
 from distlab.strategies.resolve import validate
-from distlab.theory.comm import layout
+from distlab.theory.comm import rank_layout
 from distlab.theory.memory import PeakPrediction, predict_peak
 from distlab.train.trace import TracedStep, check_traceable, trace_step
 
@@ -38,7 +38,7 @@ SHARDED_ALTERNATIVE = {"single": "fsdp", "ddp": "fsdp", "zero1": "zero3", "zero2
 
 def prediction(config: Config) -> PeakPrediction | None:
     """Rank 0's predicted peak, or None for a strategy the theory does not model."""
-    return predict_peak(config) if layout(config) is not None else None
+    return predict_peak(config) if rank_layout(config) is not None else None
 
 
 def describe(config: Config, budget: int) -> str:
@@ -170,7 +170,7 @@ def alternatives(config: Config) -> Iterator[tuple[str, Config]]:
     changes: list[tuple[str, dict[str, object]]] = []
     if config.ac != "full":
         changes.append(("--ac full", {"ac": "full"}))
-    local = config.global_batch // registry.describe(config.strategy).data_parallel_size(config)
+    local = config.global_batch // registry.get(config.strategy).data_parallel_size(config)
     micro = fixed_micro_batch(config) or local
     size = micro // 2
     while size >= 1:

@@ -75,7 +75,7 @@ def wants_auto(config: Config) -> bool:
 
 def candidates(config: Config) -> list[int]:
     """The micro-batch sizes this config's strategy accepts, smallest first."""
-    dp = registry.describe(config.strategy).data_parallel_size(config)
+    dp = registry.get(config.strategy).data_parallel_size(config)
     local = config.global_batch // dp
     accepted = []
     for size in range(1, local + 1):

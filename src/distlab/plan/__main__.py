@@ -28,7 +28,7 @@ from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
 from distlab.launch.fit import side_by_side
 from distlab.plan.calibrate import fit, fit_matmul_rates, write_calibration
-from distlab.plan.hardware import GPUS, cpu_device, resolve_device
+from distlab.plan.hardware import GPUS, cpu_device, device_spec
 from distlab.plan.layout import ACTIVATION_CHECKPOINTING, PRECISIONS
 from distlab.plan.memory import lab_config
 from distlab.plan.render import picture, table
@@ -175,7 +175,7 @@ def calibrate(args) -> int:  # noqa: ANN001
     if args.gpu is None and args.gpu_spec is None:
         base = cpu_device()
     else:
-        base = resolve_device(args.gpu or DEFAULT_GPU, args.gpu_spec)
+        base = device_spec(args.gpu or DEFAULT_GPU, args.gpu_spec)
     if len(args.calibrate) == 1 and args.calibrate[0].suffix == ".json":
         rows = read_matmul_rates(args.calibrate[0])
         sys.stderr.write(f"fitting {base.name}'s matmuls to {len(rows)} measured rates ...\n")
@@ -196,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate(args)
     shape = model_shape(args)
     if args.gpus == "cpu":
-        device = resolve_device("cpu", args.gpu_spec, args.calibration)
+        device = device_spec("cpu", args.gpu_spec, args.calibration)
         gpus = args.nproc or device.cores  # without --nproc: every rank count (below)
     else:
         try:
             gpus = int(args.gpus)
         except ValueError:
             raise DistlabError(f"--gpus {args.gpus}: give a GPU count or 'cpu'") from None
-        device = resolve_device(args.gpu or DEFAULT_GPU, args.gpu_spec, args.calibration)
+        device = device_spec(args.gpu or DEFAULT_GPU, args.gpu_spec, args.calibration)
     if gpus < 1:
         raise DistlabError(f"--gpus {gpus}: need at least one")
     if args.gpus_per_node:

@@ -201,7 +201,7 @@ def device_from_file(path: Path) -> Device:
         ) from None
 
 
-def resolve_device(name: str, spec: Path | None = None, calibration: Path | None = None) -> Device:
+def device_spec(name: str, spec: Path | None = None, calibration: Path | None = None) -> Device:
     """The device called ``name`` ("cpu" or a key of ``GPUS``), or the one in ``spec``;
     a calibration file replaces its fitted constants."""
     if spec is not None:

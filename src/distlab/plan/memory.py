@@ -13,7 +13,7 @@ strategy-specific moments:
   pipeline-parallel share, divided by the data-parallel degree (x cp, as FSDP over dp x
   cp) for what ZeRO shards: stage 1 the optimizer state, 2 and the gradients, 3 and the
   parameters;
-- activations: ``block_activation_bytes`` below (the lab's per-block table,
+- activations: ``planned_block_activation_bytes`` below (the lab's per-block table,
   generalised to grouped-query attention and other MLP widths) times the rank's layers
   times the micro-batches the schedule keeps in flight (``theory.memory.
   pipeline_in_flight``), plus the head's on the last stage;
@@ -115,7 +115,9 @@ def local_parameters(shape: ModelShape, layout: Layout) -> float:
     return (blocks + ends) / layout.tp
 
 
-def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, element: int) -> int:
+def planned_block_activation_bytes(
+    shape: ModelShape, tokens: int, layout: Layout, element: int
+) -> int:
     """Bytes one block saves for backward for one micro-batch of ``tokens`` tokens.
 
     The lab's table (``distlab.theory.memory``) with the MLP's width f and the key/value
@@ -149,7 +151,7 @@ def block_activation_bytes(shape: ModelShape, tokens: int, layout: Layout, eleme
     return element * (replicated + (attention + mlp) * t // tp) + FP32 * 4 * t + lse + scores
 
 
-def activation_bytes(
+def planned_activation_bytes(
     shape: ModelShape, layout: Layout, global_batch: int, element: int
 ) -> tuple[int, int]:
     """(activations, temporaries) of the first pipeline stage (or the only one)."""
@@ -160,7 +162,7 @@ def activation_bytes(
         in_flight /= layout.virtual_stages
     else:
         in_flight = 1.0
-    per_block = block_activation_bytes(shape, tokens, layout, element)
+    per_block = planned_block_activation_bytes(shape, tokens, layout, element)
     blocks = layers * per_block * in_flight
     vocab_share = shape.vocab // layout.tp
     head = element * 2 * tokens * shape.hidden + FP32 * tokens * vocab_share
@@ -178,7 +180,7 @@ def planner_memory(
     """The planner's own accounting (module docstring): every category held at once."""
     element = 4 if precision == "fp32" else 2
     state = state_bytes(shape, layout, precision)
-    activations, temporaries = activation_bytes(shape, layout, global_batch, element)
+    activations, temporaries = planned_activation_bytes(shape, layout, global_batch, element)
     comm = 0
     if layout.zero >= 3:
         block = shape.block_parameters() / layout.tp

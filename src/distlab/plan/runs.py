@@ -13,8 +13,7 @@ from distlab.errors import DistlabError
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
-from distlab.theory.comm import layout as lab_layout
-from distlab.theory.comm import microbatches
+from distlab.theory.comm import microbatches, rank_layout
 
 SHARDING = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
 """ZeRO stage of each sharded data-parallel flavour; the others replicate (stage 0)."""
@@ -52,12 +51,12 @@ def read_run(run_dir: Path) -> MeasuredRun:
     if not isinstance(summary, dict):
         raise DistlabError(f"{summary_file}: not a run summary (a JSON object)")
     config = build_config(read_config_values(run_dir / "config.yaml"))
-    lab = lab_layout(config)
+    lab = rank_layout(config)
     if lab is None:
         raise DistlabError(
             f"{run_dir}: strategy {config.strategy} has no layout the planner models"
         )
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     dims = strategy.dims(config)
     m = microbatches(config, lab) if dims.pp > 1 else grad_accum_steps(config, dims.dp * dims.cp)
     layout = Layout(

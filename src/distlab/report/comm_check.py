@@ -81,7 +81,7 @@ def _rank(
             config = load_config(None, {**cell, "nproc": world, "steps": steps})
             seq = resolved_seq_len(config)
             model = build_model(model_shape(config), config.seed)
-            train_step = registry.describe(config.strategy).prepare(model, ctx, config)
+            train_step = registry.get(config.strategy).prepare(model, ctx, config)
 
             def run(step: int, train_step=train_step, config=config, seq=seq) -> StepResult:
                 batch = global_batch(tokens, config.seed, step, config.global_batch, seq)

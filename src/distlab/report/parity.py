@@ -130,7 +130,7 @@ def tolerance(config: Config) -> Tolerance:
     """
     if config.precision == "bf16":
         return bf16_tolerance(config)
-    options = registry.describe(config.strategy).options
+    options = registry.get(config.strategy).options
     # ring attention: plain matmuls and softmax instead of SDPA's kernel, as --compile
     reordered = (
         bool(options & MODEL_PARALLEL_OPTIONS) or config.compile or config.cp_attention == "ring"

@@ -57,7 +57,7 @@ from distlab.strategies.context_parallel import (
     held_positions,
     validate_cp,
 )
-from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
+from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
 from distlab.strategies.pipeline_schedules import schedule_spec
@@ -155,7 +155,7 @@ class ComposedStrategy(Strategy):
             "dp_rank": mesh["dp"].get_local_rank(),
             "dp_size": dims.dp,
             "dp_group": mesh["dp"].get_group(),
-            "gradient_sync": MicroBatchSettings(
+            "gradient_sync": FsdpMicroBatchSync(
                 wrapped, config.reshard_after_forward, config.reshard_between_microbatches
             ),
             "plain_model": model,

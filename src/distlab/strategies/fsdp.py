@@ -15,7 +15,7 @@ Gradient accumulation (``--micro-batch``, A micro-batches per step): the
 gradients of every micro-batch accumulate unsharded on each rank and are
 reduce-scattered once, in the last backward. What happens to the gathered
 parameters between micro-batches is a memory/communication trade
-(``MicroBatchSettings``):
+(``FsdpMicroBatchSync``):
 
 - default: they stay gathered from the first micro-batch's backward to the
   last one's, so a step gathers what a one-micro-batch step gathers, whatever
@@ -147,7 +147,7 @@ def apply_fsdp(
     )
 
 
-class MicroBatchSettings:
+class FsdpMicroBatchSync:
     """FSDP2's settings for each micro-batch of an optimizer step (a ``GradientSync``).
 
     Called before each micro-batch with whether it is the step's last. Every
@@ -233,7 +233,7 @@ class FSDPStrategy(Strategy):
             dp_rank=ctx.rank,
             dp_size=ctx.world_size,
             dp_group=mesh.get_group(),
-            gradient_sync=MicroBatchSettings(
+            gradient_sync=FsdpMicroBatchSync(
                 sharded, config.reshard_after_forward, config.reshard_between_microbatches
             ),
         )

@@ -39,7 +39,7 @@ where ``fsdp`` over all R S ranks would gather every parameter across them.
 
 Everything else is ``fsdp``'s: ``apply_fsdp`` (given the 2-D mesh, FSDP2's
 ``fully_shard`` shards over its last dimension and replicates over the first),
-``MicroBatchSettings`` for gradient accumulation, the bf16 mixed-precision
+``FsdpMicroBatchSync`` for gradient accumulation, the bf16 mixed-precision
 policy, ``--no-reshard-after-forward``, ``--ac`` and ``--compile``.
 
 Defaults: ``--dp-shard S`` alone takes R = nproc / S and ``--dp-replicate R``
@@ -57,7 +57,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
-from distlab.strategies.fsdp import MicroBatchSettings, apply_fsdp
+from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
 
@@ -134,7 +134,7 @@ class HSDPStrategy(Strategy):
             dp_rank=ctx.rank,  # every rank trains its own rows: R S data-parallel ranks
             dp_size=ctx.world_size,
             dp_group=None,  # the loss is averaged over all of them
-            gradient_sync=MicroBatchSettings(
+            gradient_sync=FsdpMicroBatchSync(
                 sharded, config.reshard_after_forward, config.reshard_between_microbatches
             ),
         )

@@ -46,12 +46,12 @@ def option_users() -> dict[str, list[str]]:
     """Every strategy option (``Strategy.options``) -> the strategies that use it."""
     users: dict[str, list[str]] = {}
     for name in STRATEGIES:
-        for option in sorted(describe(name).options):
+        for option in sorted(get(name).options):
             users.setdefault(option, []).append(name)
     return users
 
 
-def describe(name: str) -> Strategy:
+def get(name: str) -> Strategy:
     """The strategy registered as ``name``; a one-line error for an unknown name."""
     if name not in STRATEGIES:
         raise DistlabError(f"unknown strategy '{name}' (choose one of: {', '.join(STRATEGIES)})")

@@ -50,7 +50,7 @@ def inheritable(base: dict[str, Any], strategy: str | None) -> dict[str, Any]:
     """
     if strategy is None or strategy == base.get("strategy") or strategy not in registry.names():
         return dict(base)
-    ignored = set(registry.option_users()) - registry.describe(strategy).options
+    ignored = set(registry.option_users()) - registry.get(strategy).options
     return {k: v for k, v in base.items() if k not in ignored}
 
 
@@ -58,7 +58,7 @@ def validate(config: Config) -> None:
     """Every field on its own, then what the strategy says of the whole; one-line errors."""
     check_fields(config)
     fault_specs(config)
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     refuse_unused_options(config, strategy.options, registry.option_users())
     if config.compile and strategy.compile_refusal:
         raise DistlabError(
@@ -76,7 +76,7 @@ def validate(config: Config) -> None:
             "its experts' row counts are data-dependent shapes"
         )
     if model_shape(config).n_expert and not strategy.trains_moe:
-        moe = ", ".join(n for n in registry.names() if registry.describe(n).trains_moe)
+        moe = ", ".join(n for n in registry.names() if registry.get(n).trains_moe)
         raise DistlabError(
             f"strategy '{config.strategy}' cannot train the mixture-of-experts model "
             f"'{config.model}'; use one of: {moe}"

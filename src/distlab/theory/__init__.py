@@ -17,7 +17,7 @@ from distlab.config import Config, model_shape
 from distlab.model import count_parameters
 from distlab.strategies import registry
 from distlab.strategies.pipeline_schedules import bubble_fraction
-from distlab.theory.comm import ExpertRouting, layout, microbatches, predict_comm
+from distlab.theory.comm import ExpertRouting, microbatches, predict_comm, rank_layout
 from distlab.theory.memory import predict_peak
 
 
@@ -28,10 +28,10 @@ def pipeline_bubble(config: Config) -> float | None:
     less for the interleaved and zero-bubble schedules
     (``strategies.pipeline_schedules``: the formulas and their assumptions).
     """
-    lay = layout(config)
-    if lay is None or lay.pp <= 1:
+    layout = rank_layout(config)
+    if layout is None or layout.pp <= 1:
         return None
-    return bubble_fraction(config.schedule, lay.pp, microbatches(config, lay))
+    return bubble_fraction(config.schedule, layout.pp, microbatches(config, layout))
 
 
 def predict(config: Config, routing: ExpertRouting | None = None) -> dict[str, Any]:
@@ -41,11 +41,11 @@ def predict(config: Config, routing: ExpertRouting | None = None) -> dict[str, A
     compared (its all-to-all volume depends on them).
     """
     n_params = count_parameters(model_shape(config))
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     comm = predict_comm(config, routing)
     return {
         "model_state_bytes_per_rank": strategy.predicted_state_bytes(config, n_params).to_dict(),
         "comm_per_step": comm.to_dict() if comm is not None else None,
         "pipeline_bubble": pipeline_bubble(config),
-        "memory_peak": predict_peak(config).to_dict() if layout(config) is not None else None,
+        "memory_peak": predict_peak(config).to_dict() if rank_layout(config) is not None else None,
     }

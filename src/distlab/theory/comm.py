@@ -196,7 +196,7 @@ MODELLED_DATA_PARALLEL = (
 
 
 @dataclass(frozen=True)
-class Layout(ParallelDims):
+class RankLayout(ParallelDims):
     """How a strategy uses the ranks: its degrees (``ParallelDims``: dp, tp, pp, hsdp's
     replicate, cp, ep, with the reducer and shard counts they imply) and its data-parallel
     flavour."""
@@ -205,24 +205,24 @@ class Layout(ParallelDims):
     """ddp, fsdp, zero1/2/3, fairscale-oss/sdp, ep or None."""
 
 
-def compute_bytes(config: Config, lay: Layout) -> int:
+def compute_bytes(config: Config, layout: RankLayout) -> int:
     """Bytes per element of the parameters gathered and activations computed under ``config``.
 
     2 where bf16 replaces fp32 in the model itself: FSDP2's ``MixedPrecisionPolicy``
     and DeepSpeed's bf16 mode (every op in bf16); 4 in fp32, and for the
     parameters of autocast strategies (their activations: see the module docstring).
     """
-    casts_model = lay.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
+    casts_model = layout.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
     return 2 if config.precision == "bf16" and casts_model else FP32
 
 
-def layout(config: Config) -> Layout | None:
+def rank_layout(config: Config) -> RankLayout | None:
     """What ``config.strategy`` declares (its flavour and mesh); None if not modelled."""
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
         return None
     dims = strategy.dims(config)
-    return Layout(**asdict(dims), data_parallel=strategy.data_parallel)
+    return RankLayout(**asdict(dims), data_parallel=strategy.data_parallel)
 
 
 # --- The predictions ------------------------------------------------------------------
@@ -246,31 +246,31 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     ``routing``: for ``ep``, the step's measured routing counts, on which its
     all-to-all volume depends (balanced routing assumed without them).
     """
-    lay = layout(config)
-    if lay is None:
+    layout = rank_layout(config)
+    if layout is None:
         return None
     shape = model_shape(config)
     seq = resolved_seq_len(config)
-    model_bytes = compute_bytes(config, lay)  # parameters gathered, activations under FSDP
+    model_bytes = compute_bytes(config, layout)  # parameters gathered, activations under FSDP
     matmul_bytes = 2 if config.precision == "bf16" else FP32  # matmul outputs (autocast too)
     pred = CommPrediction()
-    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
+    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
     n_tensors = len(shapes)
     p_local = numel(shapes)
-    rows = config.global_batch // lay.dp  # rows of the global batch on this data-parallel rank
-    accum = grad_accum_steps(config, lay.dp) if lay.pp == 1 else 1
-    dtensor_params = lay.data_parallel == "fsdp" or lay.tp > 1
+    rows = config.global_batch // layout.dp  # rows of the global batch on this data-parallel rank
+    accum = grad_accum_steps(config, layout.dp) if layout.pp == 1 else 1
+    dtensor_params = layout.data_parallel == "fsdp" or layout.tp > 1
     formulas = []
 
     # Data parallelism over the dp ranks.
-    dp = lay.dp
-    if lay.data_parallel == "ddp":
-        pred.add("all_reduce", FP32 * p_local, lay.reducers, calls=None)
+    dp = layout.dp
+    if layout.data_parallel == "ddp":
+        pred.add("all_reduce", FP32 * p_local, layout.reducers, calls=None)
         formulas.append("all-reduce 4P")
-    elif lay.data_parallel == "fsdp":
-        formulas.append(_fsdp_comm(pred, config, lay, shapes, accum, model_bytes))
-    elif lay.data_parallel in ("zero1", "zero2"):
-        reductions = accum if _reduces_per_microbatch(config, lay) else 1
+    elif layout.data_parallel == "fsdp":
+        formulas.append(_fsdp_comm(pred, config, layout, shapes, accum, model_bytes))
+    elif layout.data_parallel in ("zero1", "zero2"):
+        reductions = accum if _reduces_per_microbatch(config, layout) else 1
         pred.add("all_reduce", reductions * FP32 * p_local, dp, calls=None)
         pred.add("all_gather", model_bytes * p_local, dp, calls=None)
         times = f"{reductions} x " if reductions > 1 else ""
@@ -286,9 +286,9 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
                 "--zero-reduce per-microbatch: ZeRO-2 reduces the gradients in every "
                 "micro-batch's backward"
             )
-    elif lay.data_parallel == "zero3":
+    elif layout.data_parallel == "zero3":
         gathers = _zero3_gathers(config, p_local)
-        reductions = accum if _reduces_per_microbatch(config, lay) else 1
+        reductions = accum if _reduces_per_microbatch(config, layout) else 1
         pred.add("all_gather", accum * gathers * model_bytes * p_local, dp, calls=None)
         pred.add("reduce_scatter", reductions * FP32 * p_local, dp, calls=None)
         per_step = "" if reductions == accum else " + reduce-scatter 4P once"
@@ -302,32 +302,32 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
                 "(reuse distance < stage3_max_reuse_distance): one all-gather per micro-batch, "
                 "not the ZeRO paper's two"
             )
-    elif lay.data_parallel in ("fairscale-oss", "fairscale-sdp"):
-        _fairscale_comm(pred, config, lay)
-        reduction = "all-reduce" if lay.data_parallel == "fairscale-oss" else "reduce"
+    elif layout.data_parallel in ("fairscale-oss", "fairscale-sdp"):
+        _fairscale_comm(pred, config, layout)
+        reduction = "all-reduce" if layout.data_parallel == "fairscale-oss" else "reduce"
         formulas.append(f"{reduction} 4P (gradients) + broadcast 4P (owned parameters)")
-    elif lay.data_parallel == "ep":
-        formulas.append(_ep_comm(pred, config, lay, rows * seq, accum, routing))
-    if lay.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
-        small = 8 if lay.data_parallel != "zero3" else 12
+    elif layout.data_parallel == "ep":
+        formulas.append(_ep_comm(pred, config, layout, rows * seq, accum, routing))
+    if layout.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
+        small = 8 if layout.data_parallel != "zero3" else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
         pred.add("all_reduce", small, dp, calls=None)
-    elif lay.reducers > 1:
-        pred.add("all_reduce", FP32, lay.reducers)  # the loss mean over data-parallel ranks
+    elif layout.reducers > 1:
+        pred.add("all_reduce", FP32, layout.reducers)  # the loss mean over data-parallel ranks
 
     # Tensor parallelism inside each replica/stage.
-    tp = lay.tp
+    tp = layout.tp
     if tp > 1:
         if config.sequence_parallel:
             pred.notes.append("sequence parallelism not modelled: tp traffic left out")
         else:
-            layers = _layers_of(config, lay)
-            first, last = _has_first_last(config, lay)
-            tokens = rows * seq // lay.cp  # a cp rank computes its slice of each sequence
+            layers = _layers_of(config, layout)
+            first, last = _has_first_last(config, layout)
+            tokens = rows * seq // layout.cp  # a cp rank computes its slice of each sequence
             count = 6 * layers + (1 if first else 0) + (1 if last else 0)
             # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
             # backward input gradients) are in the model's dtype (fp32 under autocast).
-            passes = accum if lay.pp == 1 else microbatches(config, lay)
+            passes = accum if layout.pp == 1 else microbatches(config, layout)
             volume = 2 * layers * matmul_bytes + (count - 2 * layers) * model_bytes
             pred.add("all_reduce", volume * tokens * shape.d_model, tp, calls=passes * count)
             if last:
@@ -336,17 +336,19 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     if dtensor_params:
         # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
         # hsdp: the norms of replicated shards agree, so only the shard dim is reduced.
-        for degree in (lay.shard if lay.data_parallel == "fsdp" else 1, tp):
+        for degree in (layout.shard if layout.data_parallel == "fsdp" else 1, tp):
             if degree > 1:
                 pred.add("all_reduce", FP32 * n_tensors, degree)
 
-    if lay.cp > 1:
-        passes = accum if lay.pp == 1 else microbatches(config, lay)  # forwards per step
-        formulas.append(_context_parallel_comm(pred, config, lay, rows * seq, passes, matmul_bytes))
+    if layout.cp > 1:
+        passes = accum if layout.pp == 1 else microbatches(config, layout)  # forwards per step
+        formulas.append(
+            _context_parallel_comm(pred, config, layout, rows * seq, passes, matmul_bytes)
+        )
 
     # Pipeline parallelism between stages.
-    if lay.pp > 1:
-        _pipeline_comm(pred, config, lay, rows, seq, model_bytes)
+    if layout.pp > 1:
+        _pipeline_comm(pred, config, layout, rows, seq, model_bytes)
         formulas.append("send/recv M activations of (B/M) T d per stage boundary")
     if not formulas:
         formulas.append("none")
@@ -354,27 +356,29 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     return pred
 
 
-def microbatches(config: Config, lay: Layout) -> int:
+def microbatches(config: Config, layout: RankLayout) -> int:
     """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
-    return resolve_microbatches(config, lay)
+    return resolve_microbatches(config, layout)
 
 
-def _layers_of(config: Config, lay: Layout) -> int:
+def _layers_of(config: Config, layout: RankLayout) -> int:
     shape = model_shape(config)
-    if lay.pp <= 1:
+    if layout.pp <= 1:
         return shape.n_layer
-    return len({n.split(".")[1] for n in stage_shapes(config, lay.pp) if n.startswith("blocks.")})
+    return len(
+        {n.split(".")[1] for n in stage_shapes(config, layout.pp) if n.startswith("blocks.")}
+    )
 
 
-def _has_first_last(config: Config, lay: Layout) -> tuple[bool, bool]:
-    names = stage_shapes(config, lay.pp)
+def _has_first_last(config: Config, layout: RankLayout) -> tuple[bool, bool]:
+    names = stage_shapes(config, layout.pp)
     return "wte.weight" in names, "lm_head.weight" in names
 
 
 def _fsdp_comm(
     pred: CommPrediction,
     config: Config,
-    lay: Layout,
+    layout: RankLayout,
     shapes: dict[str, tuple[int, ...]],
     accum: int,
     model_bytes: int,
@@ -383,24 +387,24 @@ def _fsdp_comm(
     fp32 reduce-scatter (``distlab.strategies.fsdp``) over the shard degree; under hsdp also
     the all-reduce of each unit's reduce-scattered gradient shard across the replica groups
     (``distlab.strategies.hsdp``); the formula."""
-    dp = lay.shard
+    dp = layout.shard
     padded = model_bytes * fsdp_padded_numel(shapes, dp)
     root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
     blocks_padded = padded - model_bytes * fsdp_padded_numel(root, dp)
-    blocks = _layers_of(config, lay)
+    blocks = _layers_of(config, layout)
     units = blocks + (1 if root else 0)
     # How often every unit is gathered (forward), and how often the blocks again
     # (backward, when forward freed them; the root is never freed after forward).
     resharding = 1 if config.reshard_after_forward else 0
     if not config.reshard_between_microbatches:
-        if lay.pp == 1:
+        if layout.pp == 1:
             gathers, block_regathers = 1, resharding
         else:  # kept gathered from the first forward to the schedule's last backward
             gathers, block_regathers = 1, 0
-    elif lay.pp == 1:
+    elif layout.pp == 1:
         gathers, block_regathers = accum, accum * resharding
     else:  # the schedule never frees after backward: each backward that follows a forward
-        gathers, block_regathers = 1, microbatches(config, lay) * resharding
+        gathers, block_regathers = 1, microbatches(config, layout) * resharding
     calls = gathers * units + block_regathers * blocks
     pred.add("all_gather", gathers * padded + block_regathers * blocks_padded, dp, calls=calls)
     # Gradients are reduced in fp32 (the policy's reduce_dtype) under bf16 too.
@@ -408,49 +412,49 @@ def _fsdp_comm(
     size = f"{model_bytes}P'"
     again = f" + {block_regathers}x{size}_blocks" if block_regathers else ""
     formula = f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
-    if lay.replicate > 1:
+    if layout.replicate > 1:
         shard_bytes = FP32 * fsdp_padded_numel(shapes, dp) // dp
-        pred.add("all_reduce", shard_bytes, lay.replicate, calls=units)
-        formula += f" + all-reduce 4P'/{dp} over {lay.replicate} replicas"
+        pred.add("all_reduce", shard_bytes, layout.replicate, calls=units)
+        formula += f" + all-reduce 4P'/{dp} over {layout.replicate} replicas"
     return formula
 
 
 def _context_parallel_comm(
-    pred: CommPrediction, config: Config, lay: Layout, tokens: int, passes: int, element: int
+    pred: CommPrediction, config: Config, layout: RankLayout, tokens: int, passes: int, element: int
 ) -> str:
     """The keys' and values' all-gathers and their gradients' reduce-scatters
     (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
     sequences, in ``passes`` forwards (micro-batches); ``element`` bytes each (K and V are
     matmul outputs: bf16 under autocast and under FSDP's bf16 policy); the formula."""
     shape = model_shape(config)
-    layers = _layers_of(config, lay)
-    volume = element * tokens * shape.d_model // lay.tp  # K (or V) of the whole sequence
+    layers = _layers_of(config, layout)
+    volume = element * tokens * shape.d_model // layout.tp  # K (or V) of the whole sequence
     gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
     again = f"{gathers} x " if gathers > 1 else ""
     if config.cp_attention == "ring":
         # cp - 1 steps, each passing one rank's block (1/cp of the sequence) of K and of V;
         # backward passes their gradients back the same number of steps
-        steps = 2 * layers * (lay.cp - 1)
-        block = volume // lay.cp
+        steps = 2 * layers * (layout.cp - 1)
+        block = volume // layout.cp
         messages = (gathers + 1) * steps
-        pred.add("send", messages * block, lay.cp, calls=passes * messages)
-        pred.add("recv", messages * block, lay.cp, calls=passes * messages)
+        pred.add("send", messages * block, layout.cp, calls=passes * messages)
+        pred.add("recv", messages * block, layout.cp, calls=passes * messages)
         return (
             f"send/recv ({again}2L + 2L) x (cp - 1) blocks of BTd/cp "
-            f"(K, V and their gradients around the ring of {lay.cp} cp ranks)"
+            f"(K, V and their gradients around the ring of {layout.cp} cp ranks)"
         )
     calls = passes * 2 * layers
-    pred.add("all_gather", gathers * 2 * layers * volume, lay.cp, calls=gathers * calls)
-    pred.add("reduce_scatter", 2 * layers * volume, lay.cp, calls=calls)
-    return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {lay.cp} cp ranks)"
+    pred.add("all_gather", gathers * 2 * layers * volume, layout.cp, calls=gathers * calls)
+    pred.add("reduce_scatter", 2 * layers * volume, layout.cp, calls=calls)
+    return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {layout.cp} cp ranks)"
 
 
-def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:
+def _fairscale_comm(pred: CommPrediction, config: Config, layout: RankLayout) -> None:
     """OSS's broadcasts, and DDP's all-reduce or ShardedDataParallel's reduces."""
-    n = lay.dp
+    n = layout.dp
     sizes = parameter_sizes(config)
     owners = oss_owners(sizes, n)
-    if lay.data_parallel == "fairscale-oss":
+    if layout.data_parallel == "fairscale-oss":
         pred.add("all_reduce", FP32 * sum(sizes), n, calls=None)
     else:
         for size, owner in zip(sizes, owners, strict=True):
@@ -461,9 +465,9 @@ def _fairscale_comm(pred: CommPrediction, config: Config, lay: Layout) -> None:
     pred.add("all_reduce", FP32, n)  # OSS's gradient norm
 
 
-def _reduces_per_microbatch(config: Config, lay: Layout) -> bool:
+def _reduces_per_microbatch(config: Config, layout: RankLayout) -> bool:
     """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``)."""
-    return lay.data_parallel != "zero1" and zero_reduce_mode(config) == "per-microbatch"
+    return layout.data_parallel != "zero1" and zero_reduce_mode(config) == "per-microbatch"
 
 
 def _zero3_gathers(config: Config, p_local: int) -> int:
@@ -478,7 +482,12 @@ def _zero3_gathers(config: Config, p_local: int) -> int:
 
 
 def _pipeline_comm(
-    pred: CommPrediction, config: Config, lay: Layout, rows: int, seq: int, element_bytes: int
+    pred: CommPrediction,
+    config: Config,
+    layout: RankLayout,
+    rows: int,
+    seq: int,
+    element_bytes: int,
 ) -> None:
     """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce.
 
@@ -486,33 +495,33 @@ def _pipeline_comm(
     autocast, bf16 from FSDP stages under bf16).
     """
     shape = model_shape(config)
-    m = microbatches(config, lay)
+    m = microbatches(config, layout)
     virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    n_stages = lay.pp * virtual
+    n_stages = layout.pp * virtual
     # Under context parallelism a rank passes on only its T / cp tokens of each sequence.
-    message = (rows // m) * (seq // lay.cp) * shape.d_model * element_bytes
-    if lay.tp > 1 and config.sequence_parallel:
-        message //= lay.tp
+    message = (rows // m) * (seq // layout.cp) * shape.d_model * element_bytes
+    if layout.tp > 1 and config.sequence_parallel:
+        message //= layout.tp
     sends = recvs = 0
-    for stage in rank_stages(config.schedule, lay.pp, 0):
+    for stage in rank_stages(config.schedule, layout.pp, 0):
         if stage < n_stages - 1:
             sends += m  # activations forward
             recvs += m  # their gradients back
         if stage > 0:
             recvs += m
             sends += m
-    pred.add("send", sends * message, lay.pp, calls=sends)
-    pred.add("recv", recvs * message, lay.pp, calls=recvs)
+    pred.add("send", sends * message, layout.pp, calls=sends)
+    pred.add("recv", recvs * message, layout.pp, calls=recvs)
     # The loss, from the rank of the last stage (rank 0 itself in V placement).
-    loss_rank = last_stage_rank(config.schedule, lay.pp)
-    pred.add("broadcast", FP32, lay.pp, relative_rank=-loss_rank % lay.pp)
-    pred.add("all_reduce", FP32, lay.pp)  # squared gradient norm over the stages
+    loss_rank = last_stage_rank(config.schedule, layout.pp)
+    pred.add("broadcast", FP32, layout.pp, relative_rank=-loss_rank % layout.pp)
+    pred.add("all_reduce", FP32, layout.pp)  # squared gradient norm over the stages
 
 
 def _ep_comm(
     pred: CommPrediction,
     config: Config,
-    lay: Layout,
+    layout: RankLayout,
     tokens: int,
     accum: int,
     routing: ExpertRouting | None,
@@ -523,8 +532,8 @@ def _ep_comm(
     ep, d, layers = ep_degree(config), shape.d_model, shape.n_layer
     experts = expert_parameter_count(shape)
     dense = sum(parameter_sizes(config)) - experts
-    pred.add("all_reduce", FP32 * dense, lay.dp)
-    replicas = lay.dp // ep
+    pred.add("all_reduce", FP32 * dense, layout.dp)
+    replicas = layout.dp // ep
     pred.add("all_reduce", FP32 * experts // ep, replicas, calls=4 * layers)
     pred.add("all_reduce", FP32, ep)  # the expert shards' squared gradient norm
     sent = layers * shape.top_k * tokens  # dropless: every token to k experts, every layer

@@ -81,7 +81,7 @@ from distlab.strategies.parallel_dims import (
     tp_local_shapes,
 )
 from distlab.strategies.pipeline_schedules import schedule_spec
-from distlab.theory.comm import Layout, compute_bytes, layout, microbatches
+from distlab.theory.comm import RankLayout, compute_bytes, microbatches, rank_layout
 
 FP32 = 4
 ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
@@ -192,38 +192,38 @@ def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.
     )
 
 
-def step_shape(config: Config, lay: Layout) -> StepShape:
+def step_shape(config: Config, layout: RankLayout) -> StepShape:
     """Rank 0's micro-batch and pipeline position under ``config``."""
     seq = resolved_seq_len(config)
-    names = stage_shapes(config, lay.pp)
+    names = stage_shapes(config, layout.pp)
     layers = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
-    if lay.pp > 1:
-        m = microbatches(config, lay)
-        rows = config.global_batch // lay.dp // m
-        chunks = pipeline_in_flight(config.schedule, lay.pp, m)
-        plans = rank_stage_plans(config, lay.pp, 0)
+    if layout.pp > 1:
+        m = microbatches(config, layout)
+        rows = config.global_batch // layout.dp // m
+        chunks = pipeline_in_flight(config.schedule, layout.pp, m)
+        plans = rank_stage_plans(config, layout.pp, 0)
         # Blocks: the in-flight micro-batches of each of rank 0's stages, by its layers.
         in_flight = sum(n * len(p.layers) for n, p in zip(chunks, plans, strict=True)) / layers
         outputs = sum(n for n, p in zip(chunks, plans, strict=True) if not p.head)
         heads = sum(n for n, p in zip(chunks, plans, strict=True) if p.head)
     else:
-        rows = config.global_batch // lay.dp // grad_accum_steps(config, lay.dp)
+        rows = config.global_batch // layout.dp // grad_accum_steps(config, layout.dp)
         in_flight, outputs, heads = 1, 0, 1  # the whole model: no stage output to keep
     return StepShape(
-        tokens=rows * seq // lay.cp,
+        tokens=rows * seq // layout.cp,
         layers=layers,
         has_first="wte.weight" in names,
         has_last="lm_head.weight" in names,
         in_flight=in_flight,
         outputs_in_flight=outputs,
         heads_in_flight=heads,
-        tp=lay.tp,
-        sequence_parallel=config.sequence_parallel and lay.tp > 1,
-        element=compute_bytes(config, lay),
+        tp=layout.tp,
+        sequence_parallel=config.sequence_parallel and layout.tp > 1,
+        element=compute_bytes(config, layout),
         ac=config.ac,
-        cp=lay.cp,
-        softmax_keys=seq if lay.cp > 1 and config.cp_attention == "ring" else 0,
-        logits_held=lay.pp > 1,
+        cp=layout.cp,
+        softmax_keys=seq if layout.cp > 1 and config.cp_attention == "ring" else 0,
+        logits_held=layout.pp > 1,
     )
 
 
@@ -292,10 +292,10 @@ def head_activation_bytes(shape: StepShape, d: int, vocab: int) -> int:
 
 def activation_bytes(config: Config) -> int:
     """Saved activations of rank 0 at the start of backward (all in-flight micro-batches)."""
-    lay = layout(config)
-    if lay is None:
+    layout = rank_layout(config)
+    if layout is None:
         raise ValueError(f"no activation model for strategy {config.strategy!r}")
-    shape = step_shape(config, lay)
+    shape = step_shape(config, layout)
     return _activations(shape, config)
 
 
@@ -334,28 +334,28 @@ def _activations(shape: StepShape, config: Config) -> int:
 
 def predict_peak(config: Config) -> PeakPrediction:
     """Rank 0's predicted peak by category: the largest of the moments above."""
-    lay = layout(config)
-    if lay is None:
+    layout = rank_layout(config)
+    if layout is None:
         raise ValueError(f"no memory model for strategy {config.strategy!r}")
     model = model_shape(config)
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     n_params = count_parameters(model)
     state = strategy.predicted_state_bytes(config, n_params)
     resident = strategy.resident_between_steps(config, n_params)
-    shape = step_shape(config, lay)
-    gathered = gathered_bytes(config, lay)
+    shape = step_shape(config, layout)
+    gathered = gathered_bytes(config, layout)
     common = {"params": state.params + gathered["params"], "optimizer": state.optimizer}
-    if lay.pp > 1:
+    if layout.pp > 1:
         moments = [
             Moment(
                 "pipeline steady state",
                 "backward",
-                pipeline_moment(config, lay, shape, state, common, gathered),
+                pipeline_moment(config, layout, shape, state, common, gathered),
             ),
             Moment(
                 "last micro-batch backward",
                 "backward",
-                pipeline_moment(config, lay, shape, state, common, gathered, last=True),
+                pipeline_moment(config, layout, shape, state, common, gathered, last=True),
             ),
         ]
     else:
@@ -369,16 +369,16 @@ def predict_peak(config: Config) -> PeakPrediction:
                 Moment(
                     f"block {k} backward",
                     "backward",
-                    block_backward(config, lay, shape, state, resident, common, k),
+                    block_backward(config, layout, shape, state, resident, common, k),
                 )
                 for k in range(shape.layers)
             ),
         ]
     optimizer_step = _split(
         params=state.params,
-        grads=optimizer_step_grads(config, lay, state),
-        optimizer=state.optimizer + optimizer_temporaries(config, lay, state),
-        temporaries=ddp_pipeline_buckets(lay, state),
+        grads=optimizer_step_grads(config, layout, state),
+        optimizer=state.optimizer + optimizer_temporaries(config, layout, state),
+        temporaries=ddp_pipeline_buckets(layout, state),
     )
     moments.append(Moment("optimizer step", "optimizer", optimizer_step))
     return PeakPrediction(tuple(moments))
@@ -404,7 +404,7 @@ def backward_start(
 
 def block_backward(
     config: Config,
-    lay: Layout,
+    layout: RankLayout,
     shape: StepShape,
     state: ModelStateBytes,
     resident: ModelStateBytes,
@@ -428,24 +428,24 @@ def block_backward(
     recomputed = block_in_backward_bytes(shape, model.n_head, h) + moe
     saved = k * (block_activation_bytes(shape, model.n_head, h) + moe)
     logits = e * t * model.vocab_size if shape.has_last and shape.logits_held else 0
-    blocks = block_elements(config, lay)
-    gathered = block_elements(config, lay, gathered=True)
+    blocks = block_elements(config, layout)
+    gathered = block_elements(config, layout, gathered=True)
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
-    head = 0 if lay.data_parallel == "fsdp" else root_elements(config, lay, head_only=True)
+    head = 0 if layout.data_parallel == "fsdp" else root_elements(config, layout, head_only=True)
     done = sum(blocks[k + 1 :]) + head
     shards = 1  # what the gradients made so far are split over
-    if lay.data_parallel == "fsdp":
-        shards = lay.shard  # hsdp: the replica groups hold the same shards
-    elif lay.data_parallel in ("zero2", "zero3", "fairscale-sdp"):
-        shards = lay.dp
+    if layout.data_parallel == "fsdp":
+        shards = layout.shard  # hsdp: the replica groups hold the same shards
+    elif layout.data_parallel in ("zero2", "zero3", "fairscale-sdp"):
+        shards = layout.dp
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
     comm, unsharded_grads = 0, 0
-    if lay.data_parallel == "fsdp":
+    if layout.data_parallel == "fsdp":
         # block k and the prefetched k-1 gathered (a checkpointed block's recomputation
         # reuses block k's gathered parameters). Block k's gradients, before their
         # reduce-scatter, are backward's own tensors (temporaries).
         gathered_blocks = gathered[k] + gathered[max(k - 1, 0)]
-        comm = e * (root_elements(config, lay, gathered=True) + gathered_blocks)
+        comm = e * (root_elements(config, layout, gathered=True) + gathered_blocks)
         # FSDP2 holds the last reduce-scatter's input (block k + 1's gradients, fp32,
         # padded as gathered) until the next one starts (reduce_scatter_states)
         comm += FP32 * (gathered[k + 1] if k + 1 < len(gathered) else 0)
@@ -461,7 +461,7 @@ def block_backward(
 
 def pipeline_moment(
     config: Config,
-    lay: Layout,
+    layout: RankLayout,
     shape: StepShape,
     state: ModelStateBytes,
     common: dict[str, int],
@@ -482,29 +482,29 @@ def pipeline_moment(
     output = min(1, shape.outputs_in_flight)
     one = {"in_flight": 1, "outputs_in_flight": output, "heads_in_flight": 1 - output}
     in_flight = StepShape(**{**shape.__dict__, **one}) if last else shape
-    buckets = ddp_pipeline_buckets(lay, state) if last else 0
+    buckets = ddp_pipeline_buckets(layout, state) if last else 0
     # Every forward before any backward: all activations live, no gradient made yet.
     no_grads_yet = config.schedule in FORWARDS_FIRST and not last
     return _split(
         **common,
-        grads=0 if lay.data_parallel == "fsdp" or no_grads_yet else state.grads,
+        grads=0 if layout.data_parallel == "fsdp" or no_grads_yet else state.grads,
         activations=_activations(in_flight, config) + recomputed,
         temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],
     )
 
 
-def ddp_pipeline_buckets(lay: Layout, state: ModelStateBytes) -> int:
+def ddp_pipeline_buckets(layout: RankLayout, state: ModelStateBytes) -> int:
     """DDP inside a pipeline skips its all-reduce until the last micro-batch, whose
     backward copies the accumulated gradients into DDP's buckets: a second copy of the
     stage's gradients, alive from then to the end of the step."""
-    return state.grads if lay.data_parallel == "ddp" and lay.pp > 1 else 0
+    return state.grads if layout.data_parallel == "ddp" and layout.pp > 1 else 0
 
 
-def block_elements(config: Config, lay: Layout, gathered: bool = False) -> list[int]:
+def block_elements(config: Config, layout: RankLayout, gathered: bool = False) -> list[int]:
     """Rank 0's parameter elements of each of its blocks (tensor-parallel local);
     ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
-    shapes = _local_shapes(config, lay, gathered)
+    shapes = _local_shapes(config, layout, gathered)
     per_block: dict[str, int] = {}
     for name, shape in shapes.items():
         if name.startswith("blocks."):
@@ -514,23 +514,23 @@ def block_elements(config: Config, lay: Layout, gathered: bool = False) -> list[
 
 
 def root_elements(
-    config: Config, lay: Layout, head_only: bool = False, gathered: bool = False
+    config: Config, layout: RankLayout, head_only: bool = False, gathered: bool = False
 ) -> int:
     """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``);
     ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
-    shapes = _local_shapes(config, lay, gathered)
+    shapes = _local_shapes(config, layout, gathered)
     names = ROOT_PARAMETERS[2:] if head_only else ROOT_PARAMETERS
     return numel({name: shape for name, shape in shapes.items() if name in names})
 
 
-def _local_shapes(config: Config, lay: Layout, gathered: bool) -> dict[str, tuple[int, ...]]:
+def _local_shapes(config: Config, layout: RankLayout, gathered: bool) -> dict[str, tuple[int, ...]]:
     """Rank 0's tensor-parallel local parameter shapes of its stage(s), padded as FSDP2
     gathers them if ``gathered``."""
-    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
-    return fsdp_gathered_shapes(shapes, lay.shard) if gathered else shapes
+    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
+    return fsdp_gathered_shapes(shapes, layout.shard) if gathered else shapes
 
 
-def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
+def gathered_bytes(config: Config, layout: RankLayout) -> dict[str, int]:
     """Parameters gathered for the step, by the category the tracker files them in.
 
     FSDP (``comm_buffers``): the root unit (embeddings, final norm, head) stays
@@ -540,19 +540,19 @@ def gathered_bytes(config: Config, lay: Layout) -> dict[str, int]:
     (``params``): DeepSpeed keeps every gathered parameter until its backward
     (``stage3_max_reuse_distance``), so at the start of backward all of them.
     """
-    e = compute_bytes(config, lay)
-    shapes = tp_local_shapes(stage_shapes(config, lay.pp), lay.tp)
-    if lay.data_parallel == "fsdp" and lay.pp > 1:
-        padded = numel(fsdp_gathered_shapes(shapes, lay.shard))
+    e = compute_bytes(config, layout)
+    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
+    if layout.data_parallel == "fsdp" and layout.pp > 1:
+        padded = numel(fsdp_gathered_shapes(shapes, layout.shard))
         return {"params": 0, "comm_buffers": e * (padded + numel(shapes))}
-    if lay.data_parallel == "fsdp":
-        return {"params": 0, "comm_buffers": e * root_elements(config, lay, gathered=True)}
-    if lay.data_parallel == "zero3":
+    if layout.data_parallel == "fsdp":
+        return {"params": 0, "comm_buffers": e * root_elements(config, layout, gathered=True)}
+    if layout.data_parallel == "zero3":
         return {"params": e * numel(shapes), "comm_buffers": 0}
     return {"params": 0, "comm_buffers": 0}
 
 
-def optimizer_temporaries(config: Config, lay: Layout, state: ModelStateBytes) -> int:
+def optimizer_temporaries(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
     """AdamW's foreach step allocates one fp32 buffer the size of what it updates.
 
     That is the rank's parameters, or its optimizer slice where the state is
@@ -561,19 +561,19 @@ def optimizer_temporaries(config: Config, lay: Layout, state: ModelStateBytes) -
     """
     if config.optimizer != "adamw":
         return 0
-    if lay.data_parallel in ZERO_FLAVOURS:
+    if layout.data_parallel in ZERO_FLAVOURS:
         return state.optimizer // 3
-    if lay.data_parallel in ("fairscale-oss", "fairscale-sdp"):
+    if layout.data_parallel in ("fairscale-oss", "fairscale-sdp"):
         return state.optimizer // 2
     return state.params
 
 
-def optimizer_step_grads(config: Config, lay: Layout, state: ModelStateBytes) -> int:
+def optimizer_step_grads(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
     """Gradients alive during the optimizer step: the rank's own, except under DeepSpeed,
     whose inner optimizer reads the fp32 gradient of its slice (4 P / N) after the
     reduction has freed the rest."""
-    if lay.data_parallel in ZERO_FLAVOURS:
-        return FP32 * count_parameters(model_shape(config)) // lay.dp
+    if layout.data_parallel in ZERO_FLAVOURS:
+        return FP32 * count_parameters(model_shape(config)) // layout.dp
     return state.grads
 
 

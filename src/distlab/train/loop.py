@@ -66,7 +66,7 @@ def train(
     seq_len = resolved_seq_len(config)
     tokens = load_tokens(token_file)
     model = build_model(model_config, config.seed)
-    strategy = registry.describe(config.strategy)
+    strategy = registry.get(config.strategy)
     train_step = strategy.prepare(model, ctx, config)
 
     checkpoint, own = resume_point(ctx, config, run_dir)

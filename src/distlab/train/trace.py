@@ -64,7 +64,7 @@ def untraceable(config: Config) -> str | None:
     """Why ``config``'s step cannot be traced with fake ranks, or None if it can."""
     if config.strategy in REFUSED:
         return REFUSED[config.strategy]
-    if "pp" in registry.describe(config.strategy).options:
+    if "pp" in registry.get(config.strategy).options:
         return PIPELINE
     if model_shape(config).n_expert:
         return "a mixture-of-experts block routes tokens by their values (data-dependent shapes)"
@@ -111,7 +111,7 @@ def trace_step(config: Config) -> TracedStep:
     seq = resolved_seq_len(config)
     with fake_ranks(config.nproc) as ctx:
         model = build_model(model_shape(config), config.seed)
-        train_step = registry.describe(config.strategy).prepare(model, ctx, config)
+        train_step = registry.get(config.strategy).prepare(model, ctx, config)
         adapt_ddp(train_step)
         corpus = torch.zeros(seq + 2, dtype=torch.uint8)  # a fake corpus: no values needed
 
