@@ -161,7 +161,7 @@ class Config:
     every micro-batch's backward (``per-microbatch``: sharded gradients, A times the
     reduction bytes); default: once for zero2, per-microbatch for zero3."""
     dp: int | None = None
-    """Data-parallel degree of a composed strategy; default: nproc / (tp * pp)."""
+    """Data-parallel degree of a composed strategy; default: nproc / (cp * tp * pp)."""
     dp_replicate: int | None = None
     """hsdp only: replica groups, each holding a full copy of the (sharded) model state;
     gradients are all-reduced across them. Default: nproc / dp_shard if --dp-shard is given,
@@ -188,7 +188,9 @@ class Config:
     """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zb, zbv or
     dualpipev (``distlab.strategies.pipeline_schedules``)."""
     microbatches: int | None = None
-    """Pipeline micro-batches per step on each pipeline; default: 2 x stages."""
+    """Pipeline micro-batches per step on each pipeline; default: local batch / micro_batch
+    with --micro-batch, else the largest divisor of the local batch that is at most 2 x pp
+    (every micro-batch the same number of rows)."""
     sequence_parallel: bool = False
     """Tensor parallel only: shard the norm/dropout regions along the sequence too."""
     track_memory: str = "sample"

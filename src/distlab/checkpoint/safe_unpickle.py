@@ -1,7 +1,7 @@
 """Unpickling checkpoint files without running anything the file names.
 
-One cohesive thing over 300 lines: the unpickler, its allow-lists (each entry
-justified) and the ``torch.save`` archive scan.
+The unpickler, its allow-lists (each entry justified) and the ``torch.save``
+archive scan.
 
 The threat: a checkpoint dir comes from somewhere else (a colleague, a
 download, a shared disk) and ``--resume`` loads it. A pickle is a small

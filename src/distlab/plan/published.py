@@ -36,9 +36,8 @@ Units: GB = 1e9 bytes (the ZeRO paper's own arithmetic: 16 bytes x 7.5e9 = 120 G
 TFLOP/s = 1e12 FLOP/s; network links in Gbit/s per GPU; NVLink in GB/s per GPU,
 with both directions added together as NVIDIA quotes it.
 
-This is one file of over 300 lines because it is data: each table row keeps its
-printed cells, its settings and its notes together, so that it can be read against
-the paper line by line.
+Each table row keeps its printed cells, its settings and its notes together, so
+that it can be read against the paper line by line.
 """
 
 from __future__ import annotations

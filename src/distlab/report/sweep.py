@@ -1,8 +1,5 @@
 """``python -m distlab.sweep SWEEP.yaml``: run a matrix of strategies x world sizes, then report.
 
-One command over 300 lines: the sweep file, the matrix of runs, and the report
-and strategy pages it writes belong together.
-
     python -m distlab.sweep configs/compare.yaml
     python -m distlab.sweep configs/compare.yaml --only ddp,fsdp --steps 5
 

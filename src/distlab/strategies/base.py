@@ -1,8 +1,5 @@
 """The strategy interface, and the training step shared by module-wrapping strategies.
 
-Over 300 lines because the interface (``Strategy``, ``TrainStep``) and the one step
-most strategies share are read together: a strategy file fills in exactly these.
-
 A strategy turns (model, rank context, config) into a ``TrainStep``: an object
 that runs one whole optimizer step on this rank's rows of the global batch and
 returns the global batch's mean loss. The train loop only ever talks to a

@@ -1,8 +1,5 @@
 """``cp``: context parallelism, every rank of a cp group holds a slice of every sequence.
 
-One strategy in one file (over 300 lines: the split, both attention variants and the
-training step belong together).
-
 The cp ranks of a group train the same rows of the global batch, but each
 runs the model on only 2 T / (2 cp) = T / cp of each sequence's T tokens, so
 activations per rank shrink by cp. Only attention mixes tokens: every other

@@ -1,7 +1,5 @@
 """``zero1``, ``zero2``, ``zero3``: DeepSpeed's ZeRO optimizer, optionally offloading to CPU.
 
-One strategy in one file (over 300 lines: most of it is this explanation).
-
 DeepSpeed owns the whole training step: ``deepspeed.initialize`` wraps the GPT
 in an engine built from a config dict that ``deepspeed_config`` generates from
 distlab's ``Config`` (micro-batch, gradient accumulation, optimizer, clipping,

@@ -1,8 +1,5 @@
 """Parallelism degrees (dp x cp x tp x pp) and the one device mesh they live on.
 
-Over 300 lines: the degrees, the stage split and the tensor-parallel shapes are one
-arithmetic that the strategies and the theory must share.
-
 Every model-parallel strategy (``tp``, ``pp``, ``cp`` and their compositions with
 data parallelism) arranges its ranks on one 4-D ``DeviceMesh`` with named
 dimensions, outermost first (torchtitan's order)::

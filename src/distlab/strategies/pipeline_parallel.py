@@ -1,8 +1,5 @@
 """``pp``: pipeline parallelism with ``torch.distributed.pipelining``.
 
-One strategy in one file (over 300 lines: the split into stage modules, the
-schedules, the training step and its checks belong together).
-
 The GPT is cut by layers into ``S`` stages: stage 0 also holds the embeddings,
 the last stage the final LayerNorm and the LM head, and the layers are spread
 so that no stage has more than one layer more than another (the first stages

@@ -1,7 +1,7 @@
 """Theory: rank 0's communication in one optimizer step, from the config alone.
 
-One file over 300 lines: one function per parallelism, each adding its collectives to
-the same prediction, and the table of formulas below that they implement.
+One function per parallelism adds its collectives to the same prediction; the table
+of formulas below is what they implement.
 
 Communication is predicted per optimizer step in two currencies:
 

@@ -1,7 +1,7 @@
 """Predicted peak memory of rank 0 in a training step, by category, activations included.
 
-One file over 300 lines: the candidate moments of a step share one accounting of
-what is held (state, activations, gathered parameters, temporaries) and read as one.
+The candidate moments of a step share one accounting of what is held (state,
+activations, gathered parameters, temporaries).
 
 The derivation is written out in ``docs/memory.md`` ("Activation memory");
 this module is that derivation in code. Notation: h the model width, a the

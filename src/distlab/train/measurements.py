@@ -1,15 +1,18 @@
 """What every step measures beyond the loss, and the theory beside it (the train loop's hook).
 
 ``RunMeasurements`` is created on every rank after ``strategy.prepare``; the
-train loop brackets each step with ``begin_step`` / ``end_step`` and calls
-``finish`` (a collective: every rank) after the last step::
+train loop brackets each step with ``begin_step`` / ``end_step``, runs the step
+inside ``tracking_memory``, and calls ``finish`` (a collective: every rank) after
+the last step::
 
     measure = RunMeasurements(ctx, config, run_dir)
     for step in ...:
-        measure.begin_step()
-        ...step...
-        metrics.update(measure.end_step(step, step_time, tokens_per_step))
-    summary.update(measure.finish())       # {} on ranks other than 0
+        measure.begin_step(step, train_step.held_tensors())
+        with measure.tracking_memory():
+            result = train_step.step(inputs, targets)
+        metrics.update(measure.end_step(step, step_time, tokens_per_step,
+                                        train_step.model_state_bytes()))
+    summary.update(measure.finish(tokens_per_s))       # {} on ranks other than 0
 
 Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
 ``comm/*`` keys of its own collectives; every rank appends the same figures for
