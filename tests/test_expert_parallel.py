@@ -22,7 +22,8 @@ from distlab.report.parity import _run_name, _run_once, compare, parity_config
 from distlab.strategies import registry
 from distlab.strategies.expert_parallel import expert_parameter_count
 from distlab.strategies.resolve import load_config
-from distlab.theory.comm import ExpertRouting, predict_comm
+from distlab.theory.collectives import ExpertRouting
+from distlab.theory.comm import predict_comm
 
 pytestmark = pytest.mark.slow  # the whole file: MoE runs on real ranks
 

@@ -28,8 +28,8 @@ from distlab.launch.micro_batch import budget_bytes, gib, wants_auto
 from distlab.measure.step_memory import CATEGORIES
 from distlab.strategies import registry
 from distlab.strategies.resolve import validate
-from distlab.theory.comm import rank_layout
 from distlab.theory.memory import PeakPrediction, predict_peak
+from distlab.theory.rank_layout import rank_layout
 from distlab.train.trace import TracedStep, check_traceable, trace_step
 
 SHARDED_ALTERNATIVE = {"single": "fsdp", "ddp": "fsdp", "zero1": "zero3", "zero2": "zero3"}

@@ -13,7 +13,7 @@ from distlab.errors import DistlabError
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
-from distlab.theory.comm import microbatches, rank_layout
+from distlab.theory.rank_layout import microbatches, rank_layout
 
 SHARDING = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
 """ZeRO stage of each sharded data-parallel flavour; the others replicate (stage 0)."""

@@ -38,7 +38,8 @@ from distlab.model import build_model
 from distlab.strategies import registry
 from distlab.strategies.base import StepResult
 from distlab.strategies.resolve import load_config
-from distlab.theory.comm import ExpertRouting, predict_comm
+from distlab.theory.collectives import ExpertRouting
+from distlab.theory.comm import predict_comm
 
 SETTLE_S = 0.2
 """Pause before reading TCP counters, so the last segments are acknowledged."""

@@ -25,7 +25,7 @@ from distlab.run.files import (
     read_memory_ranks,
 )
 from distlab.theory import predict
-from distlab.theory.comm import ExpertRouting
+from distlab.theory.collectives import ExpertRouting
 
 MIB = 2**20
 

@@ -17,8 +17,10 @@ from distlab.config import Config, model_shape
 from distlab.model import count_parameters
 from distlab.strategies import registry
 from distlab.strategies.pipeline_schedules import bubble_fraction
-from distlab.theory.comm import ExpertRouting, microbatches, predict_comm, rank_layout
+from distlab.theory.collectives import ExpertRouting
+from distlab.theory.comm import predict_comm
 from distlab.theory.memory import predict_peak
+from distlab.theory.rank_layout import microbatches, rank_layout
 
 
 def pipeline_bubble(config: Config) -> float | None:

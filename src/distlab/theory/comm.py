@@ -1,7 +1,10 @@
 """Theory: rank 0's communication in one optimizer step, from the config alone.
 
-One function per parallelism adds its collectives to the same prediction; the table
-of formulas below is what they implement.
+``predict_comm`` adds up the parts of a step: the data-parallel flavour's
+collectives (``comm_data_parallel``, one function per flavour in a table), then
+tensor, context and pipeline parallelism's (``comm_model_parallel``), each
+returning the formula it applies. The table of formulas below is what they
+implement.
 
 Communication is predicted per optimizer step in two currencies:
 
@@ -90,154 +93,28 @@ between pipeline stages stay fp32.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
 
-from distlab.config import Config, grad_accum_steps, model_shape, resolved_seq_len, zero_reduce_mode
-from distlab.errors import DistlabError
-from distlab.measure.wire import KINDS, wire_bytes
-from distlab.strategies import registry
-from distlab.strategies.deepspeed_zero import deepspeed_config
-from distlab.strategies.expert_parallel import ep_degree, expert_parameter_count
-from distlab.strategies.fairscale_oss import oss_owners, oss_partition
-from distlab.strategies.parallel_dims import (
-    VIRTUAL_STAGES,
-    ParallelDims,
-    numel,
-    parameter_sizes,
-    stage_shapes,
-    tp_local_shapes,
+from distlab.config import Config, grad_accum_steps, resolved_seq_len
+from distlab.strategies.parallel_dims import stage_shapes, tp_local_shapes
+from distlab.theory.collectives import CommPrediction, ExpertRouting, StepFacts
+from distlab.theory.comm_data_parallel import data_parallel_comm
+from distlab.theory.comm_model_parallel import (
+    clipping_comm,
+    context_parallel_comm,
+    pipeline_comm,
+    tensor_parallel_comm,
 )
-from distlab.strategies.pipeline_parallel import resolve_microbatches
-from distlab.strategies.pipeline_schedules import last_stage_rank, rank_stages
+from distlab.theory.rank_layout import FP32, RankLayout, compute_bytes, rank_layout
 
-FP32 = 4
-INT64 = 8
-
-
-@dataclass
-class CommPrediction:
-    """Predicted communication of rank 0 in one optimizer step."""
-
-    kinds: dict[str, float] = field(default_factory=dict)
-    """Payload bytes per collective type."""
-    calls: dict[str, int] = field(default_factory=dict)
-    """Number of collectives per type (where the schedule is known exactly)."""
-    wire_bytes: float = 0.0
-    """Bytes rank 0 sends over TCP under gloo's algorithms."""
-    formula: str = ""
-    notes: list[str] = field(default_factory=list)
-    uncounted: set[str] = field(default_factory=set)
-    """Types whose number of calls is not predicted (bucketing decides it)."""
-
-    @property
-    def bytes(self) -> float:
-        return sum(self.kinds.values())
-
-    def add(
-        self,
-        kind: str,
-        payload: float,
-        group_size: int,
-        calls: int | None = 1,
-        relative_rank: int = 0,
-        wire: float | None = None,
-    ) -> None:
-        """Add ``calls`` collectives of ``kind`` (None: number not predicted) moving ``payload``;
-        ``wire``: the bytes sent, where gloo's algorithm model does not say (unequal splits)."""
-        if group_size <= 1 and kind not in ("send", "recv"):
-            return
-        self.kinds[kind] = self.kinds.get(kind, 0.0) + payload
-        if calls is None:
-            self.uncounted.add(kind)
-        else:
-            self.calls[kind] = self.calls.get(kind, 0) + calls
-        if wire is None:
-            wire = wire_bytes(kind, int(payload), group_size, relative_rank)
-        self.wire_bytes += wire
-
-    def to_dict(self) -> dict[str, Any]:
-        ordered = {k: self.kinds[k] for k in KINDS if k in self.kinds}
-        return {
-            "bytes": self.bytes,
-            "wire_bytes": round(self.wire_bytes),
-            "kinds": ordered,
-            "calls": {
-                k: self.calls[k] for k in KINDS if k in self.calls and k not in self.uncounted
-            },
-            "formula": self.formula,
-            "notes": self.notes,
-        }
-
-
-# --- Model shapes ---------------------------------------------------------------------
-
-
-def fsdp_padded_numel(shapes: dict[str, tuple[int, ...]], n: int) -> int:
-    """Elements FSDP2 all-gathers: each parameter's dim 0 padded to a multiple of ``n``."""
-    return sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in shapes.values())
-
-
-# --- Strategy degrees -----------------------------------------------------------------
-
-MODELLED_DATA_PARALLEL = (
-    None,
-    "ddp",
-    "fsdp",
-    "zero1",
-    "zero2",
-    "zero3",
-    "fairscale-oss",
-    "fairscale-sdp",
-    "ep",
+PARTS: tuple[Callable[[CommPrediction, StepFacts], str | None], ...] = (
+    data_parallel_comm,
+    tensor_parallel_comm,
+    clipping_comm,
+    context_parallel_comm,
+    pipeline_comm,
 )
-"""The data-parallel flavours (``Strategy.data_parallel``) whose communication is modelled."""
-
-
-@dataclass(frozen=True)
-class RankLayout(ParallelDims):
-    """How a strategy uses the ranks: its degrees (``ParallelDims``: dp, tp, pp, hsdp's
-    replicate, cp, ep, with the reducer and shard counts they imply) and its data-parallel
-    flavour."""
-
-    data_parallel: str | None = None
-    """ddp, fsdp, zero1/2/3, fairscale-oss/sdp, ep or None."""
-
-
-def compute_bytes(config: Config, layout: RankLayout) -> int:
-    """Bytes per element of the parameters gathered and activations computed under ``config``.
-
-    2 where bf16 replaces fp32 in the model itself: FSDP2's ``MixedPrecisionPolicy``
-    and DeepSpeed's bf16 mode (every op in bf16); 4 in fp32, and for the
-    parameters of autocast strategies (their activations: see the module docstring).
-    """
-    casts_model = layout.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
-    return 2 if config.precision == "bf16" and casts_model else FP32
-
-
-def rank_layout(config: Config) -> RankLayout | None:
-    """What ``config.strategy`` declares (its flavour and mesh); None if not modelled."""
-    strategy = registry.get(config.strategy)
-    if strategy.data_parallel not in MODELLED_DATA_PARALLEL:
-        return None
-    dims = strategy.dims(config)
-    return RankLayout(**asdict(dims), data_parallel=strategy.data_parallel)
-
-
-# --- The predictions ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertRouting:
-    """Rank 0's expert-parallel rows in one step (the run's ``ep/rows_sent``,
-    ``ep/rows_received``), summed over MoE layers and micro-batches."""
-
-    rows_sent: list[float]
-    """Rows rank 0 sent to each rank of its ep group (itself included); a mean over
-    several steps may be fractional."""
-    rows_received: list[float]
-    """Rows rank 0 received from each rank of its ep group (itself included)."""
+"""The parts of a step's communication, in the order they are added."""
 
 
 def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPrediction | None:
@@ -249,315 +126,22 @@ def predict_comm(config: Config, routing: ExpertRouting | None = None) -> CommPr
     layout = rank_layout(config)
     if layout is None:
         return None
-    shape = model_shape(config)
-    seq = resolved_seq_len(config)
-    model_bytes = compute_bytes(config, layout)  # parameters gathered, activations under FSDP
-    matmul_bytes = 2 if config.precision == "bf16" else FP32  # matmul outputs (autocast too)
-    pred = CommPrediction()
-    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
-    n_tensors = len(shapes)
-    p_local = numel(shapes)
-    rows = config.global_batch // layout.dp  # rows of the global batch on this data-parallel rank
-    accum = grad_accum_steps(config, layout.dp) if layout.pp == 1 else 1
-    dtensor_params = layout.data_parallel == "fsdp" or layout.tp > 1
-    formulas = []
-
-    # Data parallelism over the dp ranks.
-    dp = layout.dp
-    if layout.data_parallel == "ddp":
-        pred.add("all_reduce", FP32 * p_local, layout.reducers, calls=None)
-        formulas.append("all-reduce 4P")
-    elif layout.data_parallel == "fsdp":
-        formulas.append(_fsdp_comm(pred, config, layout, shapes, accum, model_bytes))
-    elif layout.data_parallel in ("zero1", "zero2"):
-        reductions = accum if _reduces_per_microbatch(config, layout) else 1
-        pred.add("all_reduce", reductions * FP32 * p_local, dp, calls=None)
-        pred.add("all_gather", model_bytes * p_local, dp, calls=None)
-        times = f"{reductions} x " if reductions > 1 else ""
-        formulas.append(
-            f"all-reduce {times}4P (gradients) + all-gather {model_bytes}P (parameters)"
-        )
-        pred.notes.append(
-            "ZeRO paper: reduce-scatter + all-gather = DDP's volume; DeepSpeed all-reduces "
-            "the gradient buckets on gloo, so it sends 1.5x DDP"
-        )
-        if reductions > 1:
-            pred.notes.append(
-                "--zero-reduce per-microbatch: ZeRO-2 reduces the gradients in every "
-                "micro-batch's backward"
-            )
-    elif layout.data_parallel == "zero3":
-        gathers = _zero3_gathers(config, p_local)
-        reductions = accum if _reduces_per_microbatch(config, layout) else 1
-        pred.add("all_gather", accum * gathers * model_bytes * p_local, dp, calls=None)
-        pred.add("reduce_scatter", reductions * FP32 * p_local, dp, calls=None)
-        per_step = "" if reductions == accum else " + reduce-scatter 4P once"
-        per_micro = " + reduce-scatter 4P" if reductions == accum else ""
-        formulas.append(
-            f"({gathers}x all-gather {model_bytes}P{per_micro}) per micro-batch{per_step}"
-        )
-        if gathers == 1:
-            pred.notes.append(
-                "DeepSpeed keeps forward's gathered parameters for backward "
-                "(reuse distance < stage3_max_reuse_distance): one all-gather per micro-batch, "
-                "not the ZeRO paper's two"
-            )
-    elif layout.data_parallel in ("fairscale-oss", "fairscale-sdp"):
-        _fairscale_comm(pred, config, layout)
-        reduction = "all-reduce" if layout.data_parallel == "fairscale-oss" else "reduce"
-        formulas.append(f"{reduction} 4P (gradients) + broadcast 4P (owned parameters)")
-    elif layout.data_parallel == "ep":
-        formulas.append(_ep_comm(pred, config, layout, rows * seq, accum, routing))
-    if layout.data_parallel in ("zero1", "zero2", "zero3") and dp > 1:
-        small = 8 if layout.data_parallel != "zero3" else 12
-        # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
-        pred.add("all_reduce", small, dp, calls=None)
-    elif layout.reducers > 1:
-        pred.add("all_reduce", FP32, layout.reducers)  # the loss mean over data-parallel ranks
-
-    # Tensor parallelism inside each replica/stage.
-    tp = layout.tp
-    if tp > 1:
-        if config.sequence_parallel:
-            pred.notes.append("sequence parallelism not modelled: tp traffic left out")
-        else:
-            layers = _layers_of(config, layout)
-            first, last = _has_first_last(config, layout)
-            tokens = rows * seq // layout.cp  # a cp rank computes its slice of each sequence
-            count = 6 * layers + (1 if first else 0) + (1 if last else 0)
-            # The 2 L row-parallel outputs are matmul outputs; the rest (embedding,
-            # backward input gradients) are in the model's dtype (fp32 under autocast).
-            passes = accum if layout.pp == 1 else microbatches(config, layout)
-            volume = 2 * layers * matmul_bytes + (count - 2 * layers) * model_bytes
-            pred.add("all_reduce", volume * tokens * shape.d_model, tp, calls=passes * count)
-            if last:
-                pred.add("all_gather", tokens * shape.vocab_size * matmul_bytes, tp, calls=passes)
-            formulas.append("all-reduce BTd x (6L + 2) + all-gather BTV")
-    if dtensor_params:
-        # clip_grad_norm_ on DTensors: one all-reduce of the per-tensor norms per mesh dim.
-        # hsdp: the norms of replicated shards agree, so only the shard dim is reduced.
-        for degree in (layout.shard if layout.data_parallel == "fsdp" else 1, tp):
-            if degree > 1:
-                pred.add("all_reduce", FP32 * n_tensors, degree)
-
-    if layout.cp > 1:
-        passes = accum if layout.pp == 1 else microbatches(config, layout)  # forwards per step
-        formulas.append(
-            _context_parallel_comm(pred, config, layout, rows * seq, passes, matmul_bytes)
-        )
-
-    # Pipeline parallelism between stages.
-    if layout.pp > 1:
-        _pipeline_comm(pred, config, layout, rows, seq, model_bytes)
-        formulas.append("send/recv M activations of (B/M) T d per stage boundary")
-    if not formulas:
-        formulas.append("none")
-    pred.formula = "; ".join(formulas)
+    pred, step = CommPrediction(), step_facts(config, layout, routing)
+    formulas = [part(pred, step) for part in PARTS]
+    pred.formula = "; ".join([f for f in formulas if f] or ["none"])
     return pred
 
 
-def microbatches(config: Config, layout: RankLayout) -> int:
-    """Pipeline microbatches per step under this layout (``resolve_microbatches``)."""
-    return resolve_microbatches(config, layout)
-
-
-def _layers_of(config: Config, layout: RankLayout) -> int:
-    shape = model_shape(config)
-    if layout.pp <= 1:
-        return shape.n_layer
-    return len(
-        {n.split(".")[1] for n in stage_shapes(config, layout.pp) if n.startswith("blocks.")}
-    )
-
-
-def _has_first_last(config: Config, layout: RankLayout) -> tuple[bool, bool]:
-    names = stage_shapes(config, layout.pp)
-    return "wte.weight" in names, "lm_head.weight" in names
-
-
-def _fsdp_comm(
-    pred: CommPrediction,
-    config: Config,
-    layout: RankLayout,
-    shapes: dict[str, tuple[int, ...]],
-    accum: int,
-    model_bytes: int,
-) -> str:
-    """FSDP2's all-gathers (at ``model_bytes`` per element: 2 under the bf16 policy) and its
-    fp32 reduce-scatter (``distlab.strategies.fsdp``) over the shard degree; under hsdp also
-    the all-reduce of each unit's reduce-scattered gradient shard across the replica groups
-    (``distlab.strategies.hsdp``); the formula."""
-    dp = layout.shard
-    padded = model_bytes * fsdp_padded_numel(shapes, dp)
-    root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
-    blocks_padded = padded - model_bytes * fsdp_padded_numel(root, dp)
-    blocks = _layers_of(config, layout)
-    units = blocks + (1 if root else 0)
-    # How often every unit is gathered (forward), and how often the blocks again
-    # (backward, when forward freed them; the root is never freed after forward).
-    resharding = 1 if config.reshard_after_forward else 0
-    if not config.reshard_between_microbatches:
-        if layout.pp == 1:
-            gathers, block_regathers = 1, resharding
-        else:  # kept gathered from the first forward to the schedule's last backward
-            gathers, block_regathers = 1, 0
-    elif layout.pp == 1:
-        gathers, block_regathers = accum, accum * resharding
-    else:  # the schedule never frees after backward: each backward that follows a forward
-        gathers, block_regathers = 1, microbatches(config, layout) * resharding
-    calls = gathers * units + block_regathers * blocks
-    pred.add("all_gather", gathers * padded + block_regathers * blocks_padded, dp, calls=calls)
-    # Gradients are reduced in fp32 (the policy's reduce_dtype) under bf16 too.
-    pred.add("reduce_scatter", FP32 * fsdp_padded_numel(shapes, dp), dp, calls=units)
-    size = f"{model_bytes}P'"
-    again = f" + {block_regathers}x{size}_blocks" if block_regathers else ""
-    formula = f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
-    if layout.replicate > 1:
-        shard_bytes = FP32 * fsdp_padded_numel(shapes, dp) // dp
-        pred.add("all_reduce", shard_bytes, layout.replicate, calls=units)
-        formula += f" + all-reduce 4P'/{dp} over {layout.replicate} replicas"
-    return formula
-
-
-def _context_parallel_comm(
-    pred: CommPrediction, config: Config, layout: RankLayout, tokens: int, passes: int, element: int
-) -> str:
-    """The keys' and values' all-gathers and their gradients' reduce-scatters
-    (``distlab.strategies.context_parallel``) for the ``tokens`` of this rank's rows, whole
-    sequences, in ``passes`` forwards (micro-batches); ``element`` bytes each (K and V are
-    matmul outputs: bf16 under autocast and under FSDP's bf16 policy); the formula."""
-    shape = model_shape(config)
-    layers = _layers_of(config, layout)
-    volume = element * tokens * shape.d_model // layout.tp  # K (or V) of the whole sequence
-    gathers = 2 if config.ac != "none" else 1  # recomputing a block gathers again
-    again = f"{gathers} x " if gathers > 1 else ""
-    if config.cp_attention == "ring":
-        # cp - 1 steps, each passing one rank's block (1/cp of the sequence) of K and of V;
-        # backward passes their gradients back the same number of steps
-        steps = 2 * layers * (layout.cp - 1)
-        block = volume // layout.cp
-        messages = (gathers + 1) * steps
-        pred.add("send", messages * block, layout.cp, calls=passes * messages)
-        pred.add("recv", messages * block, layout.cp, calls=passes * messages)
-        return (
-            f"send/recv ({again}2L + 2L) x (cp - 1) blocks of BTd/cp "
-            f"(K, V and their gradients around the ring of {layout.cp} cp ranks)"
-        )
-    calls = passes * 2 * layers
-    pred.add("all_gather", gathers * 2 * layers * volume, layout.cp, calls=gathers * calls)
-    pred.add("reduce_scatter", 2 * layers * volume, layout.cp, calls=calls)
-    return f"all-gather {again}2L x BTd + reduce-scatter 2L x BTd (K, V over {layout.cp} cp ranks)"
-
-
-def _fairscale_comm(pred: CommPrediction, config: Config, layout: RankLayout) -> None:
-    """OSS's broadcasts, and DDP's all-reduce or ShardedDataParallel's reduces."""
-    n = layout.dp
-    sizes = parameter_sizes(config)
-    owners = oss_owners(sizes, n)
-    if layout.data_parallel == "fairscale-oss":
-        pred.add("all_reduce", FP32 * sum(sizes), n, calls=None)
-    else:
-        for size, owner in zip(sizes, owners, strict=True):
-            pred.add("reduce", FP32 * size, n, relative_rank=-owner % n)
-    for owner, owned in enumerate(oss_partition(sizes, n)):
-        if owned:
-            pred.add("broadcast", FP32 * owned, n, relative_rank=-owner % n)
-    pred.add("all_reduce", FP32, n)  # OSS's gradient norm
-
-
-def _reduces_per_microbatch(config: Config, layout: RankLayout) -> bool:
-    """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``)."""
-    return layout.data_parallel != "zero1" and zero_reduce_mode(config) == "per-microbatch"
-
-
-def _zero3_gathers(config: Config, p_local: int) -> int:
-    """All-gathers of the parameters per ZeRO-3 step under the strategy's DeepSpeed config."""
-    try:
-        zero = deepspeed_config(config, 3, config.nproc, p_local)["zero_optimization"]
-    except Exception:  # noqa: BLE001 - DeepSpeed strategy missing or changed: paper's count
-        return 2
-    reuse = zero.get("stage3_max_reuse_distance", 1e9)
-    live = zero.get("stage3_max_live_parameters", 1e9)
-    return 1 if p_local <= min(reuse, live) else 2
-
-
-def _pipeline_comm(
-    pred: CommPrediction,
-    config: Config,
-    layout: RankLayout,
-    rows: int,
-    seq: int,
-    element_bytes: int,
-) -> None:
-    """Point-to-point traffic of pipeline rank 0, plus the loss broadcast and norm all-reduce.
-
-    Messages are the residual stream, ``element_bytes`` per element (fp32 under
-    autocast, bf16 from FSDP stages under bf16).
-    """
-    shape = model_shape(config)
-    m = microbatches(config, layout)
-    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    n_stages = layout.pp * virtual
-    # Under context parallelism a rank passes on only its T / cp tokens of each sequence.
-    message = (rows // m) * (seq // layout.cp) * shape.d_model * element_bytes
-    if layout.tp > 1 and config.sequence_parallel:
-        message //= layout.tp
-    sends = recvs = 0
-    for stage in rank_stages(config.schedule, layout.pp, 0):
-        if stage < n_stages - 1:
-            sends += m  # activations forward
-            recvs += m  # their gradients back
-        if stage > 0:
-            recvs += m
-            sends += m
-    pred.add("send", sends * message, layout.pp, calls=sends)
-    pred.add("recv", recvs * message, layout.pp, calls=recvs)
-    # The loss, from the rank of the last stage (rank 0 itself in V placement).
-    loss_rank = last_stage_rank(config.schedule, layout.pp)
-    pred.add("broadcast", FP32, layout.pp, relative_rank=-loss_rank % layout.pp)
-    pred.add("all_reduce", FP32, layout.pp)  # squared gradient norm over the stages
-
-
-def _ep_comm(
-    pred: CommPrediction,
-    config: Config,
-    layout: RankLayout,
-    tokens: int,
-    accum: int,
-    routing: ExpertRouting | None,
-) -> str:
-    """Expert parallelism (``distlab.strategies.expert_parallel``): gradient all-reduces, the
-    gradient norm's, and the all-to-alls of ``tokens`` per rank (module docstring); the formula."""
-    shape = model_shape(config)
-    ep, d, layers = ep_degree(config), shape.d_model, shape.n_layer
-    experts = expert_parameter_count(shape)
-    dense = sum(parameter_sizes(config)) - experts
-    pred.add("all_reduce", FP32 * dense, layout.dp)
-    replicas = layout.dp // ep
-    pred.add("all_reduce", FP32 * experts // ep, replicas, calls=4 * layers)
-    pred.add("all_reduce", FP32, ep)  # the expert shards' squared gradient norm
-    sent = layers * shape.top_k * tokens  # dropless: every token to k experts, every layer
-    if routing is None:
-        routing = ExpertRouting([sent // ep] * ep, [sent // ep] * ep)
-        pred.notes.append("all-to-all volume assumes balanced routing (it depends on the data)")
-    elif abs(sum(routing.rows_sent) - sent) > 0.5 or len(routing.rows_sent) != ep:
-        raise DistlabError(
-            f"routing counts {routing.rows_sent} do not fit the config: rank 0 sends "
-            f"{sent} rows per step to {ep} ranks"
-        )
-    received, own = sum(routing.rows_received), routing.rows_sent[0]
-    row = FP32 * d
-    passes = layers * accum
-    counts = INT64 * shape.n_expert
-    pred.add("all_to_all", passes * counts, ep, calls=passes, wire=passes * counts * (ep - 1) / ep)
-    pred.add(
-        "all_to_all",
-        2 * row * (sent + received),
-        ep,
-        calls=4 * passes,
-        wire=2 * row * (sent - own + received - own),
-    )
-    return (
-        "all-reduce 4P_dense + per layer: all-to-all 8E (counts) + 2 x 4d x (kBT sent + R "
-        "received, data-dependent)"
+def step_facts(config: Config, layout: RankLayout, routing: ExpertRouting | None) -> StepFacts:
+    """What the parts read of rank 0's step under ``config``."""
+    return StepFacts(
+        config=config,
+        layout=layout,
+        shapes=tp_local_shapes(stage_shapes(config, layout.pp), layout.tp),
+        rows=config.global_batch // layout.dp,
+        seq=resolved_seq_len(config),
+        accum=grad_accum_steps(config, layout.dp) if layout.pp == 1 else 1,
+        model_bytes=compute_bytes(config, layout),
+        matmul_bytes=2 if config.precision == "bf16" else FP32,  # autocast's matmuls too
+        routing=routing,
     )

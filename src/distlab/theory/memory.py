@@ -81,7 +81,7 @@ from distlab.strategies.parallel_dims import (
     tp_local_shapes,
 )
 from distlab.strategies.pipeline_schedules import schedule_spec
-from distlab.theory.comm import RankLayout, compute_bytes, microbatches, rank_layout
+from distlab.theory.rank_layout import RankLayout, compute_bytes, microbatches, rank_layout
 
 FP32 = 4
 ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
