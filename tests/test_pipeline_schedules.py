@@ -22,8 +22,9 @@ from distlab.errors import DistlabError
 from distlab.report.parity import _run_name, _run_once, compare, parity_config
 from distlab.strategies.pipeline_schedules import last_stage_rank
 from distlab.strategies.resolve import load_config
+from distlab.theory.activations import pipeline_in_flight, step_shape
 from distlab.theory.comm import predict_comm
-from distlab.theory.memory import nearest_moment, pipeline_in_flight, predict_peak, step_shape
+from distlab.theory.memory import nearest_moment, predict_peak
 from distlab.theory.rank_layout import rank_layout
 from helpers import assert_one_line_error, run_main
 

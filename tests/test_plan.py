@@ -35,6 +35,7 @@ from distlab.plan.layout import Layout, check, lab_strategy
 from distlab.plan.published import LLAMA3_405B_SHAPE_8K, PUBLISHED_RUNS, ZERO_PAPER
 from distlab.plan.shape import ModelShape, from_parameter_count, from_preset, with_seq_len
 from distlab.strategies import registry
+from distlab.theory import activations as theory_activations
 from distlab.theory import memory as theory_memory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -352,14 +353,14 @@ def test_planner_memory_agrees_with_the_lab_theory(layout):
 )
 def test_block_activations_generalise_the_lab_table(rows, heads, head_dim, tp, cp, ac, element):
     """With a 4h MLP, one key/value head per head and no gate, the planner's block
-    activations are the lab's table (``theory.memory.block_activation_bytes``)."""
+    activations are the lab's table (``theory.activations.block_activation_bytes``)."""
     hidden = heads * head_dim
     tokens = rows * 32
     shape = ModelShape(name="t", layers=2, hidden=hidden, heads=heads, vocab=64, seq_len=64)
     planner = memory.planned_block_activation_bytes(
         shape, tokens, Layout(dp=1, tp=tp, cp=cp, ac=ac), element
     )
-    step = theory_memory.StepShape(
+    step = theory_activations.StepShape(
         tokens=tokens,
         layers=2,
         has_first=True,
@@ -373,7 +374,7 @@ def test_block_activations_generalise_the_lab_table(rows, heads, head_dim, tp, c
         ac=ac,
         cp=cp,
     )
-    assert planner == theory_memory.block_activation_bytes(step, heads, hidden)
+    assert planner == theory_activations.block_activation_bytes(step, heads, hidden)
 
 
 # --- Step time ------------------------------------------------------------------------

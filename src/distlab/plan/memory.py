@@ -15,7 +15,7 @@ strategy-specific moments:
   parameters;
 - activations: ``planned_block_activation_bytes`` below (the lab's per-block table,
   generalised to grouped-query attention and other MLP widths) times the rank's layers
-  times the micro-batches the schedule keeps in flight (``theory.memory.
+  times the micro-batches the schedule keeps in flight (``theory.activations.
   pipeline_in_flight``), plus the head's on the last stage;
 - communication buffers: ZeRO-3 gathers two blocks at a time (the one computing, the
   one prefetched);
@@ -35,7 +35,8 @@ from distlab.measure.step_memory import CATEGORIES
 from distlab.model import PRESETS
 from distlab.plan.layout import Layout, lab_strategy, micro_batch_rows
 from distlab.plan.shape import ModelShape, from_preset
-from distlab.theory.memory import pipeline_in_flight, predict_peak
+from distlab.theory.activations import pipeline_in_flight
+from distlab.theory.memory import predict_peak
 
 FP32 = 4
 STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (4, 4, 8), "mixed": (2, 2, 12)}

@@ -65,30 +65,33 @@ The peak is the largest of a few candidate moments (``Moment``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from distlab.config import Config, grad_accum_steps, model_shape, resolved_seq_len
+from distlab.config import Config, model_shape
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import CATEGORIES
 from distlab.model import count_parameters
 from distlab.strategies import registry
-from distlab.strategies.parallel_dims import (
-    fsdp_gathered_shapes,
-    numel,
-    rank_stage_plans,
-    stage_shapes,
-    tp_local_shapes,
+from distlab.theory.activations import (
+    FORWARDS_FIRST,
+    StepShape,
+    block_activation_bytes,
+    block_in_backward_bytes,
+    held_activation_bytes,
+    moe_block_extra_bytes,
+    step_shape,
 )
-from distlab.strategies.pipeline_schedules import schedule_spec
-from distlab.theory.rank_layout import RankLayout, compute_bytes, microbatches, rank_layout
+from distlab.theory.parameter_bytes import (
+    block_elements,
+    ddp_pipeline_buckets,
+    gathered_bytes,
+    optimizer_step_grads,
+    optimizer_temporaries,
+    root_elements,
+)
+from distlab.theory.rank_layout import RankLayout, rank_layout
 
 FP32 = 4
-ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
-FORWARDS_FIRST = ("gpipe", "looped-bfs")
-"""Pipeline schedules that run every forward of a step before its first backward."""
-ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
-"""Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
 
 
 @dataclass(frozen=True)
@@ -148,36 +151,6 @@ class PeakPrediction:
         }
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """What rank 0 computes in one micro-batch: tokens, layers, degrees, element size."""
-
-    tokens: int
-    layers: int
-    has_first: bool
-    has_last: bool
-    in_flight: float
-    """Micro-batches whose activations rank 0 holds at once (pipelines: by schedule), in
-    units of all of rank 0's blocks."""
-    outputs_in_flight: float
-    """Of those, the micro-batches whose stage output rank 0 keeps (stages it sends on)."""
-    heads_in_flight: float
-    """Of those, the micro-batches whose head activations rank 0 keeps (if it has the head)."""
-    tp: int
-    sequence_parallel: bool
-    element: int
-    ac: str
-    cp: int = 1
-    """Context-parallel degree: ``tokens`` are this rank's 1/cp of each sequence."""
-    softmax_keys: int = 0
-    """Keys each query's softmax weights span when attention keeps them (``--cp-attention
-    ring``: the sequence); 0 when SDPA keeps only the log-sum-exp."""
-    logits_held: bool = False
-    """Whether the logits live until backward ends: a pipeline schedule keeps every stage's
-    output for its backward; the train steps let them go once the loss is computed (the
-    cross-entropy saves its log-softmax, not its input)."""
-
-
 def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.05) -> dict:
     """Of a prediction's moments (``to_dict`` form) within ``within`` of its peak, the one
     whose categories are closest to ``measured``'s (sum of absolute differences).
@@ -190,146 +163,6 @@ def nearest_moment(predicted: dict, measured: dict[str, int], within: float = 0.
         close,
         key=lambda m: sum(abs(measured[c] - m["by_category"][c]) for c in m["by_category"]),
     )
-
-
-def step_shape(config: Config, layout: RankLayout) -> StepShape:
-    """Rank 0's micro-batch and pipeline position under ``config``."""
-    seq = resolved_seq_len(config)
-    names = stage_shapes(config, layout.pp)
-    layers = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
-    if layout.pp > 1:
-        m = microbatches(config, layout)
-        rows = config.global_batch // layout.dp // m
-        chunks = pipeline_in_flight(config.schedule, layout.pp, m)
-        plans = rank_stage_plans(config, layout.pp, 0)
-        # Blocks: the in-flight micro-batches of each of rank 0's stages, by its layers.
-        in_flight = sum(n * len(p.layers) for n, p in zip(chunks, plans, strict=True)) / layers
-        outputs = sum(n for n, p in zip(chunks, plans, strict=True) if not p.head)
-        heads = sum(n for n, p in zip(chunks, plans, strict=True) if p.head)
-    else:
-        rows = config.global_batch // layout.dp // grad_accum_steps(config, layout.dp)
-        in_flight, outputs, heads = 1, 0, 1  # the whole model: no stage output to keep
-    return StepShape(
-        tokens=rows * seq // layout.cp,
-        layers=layers,
-        has_first="wte.weight" in names,
-        has_last="lm_head.weight" in names,
-        in_flight=in_flight,
-        outputs_in_flight=outputs,
-        heads_in_flight=heads,
-        tp=layout.tp,
-        sequence_parallel=config.sequence_parallel and layout.tp > 1,
-        element=compute_bytes(config, layout),
-        ac=config.ac,
-        cp=layout.cp,
-        softmax_keys=seq if layout.cp > 1 and config.cp_attention == "ring" else 0,
-        logits_held=layout.pp > 1,
-    )
-
-
-def pipeline_in_flight(schedule: str, pp: int, m: int) -> list[float]:
-    """Micro-batches whose activations rank 0 holds at once, for each of its stages.
-
-    GPipe runs every forward before any backward: m; looped BFS too, on both of
-    its stages. 1F1B starts backward after p forwards on the first stage: min(m,
-    p). Interleaved 1F1B (and interleaved-zb, which runs the same order of
-    forwards; its deferred weight gradients are not counted) runs (v - 1) p +
-    2 (p - 1) + 1 warm-up forwards over its v stages before its first backward.
-    ZB-V and DualPipeV run 2p - 1 forwards of rank 0's first stage, then its
-    last stage (the head) one micro-batch at a time: 2p stages' worth, p
-    micro-batches of the rank's layers, as 1F1B.
-    """
-    spec = schedule_spec(schedule)
-    virtual = spec.stages_per_rank
-    if schedule in FORWARDS_FIRST:
-        return [float(m)] * virtual
-    if virtual == 1:
-        return [float(min(m, pp))]
-    if spec.placement == "v":
-        return [float(min(m, 2 * pp - 1)), 1.0]
-    chunks = min(m * virtual, (virtual - 1) * pp + 2 * (pp - 1) + 1)
-    return [chunks / virtual] * virtual
-
-
-def block_activation_bytes(shape: StepShape, n_head: int, d: int) -> int:
-    """Bytes one block saves for backward for one micro-batch (table above)."""
-    t, tp, e = shape.tokens, shape.tp, shape.element
-    replicated = t * d // tp if shape.sequence_parallel else t * d
-    if shape.ac == "full":
-        return e * replicated
-    stats = FP32 * t * (4 // tp if shape.sequence_parallel else 4)
-    # what attention keeps besides its inputs and output: SDPA's log-sum-exp, or the
-    # softmax weights of ring attention
-    softmax = FP32 * t * n_head // tp
-    if shape.softmax_keys:
-        softmax = e * t * n_head // tp * shape.softmax_keys
-    if shape.ac == "selective":
-        # input, q k v, attention output, the two row-parallel outputs (each as the
-        # local matmul result and, with T > 1, the all-reduced one), up output
-        reduced = 2 * t * d * (2 if tp > 1 else 1)
-        return e * (replicated + 8 * t * d // tp + reduced) + softmax
-    # x, x + attn (sharded under SP); LayerNorm outputs as the matmuls see them (gathered);
-    # attention keeps the keys and values of all cp ranks
-    gathered_kv = 2 * (shape.cp - 1) * t * d // tp
-    return e * (2 * replicated + 2 * t * d + 12 * t * d // tp + gathered_kv) + stats + softmax
-
-
-def block_in_backward_bytes(shape: StepShape, n_head: int, d: int) -> int:
-    """A block's whole saved set (recomputed under checkpointing) once its down
-    projection's backward has freed the GELU output (4 t h / T)."""
-    full = StepShape(**{**shape.__dict__, "ac": "none"})
-    return (
-        block_activation_bytes(full, n_head, d) - shape.element * 4 * shape.tokens * d // shape.tp
-    )
-
-
-def head_activation_bytes(shape: StepShape, d: int, vocab: int) -> int:
-    """Bytes the final LayerNorm, LM head and loss keep for one micro-batch (last stage)."""
-    t, e = shape.tokens, shape.element
-    logits = e * t * vocab if shape.logits_held else 0
-    return e * 2 * t * d + FP32 * 2 * t + logits + FP32 * t * vocab
-
-
-def activation_bytes(config: Config) -> int:
-    """Saved activations of rank 0 at the start of backward (all in-flight micro-batches)."""
-    layout = rank_layout(config)
-    if layout is None:
-        raise ValueError(f"no activation model for strategy {config.strategy!r}")
-    shape = step_shape(config, layout)
-    return _activations(shape, config)
-
-
-def moe_block_extra_bytes(config: Config, shape: StepShape) -> int:
-    """What a MoE block saves beyond the dense MLP's (0 for a dense model or under ``--ac``).
-
-    Dense: LayerNorm 2 output, up and GELU outputs, 9 t h. MoE with k of E
-    experts: the LayerNorm 2 output (the router's input, t h), the rows sorted
-    by expert (k t h: the up matmuls' input), the up and GELU outputs of every
-    row (8 k t h) and the expert outputs (k t h, weighted by the routing), so
-    (1 + 10 k) t h; plus the router probabilities (t E, fp32) and int64
-    indices (the sort's t E, three permutations of k t). Under ``ep`` the rows
-    are the ones this rank's experts received, k t under balanced routing (the
-    real number is the routing's). Checkpointed runs are not modelled for MoE.
-    """
-    model = model_shape(config)
-    if not model.n_expert or shape.ac != "none":
-        return 0
-    t, h, k, experts = shape.tokens, model.d_model, model.top_k, model.n_expert
-    return shape.element * (10 * k - 8) * t * h + FP32 * t * experts + 8 * t * (experts + 3 * k)
-
-
-def _activations(shape: StepShape, config: Config) -> int:
-    model = model_shape(config)
-    per_block = block_activation_bytes(shape, model.n_head, model.d_model)
-    blocks = shape.layers * (per_block + moe_block_extra_bytes(config, shape))
-    total = blocks * shape.in_flight
-    if shape.has_last:
-        total += head_activation_bytes(shape, model.d_model, model.vocab_size) * (
-            shape.heads_in_flight
-        )
-    # the stage outputs, kept to take their gradients
-    total += shape.element * shape.tokens * model.d_model * shape.outputs_in_flight
-    return int(total)
 
 
 def predict_peak(config: Config) -> PeakPrediction:
@@ -396,7 +229,7 @@ def backward_start(
     return _split(
         **common,
         grads=resident.grads,
-        activations=_activations(shape, config),
+        activations=held_activation_bytes(shape, config),
         temporaries=2 * FP32 * shape.tokens * vocab,
         comm_buffers=gathered["comm_buffers"],
     )
@@ -488,93 +321,10 @@ def pipeline_moment(
     return _split(
         **common,
         grads=0 if layout.data_parallel == "fsdp" or no_grads_yet else state.grads,
-        activations=_activations(in_flight, config) + recomputed,
+        activations=held_activation_bytes(in_flight, config) + recomputed,
         temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],
     )
-
-
-def ddp_pipeline_buckets(layout: RankLayout, state: ModelStateBytes) -> int:
-    """DDP inside a pipeline skips its all-reduce until the last micro-batch, whose
-    backward copies the accumulated gradients into DDP's buckets: a second copy of the
-    stage's gradients, alive from then to the end of the step."""
-    return state.grads if layout.data_parallel == "ddp" and layout.pp > 1 else 0
-
-
-def block_elements(config: Config, layout: RankLayout, gathered: bool = False) -> list[int]:
-    """Rank 0's parameter elements of each of its blocks (tensor-parallel local);
-    ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
-    shapes = _local_shapes(config, layout, gathered)
-    per_block: dict[str, int] = {}
-    for name, shape in shapes.items():
-        if name.startswith("blocks."):
-            index = name.split(".")[1]
-            per_block[index] = per_block.get(index, 0) + math.prod(shape)
-    return [per_block[i] for i in sorted(per_block, key=int)]
-
-
-def root_elements(
-    config: Config, layout: RankLayout, head_only: bool = False, gathered: bool = False
-) -> int:
-    """Rank 0's elements outside the blocks (only the final norm and head: ``head_only``);
-    ``gathered``: as FSDP2 gathers them (``fsdp_gathered_shapes``)."""
-    shapes = _local_shapes(config, layout, gathered)
-    names = ROOT_PARAMETERS[2:] if head_only else ROOT_PARAMETERS
-    return numel({name: shape for name, shape in shapes.items() if name in names})
-
-
-def _local_shapes(config: Config, layout: RankLayout, gathered: bool) -> dict[str, tuple[int, ...]]:
-    """Rank 0's tensor-parallel local parameter shapes of its stage(s), padded as FSDP2
-    gathers them if ``gathered``."""
-    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
-    return fsdp_gathered_shapes(shapes, layout.shard) if gathered else shapes
-
-
-def gathered_bytes(config: Config, layout: RankLayout) -> dict[str, int]:
-    """Parameters gathered for the step, by the category the tracker files them in.
-
-    FSDP (``comm_buffers``): the root unit (embeddings, final norm, head) stays
-    gathered all step; inside a pipeline every unit of the stage stays gathered
-    across the micro-batches, and its unsharded gradients accumulate until the
-    one reduce-scatter at the end (twice the stage's parameters). ZeRO-3
-    (``params``): DeepSpeed keeps every gathered parameter until its backward
-    (``stage3_max_reuse_distance``), so at the start of backward all of them.
-    """
-    e = compute_bytes(config, layout)
-    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
-    if layout.data_parallel == "fsdp" and layout.pp > 1:
-        padded = numel(fsdp_gathered_shapes(shapes, layout.shard))
-        return {"params": 0, "comm_buffers": e * (padded + numel(shapes))}
-    if layout.data_parallel == "fsdp":
-        return {"params": 0, "comm_buffers": e * root_elements(config, layout, gathered=True)}
-    if layout.data_parallel == "zero3":
-        return {"params": e * numel(shapes), "comm_buffers": 0}
-    return {"params": 0, "comm_buffers": 0}
-
-
-def optimizer_temporaries(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
-    """AdamW's foreach step allocates one fp32 buffer the size of what it updates.
-
-    That is the rank's parameters, or its optimizer slice where the state is
-    sharded: AdamW keeps 8 B per updated element (DeepSpeed 12, with its fp32
-    master slice).
-    """
-    if config.optimizer != "adamw":
-        return 0
-    if layout.data_parallel in ZERO_FLAVOURS:
-        return state.optimizer // 3
-    if layout.data_parallel in ("fairscale-oss", "fairscale-sdp"):
-        return state.optimizer // 2
-    return state.params
-
-
-def optimizer_step_grads(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
-    """Gradients alive during the optimizer step: the rank's own, except under DeepSpeed,
-    whose inner optimizer reads the fp32 gradient of its slice (4 P / N) after the
-    reduction has freed the rest."""
-    if layout.data_parallel in ZERO_FLAVOURS:
-        return FP32 * count_parameters(model_shape(config)) // layout.dp
-    return state.grads
 
 
 def _split(**parts: int) -> dict[str, int]:
