@@ -285,6 +285,11 @@ def fsdp_gathered_shapes(shapes: Shapes, shard: int) -> Shapes:
 # --- What rank 0 holds --------------------------------------------------------------------
 
 
+def rank0_shapes(config: Config, dims: ParallelDims) -> Shapes:
+    """Rank 0's parameters: its pipeline stage(s), tensor-parallel local."""
+    return tp_local_shapes(stage_shapes(config, dims.pp), dims.tp)
+
+
 def rank0_state_bytes(
     config: Config, dims: ParallelDims, data_parallel: str | None
 ) -> ModelStateBytes:
@@ -297,7 +302,7 @@ def rank0_state_bytes(
     replicate under hsdp; rank 0 takes the rounded-up share). DDP (or none) keeps
     everything of its stage.
     """
-    shapes = tp_local_shapes(stage_shapes(config, dims.pp), dims.tp)
+    shapes = rank0_shapes(config, dims)
     if data_parallel == "fsdp":
         shapes = {n: (-(-s[0] // dims.shard), *s[1:]) for n, s in shapes.items()}
     return predicted_bytes(numel(shapes), config.optimizer)

@@ -7,7 +7,6 @@ rank 0's step; ``ExpertRouting`` carries an ``ep`` run's measured routing counts
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,8 +108,3 @@ class StepFacts:
     def p_local(self) -> int:
         """Rank 0's parameter elements."""
         return numel(self.shapes)
-
-
-def fsdp_padded_numel(shapes: dict[str, tuple[int, ...]], n: int) -> int:
-    """Elements FSDP2 all-gathers: each parameter's dim 0 padded to a multiple of ``n``."""
-    return sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in shapes.values())

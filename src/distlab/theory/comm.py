@@ -96,7 +96,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from distlab.config import Config, grad_accum_steps, resolved_seq_len
-from distlab.strategies.parallel_dims import stage_shapes, tp_local_shapes
+from distlab.strategies.parallel_dims import rank0_shapes
 from distlab.theory.collectives import CommPrediction, ExpertRouting, StepFacts
 from distlab.theory.comm_data_parallel import data_parallel_comm
 from distlab.theory.comm_model_parallel import (
@@ -137,7 +137,7 @@ def step_facts(config: Config, layout: RankLayout, routing: ExpertRouting | None
     return StepFacts(
         config=config,
         layout=layout,
-        shapes=tp_local_shapes(stage_shapes(config, layout.pp), layout.tp),
+        shapes=rank0_shapes(config, layout),
         rows=config.global_batch // layout.dp,
         seq=resolved_seq_len(config),
         accum=grad_accum_steps(config, layout.dp) if layout.pp == 1 else 1,

@@ -14,13 +14,12 @@ from distlab.errors import DistlabError
 from distlab.strategies.deepspeed_zero import deepspeed_config
 from distlab.strategies.expert_parallel import ep_degree, expert_parameter_count
 from distlab.strategies.fairscale_oss import oss_owners, oss_partition
-from distlab.strategies.parallel_dims import parameter_sizes
+from distlab.strategies.parallel_dims import fsdp_gathered_shapes, numel, parameter_sizes
 from distlab.theory.collectives import (
     INT64,
     CommPrediction,
     ExpertRouting,
     StepFacts,
-    fsdp_padded_numel,
 )
 from distlab.theory.rank_layout import FP32, RankLayout, layers_of, microbatches
 
@@ -38,9 +37,10 @@ def fsdp_comm(pred: CommPrediction, step: StepFacts) -> str:
     (``distlab.strategies.hsdp``); the formula."""
     config, layout, shapes, model_bytes = step.config, step.layout, step.shapes, step.model_bytes
     dp = layout.shard
-    padded = model_bytes * fsdp_padded_numel(shapes, dp)
+    padded_elements = numel(fsdp_gathered_shapes(shapes, dp))
+    padded = model_bytes * padded_elements
     root = {n: s for n, s in shapes.items() if not n.startswith("blocks.")}
-    blocks_padded = padded - model_bytes * fsdp_padded_numel(root, dp)
+    blocks_padded = padded - model_bytes * numel(fsdp_gathered_shapes(root, dp))
     blocks = layers_of(config, layout)
     units = blocks + (1 if root else 0)
     # How often every unit is gathered (forward), and how often the blocks again
@@ -58,12 +58,12 @@ def fsdp_comm(pred: CommPrediction, step: StepFacts) -> str:
     calls = gathers * units + block_regathers * blocks
     pred.add("all_gather", gathers * padded + block_regathers * blocks_padded, dp, calls=calls)
     # Gradients are reduced in fp32 (the policy's reduce_dtype) under bf16 too.
-    pred.add("reduce_scatter", FP32 * fsdp_padded_numel(shapes, dp), dp, calls=units)
+    pred.add("reduce_scatter", FP32 * padded_elements, dp, calls=units)
     size = f"{model_bytes}P'"
     again = f" + {block_regathers}x{size}_blocks" if block_regathers else ""
     formula = f"all-gather {gathers}x{size}{again} + reduce-scatter 4P' (P' = P padded to {dp})"
     if layout.replicate > 1:
-        shard_bytes = FP32 * fsdp_padded_numel(shapes, dp) // dp
+        shard_bytes = FP32 * padded_elements // dp
         pred.add("all_reduce", shard_bytes, layout.replicate, calls=units)
         formula += f" + all-reduce 4P'/{dp} over {layout.replicate} replicas"
     return formula
@@ -200,7 +200,7 @@ def data_parallel_comm(pred: CommPrediction, step: StepFacts) -> str | None:
     """The data-parallel flavour's collectives and the small ones beside them (the loss
     mean; DeepSpeed's norm and overflow checks); its formula, None without one."""
     layout = step.layout
-    part = DATA_PARALLEL_COMM.get(layout.data_parallel) if layout.data_parallel else None
+    part = DATA_PARALLEL_COMM.get(layout.data_parallel or "")  # None: no data parallelism
     formula = part(pred, step) if part is not None else None
     if layout.data_parallel in ("zero1", "zero2", "zero3") and layout.dp > 1:
         small = 8 if layout.data_parallel != "zero3" else 12

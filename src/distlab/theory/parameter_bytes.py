@@ -15,8 +15,7 @@ from distlab.model import count_parameters
 from distlab.strategies.parallel_dims import (
     fsdp_gathered_shapes,
     numel,
-    stage_shapes,
-    tp_local_shapes,
+    rank0_shapes,
 )
 from distlab.theory.rank_layout import FP32, RankLayout, compute_bytes
 
@@ -57,7 +56,7 @@ def root_elements(
 def _local_shapes(config: Config, layout: RankLayout, gathered: bool) -> dict[str, tuple[int, ...]]:
     """Rank 0's tensor-parallel local parameter shapes of its stage(s), padded as FSDP2
     gathers them if ``gathered``."""
-    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
+    shapes = rank0_shapes(config, layout)
     return fsdp_gathered_shapes(shapes, layout.shard) if gathered else shapes
 
 
@@ -72,7 +71,7 @@ def gathered_bytes(config: Config, layout: RankLayout) -> dict[str, int]:
     (``stage3_max_reuse_distance``), so at the start of backward all of them.
     """
     e = compute_bytes(config, layout)
-    shapes = tp_local_shapes(stage_shapes(config, layout.pp), layout.tp)
+    shapes = rank0_shapes(config, layout)
     if layout.data_parallel == "fsdp" and layout.pp > 1:
         padded = numel(fsdp_gathered_shapes(shapes, layout.shard))
         return {"params": 0, "comm_buffers": e * (padded + numel(shapes))}
