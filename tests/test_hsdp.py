@@ -178,7 +178,7 @@ def test_replicas_all_reduce_the_reduce_scattered_shard(four_rank_check) -> None
     reduce-scatter does: each unit's gradient shard, not the whole gradient."""
     results, _ = four_rank_check
     groups = results[0][list(COMM_CELLS).index("r2s2")]["comm"]["groups"]
-    shard, replicate = groups["mesh_shard[2]"], groups["mesh_replicate[2]"]
+    shard, replicate = groups["mesh_dp_shard[2]"], groups["mesh_dp_replicate[2]"]
     assert replicate["all_reduce"]["bytes"] * 2 == shard["reduce_scatter"]["bytes"]
     assert replicate["all_reduce"]["calls"] == shard["reduce_scatter"]["calls"]
     assert "all_gather" not in replicate  # parameters are never gathered across replicas

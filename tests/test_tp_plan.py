@@ -25,7 +25,7 @@ def test_applied_placements_are_the_planned_splits(sequence_parallel: bool) -> N
     shape = model_shape(Config(model="tiny"))
     predicted = tp_local_shapes(parameter_shapes(shape), TP)
     with fake_ranks(TP) as ctx:
-        mesh = ParallelDims(dp=1, tp=TP, pp=1).build_mesh(ctx.device_type)
+        mesh = ParallelDims(dp=1, tp=TP, pp=1).build_mesh(ctx.device_type, sharded=False)
         model = apply_tp(GPT(shape), mesh["tp"], sequence_parallel)
         params = dict(model.named_parameters())
         assert params.keys() == predicted.keys()

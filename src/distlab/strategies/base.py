@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
 from distlab.checkpoint.layout import checkpoint_step
@@ -31,6 +32,7 @@ from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predict
 from distlab.measure.step_memory import HeldTensors
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+from distlab.strategies.degrees import data_parallel_dims
 from distlab.strategies.parallel_dims import ParallelDims
 from distlab.values import scalar
 
@@ -137,14 +139,24 @@ class Strategy(ABC):
     parallelism; any other name is a flavour the theory does not model."""
 
     def dims(self, config: Config) -> ParallelDims:
-        """The degrees this strategy runs ``config`` with (default: data parallel on every rank)."""
-        return ParallelDims(dp=config.nproc, tp=1, pp=1)
+        """The degrees this strategy runs ``config`` with (``distlab.strategies.degrees``;
+        default: data parallel on every rank)."""
+        return data_parallel_dims(config)
+
+    @property
+    def shards_model_state(self) -> bool:
+        """Whether the data-parallel ranks shard the model state (``dp_shard``) rather than
+        each hold a copy of it (``dp_replicate``)."""
+        return self.data_parallel not in (None, "ddp", "ep")
 
     def mesh_dims(self, config: Config) -> dict[str, int]:
         """The named degrees this strategy arranges the ranks in (``ParallelDims.named``):
         e.g. ``{"pp": 2, "dp_shard": 2, "cp": 2, "tp": 2}`` for fsdp+cp+tp+pp on 16 ranks."""
-        sharded = self.data_parallel not in (None, "ddp", "ep")
-        return self.dims(config).named(sharded)
+        return self.dims(config).named(self.shards_model_state)
+
+    def build_mesh(self, config: Config, device_type: str) -> DeviceMesh:
+        """The strategy's device mesh (``ParallelDims.build_mesh``; call on every rank)."""
+        return self.dims(config).build_mesh(device_type, self.shards_model_state)
 
     def data_parallel_size(self, config: Config) -> int:
         """How many data-parallel replicas split the global batch."""

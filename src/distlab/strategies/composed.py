@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
@@ -57,19 +57,36 @@ from distlab.strategies.context_parallel import (
     held_positions,
     validate_cp,
 )
+from distlab.strategies.ddp import apply_ddp
+from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, resolve_dims
+from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes, view
 from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
 from distlab.strategies.pipeline_schedules import schedule_spec
 from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 
+PIPELINE_DDP_BUCKET_VIEWS = False
+"""Whether ``ddp+pp``'s DDP makes the gradients views into its buckets, as every other
+DDP of the lab does (``apply_ddp``). It does not, and the theory models what that costs
+(``distlab.theory.parameter_bytes.ddp_pipeline_buckets`` reads this flag): the stage's
+gradients accumulate over the micro-batches as tensors of their own, and the last
+micro-batch's backward copies them into the buckets, a second copy until the step ends.
+Bucket views train the same losses bitwise and reach the same peak on the tiny model
+(measured), but keep the gradients in DDP's buckets between steps: turning them on is a
+change of ddp+pp's memory model and its measured timeline, not of this file alone."""
+
 
 def parallelize(
-    module: GPT, mesh: DeviceMesh, dims: ParallelDims, config: Config, data_parallel: str
+    module: GPT,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    config: Config,
+    data_parallel: str,
+    device: torch.device,
 ) -> nn.Module:
     """Tensor and context parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or
-    ddp, over ``dims.reduction_mesh``: dp, or dp x cp) on a model/stage."""
+    ddp, over the mesh's ``dp_shard_cp`` or ``dp_cp``) on a model/stage."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"], config.sequence_parallel)
         # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
@@ -80,10 +97,11 @@ def parallelize(
     apply_ac(module, config.ac)
     if config.compile:
         apply_compile(module)
-    replicas = dims.reduction_mesh(mesh)
     if data_parallel == "fsdp":
-        return apply_fsdp(module, replicas, config.reshard_after_forward, config.precision)
-    return DistributedDataParallel(module, process_group=replicas.get_group())
+        shards = fsdp_mesh(mesh, dims)
+        return apply_fsdp(module, shards, config.reshard_after_forward, config.precision)
+    group = view(mesh, "dp_cp").get_group()
+    return apply_ddp(module, device, group, PIPELINE_DDP_BUCKET_VIEWS)
 
 
 class ComposedStrategy(Strategy):
@@ -136,11 +154,11 @@ class ComposedStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
-        mesh = dims.build_mesh(ctx.device_type)
+        mesh = self.build_mesh(config, ctx.device_type)
         if self.pipeline:
 
             def wrap_stage(stage: GPT) -> nn.Module:
-                wrapped = parallelize(stage, mesh, dims, config, self.data_parallel)
+                wrapped = parallelize(stage, mesh, dims, config, self.data_parallel, ctx.device)
                 if self.data_parallel == "fsdp" and not config.reshard_between_microbatches:
                     # The schedule keeps parameters gathered after each backward and reshards
                     # them once, after the last; keeping them after forward too means the
@@ -150,11 +168,11 @@ class ComposedStrategy(Strategy):
 
             return PipelineTrainStep(model, ctx, config, dims, mesh, wrap_stage)
         ctx.place(model)
-        wrapped = parallelize(model, mesh, dims, config, self.data_parallel)
+        wrapped = parallelize(model, mesh, dims, config, self.data_parallel, ctx.device)
         settings = {
-            "dp_rank": mesh["dp"].get_local_rank(),
+            "dp_rank": view(mesh, "dp").get_local_rank(),
             "dp_size": dims.dp,
-            "dp_group": mesh["dp"].get_group(),
+            "dp_group": view(mesh, "dp").get_group(),
             "gradient_sync": FsdpMicroBatchSync(
                 wrapped, config.reshard_after_forward, config.reshard_between_microbatches
             ),
@@ -169,7 +187,7 @@ class ComposedStrategy(Strategy):
             config,
             **settings,
             positions=held_positions(resolved_seq_len(config), dims.cp, cp_rank),
-            loss_group=dims.reduction_mesh(mesh).get_group(),
+            loss_group=view(mesh, "dp_cp").get_group(),
             loss_size=dims.reducers,
         )
 

@@ -70,7 +70,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
@@ -86,7 +85,9 @@ from distlab.strategies.base import (
     mean_over_group,
     no_sync_unless,
 )
-from distlab.strategies.parallel_dims import ParallelDims
+from distlab.strategies.ddp import apply_ddp
+from distlab.strategies.degrees import cp_dims
+from distlab.strategies.parallel_dims import ParallelDims, view
 
 try:
     from torch.distributed._functional_collectives import all_gather_single_autograd
@@ -274,22 +275,6 @@ class ContextParallelTrainStep(ModuleTrainStep):
         return mean_over_group(local, self.loss_group, self.loss_size)
 
 
-def cp_degrees(config: Config) -> ParallelDims:
-    """``cp``'s degrees: ``--cp`` (default: every rank) and nproc / cp replicas."""
-    nproc = config.nproc
-    cp = nproc if config.cp == 1 else config.cp
-    if cp < 1:
-        raise DistlabError(f"--cp must be >= 1 (got {cp})")
-    if nproc % cp:
-        raise DistlabError(
-            f"--nproc {nproc} is not divisible by --cp {cp}; the ranks form nproc / cp "
-            "data-parallel groups of cp ranks each"
-        )
-    if cp < 2:
-        raise DistlabError(f"strategy 'cp' needs --cp >= 2 ranks (got {cp}); use --nproc 2 or more")
-    return ParallelDims(dp=nproc // cp, tp=1, pp=1, cp=cp)
-
-
 class CPStrategy(ReplicatedStateStrategy):
     """Split every sequence over the cp ranks; DDP averages gradients over all ranks."""
 
@@ -308,7 +293,7 @@ class CPStrategy(ReplicatedStateStrategy):
     )
 
     def dims(self, config: Config) -> ParallelDims:
-        return cp_degrees(config)
+        return cp_dims(config)
 
     def validate(self, config: Config) -> None:
         validate_cp(config, self.dims(config).cp)
@@ -319,22 +304,18 @@ class CPStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
-        mesh = dims.build_mesh(ctx.device_type)
+        mesh = self.build_mesh(config, ctx.device_type)
         ctx.place(model)
         apply_cp(model, mesh["cp"], config.cp_attention)
         apply_ac(model, config.ac)
-        device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
-        # Every rank: the dp x cp ranks are the whole world (no tp, no pp).
-        wrapped = DistributedDataParallel(
-            model, device_ids=device_ids, gradient_as_bucket_view=True
-        )
+        wrapped = apply_ddp(model, ctx.device)  # every rank: dp x cp is the whole world
         return ContextParallelTrainStep(
             wrapped,
             ctx,
             config,
-            dp_rank=mesh["dp"].get_local_rank(),
+            dp_rank=view(mesh, "dp").get_local_rank(),
             dp_size=dims.dp,
-            dp_group=mesh["dp"].get_group(),
+            dp_group=view(mesh, "dp").get_group(),
             gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
             plain_model=model,
             keep_gradients=True,

@@ -6,8 +6,9 @@ gradients in buckets (averaging them over ranks), overlapping communication
 with the rest of backward, so every replica applies the same update.
 
 Memory per rank: the full model state (16 bytes/parameter with fp32 AdamW);
-``gradient_as_bucket_view`` makes the gradients views into DDP's communication
-buckets, so the buckets cost no extra copy.
+``apply_ddp`` makes the gradients views into DDP's communication buckets, so the
+buckets cost no extra copy. ``apply_ddp`` is every DDP of the lab: ``cp``, OSS's
+ZeRO-1 and ``ddp+pp`` wrap their modules with it too.
 Communication per step: one all-reduce of all gradients (a ring all-reduce
 sends 2 (N-1)/N of the gradient bytes per rank).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,6 +33,26 @@ from distlab.strategies.base import (
     no_sync_unless,
 )
 from distlab.strategies.regional_compile import apply_compile
+
+
+def apply_ddp(
+    module: nn.Module,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+    bucket_views: bool = True,
+) -> DistributedDataParallel:
+    """Wrap ``module`` in DDP over ``group`` (default: every rank).
+
+    ``bucket_views``: the gradients are views into DDP's all-reduce buckets
+    (``gradient_as_bucket_view``), so the buckets cost no second copy of them; they
+    stay allocated between steps, so the train step zeroes them rather than dropping
+    them. Only a pipeline's DDP turns this off (``composed.PIPELINE_DDP_BUCKET_VIEWS``
+    says why).
+    """
+    device_ids = [device.index] if device.type == "cuda" else None  # a one-device module
+    return DistributedDataParallel(
+        module, device_ids=device_ids, process_group=group, gradient_as_bucket_view=bucket_views
+    )
 
 
 class DDPStrategy(ReplicatedStateStrategy):
@@ -49,10 +72,7 @@ class DDPStrategy(ReplicatedStateStrategy):
         apply_ac(model, config.ac)
         if config.compile:
             apply_compile(model)  # blocks first, then DDP's hooks on their parameters
-        device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
-        wrapped = DistributedDataParallel(
-            model, device_ids=device_ids, gradient_as_bucket_view=True
-        )
+        wrapped = apply_ddp(model, ctx.device)
         return ModuleTrainStep(
             wrapped,
             ctx,

@@ -62,39 +62,15 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from distlab.config import Config, model_shape
-from distlab.distributed import RankContext, device_mesh
+from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPTConfig
 from distlab.moe import Experts, MoE, RoutingTally, moe_layers
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.degrees import ep_dims
 from distlab.strategies.parallel_dims import ParallelDims
-
-MESH_DIMS = ("replica", "ep")
-"""The 2-D mesh, outermost first: rank = replica * ep + index in the expert-parallel group."""
-
-
-def ep_degree(config: Config) -> int:
-    """The expert-parallel degree; a one-line DistlabError if the config cannot use it."""
-    shape = model_shape(config)
-    if not shape.n_expert:
-        raise DistlabError(
-            f"ep needs a MoE preset: --model tiny-moe or small-moe (got '{config.model}')"
-        )
-    ep = config.ep if config.ep is not None else config.nproc
-    if ep < 2:
-        raise DistlabError(
-            f"ep needs --ep >= 2 ranks to split the experts over (got {ep}); "
-            "with every expert on every rank use ddp or fsdp"
-        )
-    if config.nproc % ep:
-        raise DistlabError(f"--ep {ep} does not divide --nproc {config.nproc}")
-    if shape.n_expert % ep:
-        raise DistlabError(
-            f"--ep {ep} does not divide the {shape.n_expert} experts of '{config.model}'"
-        )
-    return ep
 
 
 def expert_parameter_count(shape: GPTConfig) -> int:
@@ -141,7 +117,7 @@ class AllToAllDispatch:
 
 def shard_experts(layers: list[MoE], mesh, ep_rank: int, ep: int) -> None:
     """Replace each layer's stacked expert weights by this rank's E / ep experts, as DTensors
-    sharded along dim 0 over the mesh's ``ep`` dimension (replicated over ``replica``)."""
+    sharded along dim 0 over the mesh's ``ep`` dimension (replicated over ``dp_mod_ep``)."""
     placements = (Replicate(), Shard(0)) if mesh.ndim == 2 else (Shard(0),)
     for layer in layers:
         experts = layer.experts
@@ -256,7 +232,7 @@ class EPStrategy(Strategy):
     trains_moe = True
 
     def validate(self, config: Config) -> None:
-        ep_degree(config)
+        self.dims(config)
         if config.ac != "none":
             raise DistlabError(
                 f"--ac {config.ac} is not supported by strategy 'ep': recomputing a block "
@@ -264,27 +240,28 @@ class EPStrategy(Strategy):
             )
 
     def dims(self, config: Config) -> ParallelDims:
-        return ParallelDims(dp=config.nproc, tp=1, pp=1, ep=ep_degree(config))
+        return ep_dims(config)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """Dense parameters whole, plus E / ep of the experts (with grads, optimizer state)."""
         experts = expert_parameter_count(model_shape(config))
-        local = n_params - experts + experts // ep_degree(config)
+        local = n_params - experts + experts // self.dims(config).ep
         return predicted_bytes(local, config.optimizer)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        ep = ep_degree(config)
-        replicas = ctx.world_size // ep
+        ep = self.dims(config).ep
         ctx.place(model)
-        if replicas > 1:
-            mesh = device_mesh(ctx.device_type, (replicas, ep), MESH_DIMS)
-            ep_mesh, replica_group = mesh["ep"], mesh.get_group("replica")
-        else:
-            mesh = ep_mesh = device_mesh(ctx.device_type, (ep,), ("ep",))
-            replica_group = None
+        mesh = self.build_mesh(config, ctx.device_type)
+        ep_mesh = mesh["ep"]
         ep_group, ep_rank = ep_mesh.get_group(), ep_mesh.get_local_rank()
+        # The ranks holding the same experts (none but this one when ep = nproc) average
+        # their gradients; the experts' DTensors live on (dp_mod_ep, ep), or ep alone.
+        replica_group, expert_mesh = None, ep_mesh
+        if mesh["dp_mod_ep"].size() > 1:
+            replica_group = mesh["dp_mod_ep"].get_group()
+            expert_mesh = mesh["dp_mod_ep", "ep"]
         layers = moe_layers(model)
-        shard_experts(layers, mesh, ep_rank, ep)
+        shard_experts(layers, expert_mesh, ep_rank, ep)
         dispatches = []
         for layer in layers:
             layer.dispatch = AllToAllDispatch(ep_group, ep, layer.n_expert)

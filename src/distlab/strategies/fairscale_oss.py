@@ -61,7 +61,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.checkpoint.verify import verify_checkpoint
@@ -78,6 +77,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.regional_compile import apply_compile
 
@@ -200,10 +200,7 @@ class FairscaleStrategy(Strategy):
 
             wrapped = ShardedDataParallel(model, optimizer, reduce_buffer_size=0)
         else:
-            device_ids = [ctx.device.index] if ctx.device_type == "cuda" else None
-            wrapped = DistributedDataParallel(
-                model, device_ids=device_ids, gradient_as_bucket_view=True
-            )
+            wrapped = apply_ddp(model, ctx.device)
         return OSSTrainStep(
             wrapped,
             ctx,

@@ -60,12 +60,12 @@ from torch.distributed.fsdp import (
 )
 
 from distlab.config import Config
-from distlab.distributed import RankContext, device_mesh
+from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
-from distlab.strategies.parallel_dims import rank0_state_bytes
+from distlab.strategies.parallel_dims import fsdp_mesh, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
 
 
@@ -215,7 +215,7 @@ class FSDPStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ctx.place(model)
-        mesh = device_mesh(ctx.device_type, (ctx.world_size,), ("dp",))
+        mesh = fsdp_mesh(self.build_mesh(config, ctx.device_type), self.dims(config))
         apply_ac(model, config.ac)  # before fully_shard, like compile
         if config.compile:
             apply_compile(model)  # before fully_shard: its hooks stay outside the graphs

@@ -52,42 +52,14 @@ from __future__ import annotations
 from torch import nn
 
 from distlab.config import Config
-from distlab.distributed import RankContext, device_mesh
-from distlab.errors import DistlabError
+from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.degrees import hsdp_dims
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
+from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
-
-MESH_DIMS = ("replicate", "shard")
-"""The 2-D mesh's dimensions, outermost first: rank = replica * S + shard index."""
-
-
-def hsdp_degrees(config: Config) -> tuple[int, int]:
-    """(R, S): the replica groups and the ranks in each; a one-line DistlabError if impossible."""
-    nproc, replicate, shard = config.nproc, config.dp_replicate, config.dp_shard
-    for flag, value in (("dp-replicate", replicate), ("dp-shard", shard)):
-        if value is not None and value < 1:
-            raise DistlabError(f"--{flag} must be >= 1 (got {value})")
-    if replicate is None and shard is None:
-        replicate = 2 if nproc >= 4 and nproc % 2 == 0 else 1
-    if replicate is None or shard is None:  # one given: the other is nproc / it
-        flag, given = ("dp-shard", shard) if replicate is None else ("dp-replicate", replicate)
-        if nproc % given:  # type: ignore[operator]
-            raise DistlabError(
-                f"--nproc {nproc} is not divisible by --{flag} {given}; "
-                "hsdp needs --dp-replicate x --dp-shard = --nproc"
-            )
-        replicate = replicate if replicate is not None else nproc // shard  # type: ignore[operator]
-        shard = shard if shard is not None else nproc // replicate
-    if replicate * shard != nproc:
-        raise DistlabError(
-            f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} ranks, "
-            f"but --nproc is {nproc}; the degrees must multiply to nproc"
-        )
-    return replicate, shard
 
 
 class HSDPStrategy(Strategy):
@@ -103,26 +75,16 @@ class HSDPStrategy(Strategy):
     """Modelled as fsdp over the shard degree (``ParallelDims.shard``), plus the replicas'
     all-reduce (``distlab.theory.comm``)."""
 
-    def validate(self, config: Config) -> None:
-        hsdp_degrees(config)
-
     def dims(self, config: Config) -> ParallelDims:
-        replicate, shard = hsdp_degrees(config)
-        return ParallelDims(dp=replicate * shard, tp=1, pp=1, replicate=replicate)
+        return hsdp_dims(config)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
         """16 N / S with fp32 AdamW, tensor by tensor as under fsdp (``rank0_state_bytes``)."""
         return rank0_state_bytes(config, self.dims(config), self.data_parallel)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        replicate, shard = hsdp_degrees(config)
         ctx.place(model)
-        # R = 1: fsdp's 1-D mesh. On a (1, S) mesh FSDP2 would all-reduce every unit's
-        # gradient shard over the one-rank replicate group: a no-op collective per unit.
-        shape, names = (
-            ((shard,), MESH_DIMS[1:]) if replicate == 1 else ((replicate, shard), MESH_DIMS)
-        )
-        mesh = device_mesh(ctx.device_type, shape, names)
+        mesh = fsdp_mesh(self.build_mesh(config, ctx.device_type), self.dims(config))
         apply_ac(model, config.ac)  # before fully_shard, as in fsdp
         if config.compile:
             apply_compile(model)

@@ -1,11 +1,18 @@
-"""Parallelism degrees (dp x cp x tp x pp) and the one device mesh they live on.
+"""Parallelism degrees and the one device mesh every strategy's ranks live on.
 
-Every model-parallel strategy (``tp``, ``pp``, ``cp`` and their compositions with
-data parallelism) arranges its ranks on one 4-D ``DeviceMesh`` with named
-dimensions, outermost first (torchtitan's order)::
+``ParallelDims`` holds the degrees (``distlab.strategies.degrees`` reads them from the
+config); ``build_mesh`` lays all ranks out on one ``DeviceMesh`` with torchtitan's
+dimension names, outermost first, each of them present (size 1 when unused)::
 
-    ("pp", "dp", "cp", "tp")
-    rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index
+    ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    rank = (((pp_i * R + replicate_i) * S + shard_i) * cp + cp_i) * tp + tp_i
+
+``dp_replicate`` ranks hold copies of the model state (DDP, hsdp's replica groups),
+``dp_shard`` ranks shard it (FSDP, ZeRO, OSS); a strategy's data-parallel ranks are
+one or the other, or both under hsdp. Expert parallelism borrows data-parallel ranks:
+with ``ep > 1`` the replicas are laid out as ``("dp_mod_ep", "ep")``. The flattened
+views (``MESH_VIEWS``: ``dp``, ``dp_shard_cp``, ``dp_cp``, ``dp_replicate``) are
+named the same on every mesh, and ``view`` returns them.
 
 Tensor parallelism is innermost because it talks most (every layer, forward
 and backward): on a GPU node its ranks are neighbours on the fastest links.
@@ -13,12 +20,7 @@ Context parallelism (every rank of a cp group holds a slice of each sequence
 and gathers the others' keys and values in every layer) talks next most.
 Pipeline stages are outermost: they only exchange activations at stage
 boundaries. Rank 0 is therefore always (first stage, first replica, first
-tensor-parallel shard). A degree of 1 is just a size-1 mesh dimension.
-
-Degrees come from ``--dp``, ``--cp``, ``--tp``, ``--pp`` and must multiply to
-``--nproc``. ``--dp`` may be left out (it is then ``nproc / (cp * tp * pp)``). The plain ``tp``
-and ``pp`` strategies use every rank for their one parallelism: ``--tp`` (or
-``--pp``) defaults to ``--nproc`` when left at 1.
+tensor-parallel shard).
 
 Besides the degrees, this module owns the arithmetic of what a rank holds:
 which layers form which pipeline stage and which stages a rank runs, which
@@ -41,7 +43,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from distlab.config import Config, model_shape
 from distlab.distributed import device_mesh
-from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, GPTConfig
 from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
@@ -49,8 +50,6 @@ from distlab.strategies.tp_plan import shard_dim
 
 Shapes = dict[str, tuple[int, ...]]
 """Parameter name (the plain GPT's) -> shape."""
-
-MESH_DIMS = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,11 @@ class ParallelDims:
         """Ranks FSDP shards the model state over: dp x cp, divided by replicate under hsdp."""
         return self.reducers // self.replicate
 
+    def data_parallel_split(self, sharded: bool) -> tuple[int, int]:
+        """(dp_replicate, dp_shard): ranks holding copies of the model state and ranks
+        sharding it (``sharded``: FSDP, ZeRO, OSS); their product is ``dp``."""
+        return (self.replicate, self.dp // self.replicate) if sharded else (self.dp, 1)
+
     def named(self, sharded: bool) -> dict[str, int]:
         """The degrees under torchtitan's names, outermost first, those above 1.
 
@@ -88,7 +92,7 @@ class ParallelDims:
         dp_shard x cp), ``cp``, ``tp``: their product is the number of ranks. ``ep``
         comes last: it splits the experts over data-parallel ranks, it adds none.
         """
-        replicate, shard = (self.replicate, self.dp // self.replicate) if sharded else (self.dp, 1)
+        replicate, shard = self.data_parallel_split(sharded)
         degrees = {
             "pp": self.pp,
             "dp_replicate": replicate,
@@ -99,86 +103,70 @@ class ParallelDims:
         }
         return {name: degree for name, degree in degrees.items() if degree > 1}
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The 4-D (pp, dp, cp, tp) mesh over all ranks (call on every rank)."""
-        return device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), MESH_DIMS)
+    def mesh_shape(self, sharded: bool) -> dict[str, int]:
+        """The device mesh's dimensions and sizes, outermost first, every one (size 1 too).
 
-    def reduction_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
-        """The part of ``mesh`` (``build_mesh``'s) that gradients are averaged over: ``dp``,
-        or, with context parallelism, ``dp`` and ``cp`` flattened into one dimension."""
-        if self.cp == 1:
-            return mesh["dp"]
-        return mesh["dp", "cp"]._flatten("dp_cp")
+        The names of ``named``, with one change when experts are split (``ep > 1``):
+        expert parallelism borrows data-parallel ranks, so the replicas are laid out as
+        ``dp_mod_ep`` groups of ``ep`` consecutive ranks (torchtitan splits its dp_shard
+        the same way); ``view("dp_replicate")`` flattens the two again.
+        """
+        replicate, shard = self.data_parallel_split(sharded)
+        if self.ep == 1:
+            replicas = {"dp_replicate": replicate}
+        else:
+            replicas = {"dp_mod_ep": replicate // self.ep, "ep": self.ep}
+        return {"pp": self.pp, **replicas, "dp_shard": shard, "cp": self.cp, "tp": self.tp}
+
+    def build_mesh(self, device_type: str, sharded: bool) -> DeviceMesh:
+        """The one device mesh over all ranks, of ``mesh_shape`` (call on every rank)."""
+        shape = self.mesh_shape(sharded)
+        return device_mesh(device_type, tuple(shape.values()), tuple(shape))
 
 
-def resolve_dims(
-    config: Config,
-    name: str,
-    data_parallel: bool,
-    tensor_parallel: bool,
-    pipeline: bool,
-    context_parallel: bool = False,
-) -> ParallelDims:
-    """The degrees strategy ``name`` runs with; a one-line DistlabError if impossible.
+MESH_VIEWS = {
+    "dp_replicate": ("dp_mod_ep", "ep"),
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp", "cp"),
+}
+"""The mesh's flattened views and what each is made of, the same on every strategy's mesh:
 
-    ``data_parallel``/``tensor_parallel``/``pipeline``/``context_parallel`` say which
-    parallelisms the strategy composes (context parallelism only with data
-    parallelism). A parallelism it names must have degree >= 2 (otherwise another
-    strategy says it better); the flags of one it does not use are refused by
-    ``distlab.strategies.resolve.validate`` from ``Strategy.options``.
-    """
-    nproc = config.nproc
-    tp, pp, cp = config.tp, config.pp, config.cp
-    for flag, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", config.dp)):
-        if value is not None and value < 1:
-            raise DistlabError(f"--{flag} must be >= 1 (got {value})")
-    # A degree the strategy does not use is at its default: resolve.validate refuses others.
-    if not data_parallel:
-        # Plain tp / pp: the one parallelism spans every rank.
-        if tensor_parallel:
-            tp = nproc if tp == 1 else tp
-        if pipeline:
-            pp = nproc if pp == 1 else pp
-        if tp * pp != nproc:
-            degree, value = ("tp", tp) if tensor_parallel else ("pp", pp)
-            raise DistlabError(
-                f"strategy '{name}' uses all {nproc} ranks for one parallelism, so --{degree} "
-                f"must equal --nproc (got --{degree} {value}); to add data parallelism use "
-                f"--strategy fsdp+{name}"
-            )
-        dims = ParallelDims(dp=1, tp=tp, pp=pp)
-    else:
-        # Name --cp only to strategies that have it (its default 1 changes nothing).
-        cp_flag, cp_name = (f" x --cp {cp}", "cp * ") if context_parallel else ("", "")
-        if nproc % (cp * tp * pp) != 0:
-            degrees = f"--cp {cp} x " * context_parallel + f"--tp {tp} x --pp {pp}"
-            raise DistlabError(
-                f"--nproc {nproc} is not divisible by {degrees}; the data-parallel degree is "
-                f"nproc / ({cp_name}tp * pp)"
-            )
-        dp = config.dp if config.dp is not None else nproc // (cp * tp * pp)
-        if dp * cp * tp * pp != nproc:
-            raise DistlabError(
-                f"--dp {dp}{cp_flag} x --tp {tp} x --pp {pp} = {dp * cp * tp * pp} ranks, but "
-                f"--nproc is {nproc}; the degrees must multiply to nproc"
-            )
-        dims = ParallelDims(dp=dp, tp=tp, pp=pp, cp=cp)
-    if tensor_parallel and dims.tp < 2:
-        raise DistlabError(
-            f"strategy '{name}' needs --tp >= 2 (got {dims.tp}); without tensor "
-            "parallelism use a strategy without tp"
-        )
-    if context_parallel and dims.cp < 2:
-        raise DistlabError(
-            f"strategy '{name}' needs --cp >= 2 (got {dims.cp}); without context "
-            "parallelism use a strategy without cp"
-        )
-    if pipeline and dims.pp < 2:
-        raise DistlabError(
-            f"strategy '{name}' needs --pp >= 2 pipeline stages (got {dims.pp}); "
-            "without pipelining use a strategy without pp"
-        )
-    return dims
+- ``dp``: the data-parallel ranks, each training its own rows of the global batch;
+- ``dp_shard_cp``: the ranks FSDP shards the model state over (cp ranks train the same
+  rows, so they share the shards and the gradient reduce-scatter);
+- ``dp_cp``: the ranks whose gradients and losses are averaged."""
+
+
+def _mesh_dims(name: str, mesh: DeviceMesh) -> list[str]:
+    """The mesh dimensions view (or dimension) ``name`` is made of, outermost first."""
+    if name in (mesh.mesh_dim_names or ()):
+        return [name]
+    return [dim for part in MESH_VIEWS.get(name, ()) for dim in _mesh_dims(part, mesh)]
+
+
+def view(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """The 1-D mesh of ``name``: a dimension of ``mesh`` (``ParallelDims.build_mesh``'s) or
+    one of ``MESH_VIEWS``, flattened from the dimensions of size > 1 it is made of (a view
+    with one such dimension is that dimension: no new process group)."""
+    dims = _mesh_dims(name, mesh)
+    sizes = dict(zip(mesh.mesh_dim_names or (), mesh.shape, strict=True))
+    sized = [dim for dim in dims if sizes[dim] > 1]
+    if len(sized) > 1:
+        return mesh[tuple(sized)]._flatten(name)
+    return mesh[sized[0] if sized else dims[0]]
+
+
+def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP2 shards over: ``dp_shard_cp``; with replica groups (hsdp) the 2-D
+    (``dp_replicate``, ``dp_shard_cp``), on which FSDP2 also all-reduces the gradient shards
+    across the groups. Without replica groups the 1-D mesh: on a (1, S) mesh FSDP2 would
+    all-reduce every unit's gradient shard over a one-rank group, a no-op collective."""
+    shard = view(mesh, "dp_shard_cp")
+    if dims.replicate == 1:
+        return shard
+    replicate = view(mesh, "dp_replicate")
+    return mesh[replicate.mesh_dim_names[0], shard.mesh_dim_names[0]]
 
 
 # --- Parameters of the plain GPT --------------------------------------------------------

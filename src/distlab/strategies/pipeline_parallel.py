@@ -74,13 +74,14 @@ from distlab.strategies.base import (
     mean_over_group,
 )
 from distlab.strategies.context_parallel import held_positions
+from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
     ParallelDims,
     StagePlan,
     rank0_state_bytes,
     rank_stage_plans,
-    resolve_dims,
+    view,
 )
 from distlab.strategies.pipeline_schedules import (
     SCHEDULES,
@@ -256,10 +257,10 @@ class PipelineTrainStep(OptimizerTrainStep):
         self.ctx, self.config, self.dims = ctx, config, dims
         self.pp_group = mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
-        self.dp_rank = mesh["dp"].get_local_rank()
+        self.dp_rank = view(mesh, "dp").get_local_rank()
         self.dp_size = dims.dp
         # The loss is a mean over the ranks that average gradients (dp, or dp x cp).
-        self.loss_group = dims.reduction_mesh(mesh).get_group() if dims.reducers > 1 else None
+        self.loss_group = view(mesh, "dp_cp").get_group() if dims.reducers > 1 else None
         self.positions: torch.Tensor | None = None
         """Context parallelism: positions of the tokens this rank holds (None: all of them)."""
         if dims.cp > 1:
@@ -402,7 +403,7 @@ class PPStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)
-        mesh = dims.build_mesh(ctx.device_type)
+        mesh = self.build_mesh(config, ctx.device_type)
 
         def prepare_stage(stage: GPT) -> nn.Module:
             apply_ac(stage, config.ac)

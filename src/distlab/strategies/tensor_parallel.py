@@ -53,10 +53,10 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
     ParallelDims,
     rank0_state_bytes,
-    resolve_dims,
 )
 from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tp_plan import BLOCK_PLAN, TOP_PLAN, Split
@@ -210,7 +210,7 @@ class TPStrategy(Strategy):
         return rank0_state_bytes(config, self.dims(config), data_parallel=None)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
-        mesh = self.dims(config).build_mesh(ctx.device_type)
+        mesh = self.build_mesh(config, ctx.device_type)
         ctx.place(model)
         apply_tp(model, mesh["tp"], config.sequence_parallel)
         apply_ac(model, config.ac)  # after tp: recomputation runs the DTensor forward again

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from distlab.config import Config, model_shape, zero_reduce_mode
 from distlab.errors import DistlabError
 from distlab.strategies.deepspeed_zero import deepspeed_config
-from distlab.strategies.expert_parallel import ep_degree, expert_parameter_count
+from distlab.strategies.degrees import ep_dims
+from distlab.strategies.expert_parallel import expert_parameter_count
 from distlab.strategies.fairscale_oss import oss_owners, oss_partition
 from distlab.strategies.parallel_dims import fsdp_gathered_shapes, numel, parameter_sizes
 from distlab.theory.collectives import (
@@ -149,7 +150,7 @@ def ep_comm(pred: CommPrediction, step: StepFacts) -> str:
     config, layout, accum, routing = step.config, step.layout, step.accum, step.routing
     tokens = step.rows * step.seq
     shape = model_shape(config)
-    ep, d, layers = ep_degree(config), shape.d_model, shape.n_layer
+    ep, d, layers = ep_dims(config).ep, shape.d_model, shape.n_layer
     experts = expert_parameter_count(shape)
     dense = sum(parameter_sizes(config)) - experts
     pred.add("all_reduce", FP32 * dense, layout.dp)

@@ -12,6 +12,7 @@ import math
 from distlab.config import Config, model_shape
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import count_parameters
+from distlab.strategies.composed import PIPELINE_DDP_BUCKET_VIEWS
 from distlab.strategies.parallel_dims import (
     fsdp_gathered_shapes,
     numel,
@@ -28,7 +29,8 @@ def ddp_pipeline_buckets(layout: RankLayout, state: ModelStateBytes) -> int:
     """DDP inside a pipeline skips its all-reduce until the last micro-batch, whose
     backward copies the accumulated gradients into DDP's buckets: a second copy of the
     stage's gradients, alive from then to the end of the step."""
-    return state.grads if layout.data_parallel == "ddp" and layout.pp > 1 else 0
+    copies = layout.data_parallel == "ddp" and layout.pp > 1 and not PIPELINE_DDP_BUCKET_VIEWS
+    return state.grads if copies else 0
 
 
 def block_elements(config: Config, layout: RankLayout, gathered: bool = False) -> list[int]:
