@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distlab.config import Config, resolved_seq_len
 from distlab.model import build_model
 from distlab.optim import build_optimizer, build_scheduler
-from distlab.strategies.deepspeed_zero import deepspeed_config
+from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.pipeline_schedules import schedule_class
 from distlab.strategies.tensor_parallel import apply_tp
 

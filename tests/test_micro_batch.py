@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
-from distlab.config import parse_bytes
+from distlab.config_checks import parse_bytes
 from distlab.errors import DistlabError
 from distlab.launch.micro_batch import candidates, largest_fitting, wants_auto
 from distlab.strategies.resolve import load_config

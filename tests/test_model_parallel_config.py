@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from distlab.errors import DistlabError
 from distlab.strategies import registry
-from distlab.strategies.pipeline_parallel import resolve_microbatches
+from distlab.strategies.pipeline_settings import resolve_microbatches
 from distlab.strategies.resolve import load_config
 
 

@@ -9,8 +9,8 @@ import pytest
 from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.strategies import registry
+from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.deepspeed_memory import bucket_elements
-from distlab.strategies.deepspeed_zero import deepspeed_config
 from distlab.strategies.fairscale_oss import oss_partition
 from distlab.strategies.resolve import validate
 

@@ -1,7 +1,9 @@
 """The run configuration: a typed dataclass, loaded from YAML plus CLI overrides.
 
-Every field with its docstring (the flags' help), then parsing and the per-field
-checks. The ``--inject-fault`` grammar lives in ``distlab.fault_spec``.
+Every field with its docstring (the flags' help), then parsing and what a config
+implies (the model shape, micro-batches, checkpoints). The values each field
+accepts are checked in ``distlab.config_checks``; the ``--inject-fault`` grammar
+lives in ``distlab.fault_spec``.
 
 Precedence, lowest to highest: the defaults below, ``configs/*.yaml`` given
 with ``--config``, then command-line flags. ``validate`` turns every impossible
@@ -11,7 +13,6 @@ value into a one-line ``DistlabError`` that names the field.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +21,10 @@ from typing import Any
 import yaml
 
 from distlab.errors import DistlabError
-from distlab.model import PRESETS, VOCAB_SIZE, GPTConfig
+from distlab.model import PRESETS, GPTConfig
 
-OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-LAUNCHERS = ("ray", "local")
-AC_MODES = ("none", "full", "selective")
-TRACK_MEMORY_MODES = ("sample", "every", "off")
-"""``--ac``: activation checkpointing per block (``distlab.strategies.activation_checkpoint``)."""
 AUTO = "auto"
 """``--micro-batch auto``: the largest micro-batch that fits (``distlab.launch.micro_batch``)."""
-BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 @dataclass
@@ -258,22 +250,6 @@ def _coerce_int(value: Any) -> int:
     return int(value)
 
 
-def parse_bytes(text: str) -> int:
-    """``20GiB``, ``512MB``, ``1e9`` -> bytes; a one-line DistlabError for anything else."""
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("kmgtib")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number) * BYTE_UNITS[unit]
-    except (KeyError, ValueError):
-        value = -1.0
-    if not (math.isfinite(value) and value >= 1):
-        raise DistlabError(
-            f"memory_budget '{text}' is not a size: write bytes with a unit, e.g. 20GiB or 512MB"
-        )
-    return int(value)
-
-
 def read_yaml_mapping(file: Path, label: str, holds: str = "a mapping") -> dict[str, Any]:
     """The top-level mapping of a YAML file; a one-line DistlabError naming ``label`` if not."""
     try:
@@ -314,79 +290,6 @@ def build_config(values: dict[str, Any]) -> Config:
             f"unknown config field '{unknown[0]}' (valid fields: {', '.join(FIELD_TYPES)})"
         )
     return Config(**{k: _coerce(k, v) for k, v in values.items()})
-
-
-def require(condition: bool, message: str) -> None:
-    """A one-line DistlabError with ``message`` unless ``condition``."""
-    if not condition:
-        raise DistlabError(message)
-
-
-def check_fields(config: Config) -> None:
-    """Check every field's range and the relations between fields that need no strategy."""
-    require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
-    require(config.steps >= 1, f"steps must be >= 1 (got {config.steps})")
-    require(
-        config.model in PRESETS,
-        f"unknown model preset '{config.model}' (choose one of: {', '.join(PRESETS)})",
-    )
-    require(config.global_batch >= 1, f"global_batch must be >= 1 (got {config.global_batch})")
-    require(
-        config.optimizer in OPTIMIZERS,
-        f"optimizer must be one of {', '.join(OPTIMIZERS)} (got '{config.optimizer}')",
-    )
-    require(
-        config.lr > 0 and math.isfinite(config.lr),
-        f"lr must be a positive number (got {config.lr})",
-    )
-    require(0 <= config.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1")
-    require(config.warmup_steps >= 0, "warmup_steps must be >= 0")
-    require(config.weight_decay >= 0, "weight_decay must be >= 0")
-    require(config.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
-    require(
-        config.precision in PRECISIONS,
-        f"precision must be one of {', '.join(PRECISIONS)} (got '{config.precision}')",
-    )
-    require(
-        config.ac in AC_MODES,
-        f"ac must be one of {', '.join(AC_MODES)} (got '{config.ac}')",
-    )
-    require(
-        config.track_memory in TRACK_MEMORY_MODES,
-        f"track_memory must be one of {', '.join(TRACK_MEMORY_MODES)} "
-        f"(got '{config.track_memory}')",
-    )
-    require(
-        config.device in DEVICES,
-        f"device must be one of {', '.join(DEVICES)} (got '{config.device}')",
-    )
-    require(
-        config.launcher in LAUNCHERS,
-        f"launcher must be one of {', '.join(LAUNCHERS)} (got '{config.launcher}')",
-    )
-    require(
-        config.ray_address is None or config.launcher == "ray",
-        "--ray-address needs --launcher ray",
-    )
-    require(config.timeout_s > 0, "timeout_s must be > 0")
-    require(config.max_failures >= 0, "max_failures must be >= 0")
-    require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
-    require(config.log_every >= 1, "log_every must be >= 1")
-    require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
-    require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    check_shape(config)
-    shape = model_shape(config)
-    seq_len = resolved_seq_len(config)
-    require(
-        1 <= seq_len <= shape.block_size,
-        f"seq_len must be between 1 and the model's context length {shape.block_size} "
-        f"(got {seq_len}; a model shape of your own, --layers/--hidden/--heads/--vocab, "
-        "takes its context length from --seq-len)",
-    )
-    if isinstance(config.micro_batch, str) and config.micro_batch != AUTO:
-        raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
-    if config.memory_budget is not None:
-        parse_bytes(config.memory_budget)
 
 
 def option_flag(name: str, value: Any) -> str:
@@ -433,23 +336,6 @@ def model_label(config: Config) -> str:
     return (
         f"{config.model} reshaped: {shape.n_layer} layers x {shape.d_model}, "
         f"{shape.n_head} heads, vocab {shape.vocab_size}, context {shape.block_size}"
-    )
-
-
-def check_shape(config: Config) -> None:
-    """One-line errors for a model shape the GPT cannot take."""
-    for name in SHAPE_FIELDS:
-        value = getattr(config, name)
-        require(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
-    shape = model_shape(config)
-    require(
-        shape.d_model % shape.n_head == 0,
-        f"hidden {shape.d_model} is not divisible by heads {shape.n_head}; "
-        "each head takes hidden / heads of the width",
-    )
-    require(
-        shape.vocab_size >= VOCAB_SIZE,
-        f"vocab must be >= {VOCAB_SIZE} (got {shape.vocab_size}): the corpus is byte tokens",
     )
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distlab.config import Config, checkpoint_steps, require
+from distlab.config import Config, checkpoint_steps
+from distlab.config_checks import require
 from distlab.errors import DistlabError
 
 SAVE_STAGES = (

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from distlab.config import AUTO, Config, cache_dir, parse_bytes
+from distlab.config import AUTO, Config, cache_dir
+from distlab.config_checks import parse_bytes
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.strategies import registry

@@ -85,8 +85,8 @@ def checkpointed(forward: Callable[..., torch.Tensor], mode: str) -> Callable[..
 def apply_ac(model: nn.Module, mode: str) -> None:
     """Checkpoint the ``forward`` of each of ``model.blocks`` in place (a GPT or a pipeline stage).
 
-    ``mode`` is one of ``distlab.config.AC_MODES``; ``none`` leaves the model alone. Call after
-    tensor parallelism and before ``apply_compile`` and data parallelism.
+    ``mode`` is one of ``distlab.config_checks.AC_MODES``; ``none`` leaves the model alone.
+    Call after tensor parallelism and before ``apply_compile`` and data parallelism.
     """
     if mode == "none":
         return

@@ -61,8 +61,9 @@ from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes, view
-from distlab.strategies.pipeline_parallel import PipelineTrainStep, validate_pp
+from distlab.strategies.pipeline_parallel import PipelineTrainStep
 from distlab.strategies.pipeline_schedules import schedule_spec
+from distlab.strategies.pipeline_settings import validate_pp
 from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tensor_parallel import apply_tp, validate_tp
 

@@ -1,10 +1,11 @@
 """``zero1``, ``zero2``, ``zero3``: DeepSpeed's ZeRO optimizer, optionally offloading to CPU.
 
 DeepSpeed owns the whole training step: ``deepspeed.initialize`` wraps the GPT
-in an engine built from a config dict that ``deepspeed_config`` generates from
-distlab's ``Config`` (micro-batch, gradient accumulation, optimizer, clipping,
-precision, ZeRO stage, offload), and ``engine.backward`` / ``engine.step``
-replace ``loss.backward()`` / ``optimizer.step()``.
+in an engine built from a config dict that ``deepspeed_config``
+(``distlab.strategies.deepspeed_config``) generates from distlab's ``Config``
+(micro-batch, gradient accumulation, optimizer, clipping, precision, ZeRO stage,
+offload), and ``engine.backward`` / ``engine.step`` replace ``loss.backward()`` /
+``optimizer.step()``.
 
 What each stage shards over the N data-parallel ranks:
 
@@ -54,28 +55,13 @@ slices there too. Each step then copies 4P/N of gradients down and 4P/N of
 parameters back per rank. On a CPU-only machine offload moves nothing but runs
 the same code, so it is tested here.
 
-Optimizers. SGD is ``torch.optim.SGD`` (DeepSpeed builds a ``torch.optim``
-class it does not know by name). AdamW without offload is ``torch.optim.AdamW``
-(``"torch_adam": true``): the arithmetic every other strategy uses, so ZeRO
-matches the single-process run to rounding. With offload, ``DeepSpeedCPUAdam``
-updates; it computes the same formula in another order and differs from
-torch's AdamW by ~1 float32 ulp per weight over 5 steps (see
-``tests/test_zero_parity.py``).
+Optimizers and bf16 are set in the config dict (``distlab.strategies.deepspeed_config``):
+torch's own SGD and AdamW (DeepSpeed's CPU Adam under offload), DeepSpeed's own bf16 mode.
 
 The learning-rate schedule is distlab's ``LambdaLR`` (``build_scheduler``)
 given to DeepSpeed as a client scheduler: DeepSpeed's ``WarmupCosineLR`` starts
 its linear warm-up at 0 rather than lr/warmup and its cosine is one step off,
 so it cannot reproduce the schedule the other strategies use.
-
-bf16 (``--precision bf16``) is DeepSpeed's own ``"bf16"`` mode, the recipe
-FSDP's ``MixedPrecisionPolicy`` follows too: the engine casts the model's
-parameters to bf16 and runs forward and backward on them (no autocast), the
-ZeRO optimizer keeps each rank's fp32 master slice and fp32 optimizer state,
-and ``"communication_data_type": "fp32"`` reduces the (bf16) gradients in
-fp32. Parameters are all-gathered in bf16: half the bytes of fp32. Measured
-here (2 ranks, tiny model, 5 steps): per-step losses within 1.1e-3 relative of
-the bf16 ``single`` run (autocast), inside the bf16 parity tolerance
-(``distlab.report.parity``).
 
 ``--compile`` (zero1, zero2): each block is compiled before ``deepspeed.initialize``
 (``regional_compile``); compilation happens in the first forward, after
@@ -112,7 +98,6 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,7 +111,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import HeldTensors
-from distlab.optim import ADAMW_BETAS, ADAMW_EPS, build_scheduler
+from distlab.optim import build_scheduler
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     StepResult,
@@ -135,6 +120,7 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
+from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.deepspeed_memory import (
     bucket_elements,
     held_buffers,
@@ -148,57 +134,6 @@ from distlab.strategies.regional_compile import apply_compile
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
 CHECKPOINT_TAG = "deepspeed"
 """Sub-directory (DeepSpeed "tag") of a checkpoint directory that DeepSpeed writes."""
-
-
-def deepspeed_config(config: Config, stage: int, dp_size: int, n_params: int) -> dict[str, Any]:
-    """The DeepSpeed config dict equivalent to distlab's ``config``."""
-    accum = grad_accum_steps(config, dp_size)
-    micro = config.global_batch // dp_size // accum
-    if config.optimizer == "sgd":
-        optimizer = {"type": "SGD", "params": {"lr": config.lr}}
-    else:
-        params = {
-            "lr": config.lr,
-            "betas": list(ADAMW_BETAS),
-            "eps": ADAMW_EPS,
-            "weight_decay": config.weight_decay,
-        }
-        if config.offload == "none":
-            params["torch_adam"] = True
-        optimizer = {"type": "AdamW", "params": params}
-    zero: dict[str, Any] = {
-        "stage": stage,
-        "reduce_bucket_size": bucket_elements(n_params),
-        "allgather_bucket_size": bucket_elements(n_params),
-        "overlap_comm": False,
-        "contiguous_gradients": True,
-    }
-    if config.offload in ("optimizer", "params"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if config.offload == "params":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    if stage == 3:
-        # DeepSpeed keeps parameters under 1e5 elements unpartitioned by default:
-        # every parameter of the lab's small models. Partition them all.
-        zero["stage3_param_persistence_threshold"] = 0
-        zero["stage3_prefetch_bucket_size"] = bucket_elements(n_params)
-    ds_config: dict[str, Any] = {
-        "train_batch_size": config.global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": config.grad_clip,
-        "optimizer": optimizer,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if config.precision == "bf16":
-        # DeepSpeed's own mixed precision, FSDP's recipe: bf16 parameters for compute,
-        # fp32 master slice and optimizer state, gradients reduced in fp32.
-        ds_config["bf16"] = {"enabled": True}
-        ds_config["communication_data_type"] = "fp32"
-    return ds_config
 
 
 class DeepSpeedTrainStep(TrainStep):

@@ -23,7 +23,7 @@ so parameter names stay those of the plain GPT) and wraps each stage in a
 ``pipeline_schedules`` says which schedules exist, where their stages go and
 their theoretical bubble, (p - 1) / (m + p - 1) of a step for GPipe and 1F1B
 (same bubble, less memory for 1F1B); ``benchmarks/pipeline_bubble.py``
-measures it.
+measures it. ``pipeline_settings`` resolves M and checks the settings.
 
 Loss and gradients: each microbatch's loss is its mean cross-entropy and the
 schedule divides the accumulated gradients by M (``scale_grads``), so the
@@ -56,9 +56,8 @@ from torch.distributed.tensor import DTensor
 
 from distlab.checkpoint.layout import checkpoint_step
 from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedule_position
-from distlab.config import AUTO, Config, fixed_micro_batch, model_shape, resolved_seq_len
+from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
-from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
 from distlab.strategies.activation_checkpoint import apply_ac
@@ -87,8 +86,8 @@ from distlab.strategies.pipeline_schedules import (
     SCHEDULES,
     last_stage_rank,
     schedule_class,
-    schedule_spec,
 )
+from distlab.strategies.pipeline_settings import resolve_microbatches, validate_pp
 from distlab.strategies.regional_compile import apply_compile
 
 # --- The split: this rank's stages as modules -----------------------------------------
@@ -127,92 +126,6 @@ def split_model(model: GPT, plans: list[StagePlan]) -> tuple[GPT, list[GPT]]:
     return model, [_stage_shell(model, plan) for plan in plans]
 
 
-# --- Settings -------------------------------------------------------------------------
-
-
-def resolve_microbatches(config: Config, dims: ParallelDims) -> int:
-    """Pipeline microbatches per step: --microbatches, else local/micro_batch, else 2 x pp.
-
-    The default is the largest divisor of the local batch that is at most
-    2 x pp, so that every microbatch has the same number of rows.
-    """
-    if config.microbatches is not None:
-        return config.microbatches
-    local = config.global_batch // dims.dp
-    micro = fixed_micro_batch(config)
-    if micro is not None:
-        return local // micro
-    return max(d for d in range(1, min(local, 2 * dims.pp) + 1) if local % d == 0)
-
-
-def validate_pp(config: Config, dims: ParallelDims) -> None:
-    """One-line errors for pipeline settings that cannot run."""
-    if config.schedule not in SCHEDULES:
-        raise DistlabError(
-            f"unknown pipeline schedule '{config.schedule}' (choose one of: {', '.join(SCHEDULES)})"
-        )
-    shape = model_shape(config)
-    virtual = VIRTUAL_STAGES.get(config.schedule, 1)
-    n_stages = dims.pp * virtual
-    if n_stages > shape.n_layer:
-        per_rank = f" ({virtual} per rank with {config.schedule})" if virtual > 1 else ""
-        raise DistlabError(
-            f"{n_stages} pipeline stages{per_rank} but the model has only "
-            f"{shape.n_layer} layers; use at most {shape.n_layer // virtual} for --pp"
-        )
-    if schedule_spec(config.schedule).split_backward and config.compile:
-        raise DistlabError(
-            f"{config.schedule} splits the backward into input and weight gradients, which "
-            "torch does not support under --compile; use another --schedule or drop --compile"
-        )
-    if config.global_batch % dims.dp:
-        return  # resolve.validate reports the indivisible global batch
-    local = config.global_batch // dims.dp
-    micro = fixed_micro_batch(config)
-    if config.micro_batch == AUTO and config.microbatches is not None:
-        raise DistlabError(
-            f"--micro-batch auto and --microbatches {config.microbatches} both set the "
-            "micro-batch size; give only one"
-        )
-    if micro is not None and config.microbatches is not None:
-        if micro * config.microbatches != local:
-            raise DistlabError(
-                f"--micro-batch {micro} x --microbatches {config.microbatches} "
-                f"!= the local batch {local}; give only --microbatches for pipelines"
-            )
-    if micro is not None and local % micro:
-        return  # resolve.validate reports it
-    m = resolve_microbatches(config, dims)
-    if m < dims.pp:
-        raise DistlabError(
-            f"pipeline schedules need at least as many microbatches as stages: "
-            f"--microbatches {m} < --pp {dims.pp} (local batch {local} rows)"
-        )
-    if local % m:
-        raise DistlabError(
-            f"--microbatches {m} does not divide the local batch of {local} rows "
-            f"(global_batch {config.global_batch} / dp {dims.dp}); microbatches must be equal"
-        )
-    validate_schedule(config, dims, m)
-
-
-def validate_schedule(config: Config, dims: ParallelDims, m: int) -> None:
-    """One-line errors for what a schedule itself cannot run with ``m`` microbatches."""
-    spec = schedule_spec(config.schedule)
-    n_stages = dims.pp * spec.stages_per_rank
-    rounds = max(1, m // dims.pp)
-    if config.schedule in ("interleaved-1f1b", "interleaved-zb") and m % rounds:
-        raise DistlabError(
-            f"{config.schedule} needs --microbatches a multiple of {rounds} "
-            f"(rounds of --pp {dims.pp}); got {m}, use a multiple of --pp"
-        )
-    if spec.placement == "v" and m < n_stages:
-        raise DistlabError(
-            f"{config.schedule} needs at least as many microbatches as its {n_stages} stages "
-            f"(2 per rank with --pp {dims.pp}); got --microbatches {m}"
-        )
-
-
 # --- Gradient clipping across stages --------------------------------------------------
 
 
@@ -230,9 +143,6 @@ def clip_pipeline_gradients(
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
-
-
-# --- Timeline (for the bubble benchmark) ----------------------------------------------
 
 
 # --- The training step ----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """From YAML and flags to a config its strategy accepts: how every command builds a Config.
 
-``distlab.config`` declares the fields and checks each on its own
-(``check_fields``); whether a strategy can run the config (its options, its
+``distlab.config`` declares the fields and ``distlab.config_checks`` checks each on
+its own (``check_fields``); whether a strategy can run the config (its options, its
 degrees, the batch split over its data-parallel replicas) is the strategy's
 to say, so the whole check lives here, above the strategies.
 """
@@ -14,12 +14,12 @@ from distlab.config import (
     DEFAULTS,
     Config,
     build_config,
-    check_fields,
     fixed_micro_batch,
     model_shape,
     option_flag,
     read_config_values,
 )
+from distlab.config_checks import check_fields
 from distlab.errors import DistlabError
 from distlab.fault_spec import fault_specs
 from distlab.strategies import registry

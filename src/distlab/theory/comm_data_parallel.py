@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from distlab.config import Config, model_shape, zero_reduce_mode
 from distlab.errors import DistlabError
-from distlab.strategies.deepspeed_zero import deepspeed_config
+from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.degrees import ep_dims
 from distlab.strategies.expert_parallel import expert_parameter_count
 from distlab.strategies.fairscale_oss import oss_owners, oss_partition

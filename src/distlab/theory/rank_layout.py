@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from distlab.config import Config, model_shape
 from distlab.strategies import registry
 from distlab.strategies.parallel_dims import ParallelDims, stage_shapes
-from distlab.strategies.pipeline_parallel import resolve_microbatches
+from distlab.strategies.pipeline_settings import resolve_microbatches
 
 FP32 = 4
 
