@@ -31,6 +31,7 @@ from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predict
 from distlab.measure.step_memory import HeldTensors
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import ParallelDims
 from distlab.values import scalar
 
@@ -131,10 +132,9 @@ class Strategy(ABC):
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
 
-    data_parallel: str | None = None
-    """How the data-parallel replicas share the work, the flavour ``distlab.theory``
-    models: ``ddp``, ``fsdp``, ``zero1``/``zero2``/``zero3``; None without data
-    parallelism; any other name is a flavour the theory does not model."""
+    data_parallel: DataParallel = DataParallel.NONE
+    """How the data-parallel replicas share the work (``distlab.strategies.data_parallel``:
+    what each flavour splits); the theory (``distlab.theory``) predicts from it."""
 
     def dims(self, config: Config) -> ParallelDims:
         """The degrees this strategy runs ``config`` with (default: data parallel on every rank)."""
@@ -143,8 +143,7 @@ class Strategy(ABC):
     def mesh_dims(self, config: Config) -> dict[str, int]:
         """The named degrees this strategy arranges the ranks in (``ParallelDims.named``):
         e.g. ``{"pp": 2, "dp_shard": 2, "cp": 2, "tp": 2}`` for fsdp+cp+tp+pp on 16 ranks."""
-        sharded = self.data_parallel not in (None, "ddp", "ep")
-        return self.dims(config).named(sharded)
+        return self.dims(config).named(not self.data_parallel.replicates_model_state)
 
     def data_parallel_size(self, config: Config) -> int:
         """How many data-parallel replicas split the global batch."""

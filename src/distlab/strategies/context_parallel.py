@@ -86,6 +86,7 @@ from distlab.strategies.base import (
     mean_over_group,
     no_sync_unless,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import ParallelDims
 
 try:
@@ -300,7 +301,7 @@ class CPStrategy(ReplicatedStateStrategy):
         "all ranks"
     )
     options = CP_OPTIONS
-    data_parallel = "ddp"
+    data_parallel = DataParallel.DDP
     """Gradients are all-reduced by DDP, over the dp x cp ranks (``ParallelDims.reducers``)."""
     compile_refusal = (
         "the hand-written context-parallel attention (functional collectives inside each "

@@ -78,6 +78,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.regional_compile import apply_compile
 
@@ -218,7 +219,7 @@ class FairscaleStrategy(Strategy):
 class FairscaleOSSStrategy(FairscaleStrategy):
     name = "fairscale-oss"
     summary = "fairscale OSS + DDP: optimizer state sharded by tensor (ZeRO-1)"
-    data_parallel = "fairscale-oss"
+    data_parallel = DataParallel.FAIRSCALE_OSS
 
     def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
         """DDP's gradient buckets (full gradients) stay allocated from step to step."""
@@ -228,5 +229,5 @@ class FairscaleOSSStrategy(FairscaleStrategy):
 class FairscaleSDPStrategy(FairscaleStrategy):
     name = "fairscale-sdp"
     summary = "fairscale OSS + ShardedDataParallel: optimizer state and grads sharded (ZeRO-2)"
-    data_parallel = "fairscale-sdp"
+    data_parallel = DataParallel.FAIRSCALE_SDP
     shard_gradients = True

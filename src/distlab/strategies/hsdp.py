@@ -57,6 +57,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
@@ -99,7 +100,7 @@ class HSDPStrategy(Strategy):
         "groups (gradient shards all-reduced across them)"
     )
     options = FSDP_OPTIONS | {"dp_replicate", "dp_shard"}
-    data_parallel = "fsdp"
+    data_parallel = DataParallel.FSDP
     """Modelled as fsdp over the shard degree (``ParallelDims.shard``), plus the replicas'
     all-reduce (``distlab.theory.comm``)."""
 
