@@ -230,6 +230,23 @@ def test_predictions_for_every_valid_strategy():
     assert predicted[("ddp", 2)] < predicted[("zero1", 2)] < predicted[("fsdp", 2)]
 
 
+def test_every_data_parallel_flavour_has_its_facts_and_its_communication():
+    """Each flavour a strategy declares has a row of facts and, data parallelism or not, a
+    communication part; what a flavour splits follows ZeRO's ladder (parameters only with
+    gradients, gradients only with optimizer state)."""
+    from distlab.strategies import registry
+    from distlab.strategies.data_parallel import FLAVOUR_FACTS, DataParallel
+    from distlab.theory.comm_data_parallel import DATA_PARALLEL_COMM
+
+    declared = {registry.get(name).data_parallel for name in registry.names()}
+    assert declared == set(DataParallel)
+    assert set(FLAVOUR_FACTS) == set(DataParallel)
+    assert set(DATA_PARALLEL_COMM) == set(DataParallel) - {DataParallel.NONE}
+    for flavour in DataParallel:
+        assert flavour.shards_gradients or not flavour.shards_parameters, flavour
+        assert flavour.shards_optimizer_state or not flavour.shards_gradients, flavour
+
+
 @pytest.mark.parametrize(
     ("strategy", "gradients"),
     [("fsdp", "reduce_scatter"), ("fsdp+tp", "reduce_scatter"), ("zero1", "all_reduce"),

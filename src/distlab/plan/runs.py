@@ -13,10 +13,17 @@ from distlab.errors import DistlabError
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
+from distlab.strategies.data_parallel import DataParallel
 from distlab.theory.rank_layout import microbatches, rank_layout
 
-SHARDING = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
-"""ZeRO stage of each sharded data-parallel flavour; the others replicate (stage 0)."""
+SHARDING = {
+    DataParallel.ZERO1: 1,
+    DataParallel.ZERO2: 2,
+    DataParallel.ZERO3: 3,
+    DataParallel.FSDP: 3,
+}
+"""The ZeRO stage the planner gives the sharded data-parallel flavours; any other flavour,
+fairscale's OSS included, counts as replicated (stage 0)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predict
 from distlab.measure.step_memory import HeldTensors
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import data_parallel_dims
 from distlab.strategies.parallel_dims import ParallelDims
 from distlab.values import scalar
@@ -133,10 +134,9 @@ class Strategy(ABC):
     def validate(self, config: Config) -> None:  # noqa: B027 - optional hook
         """Raise ``DistlabError`` if the strategy cannot run this config."""
 
-    data_parallel: str | None = None
-    """How the data-parallel replicas share the work, the flavour ``distlab.theory``
-    models: ``ddp``, ``fsdp``, ``zero1``/``zero2``/``zero3``; None without data
-    parallelism; any other name is a flavour the theory does not model."""
+    data_parallel: DataParallel = DataParallel.NONE
+    """How the data-parallel replicas share the work (``distlab.strategies.data_parallel``:
+    what each flavour splits); the theory (``distlab.theory``) predicts from it."""
 
     def dims(self, config: Config) -> ParallelDims:
         """The degrees this strategy runs ``config`` with (``distlab.strategies.degrees``;
@@ -147,7 +147,7 @@ class Strategy(ABC):
     def shards_model_state(self) -> bool:
         """Whether the data-parallel ranks shard the model state (``dp_shard``) rather than
         each hold a copy of it (``dp_replicate``)."""
-        return self.data_parallel not in (None, "ddp", "ep")
+        return not self.data_parallel.replicates_model_state
 
     def mesh_dims(self, config: Config) -> dict[str, int]:
         """The named degrees this strategy arranges the ranks in (``ParallelDims.named``):

@@ -57,6 +57,7 @@ from distlab.strategies.context_parallel import (
     held_positions,
     validate_cp,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
@@ -83,7 +84,7 @@ def parallelize(
     mesh: DeviceMesh,
     dims: ParallelDims,
     config: Config,
-    data_parallel: str,
+    data_parallel: DataParallel,
     device: torch.device,
 ) -> nn.Module:
     """Tensor and context parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or
@@ -98,7 +99,7 @@ def parallelize(
     apply_ac(module, config.ac)
     if config.compile:
         apply_compile(module)
-    if data_parallel == "fsdp":
+    if data_parallel is DataParallel.FSDP:
         shards = fsdp_mesh(mesh, dims)
         return apply_fsdp(module, shards, config.reshard_after_forward, config.precision)
     group = view(mesh, "dp_cp").get_group()
@@ -108,8 +109,8 @@ def parallelize(
 class ComposedStrategy(Strategy):
     """Data parallelism (``data_parallel``) combined with tp and/or pp on one mesh."""
 
-    data_parallel = "fsdp"
-    """``fsdp`` or ``ddp``: how replicas along the mesh's dp dimension share the work."""
+    data_parallel = DataParallel.FSDP
+    """FSDP or DDP: how replicas along the mesh's dp dimension share the work."""
     tensor_parallel = False
     pipeline = False
     context_parallel = False
@@ -124,7 +125,7 @@ class ComposedStrategy(Strategy):
             fields |= TP_OPTIONS
         if self.pipeline:
             fields |= PP_OPTIONS
-        if self.data_parallel == "fsdp":
+        if self.data_parallel is DataParallel.FSDP:
             fields |= FSDP_OPTIONS
         return frozenset(fields)
 
@@ -141,7 +142,10 @@ class ComposedStrategy(Strategy):
             validate_tp(config, dims.tp)
         if self.pipeline:
             validate_pp(config, dims)
-            if self.data_parallel == "ddp" and schedule_spec(config.schedule).split_backward:
+            if (
+                self.data_parallel is DataParallel.DDP
+                and schedule_spec(config.schedule).split_backward
+            ):
                 # DDP all-reduces from hooks of a full backward; the weight-gradient
                 # actions of these schedules would leave the replicas' gradients unaveraged.
                 raise DistlabError(
@@ -160,7 +164,10 @@ class ComposedStrategy(Strategy):
 
             def wrap_stage(stage: GPT) -> nn.Module:
                 wrapped = parallelize(stage, mesh, dims, config, self.data_parallel, ctx.device)
-                if self.data_parallel == "fsdp" and not config.reshard_between_microbatches:
+                if (
+                    self.data_parallel is DataParallel.FSDP
+                    and not config.reshard_between_microbatches
+                ):
                     # The schedule keeps parameters gathered after each backward and reshards
                     # them once, after the last; keeping them after forward too means the
                     # stage gathers once per step, not once per microbatch.
@@ -202,7 +209,7 @@ class FSDPTPStrategy(ComposedStrategy):
 class DDPPPStrategy(ComposedStrategy):
     name = "ddp+pp"
     summary = "2D: pipeline of --pp stages, each stage replicated by DDP over --dp ranks"
-    data_parallel = "ddp"
+    data_parallel = DataParallel.DDP
     pipeline = True
 
 

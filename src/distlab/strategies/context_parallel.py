@@ -85,6 +85,7 @@ from distlab.strategies.base import (
     mean_over_group,
     no_sync_unless,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.degrees import cp_dims
 from distlab.strategies.parallel_dims import ParallelDims, view
@@ -285,7 +286,7 @@ class CPStrategy(ReplicatedStateStrategy):
         "all ranks"
     )
     options = CP_OPTIONS
-    data_parallel = "ddp"
+    data_parallel = DataParallel.DDP
     """Gradients are all-reduced by DDP, over the dp x cp ranks (``ParallelDims.reducers``)."""
     compile_refusal = (
         "the hand-written context-parallel attention (functional collectives inside each "

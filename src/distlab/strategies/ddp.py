@@ -32,6 +32,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.regional_compile import apply_compile
 
 
@@ -60,7 +61,7 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
-    data_parallel = "ddp"
+    data_parallel = DataParallel.DDP
     trains_moe = True
 
     def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:

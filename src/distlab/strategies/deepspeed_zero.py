@@ -120,6 +120,7 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.deepspeed_memory import (
     bucket_elements,
@@ -340,7 +341,7 @@ class Zero1Strategy(DeepSpeedZeroStrategy):
     name = "zero1"
     summary = "DeepSpeed ZeRO-1: optimizer state sharded (optional --offload optimizer)"
     stage = 1
-    data_parallel = "zero1"
+    data_parallel = DataParallel.ZERO1
     options = frozenset({"offload"})  # reduces once per step already: no zero_reduce
 
 
@@ -348,14 +349,14 @@ class Zero2Strategy(DeepSpeedZeroStrategy):
     name = "zero2"
     summary = "DeepSpeed ZeRO-2: optimizer state and gradients sharded (optional offload)"
     stage = 2
-    data_parallel = "zero2"
+    data_parallel = DataParallel.ZERO2
 
 
 class Zero3Strategy(DeepSpeedZeroStrategy):
     name = "zero3"
     summary = "DeepSpeed ZeRO-3: params, grads, optimizer state sharded (offload optimizer|params)"
     stage = 3
-    data_parallel = "zero3"
+    data_parallel = DataParallel.ZERO3
     compile_refusal = (
         "ZeRO-3 gathers each layer's parameters in hooks on every Linear inside a block, "
         "and DeepSpeed keeps those hooks out of torch.compile (torch.compiler.disable), "

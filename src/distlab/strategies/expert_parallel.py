@@ -69,6 +69,7 @@ from distlab.model import GPTConfig
 from distlab.moe import Experts, MoE, RoutingTally, moe_layers
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import ep_dims
 from distlab.strategies.parallel_dims import ParallelDims
 
@@ -228,7 +229,7 @@ class EPStrategy(Strategy):
         "them by all-to-all; dense part replicated, gradients all-reduced"
     )
     options = frozenset({"ep"})
-    data_parallel = "ep"
+    data_parallel = DataParallel.EP
     trains_moe = True
 
     def validate(self, config: Config) -> None:

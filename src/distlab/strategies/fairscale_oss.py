@@ -77,6 +77,7 @@ from distlab.strategies.base import (
     TrainStep,
     no_sync_unless,
 )
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.regional_compile import apply_compile
@@ -170,9 +171,8 @@ class OSSTrainStep(ModuleTrainStep):
 
 
 class FairscaleStrategy(Strategy):
-    """Shared validation and prediction; ``shard_gradients`` picks DDP or ShardedDataParallel."""
-
-    shard_gradients = False
+    """Shared validation and prediction; the flavour's ``shards_gradients`` picks DDP
+    (fairscale-oss) or ShardedDataParallel (fairscale-sdp)."""
 
     def validate(self, config: Config) -> None:
         if importlib.util.find_spec("fairscale") is None:
@@ -185,7 +185,7 @@ class FairscaleStrategy(Strategy):
         owned = oss_partition(parameter_sizes(config), config.nproc)[0]
         return ModelStateBytes(
             params=4 * n_params,
-            grads=4 * owned if self.shard_gradients else 4 * n_params,
+            grads=4 * owned if self.data_parallel.shards_gradients else 4 * n_params,
             optimizer=optimizer_bytes_per_param(config.optimizer) * owned,
         )
 
@@ -195,7 +195,7 @@ class FairscaleStrategy(Strategy):
         if config.compile:  # before OSS and the wrapper take the parameters
             apply_compile(model)
         optimizer = build_oss(model.parameters(), config)
-        if self.shard_gradients:
+        if self.data_parallel.shards_gradients:
             from fairscale.nn.data_parallel import ShardedDataParallel
 
             wrapped = ShardedDataParallel(model, optimizer, reduce_buffer_size=0)
@@ -208,14 +208,15 @@ class FairscaleStrategy(Strategy):
             optimizer,
             gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
             plain_model=model,
-            keep_gradients=not self.shard_gradients,  # DDP's gradients are its buckets
+            # DDP's gradients are its buckets
+            keep_gradients=not self.data_parallel.shards_gradients,
         )
 
 
 class FairscaleOSSStrategy(FairscaleStrategy):
     name = "fairscale-oss"
     summary = "fairscale OSS + DDP: optimizer state sharded by tensor (ZeRO-1)"
-    data_parallel = "fairscale-oss"
+    data_parallel = DataParallel.FAIRSCALE_OSS
 
     def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:
         """DDP's gradient buckets (full gradients) stay allocated from step to step."""
@@ -225,5 +226,4 @@ class FairscaleOSSStrategy(FairscaleStrategy):
 class FairscaleSDPStrategy(FairscaleStrategy):
     name = "fairscale-sdp"
     summary = "fairscale OSS + ShardedDataParallel: optimizer state and grads sharded (ZeRO-2)"
-    data_parallel = "fairscale-sdp"
-    shard_gradients = True
+    data_parallel = DataParallel.FAIRSCALE_SDP

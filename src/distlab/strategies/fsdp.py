@@ -65,6 +65,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import fsdp_mesh, rank0_state_bytes
 from distlab.strategies.regional_compile import apply_compile
 
@@ -202,7 +203,7 @@ class FSDPStrategy(Strategy):
     )
     options = FSDP_OPTIONS | {"offload"}
     """The compositions share ``FSDP_OPTIONS`` but not ``offload``: they refuse it."""
-    data_parallel = "fsdp"
+    data_parallel = DataParallel.FSDP
     trains_moe = True
 
     def validate(self, config: Config) -> None:

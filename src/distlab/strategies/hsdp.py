@@ -56,6 +56,7 @@ from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import hsdp_dims
 from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
 from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes
@@ -71,7 +72,7 @@ class HSDPStrategy(Strategy):
         "groups (gradient shards all-reduced across them)"
     )
     options = FSDP_OPTIONS | {"dp_replicate", "dp_shard"}
-    data_parallel = "fsdp"
+    data_parallel = DataParallel.FSDP
     """Modelled as fsdp over the shard degree (``ParallelDims.shard``), plus the replicas'
     all-reduce (``distlab.theory.comm``)."""
 

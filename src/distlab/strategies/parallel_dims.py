@@ -45,6 +45,7 @@ from distlab.config import Config, model_shape
 from distlab.distributed import device_mesh
 from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, GPTConfig
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
 from distlab.strategies.tp_plan import shard_dim
 
@@ -279,18 +280,18 @@ def rank0_shapes(config: Config, dims: ParallelDims) -> Shapes:
 
 
 def rank0_state_bytes(
-    config: Config, dims: ParallelDims, data_parallel: str | None
+    config: Config, dims: ParallelDims, data_parallel: DataParallel
 ) -> ModelStateBytes:
     """Theory for rank 0 (first stage, tp shard 0, dp replica 0), tensor by tensor.
 
     Pipeline: only the first stage's (or, interleaved, stages') parameters.
     Tensor parallel: split matrices and the embedding/head / tp, norms, the
-    position embedding and row-parallel biases whole. FSDP (``data_parallel``
-    ``fsdp``): what is left, split along dim 0 over the shard degree (dp, or dp /
-    replicate under hsdp; rank 0 takes the rounded-up share). DDP (or none) keeps
-    everything of its stage.
+    position embedding and row-parallel biases whole. FSDP (``DataParallel.FSDP``):
+    what is left, split along dim 0 over the shard degree (dp, or dp / replicate
+    under hsdp; rank 0 takes the rounded-up share). DDP (or none) keeps everything
+    of its stage.
     """
     shapes = rank0_shapes(config, dims)
-    if data_parallel == "fsdp":
+    if data_parallel is DataParallel.FSDP:
         shapes = {n: (-(-s[0] // dims.shard), *s[1:]) for n, s in shapes.items()}
     return predicted_bytes(numel(shapes), config.optimizer)

@@ -73,6 +73,7 @@ from distlab.strategies.base import (
     mean_over_group,
 )
 from distlab.strategies.context_parallel import held_positions
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
@@ -309,7 +310,7 @@ class PPStrategy(Strategy):
         validate_pp(config, self.dims(config))
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        return rank0_state_bytes(config, self.dims(config), data_parallel=None)
+        return rank0_state_bytes(config, self.dims(config), DataParallel.NONE)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         dims = self.dims(config)

@@ -53,6 +53,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import TP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
     ParallelDims,
@@ -207,7 +208,7 @@ class TPStrategy(Strategy):
         validate_tp(config, self.dims(config).tp)
 
     def predicted_state_bytes(self, config: Config, n_params: int) -> ModelStateBytes:
-        return rank0_state_bytes(config, self.dims(config), data_parallel=None)
+        return rank0_state_bytes(config, self.dims(config), DataParallel.NONE)
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         mesh = self.build_mesh(config, ctx.device_type)

@@ -3,10 +3,29 @@
 Everything here is a prediction for rank 0 (first pipeline stage, first
 tensor-parallel shard, first data-parallel replica) computed from the config
 alone, so ``python -m distlab.compare`` can put it beside what a run measured.
-One place per quantity: model-state bytes are the strategy's own
-(``Strategy.predicted_state_bytes``, from ``strategies.parallel_dims``'s shard
-arithmetic), the step's peak memory by category (activations included) is
-``theory.memory``, communication is ``theory.comm``, the bubble is below.
+One place per quantity:
+
+- model-state bytes (parameters, gradients, optimizer state between steps): each
+  strategy's own ``Strategy.predicted_state_bytes``, in ``distlab.strategies``. They
+  stay beside the code that lays the state out because they depend on more than
+  the degrees and the flavour: DeepSpeed's buffers and fp32 master slice
+  (``strategies.deepspeed_memory``), the whole tensors OSS assigns to each rank
+  (``fairscale_oss.oss_partition`` replays its greedy assignment), FSDP's dim-0
+  shards of the tensor-parallel pieces (``parallel_dims.rank0_state_bytes``); a
+  change to how a strategy holds its state then changes its prediction in the same
+  file;
+- communication per step: ``theory.comm``, the data-parallel flavour's collectives
+  through a table of one function per flavour (``theory.comm_data_parallel``) plus
+  tensor, context and pipeline parallelism's (``theory.comm_model_parallel``);
+- peak memory of a step by category, activations included: ``theory.memory``
+  (with ``theory.activations`` and ``theory.parameter_bytes``), which starts from the
+  strategy's model-state bytes;
+- the pipeline bubble: below.
+
+Communication and peak memory read one ``RankLayout`` (``theory.rank_layout``): the
+strategy's degrees and its data-parallel flavour (``strategies.data_parallel``), whose
+facts (what it splits over the replicas, what runs it) choose the formulas: the
+theory branches on the flavour, never on a strategy's name.
 """
 
 from __future__ import annotations

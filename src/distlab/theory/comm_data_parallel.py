@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from distlab.config import Config, model_shape, zero_reduce_mode
 from distlab.errors import DistlabError
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.degrees import ep_dims
 from distlab.strategies.expert_parallel import expert_parameter_count
@@ -110,8 +111,9 @@ def zero3_comm(pred: CommPrediction, step: StepFacts) -> str:
 
 
 def _reduces_per_microbatch(config: Config, layout: RankLayout) -> bool:
-    """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``)."""
-    return layout.data_parallel != "zero1" and zero_reduce_mode(config) == "per-microbatch"
+    """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``): the
+    stages that split the gradients can; ZeRO-1 reduces them whole, once per step."""
+    return layout.data_parallel.shards_gradients and zero_reduce_mode(config) == "per-microbatch"
 
 
 def _zero3_gathers(config: Config, p_local: int) -> int:
@@ -131,7 +133,7 @@ def fairscale_comm(pred: CommPrediction, step: StepFacts) -> str:
     n = layout.dp
     sizes = parameter_sizes(step.config)
     owners = oss_owners(sizes, n)
-    if layout.data_parallel == "fairscale-oss":
+    if layout.data_parallel is DataParallel.FAIRSCALE_OSS:
         pred.add("all_reduce", FP32 * sum(sizes), n, calls=None)
     else:
         for size, owner in zip(sizes, owners, strict=True):
@@ -140,7 +142,7 @@ def fairscale_comm(pred: CommPrediction, step: StepFacts) -> str:
         if owned:
             pred.add("broadcast", FP32 * owned, n, relative_rank=-owner % n)
     pred.add("all_reduce", FP32, n)  # OSS's gradient norm
-    reduction = "all-reduce" if layout.data_parallel == "fairscale-oss" else "reduce"
+    reduction = "all-reduce" if layout.data_parallel is DataParallel.FAIRSCALE_OSS else "reduce"
     return f"{reduction} 4P (gradients) + broadcast 4P (owned parameters)"
 
 
@@ -184,27 +186,28 @@ def ep_comm(pred: CommPrediction, step: StepFacts) -> str:
     )
 
 
-DATA_PARALLEL_COMM: dict[str, Callable[[CommPrediction, StepFacts], str]] = {
-    "ddp": ddp_comm,
-    "fsdp": fsdp_comm,
-    "zero1": zero12_comm,
-    "zero2": zero12_comm,
-    "zero3": zero3_comm,
-    "fairscale-oss": fairscale_comm,
-    "fairscale-sdp": fairscale_comm,
-    "ep": ep_comm,
+DATA_PARALLEL_COMM: dict[DataParallel, Callable[[CommPrediction, StepFacts], str]] = {
+    DataParallel.DDP: ddp_comm,
+    DataParallel.FSDP: fsdp_comm,
+    DataParallel.ZERO1: zero12_comm,
+    DataParallel.ZERO2: zero12_comm,
+    DataParallel.ZERO3: zero3_comm,
+    DataParallel.FAIRSCALE_OSS: fairscale_comm,
+    DataParallel.FAIRSCALE_SDP: fairscale_comm,
+    DataParallel.EP: ep_comm,
 }
-"""Each data-parallel flavour (``Strategy.data_parallel``) -> the part it adds."""
+"""Each data-parallel flavour (``Strategy.data_parallel``) -> the part it adds; none for
+``DataParallel.NONE``."""
 
 
 def data_parallel_comm(pred: CommPrediction, step: StepFacts) -> str | None:
     """The data-parallel flavour's collectives and the small ones beside them (the loss
     mean; DeepSpeed's norm and overflow checks); its formula, None without one."""
     layout = step.layout
-    part = DATA_PARALLEL_COMM.get(layout.data_parallel or "")  # None: no data parallelism
+    part = DATA_PARALLEL_COMM.get(layout.data_parallel)  # None under DataParallel.NONE
     formula = part(pred, step) if part is not None else None
-    if layout.data_parallel in ("zero1", "zero2", "zero3") and layout.dp > 1:
-        small = 8 if layout.data_parallel != "zero3" else 12
+    if layout.data_parallel.deepspeed and layout.dp > 1:
+        small = 8 if layout.data_parallel is not DataParallel.ZERO3 else 12
         # The loss mean, and DeepSpeed's gradient-norm and overflow checks.
         pred.add("all_reduce", small, layout.dp, calls=None)
     elif layout.reducers > 1:

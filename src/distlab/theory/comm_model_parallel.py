@@ -8,6 +8,7 @@ not use the dimension); the formulas are in ``theory.comm``'s docstring.
 from __future__ import annotations
 
 from distlab.config import model_shape
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import VIRTUAL_STAGES
 from distlab.strategies.pipeline_schedules import last_stage_rank, rank_stages
 from distlab.theory.collectives import CommPrediction, StepFacts
@@ -46,9 +47,10 @@ def clipping_comm(pred: CommPrediction, step: StepFacts) -> None:
     per-tensor norms per mesh dimension. hsdp: the norms of replicated shards agree, so
     only the shard dimension is reduced."""
     layout = step.layout
-    if layout.data_parallel != "fsdp" and layout.tp <= 1:
+    fsdp = layout.data_parallel is DataParallel.FSDP
+    if not fsdp and layout.tp <= 1:
         return
-    for degree in (layout.shard if layout.data_parallel == "fsdp" else 1, layout.tp):
+    for degree in (layout.shard if fsdp else 1, layout.tp):
         if degree > 1:
             pred.add("all_reduce", FP32 * len(step.shapes), degree)
 

@@ -72,6 +72,7 @@ from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import CATEGORIES
 from distlab.model import count_parameters
 from distlab.strategies import registry
+from distlab.strategies.data_parallel import DataParallel
 from distlab.theory.activations import (
     FORWARDS_FIRST,
     StepShape,
@@ -264,16 +265,17 @@ def block_backward(
     blocks = block_elements(config, layout)
     gathered = block_elements(config, layout, gathered=True)
     # FSDP reduce-scatters the root unit (final norm, head) only at the end of backward.
-    head = 0 if layout.data_parallel == "fsdp" else root_elements(config, layout, head_only=True)
+    fsdp = layout.data_parallel is DataParallel.FSDP
+    head = 0 if fsdp else root_elements(config, layout, head_only=True)
     done = sum(blocks[k + 1 :]) + head
     shards = 1  # what the gradients made so far are split over
-    if layout.data_parallel == "fsdp":
+    if fsdp:
         shards = layout.shard  # hsdp: the replica groups hold the same shards
-    elif layout.data_parallel in ("zero2", "zero3", "fairscale-sdp"):
+    elif layout.data_parallel.shards_gradients:
         shards = layout.dp
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
     comm, unsharded_grads = 0, 0
-    if layout.data_parallel == "fsdp":
+    if fsdp:
         # block k and the prefetched k-1 gathered (a checkpointed block's recomputation
         # reuses block k's gathered parameters). Block k's gradients, before their
         # reduce-scatter, are backward's own tensors (temporaries).
@@ -320,7 +322,7 @@ def pipeline_moment(
     no_grads_yet = config.schedule in FORWARDS_FIRST and not last
     return _split(
         **common,
-        grads=0 if layout.data_parallel == "fsdp" or no_grads_yet else state.grads,
+        grads=0 if layout.data_parallel is DataParallel.FSDP or no_grads_yet else state.grads,
         activations=held_activation_bytes(in_flight, config) + recomputed,
         temporaries=e * (2 * t * h + 8 * t * h // tp) + buckets,
         comm_buffers=gathered["comm_buffers"],

@@ -13,6 +13,7 @@ from distlab.config import Config, model_shape
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import count_parameters
 from distlab.strategies.composed import PIPELINE_DDP_BUCKET_VIEWS
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import (
     fsdp_gathered_shapes,
     numel,
@@ -20,7 +21,6 @@ from distlab.strategies.parallel_dims import (
 )
 from distlab.theory.rank_layout import FP32, RankLayout, compute_bytes
 
-ZERO_FLAVOURS = ("zero1", "zero2", "zero3")
 ROOT_PARAMETERS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight")
 """Parameters outside the blocks: FSDP's root unit, gathered for the whole step."""
 
@@ -29,7 +29,9 @@ def ddp_pipeline_buckets(layout: RankLayout, state: ModelStateBytes) -> int:
     """DDP inside a pipeline skips its all-reduce until the last micro-batch, whose
     backward copies the accumulated gradients into DDP's buckets: a second copy of the
     stage's gradients, alive from then to the end of the step."""
-    copies = layout.data_parallel == "ddp" and layout.pp > 1 and not PIPELINE_DDP_BUCKET_VIEWS
+    copies = (
+        layout.data_parallel is DataParallel.DDP and layout.pp > 1 and not PIPELINE_DDP_BUCKET_VIEWS
+    )
     return state.grads if copies else 0
 
 
@@ -74,12 +76,12 @@ def gathered_bytes(config: Config, layout: RankLayout) -> dict[str, int]:
     """
     e = compute_bytes(config, layout)
     shapes = rank0_shapes(config, layout)
-    if layout.data_parallel == "fsdp" and layout.pp > 1:
+    if layout.data_parallel is DataParallel.FSDP and layout.pp > 1:
         padded = numel(fsdp_gathered_shapes(shapes, layout.shard))
         return {"params": 0, "comm_buffers": e * (padded + numel(shapes))}
-    if layout.data_parallel == "fsdp":
+    if layout.data_parallel is DataParallel.FSDP:
         return {"params": 0, "comm_buffers": e * root_elements(config, layout, gathered=True)}
-    if layout.data_parallel == "zero3":
+    if layout.data_parallel is DataParallel.ZERO3:
         return {"params": e * numel(shapes), "comm_buffers": 0}
     return {"params": 0, "comm_buffers": 0}
 
@@ -93,9 +95,9 @@ def optimizer_temporaries(config: Config, layout: RankLayout, state: ModelStateB
     """
     if config.optimizer != "adamw":
         return 0
-    if layout.data_parallel in ZERO_FLAVOURS:
+    if layout.data_parallel.deepspeed:
         return state.optimizer // 3
-    if layout.data_parallel in ("fairscale-oss", "fairscale-sdp"):
+    if layout.data_parallel.fairscale:
         return state.optimizer // 2
     return state.params
 
@@ -104,6 +106,6 @@ def optimizer_step_grads(config: Config, layout: RankLayout, state: ModelStateBy
     """Gradients alive during the optimizer step: the rank's own, except under DeepSpeed,
     whose inner optimizer reads the fp32 gradient of its slice (4 P / N) after the
     reduction has freed the rest."""
-    if layout.data_parallel in ZERO_FLAVOURS:
+    if layout.data_parallel.deepspeed:
         return FP32 * count_parameters(model_shape(config)) // layout.dp
     return state.grads

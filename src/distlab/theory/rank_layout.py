@@ -12,23 +12,28 @@ from dataclasses import asdict, dataclass
 
 from distlab.config import Config, model_shape
 from distlab.strategies import registry
+from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import ParallelDims, stage_shapes
 from distlab.strategies.pipeline_settings import resolve_microbatches
 
 FP32 = 4
 
-MODELLED_DATA_PARALLEL = (
-    None,
-    "ddp",
-    "fsdp",
-    "zero1",
-    "zero2",
-    "zero3",
-    "fairscale-oss",
-    "fairscale-sdp",
-    "ep",
+MODELLED_DATA_PARALLEL = frozenset(
+    {
+        DataParallel.NONE,
+        DataParallel.DDP,
+        DataParallel.FSDP,
+        DataParallel.ZERO1,
+        DataParallel.ZERO2,
+        DataParallel.ZERO3,
+        DataParallel.FAIRSCALE_OSS,
+        DataParallel.FAIRSCALE_SDP,
+        DataParallel.EP,
+    }
 )
-"""The data-parallel flavours (``Strategy.data_parallel``) whose communication is modelled."""
+"""The data-parallel flavours (``Strategy.data_parallel``) whose communication and memory
+the theory models, today every one; a flavour added to ``DataParallel`` joins once the
+theory handles it (until then ``rank_layout`` returns None for its strategies)."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,8 @@ class RankLayout(ParallelDims):
     replicate, cp, ep, with the reducer and shard counts they imply) and its data-parallel
     flavour."""
 
-    data_parallel: str | None = None
-    """ddp, fsdp, zero1/2/3, fairscale-oss/sdp, ep or None."""
+    data_parallel: DataParallel = DataParallel.NONE
+    """The strategy's data-parallel flavour (``Strategy.data_parallel``)."""
 
 
 def compute_bytes(config: Config, layout: RankLayout) -> int:
@@ -48,8 +53,7 @@ def compute_bytes(config: Config, layout: RankLayout) -> int:
     and DeepSpeed's bf16 mode (every op in bf16); 4 in fp32, and for the
     parameters of autocast strategies (their activations: see the module docstring).
     """
-    casts_model = layout.data_parallel in ("fsdp", "zero1", "zero2", "zero3")
-    return 2 if config.precision == "bf16" and casts_model else FP32
+    return 2 if config.precision == "bf16" and layout.data_parallel.casts_model else FP32
 
 
 def rank_layout(config: Config) -> RankLayout | None:
