@@ -54,6 +54,8 @@ from distlab.run.recorder import summary_table
 from distlab.train.rank import ERROR_FILE, ray_train_loop
 
 if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
     from distlab.launch.wandb_run import WandbFeed
 
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
@@ -137,14 +139,42 @@ def launch_ray(
     if address:
         use_token_auth_for_join()
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from distlab.launch import ray_backend
-    from distlab.launch.ray_callback import FaultRecorder
 
     cuda = resolve_device(config) == "cuda"
-    cpus = config.nproc * config.threads_per_rank
+    cpus, gpus = config.nproc * config.threads_per_rank, config.nproc if cuda else 0
+    _init_ray(config, address, cpus, gpus)
+    printer = EventPrinter(
+        run_dir,
+        config.max_failures,
+        quiet=config.quiet,
+        progress=True,
+        log_every=config.log_every,
+        steps=config.steps,
+    )
+    watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(printer, watchdog, feed, stop), daemon=True)
+    try:
+        _check_capacity(ray.cluster_resources(), cpus, gpus, address)
+        trainer = _build_trainer(config, token_file, run_dir, cuda)
+        watcher.start()
+        _run_trainer(trainer, config, run_dir, watchdog)
+    except KeyboardInterrupt:
+        raise DistlabError("interrupted; all ranks stopped") from None
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        printer.poll()
+        printer.flush()
+        ray.shutdown()
+    _report_finished_run(config, run_dir)
+
+
+def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None:
+    """Join the Ray cluster at ``address``, else start a local instance of ``cpus`` and ``gpus``."""
+    import ray
+
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
     common = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -163,83 +193,79 @@ def launch_ray(
                 sys.stderr.write(captured[0])
         else:
             ray.init(
-                address="local",
-                num_cpus=cpus,
-                num_gpus=config.nproc if cuda else 0,
-                include_dashboard=False,
-                **common,
+                address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **common
             )
     except Exception as exc:  # noqa: BLE001 - Ray raises many types for an unusable cluster
         ray.shutdown()
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        reason, hint = first_line(exc), ""
-        if address and any(s in "".join(captured) for s in ("Unauthenticated", "InvalidAuthToken")):
-            reason = "it rejected the authentication token"
-            hint = (
-                " (Ray reads the token from RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH or "
-                "~/.ray/auth_token; 'ray get-auth-token' on the head node prints the right one)"
-            )
-        elif address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            hint = (
-                " (if the cluster uses token authentication, put its token in "
-                "~/.ray/auth_token or RAY_AUTH_TOKEN)"
-            )
-        raise DistlabError(f"could not start or join {where}: {reason}{hint}") from None
-    printer = EventPrinter(
-        run_dir,
-        config.max_failures,
-        quiet=config.quiet,
-        progress=True,
-        log_every=config.log_every,
-        steps=config.steps,
-    )
-    watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(printer, watchdog, feed, stop), daemon=True)
-    try:
-        _check_capacity(ray.cluster_resources(), cpus, config.nproc if cuda else 0, address)
-        resources: dict[str, float] = {"CPU": config.threads_per_rank}
-        if cuda:
-            resources["GPU"] = 1
-        trainer = TorchTrainer(
-            ray_train_loop,
-            train_loop_config={
-                "config": config.to_dict(),
-                "token_file": str(token_file),
-                "run_dir": str(run_dir),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=config.nproc, use_gpu=cuda, resources_per_worker=resources
-            ),
-            torch_config=ray_backend.torch_config(
-                cuda, max(1, math.ceil(config.timeout_s)), config.comm_stats
-            ),
-            run_config=RunConfig(
-                name=f"distlab-{run_dir.name}",
-                storage_path=str(run_dir / "ray"),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                callbacks=[FaultRecorder(str(run_dir))],
-            ),
+        raise DistlabError(_init_failure_message(exc, address, "".join(captured))) from None
+
+
+def _init_failure_message(exc: Exception, address: str | None, captured: str) -> str:
+    """One line for a Ray that would not start or join, with a hint about auth tokens."""
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    reason, hint = first_line(exc), ""
+    if address and any(s in captured for s in ("Unauthenticated", "InvalidAuthToken")):
+        reason = "it rejected the authentication token"
+        hint = (
+            " (Ray reads the token from RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH or "
+            "~/.ray/auth_token; 'ray get-auth-token' on the head node prints the right one)"
         )
-        watcher.start()
-        try:
-            trainer.fit()
-        except Exception as exc:  # noqa: BLE001 - TrainingFailedError and Ray's own errors
-            hang = watchdog.hangs[-1].message() if watchdog.hangs else None
-            after = f" (after {config.max_failures} restarts)" if config.max_failures else ""
-            raise DistlabError(
-                _worker_error(run_dir)
-                or (hang + after if hang else _failure_message(exc, config.max_failures))
-            ) from None
-    except KeyboardInterrupt:
-        raise DistlabError("interrupted; all ranks stopped") from None
-    finally:
-        stop.set()
-        if watcher.is_alive():
-            watcher.join()
-        printer.poll()
-        printer.flush()
-        ray.shutdown()
+    elif address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        hint = (
+            " (if the cluster uses token authentication, put its token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        )
+    return f"could not start or join {where}: {reason}{hint}"
+
+
+def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) -> TorchTrainer:
+    """Ray Train's trainer of the run: one worker per rank, restarted up to max_failures times."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distlab.launch import ray_backend
+    from distlab.launch.ray_callback import FaultRecorder
+
+    resources: dict[str, float] = {"CPU": config.threads_per_rank}
+    if cuda:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        ray_train_loop,
+        train_loop_config={
+            "config": config.to_dict(),
+            "token_file": str(token_file),
+            "run_dir": str(run_dir),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.nproc, use_gpu=cuda, resources_per_worker=resources
+        ),
+        torch_config=ray_backend.torch_config(
+            cuda, max(1, math.ceil(config.timeout_s)), config.comm_stats
+        ),
+        run_config=RunConfig(
+            name=f"distlab-{run_dir.name}",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=[FaultRecorder(str(run_dir))],
+        ),
+    )
+
+
+def _run_trainer(trainer: TorchTrainer, config: Config, run_dir: Path, watchdog: Watchdog) -> None:
+    """Run the trainer; if Ray gives up, one line: a worker's error, a hang, or Ray's failure."""
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - TrainingFailedError and Ray's own errors
+        hang = watchdog.hangs[-1].message() if watchdog.hangs else None
+        after = f" (after {config.max_failures} restarts)" if config.max_failures else ""
+        raise DistlabError(
+            _worker_error(run_dir)
+            or (hang + after if hang else _failure_message(exc, config.max_failures))
+        ) from None
+
+
+def _report_finished_run(config: Config, run_dir: Path) -> None:
+    """After Ray is shut down: fail on a worker's recorded error or a missing summary; print it."""
     error = _worker_error(run_dir)
     if error:
         raise DistlabError(error)
@@ -255,6 +281,7 @@ def launch_ray(
 def _watch(
     printer: EventPrinter, watchdog: Watchdog, feed: WandbFeed | None, stop: threading.Event
 ) -> None:
+    """The watcher thread: poll the watchdog, the event printer and the W&B feed until stopped."""
     while not stop.wait(POLL_S):
         watchdog.poll()
         printer.poll()
@@ -262,7 +289,8 @@ def _watch(
             feed.poll()
 
 
-def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None):
+def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None) -> None:
+    """One-line error unless the Ray cluster's ``resources`` hold the run's CPUs and GPUs."""
     have_cpus, have_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     if have_cpus < cpus or have_gpus < gpus:
         where = f"the Ray cluster at {address}" if address else "the local Ray instance"
