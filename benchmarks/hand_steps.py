@@ -48,7 +48,7 @@ from distlab.model import build_model
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.pipeline_schedules import schedule_class
-from distlab.strategies.tensor_parallel import apply_tp
+from distlab.strategies.tp_plan import apply_tp
 
 HandStep = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
 """(this rank's inputs, targets) -> (mean loss of the global batch, gradient norm)."""

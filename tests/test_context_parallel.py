@@ -26,7 +26,7 @@ from distlab.errors import DistlabError
 from distlab.model import PRESETS, count_parameters
 from distlab.report.parity import _run_name, _run_once, compare, parity_config
 from distlab.strategies import registry
-from distlab.strategies.context_parallel import held_chunks, held_positions, sequence_order
+from distlab.strategies.cp_attention import held_chunks, held_positions, sequence_order
 from distlab.strategies.resolve import load_config
 from distlab.theory.comm import predict_comm
 from distlab.theory.memory import predict_peak

@@ -20,7 +20,7 @@ from distlab.errors import DistlabError
 from distlab.model import build_model
 from distlab.optim import build_optimizer, implementation
 from distlab.report.parity import compare, parity_config
-from distlab.strategies.fsdp import apply_fsdp, offload_policy
+from distlab.strategies.fully_shard import apply_fsdp, offload_policy
 from distlab.strategies.resolve import load_config
 
 pytestmark = pytest.mark.slow  # the whole file: real runs with offloaded state

@@ -13,8 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from distlab.config import Config, model_shape
 from distlab.model import GPT
 from distlab.strategies.parallel_dims import ParallelDims, parameter_shapes, tp_local_shapes
-from distlab.strategies.tensor_parallel import apply_tp
-from distlab.strategies.tp_plan import BLOCK_PLAN, TOP_PLAN, Split, shard_dim
+from distlab.strategies.tp_plan import BLOCK_PLAN, TOP_PLAN, Split, apply_tp, shard_dim
 from distlab.train.fake_ranks import fake_ranks
 
 TP = 4

@@ -1,16 +1,17 @@
-"""Compositions: data x context x tensor x pipeline parallelism on one (pp, dp, cp, tp) mesh.
+"""Compositions: data x context x tensor x pipeline parallelism on the one device mesh.
 
-``parallelize`` applies the parallelisms in the only order that works:
+The parallelisms are applied in the only order that works:
 
 1. pipeline split: each rank keeps its stages' layers (``pipeline_parallel``);
-2. tensor parallelism inside each stage, over the mesh's ``tp`` dimension
-   (``tensor_parallel.apply_tp``): parameters become DTensors on the tp mesh;
-   context parallelism over the ``cp`` dimension (``context_parallel.apply_cp``:
+2. ``parallelize`` on each stage: tensor parallelism over the mesh's ``tp``
+   dimension (``tp_plan.apply_tp``): parameters become DTensors on the tp mesh;
+   context parallelism over the ``cp`` dimension (``cp_attention.apply_cp``:
    each block's attention gathers the keys and values of its local heads);
    then ``--ac`` checkpoints each block (``activation_checkpoint``) and
    ``--compile`` compiles it (``regional_compile``);
-3. data parallelism around each stage over the ``dp`` dimension, or with
-   context parallelism over ``dp`` and ``cp`` flattened into one (the cp ranks
+3. still in ``parallelize``, data parallelism around each stage over the
+   data-parallel ranks, or with context parallelism over them and ``cp``
+   flattened into one (the mesh's ``dp_shard_cp`` / ``dp_cp`` views; the cp ranks
    of a replica compute gradients of the same rows, which must be averaged
    like the replicas', and FSDP then shards the state over all dp x cp ranks,
    as torchtitan does): FSDP2 ``fully_shard`` (which shards the tp DTensors
@@ -29,18 +30,13 @@ rows, and FSDP shards the model state over all four.
 
 from __future__ import annotations
 
-import warnings
-
-import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     FSDP_OPTIONS,
     PP_OPTIONS,
@@ -53,20 +49,18 @@ from distlab.strategies.context_parallel import (
     CP_OPTIONS,
     ContextParallelTrainStep,
     CPStrategy,
-    apply_cp,
-    held_positions,
     validate_cp,
 )
+from distlab.strategies.cp_attention import held_positions
 from distlab.strategies.data_parallel import DataParallel
-from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.degrees import resolve_dims
-from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes, view
+from distlab.strategies.fully_shard import FsdpMicroBatchSync
+from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, view
+from distlab.strategies.parallelize import parallelize
 from distlab.strategies.pipeline_parallel import PipelineTrainStep
 from distlab.strategies.pipeline_schedules import schedule_spec
 from distlab.strategies.pipeline_settings import validate_pp
-from distlab.strategies.regional_compile import apply_compile
-from distlab.strategies.tensor_parallel import apply_tp, validate_tp
+from distlab.strategies.tensor_parallel import validate_tp
 
 PIPELINE_DDP_BUCKET_VIEWS = False
 """Whether ``ddp+pp``'s DDP makes the gradients views into its buckets, as every other
@@ -77,33 +71,6 @@ micro-batch's backward copies them into the buckets, a second copy until the ste
 Bucket views train the same losses bitwise and reach the same peak on the tiny model
 (measured), but keep the gradients in DDP's buckets between steps: turning them on is a
 change of ddp+pp's memory model and its measured timeline, not of this file alone."""
-
-
-def parallelize(
-    module: GPT,
-    mesh: DeviceMesh,
-    dims: ParallelDims,
-    config: Config,
-    data_parallel: DataParallel,
-    device: torch.device,
-) -> nn.Module:
-    """Tensor and context parallelism, ``--ac``, ``--compile``, then ``data_parallel`` (fsdp or
-    ddp, over the mesh's ``dp_shard_cp`` or ``dp_cp``) on a model/stage."""
-    if dims.tp > 1:
-        apply_tp(module, mesh["tp"], config.sequence_parallel)
-        # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
-        # in-place op on them would skip its pre-backward hook. Only the loss reads them.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    if dims.cp > 1:
-        apply_cp(module, mesh["cp"], config.cp_attention)
-    apply_ac(module, config.ac)
-    if config.compile:
-        apply_compile(module)
-    if data_parallel is DataParallel.FSDP:
-        shards = fsdp_mesh(mesh, dims)
-        return apply_fsdp(module, shards, config.reshard_after_forward, config.precision)
-    group = view(mesh, "dp_cp").get_group()
-    return apply_ddp(module, device, group, PIPELINE_DDP_BUCKET_VIEWS)
 
 
 class ComposedStrategy(Strategy):
@@ -163,7 +130,15 @@ class ComposedStrategy(Strategy):
         if self.pipeline:
 
             def wrap_stage(stage: GPT) -> nn.Module:
-                wrapped = parallelize(stage, mesh, dims, config, self.data_parallel, ctx.device)
+                wrapped = parallelize(
+                    stage,
+                    mesh,
+                    dims,
+                    config,
+                    self.data_parallel,
+                    ctx.device,
+                    PIPELINE_DDP_BUCKET_VIEWS,
+                )
                 if (
                     self.data_parallel is DataParallel.FSDP
                     and not config.reshard_between_microbatches

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     ModuleTrainStep,
     ReplicatedStateStrategy,
@@ -33,27 +29,7 @@ from distlab.strategies.base import (
     no_sync_unless,
 )
 from distlab.strategies.data_parallel import DataParallel
-from distlab.strategies.regional_compile import apply_compile
-
-
-def apply_ddp(
-    module: nn.Module,
-    device: torch.device,
-    group: dist.ProcessGroup | None = None,
-    bucket_views: bool = True,
-) -> DistributedDataParallel:
-    """Wrap ``module`` in DDP over ``group`` (default: every rank).
-
-    ``bucket_views``: the gradients are views into DDP's all-reduce buckets
-    (``gradient_as_bucket_view``), so the buckets cost no second copy of them; they
-    stay allocated between steps, so the train step zeroes them rather than dropping
-    them. Only a pipeline's DDP turns this off (``composed.PIPELINE_DDP_BUCKET_VIEWS``
-    says why).
-    """
-    device_ids = [device.index] if device.type == "cuda" else None  # a one-device module
-    return DistributedDataParallel(
-        module, device_ids=device_ids, process_group=group, gradient_as_bucket_view=bucket_views
-    )
+from distlab.strategies.parallelize import parallelize
 
 
 class DDPStrategy(ReplicatedStateStrategy):
@@ -70,10 +46,10 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ctx.place(model)
-        apply_ac(model, config.ac)
-        if config.compile:
-            apply_compile(model)  # blocks first, then DDP's hooks on their parameters
-        wrapped = apply_ddp(model, ctx.device)
+        mesh = self.build_mesh(config, ctx.device_type)
+        wrapped = parallelize(
+            model, mesh, self.dims(config), config, self.data_parallel, ctx.device
+        )
         return ModuleTrainStep(
             wrapped,
             ctx,

@@ -112,7 +112,6 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_scheduler
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     StepResult,
     Strategy,
@@ -130,7 +129,7 @@ from distlab.strategies.deepspeed_memory import (
     measure_parameter_bytes,
     predicted_zero_bytes,
 )
-from distlab.strategies.regional_compile import apply_compile
+from distlab.strategies.parallelize import parallelize
 
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
 CHECKPOINT_TAG = "deepspeed"
@@ -310,9 +309,9 @@ class DeepSpeedZeroStrategy(Strategy):
         if config.quiet:
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         ctx.place(model)
-        apply_ac(model, config.ac)  # before DeepSpeed takes the parameters
-        if config.compile:  # before DeepSpeed flattens the parameters; compiles lazily
-            apply_compile(model)
+        # --ac and --compile only (the engine is DeepSpeed's), before DeepSpeed takes and
+        # flattens the parameters; the blocks compile lazily, at their first forward.
+        model = parallelize(model, None, self.dims(config), config, self.data_parallel, ctx.device)
         n_params = sum(p.numel() for p in model.parameters())
         ds_config = deepspeed_config(config, self.stage, ctx.world_size, n_params)
         _skip_inference_all_reduce_op()

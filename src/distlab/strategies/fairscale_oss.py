@@ -70,7 +70,6 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes, optimizer_bytes_per_param
 from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     ModuleTrainStep,
     Strategy,
@@ -78,9 +77,8 @@ from distlab.strategies.base import (
     no_sync_unless,
 )
 from distlab.strategies.data_parallel import DataParallel
-from distlab.strategies.ddp import apply_ddp
 from distlab.strategies.parallel_dims import parameter_sizes
-from distlab.strategies.regional_compile import apply_compile
+from distlab.strategies.parallelize import apply_ddp, parallelize
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -191,9 +189,9 @@ class FairscaleStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ctx.place(model)
-        apply_ac(model, config.ac)
-        if config.compile:  # before OSS and the wrapper take the parameters
-            apply_compile(model)
+        # --ac and --compile only (parallelize leaves OSS's flavours to this method), before
+        # OSS and the wrapper take the parameters.
+        model = parallelize(model, None, self.dims(config), config, self.data_parallel, ctx.device)
         optimizer = build_oss(model.parameters(), config)
         if self.data_parallel.shards_gradients:
             from fairscale.nn.data_parallel import ShardedDataParallel

@@ -37,7 +37,7 @@ per-unit all-gathers and reduce-scatters then stay on the fast intra-node
 links, and only one all-reduce of 1/S of the gradients per unit crosses nodes,
 where ``fsdp`` over all R S ranks would gather every parameter across them.
 
-Everything else is ``fsdp``'s: ``apply_fsdp`` (given the 2-D mesh, FSDP2's
+Everything else is ``fsdp``'s: ``fully_shard.apply_fsdp`` (given the 2-D mesh, FSDP2's
 ``fully_shard`` shards over its last dimension and replicates over the first),
 ``FsdpMicroBatchSync`` for gradient accumulation, the bf16 mixed-precision
 policy, ``--no-reshard-after-forward``, ``--ac`` and ``--compile``.
@@ -54,13 +54,12 @@ from torch import nn
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import hsdp_dims
-from distlab.strategies.fsdp import FsdpMicroBatchSync, apply_fsdp
-from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, rank0_state_bytes
-from distlab.strategies.regional_compile import apply_compile
+from distlab.strategies.fully_shard import FsdpMicroBatchSync
+from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
+from distlab.strategies.parallelize import parallelize
 
 
 class HSDPStrategy(Strategy):
@@ -85,11 +84,9 @@ class HSDPStrategy(Strategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ctx.place(model)
-        mesh = fsdp_mesh(self.build_mesh(config, ctx.device_type), self.dims(config))
-        apply_ac(model, config.ac)  # before fully_shard, as in fsdp
-        if config.compile:
-            apply_compile(model)
-        sharded = apply_fsdp(model, mesh, config.reshard_after_forward, config.precision)
+        mesh = self.build_mesh(config, ctx.device_type)
+        dims = self.dims(config)
+        sharded = parallelize(model, mesh, dims, config, self.data_parallel, ctx.device)
         return ModuleTrainStep(
             sharded,
             ctx,

@@ -60,7 +60,6 @@ from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import (
     PP_OPTIONS,
     OptimizerTrainStep,
@@ -72,7 +71,7 @@ from distlab.strategies.base import (
     language_model_loss,
     mean_over_group,
 )
-from distlab.strategies.context_parallel import held_positions
+from distlab.strategies.cp_attention import held_positions
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
@@ -83,13 +82,13 @@ from distlab.strategies.parallel_dims import (
     rank_stage_plans,
     view,
 )
+from distlab.strategies.parallelize import parallelize
 from distlab.strategies.pipeline_schedules import (
     SCHEDULES,
     last_stage_rank,
     schedule_class,
 )
 from distlab.strategies.pipeline_settings import resolve_microbatches, validate_pp
-from distlab.strategies.regional_compile import apply_compile
 
 # --- The split: this rank's stages as modules -----------------------------------------
 
@@ -317,9 +316,6 @@ class PPStrategy(Strategy):
         mesh = self.build_mesh(config, ctx.device_type)
 
         def prepare_stage(stage: GPT) -> nn.Module:
-            apply_ac(stage, config.ac)
-            if config.compile:
-                apply_compile(stage)
-            return stage
+            return parallelize(stage, mesh, dims, config, self.data_parallel, ctx.device)
 
         return PipelineTrainStep(model, ctx, config, dims, mesh, prepare_stage)

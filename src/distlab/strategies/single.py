@@ -10,9 +10,8 @@ from torch import nn
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.base import ModuleTrainStep, ReplicatedStateStrategy, TrainStep
-from distlab.strategies.regional_compile import apply_compile
+from distlab.strategies.parallelize import parallelize
 
 
 class SingleStrategy(ReplicatedStateStrategy):
@@ -30,7 +29,5 @@ class SingleStrategy(ReplicatedStateStrategy):
 
     def prepare(self, model: nn.Module, ctx: RankContext, config: Config) -> TrainStep:
         ctx.place(model)
-        apply_ac(model, config.ac)
-        if config.compile:
-            apply_compile(model)
+        model = parallelize(model, None, self.dims(config), config, self.data_parallel, ctx.device)
         return ModuleTrainStep(model, ctx, config, dp_rank=0, dp_size=1, dp_group=None)

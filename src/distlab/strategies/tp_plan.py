@@ -13,16 +13,27 @@
     ln_f           REPLICATE
     lm_head        COLUMN     vocabulary split: the logits are gathered
 
-``distlab.strategies.tensor_parallel`` turns each entry into DTensor's parallel style
-and applies it; ``shard_dim`` reads the same entries for the theory (the rank's
-parameter shapes, and from them its memory and communication), so what the theory
-predicts is what runs. Modules the plan does not name (a MoE block's router and
-experts) stay whole.
+``apply_tp`` (below) turns each entry into DTensor's parallel style and applies it;
+``shard_dim`` reads the same entries for the theory (the rank's parameter shapes, and
+from them its memory and communication), so what the theory predicts is what runs.
+Modules the plan does not name (a MoE block's router and experts) stay whole.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 
 class Split(Enum):
@@ -82,3 +93,103 @@ def shard_dim(parameter: str) -> int | None:
             return 0
         return 1 if kind == "weight" else None
     return None
+
+
+class ReplicateParallel(ParallelStyle):
+    """Replicate a module's parameters as DTensors; it takes and returns plain tensors.
+
+    For modules that tensor parallelism does not split (LayerNorms, the position
+    embedding) when sequence parallelism is off: the computation is the same
+    on every rank. ``output_layout`` can hand the output on as a shard instead
+    (``Shard(0)`` of the position embedding's (seq, d) output under SP).
+    """
+
+    def __init__(self, output_layout: Placement | None = None) -> None:
+        super().__init__()
+        self.output_layout = output_layout or Replicate()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(
+                DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs
+            )
+
+        def to_local(mod, output, mesh):
+            return output.redistribute(placements=[self.output_layout]).to_local()
+
+        # partition_fn None: every parameter becomes a Replicate() DTensor.
+        return distribute_module(module, device_mesh, None, to_dtensor, to_local)
+
+
+def parallel_style(
+    split: Split,
+    sequence_parallel: bool,
+    inputs: Placement | None = None,
+    outputs: Placement | None = None,
+) -> ParallelStyle:
+    """``split`` (``tp_plan``) as DTensor's parallel style. ``inputs``/``outputs``: the
+    layouts of the activations the module takes and gives, where not the style's default."""
+    layouts = {"input_layouts": inputs, "output_layouts": outputs}
+    layouts = {key: layout for key, layout in layouts.items() if layout is not None}
+    if split is Split.COLUMN:
+        return ColwiseParallel(**layouts)
+    if split is Split.ROW:
+        return RowwiseParallel(**layouts)
+    if sequence_parallel and outputs is None:
+        return SequenceParallel()  # a norm on the sequence-sharded residual stream
+    return ReplicateParallel(outputs)
+
+
+def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """How one transformer block is split: ``tp_plan.BLOCK_PLAN`` as parallel styles."""
+    sp = sequence_parallel
+    # SP: the residual stream is sharded along the sequence (dim 1), so the row-parallel
+    # outputs are reduce-scattered back to sequence shards instead of all-reduced.
+    outputs = {Split.ROW: Shard(1)} if sp else {}
+    plan: dict[str, ParallelStyle] = {}
+    for name, split in BLOCK_PLAN.items():
+        sublayer = name.partition(".")[0]
+        if sp and name != sublayer and sublayer not in plan:
+            # SP: gather the stream once per sub-layer (attn, mlp), not once per q/k/v.
+            plan[sublayer] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            )
+        plan[name] = parallel_style(split, sp, outputs=outputs.get(split))
+    return plan
+
+
+def top_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The modules outside the blocks that ``model`` still has (a pipeline stage may lack
+    them): ``tp_plan.TOP_PLAN`` as parallel styles, with the layouts of where each sits."""
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream
+    layouts = {
+        "wte": (Replicate(), stream),  # the token ids arrive whole on every rank
+        "wpe": (None, Shard(0) if sequence_parallel else Replicate()),  # its (seq, d) output
+        "ln_f": (None, None),
+        "lm_head": (stream, Replicate()),  # the logits gathered: the ordinary loss
+    }
+    return {
+        name: parallel_style(split, sequence_parallel, *layouts[name])
+        for name, split in TOP_PLAN.items()
+        if getattr(model, name) is not None
+    }
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
+    """Split ``model`` (a GPT, or a pipeline stage of one) across ``tp_mesh`` in place.
+
+    Only the parts the model still has are parallelized, so this works on a
+    pipeline stage whose other blocks, embeddings or head were removed.
+    """
+    top = top_plan(model, sequence_parallel)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if model.wte is not None:
+        # DTensor's embedding backward yields a replicated (full) gradient for the
+        # vocabulary-sharded table; keep only this rank's rows (a local slice, no
+        # communication), as the optimizer only updates those.
+        weight = model.wte.weight
+        weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
+    for block in model.blocks.values():
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+    return model
