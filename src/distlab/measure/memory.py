@@ -52,23 +52,6 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def optimizer_bytes_per_param(optimizer: str) -> int:
-    """Optimizer state per parameter in fp32: AdamW keeps two moments, plain SGD none."""
-    return 8 if optimizer == "adamw" else 0
-
-
-def predicted_bytes(
-    n_params: int, optimizer: str, params_div: int = 1, grads_div: int = 1, optim_div: int = 1
-) -> ModelStateBytes:
-    """The ZeRO paper's count for fp32 training: 4 B/param each of params and grads,
-    plus the optimizer state, each divided by the degree it is sharded over."""
-    return ModelStateBytes(
-        params=4 * n_params // params_div,
-        grads=4 * n_params // grads_div,
-        optimizer=optimizer_bytes_per_param(optimizer) * n_params // optim_div,
-    )
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak memory so far: max_memory_allocated on a GPU, peak RSS on a CPU.
 

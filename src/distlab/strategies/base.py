@@ -28,13 +28,14 @@ from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedul
 from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.measure.memory import ModelStateBytes, measure_state_bytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import data_parallel_dims
 from distlab.strategies.parallel_dims import ParallelDims
+from distlab.strategies.state_bytes import predicted_bytes
 from distlab.values import scalar
 
 

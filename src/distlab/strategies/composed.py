@@ -55,11 +55,12 @@ from distlab.strategies.cp_attention import held_positions
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.fully_shard import FsdpMicroBatchSync
-from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes, view
+from distlab.strategies.parallel_dims import ParallelDims, view
 from distlab.strategies.parallelize import parallelize
 from distlab.strategies.pipeline_parallel import PipelineTrainStep
 from distlab.strategies.pipeline_schedules import schedule_spec
 from distlab.strategies.pipeline_settings import validate_pp
+from distlab.strategies.state_bytes import rank0_state_bytes
 from distlab.strategies.tensor_parallel import validate_tp
 
 PIPELINE_DDP_BUCKET_VIEWS = False

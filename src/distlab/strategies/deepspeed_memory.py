@@ -48,8 +48,9 @@ from typing import Any
 import torch
 
 from distlab.config import Config, grad_accum_steps, model_shape, zero_reduce_mode
-from distlab.measure.memory import ModelStateBytes, optimizer_bytes_per_param
+from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.parallel_dims import parameter_sizes
+from distlab.strategies.state_bytes import optimizer_bytes_per_param
 
 BUCKET_FRACTION = 8
 """The gradient bucket holds 1/8 of the model's elements (see ``bucket_elements``)."""

@@ -64,7 +64,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from distlab.config import Config, model_shape
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.measure.memory import ModelStateBytes, predicted_bytes
+from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPTConfig
 from distlab.moe import Experts, MoE, RoutingTally, moe_layers
 from distlab.optim import build_optimizer, build_scheduler
@@ -72,6 +72,7 @@ from distlab.strategies.base import ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import ep_dims
 from distlab.strategies.parallel_dims import ParallelDims
+from distlab.strategies.state_bytes import predicted_bytes
 
 
 def expert_parameter_count(shape: GPTConfig) -> int:

@@ -67,7 +67,7 @@ from distlab.checkpoint.verify import verify_checkpoint
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
-from distlab.measure.memory import ModelStateBytes, measure_state_bytes, optimizer_bytes_per_param
+from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
@@ -79,6 +79,7 @@ from distlab.strategies.base import (
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.parallelize import apply_ddp, parallelize
+from distlab.strategies.state_bytes import optimizer_bytes_per_param
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -55,8 +55,9 @@ from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.fully_shard import FsdpMicroBatchSync, validate_offload
-from distlab.strategies.parallel_dims import rank0_state_bytes, view
+from distlab.strategies.parallel_dims import view
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.state_bytes import rank0_state_bytes
 
 
 class FSDPStrategy(Strategy):

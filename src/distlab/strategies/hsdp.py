@@ -58,8 +58,9 @@ from distlab.strategies.base import FSDP_OPTIONS, ModuleTrainStep, Strategy, Tra
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import hsdp_dims
 from distlab.strategies.fully_shard import FsdpMicroBatchSync
-from distlab.strategies.parallel_dims import ParallelDims, rank0_state_bytes
+from distlab.strategies.parallel_dims import ParallelDims
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.state_bytes import rank0_state_bytes
 
 
 class HSDPStrategy(Strategy):

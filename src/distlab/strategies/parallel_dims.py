@@ -28,7 +28,7 @@ parameters tensor parallelism splits and along which dimension (read from
 ``tp_plan``, the plan ``apply_tp`` applies), and so the parameter shapes on rank 0
 under any mesh. The strategies build their modules
 from it and ``distlab.theory`` predicts from it, so the two cannot disagree.
-It imports only the declaring layer (config, model, memory arithmetic) and the mesh
+It imports only the declaring layer (config, model) and the mesh
 helper of ``distlab.distributed``.
 """
 
@@ -43,9 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from distlab.config import Config, model_shape
 from distlab.distributed import device_mesh
-from distlab.measure.memory import ModelStateBytes, predicted_bytes
 from distlab.model import GPT, GPTConfig
-from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.pipeline_schedules import SCHEDULES, rank_stages
 from distlab.strategies.tp_plan import shard_dim
 
@@ -277,21 +275,3 @@ def fsdp_gathered_shapes(shapes: Shapes, shard: int) -> Shapes:
 def rank0_shapes(config: Config, dims: ParallelDims) -> Shapes:
     """Rank 0's parameters: its pipeline stage(s), tensor-parallel local."""
     return tp_local_shapes(stage_shapes(config, dims.pp), dims.tp)
-
-
-def rank0_state_bytes(
-    config: Config, dims: ParallelDims, data_parallel: DataParallel
-) -> ModelStateBytes:
-    """Theory for rank 0 (first stage, tp shard 0, dp replica 0), tensor by tensor.
-
-    Pipeline: only the first stage's (or, interleaved, stages') parameters.
-    Tensor parallel: split matrices and the embedding/head / tp, norms, the
-    position embedding and row-parallel biases whole. FSDP (``DataParallel.FSDP``):
-    what is left, split along dim 0 over the shard degree (dp, or dp / replicate
-    under hsdp; rank 0 takes the rounded-up share). DDP (or none) keeps everything
-    of its stage.
-    """
-    shapes = rank0_shapes(config, dims)
-    if data_parallel is DataParallel.FSDP:
-        shapes = {n: (-(-s[0] // dims.shard), *s[1:]) for n, s in shapes.items()}
-    return predicted_bytes(numel(shapes), config.optimizer)

@@ -78,7 +78,6 @@ from distlab.strategies.parallel_dims import (
     VIRTUAL_STAGES,
     ParallelDims,
     StagePlan,
-    rank0_state_bytes,
     rank_stage_plans,
     view,
 )
@@ -89,6 +88,7 @@ from distlab.strategies.pipeline_schedules import (
     schedule_class,
 )
 from distlab.strategies.pipeline_settings import resolve_microbatches, validate_pp
+from distlab.strategies.state_bytes import rank0_state_bytes
 
 # --- The split: this rank's stages as modules -----------------------------------------
 

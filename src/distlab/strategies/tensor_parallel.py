@@ -46,9 +46,9 @@ from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
 from distlab.strategies.parallel_dims import (
     ParallelDims,
-    rank0_state_bytes,
 )
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.state_bytes import rank0_state_bytes
 
 
 def validate_tp(config: Config, tp: int) -> None:

@@ -11,7 +11,7 @@ One place per quantity:
   the degrees and the flavour: DeepSpeed's buffers and fp32 master slice
   (``strategies.deepspeed_memory``), the whole tensors OSS assigns to each rank
   (``fairscale_oss.oss_partition`` replays its greedy assignment), FSDP's dim-0
-  shards of the tensor-parallel pieces (``parallel_dims.rank0_state_bytes``); a
+  shards of the tensor-parallel pieces (``state_bytes.rank0_state_bytes``); a
   change to how a strategy holds its state then changes its prediction in the same
   file;
 - communication per step: ``theory.comm``, the data-parallel flavour's collectives
