@@ -39,7 +39,7 @@ from distlab.strategies.tp_plan import apply_tp
 
 def parallelize(
     model: nn.Module,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     dims: ParallelDims,
     config: Config,
     data_parallel: DataParallel,
@@ -48,7 +48,13 @@ def parallelize(
 ) -> nn.Module:
     """Apply tp, cp, ``--ac``, ``--compile`` and FSDP or DDP to ``model`` (a whole model or a
     pipeline stage, already on ``device``) in the order above; returns the module to train
-    (the FSDP module, the DDP wrapper, or ``model`` itself)."""
+    (the FSDP module, the DDP wrapper, or ``model`` itself). ``mesh`` may be None for a
+    strategy whose library keeps its own groups (DeepSpeed, fairscale) or that has one rank:
+    it then uses no degree above 1 and neither FSDP nor DDP, so no step reads the mesh."""
+    needs_mesh = (
+        dims.tp > 1 or dims.cp > 1 or data_parallel in (DataParallel.FSDP, DataParallel.DDP)
+    )
+    assert mesh is not None or not needs_mesh, "parallelize needs the strategy's mesh"
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], config.sequence_parallel)
         # The LM head's logits are DTensor.to_local() views; FSDP2 warns that an
