@@ -797,3 +797,17 @@ def test_distlab_plan_is_a_command_of_the_one_entry_point(capsys):
         distlab_main(["plan", "--model", "tiny", "--gpus", "2", "--json", "--plot", "none"])
     assert exit_info.value.code == 0
     assert json.loads(capsys.readouterr().out)[0]["degrees"]["dp"] in (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "zero"),
+    [("ddp", 0), ("zero1", 1), ("fairscale-oss", 1), ("zero2", 2), ("fairscale-sdp", 2)]
+    + [("zero3", 3), ("fsdp", 3), ("hsdp", 3), ("ep", 0), ("tp", 0)],
+)
+def test_a_measured_run_gets_the_zero_stage_its_flavour_splits(strategy: str, zero: int) -> None:
+    """The planner reads a lab run as the ZeRO stage whose split its data-parallel flavour
+    makes: fairscale's OSS shards the optimizer state (stage 1), with ShardedDataParallel
+    the gradients too (stage 2)."""
+    from distlab.strategies import registry
+
+    assert registry.get(strategy).data_parallel.zero_stage == zero

@@ -13,17 +13,7 @@ from distlab.errors import DistlabError
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
-from distlab.strategies.data_parallel import DataParallel
 from distlab.theory.rank_layout import microbatches, rank_layout
-
-SHARDING = {
-    DataParallel.ZERO1: 1,
-    DataParallel.ZERO2: 2,
-    DataParallel.ZERO3: 3,
-    DataParallel.FSDP: 3,
-}
-"""The ZeRO stage the planner gives the sharded data-parallel flavours; any other flavour,
-fairscale's OSS included, counts as replicated (stage 0)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +62,7 @@ def read_run(run_dir: Path) -> MeasuredRun:
         pp=dims.pp,
         cp=dims.cp,
         ep=dims.ep if config.strategy == "ep" else 1,
-        zero=SHARDING.get(strategy.data_parallel, 0),
+        zero=strategy.data_parallel.zero_stage,
         ac=config.ac,
         microbatches=m,
         schedule=config.schedule,

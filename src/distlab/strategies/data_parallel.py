@@ -79,6 +79,13 @@ class DataParallel(Enum):
         return FLAVOUR_FACTS[self].optimizer_state
 
     @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage whose split this flavour makes (the planner's ``--zero``): 3 with
+        the parameters split, 2 with the gradients, 1 with the optimizer state, else 0."""
+        facts = FLAVOUR_FACTS[self]
+        return 3 if facts.parameters else 2 if facts.gradients else int(facts.optimizer_state)
+
+    @property
     def replicates_model_state(self) -> bool:
         """Whether every rank holds the whole model state (the flavour splits nothing)."""
         facts = FLAVOUR_FACTS[self]
