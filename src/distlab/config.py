@@ -344,20 +344,6 @@ def resolved_seq_len(config: Config) -> int:
     return config.seq_len if config.seq_len is not None else model_shape(config).block_size
 
 
-ZERO_REDUCE_CHOICES = ("once", "per-microbatch")
-
-
-def zero_reduce_mode(config: Config) -> str:
-    """When ZeRO reduces accumulated gradients: the configured mode, else the stage's default.
-
-    ZeRO-1 always reduces once (at the step's last backward); ZeRO-2 by default too,
-    ZeRO-3 by default in every micro-batch (its gradients stay sharded).
-    """
-    if config.zero_reduce is not None:
-        return config.zero_reduce
-    return "per-microbatch" if config.strategy == "zero3" else "once"
-
-
 def fixed_micro_batch(config: Config) -> int | None:
     """The configured micro-batch size; None for the whole local batch or (not yet resolved) auto.
 

@@ -47,10 +47,25 @@ from typing import Any
 
 import torch
 
-from distlab.config import Config, grad_accum_steps, model_shape, zero_reduce_mode
+from distlab.config import Config, grad_accum_steps, model_shape
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.state_bytes import optimizer_bytes_per_param
+
+ZERO_REDUCE_CHOICES = ("once", "per-microbatch")
+"""What ``--zero-reduce`` may say: when ZeRO-2/3 reduce the accumulated gradients."""
+
+
+def zero_reduce_mode(config: Config, stage: int) -> str:
+    """When ZeRO reduces accumulated gradients: the configured mode, else the stage's default.
+
+    ZeRO-1 always reduces once (at the step's last backward); ZeRO-2 by default too,
+    ZeRO-3 by default in every micro-batch (its gradients stay sharded).
+    """
+    if config.zero_reduce is not None:
+        return config.zero_reduce
+    return "per-microbatch" if stage == 3 else "once"
+
 
 BUCKET_FRACTION = 8
 """The gradient bucket holds 1/8 of the model's elements (see ``bucket_elements``)."""
@@ -200,7 +215,7 @@ def predicted_zero_bytes(config: Config, stage: int, n_params: int) -> ModelStat
     # ZeRO-3's bucket holds the communication dtype (fp32), ZeRO-1/2's the gradients'.
     grads += (4 if stage == 3 else width) * bucket_elements(p)
     accumulating = grad_accum_steps(config, n) > 1
-    once = accumulating and stage > 1 and zero_reduce_mode(config) == "once"
+    once = accumulating and stage > 1 and zero_reduce_mode(config, stage) == "once"
     if stage == 2 and accumulating and not once:
         grads += width * grad_slice  # earlier micro-batches' slice, accumulated apart
     if stage == 2 and once:

@@ -106,7 +106,7 @@ from torch.autograd import Variable
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import ZERO_REDUCE_CHOICES, Config, grad_accum_steps, zero_reduce_mode
+from distlab.config import Config, grad_accum_steps
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
@@ -122,12 +122,14 @@ from distlab.strategies.base import (
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.deepspeed_memory import (
+    ZERO_REDUCE_CHOICES,
     bucket_elements,
     held_buffers,
     measure_grad_bytes,
     measure_optimizer_bytes,
     measure_parameter_bytes,
     predicted_zero_bytes,
+    zero_reduce_mode,
 )
 from distlab.strategies.parallelize import parallelize
 
@@ -146,7 +148,9 @@ class DeepSpeedTrainStep(TrainStep):
         self.stage = stage
         self.dp_rank, self.dp_size = ctx.rank, ctx.world_size
         self.accum = grad_accum_steps(config, self.dp_size)
-        self.reduce_once = self.accum > 1 and stage > 1 and zero_reduce_mode(config) == "once"
+        self.reduce_once = (
+            self.accum > 1 and stage > 1 and zero_reduce_mode(config, stage) == "once"
+        )
         """Reduce the accumulated gradients once, after the step's last backward (see above)."""
         if self.reduce_once:
             # Each engine.step() below is an optimizer step: the micro-batches run inside

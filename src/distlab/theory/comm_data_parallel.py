@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distlab.config import Config, model_shape, zero_reduce_mode
+from distlab.config import Config, model_shape
 from distlab.errors import DistlabError
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
+from distlab.strategies.deepspeed_memory import zero_reduce_mode
 from distlab.strategies.degrees import ep_dims
 from distlab.strategies.expert_parallel import expert_parameter_count
 from distlab.strategies.fairscale_oss import oss_owners, oss_partition
@@ -113,7 +114,11 @@ def zero3_comm(pred: CommPrediction, step: StepFacts) -> str:
 def _reduces_per_microbatch(config: Config, layout: RankLayout) -> bool:
     """Whether ZeRO-2/3 reduce the gradients in every micro-batch (``--zero-reduce``): the
     stages that split the gradients can; ZeRO-1 reduces them whole, once per step."""
-    return layout.data_parallel.shards_gradients and zero_reduce_mode(config) == "per-microbatch"
+    stage = layout.data_parallel.zero_stage
+    return (
+        layout.data_parallel.shards_gradients
+        and zero_reduce_mode(config, stage) == "per-microbatch"
+    )
 
 
 def _zero3_gathers(config: Config, p_local: int) -> int:
