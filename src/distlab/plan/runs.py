@@ -61,7 +61,7 @@ def read_run(run_dir: Path) -> MeasuredRun:
         tp=dims.tp,
         pp=dims.pp,
         cp=dims.cp,
-        ep=dims.ep if config.strategy == "ep" else 1,
+        ep=dims.ep,
         zero=strategy.data_parallel.zero_stage,
         ac=config.ac,
         microbatches=m,
