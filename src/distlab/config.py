@@ -193,6 +193,16 @@ class Config:
     on a CPU: ``benchmarks/tracker_overhead.py``), so the run's throughput and MFU leave
     tracked steps out when untracked ones exist. Off under ``--compile``, which does not
     compile while a tracker is active."""
+    track_time: str = "sample"
+    """Which steps record where their time goes (``distlab.measure.timeline``): phase spans,
+    every collective from issue to completion, and the rank thread's CPU clock, split into
+    compute, exposed communication, bubble, data, optimizer and host. ``sample`` (the last
+    step the memory tracker leaves alone, and in a process with over 10 steps after it the
+    third one), ``every`` step, or ``off``. A few microseconds per collective and phase."""
+    profile: bool = False
+    """Also record torch.profiler traces of the time-tracked steps (``RUN_DIR/profile/
+    rank<r>.json``) and derive the same time breakdown from them, independently of
+    distlab's own timeline (``profiler_time_breakdown_by_rank`` in the summary)."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless an API key is configured)."""
     wandb_project: str = "distlab"

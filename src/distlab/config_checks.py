@@ -20,6 +20,7 @@ LAUNCHERS = ("ray", "local")
 AC_MODES = ("none", "full", "selective")
 """``--ac``: activation checkpointing per block (``distlab.strategies.activation_checkpoint``)."""
 TRACK_MEMORY_MODES = ("sample", "every", "off")
+TRACK_TIME_MODES = ("sample", "every", "off")
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -63,6 +64,10 @@ def check_fields(config: Config) -> None:
         config.track_memory in TRACK_MEMORY_MODES,
         f"track_memory must be one of {', '.join(TRACK_MEMORY_MODES)} "
         f"(got '{config.track_memory}')",
+    )
+    require(
+        config.track_time in TRACK_TIME_MODES,
+        f"track_time must be one of {', '.join(TRACK_TIME_MODES)} (got '{config.track_time}')",
     )
     require(
         config.device in DEVICES,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,17 @@ class CommStats:
         }
 
 
+def on_completion(work: Any, callback: Callable[[], None]) -> bool:
+    """Call ``callback`` (on the backend's thread) when ``work`` completes, where the backend
+    gives the work a future (gloo's send, recv and reduce-scatter have none); say whether."""
+    try:
+        future = work.get_future()
+    except RuntimeError:  # no future for this work: its completion is not timed
+        return False
+    future.add_done_callback(lambda _future: callback())
+    return True
+
+
 def interval_union(intervals: Iterable[tuple[float, float]]) -> float:
     """Total length covered by a set of (start, end) intervals."""
     total, current_start, current_end = 0.0, None, None
@@ -130,11 +141,7 @@ class CommCounter:
             totals.wire_bytes += wire
         if self.timing and work is not None and kind not in ("send", "recv"):
             start = time.perf_counter()
-            try:
-                future = work.get_future()
-            except RuntimeError:  # backend without futures for this work
-                return
-            future.add_done_callback(lambda _f, s=start: self._done(s))
+            on_completion(work, lambda s=start: self._done(s))
 
     def _done(self, start: float) -> None:
         end = time.perf_counter()

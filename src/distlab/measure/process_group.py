@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distlab.measure.counter import counter
+from distlab.measure import timeline
+from distlab.measure.counter import counter, on_completion
 from distlab.measure.wire import wire_bytes
 
 BACKEND = "distlab_gloo"
@@ -128,10 +129,56 @@ class CountingProcessGroup(dist.ProcessGroup):
         return self._label
 
 
+class WaitTimedWork(dist.Work):
+    """A work gloo gives no future (send, recv, reduce-scatter), as a time-tracked step hands
+    it to its caller: the collective counts as done when the caller's ``wait()`` returns.
+
+    Without a future nothing reports the moment gloo finishes it, so the timeline takes
+    the end of the wait: the time the rank was blocked in the wait is exact, and the
+    collective may have finished before the wait began (its overlap with what the rank
+    did meanwhile is an upper bound). Python callers (FSDP2, the pipeline schedules)
+    and C++ ones (functional collectives, through the process group's trampoline) both
+    reach this ``wait``.
+    """
+
+    def __init__(self, work: dist.Work, on_waited: Callable[[], None]) -> None:
+        super().__init__()
+        self._work = work
+        self._on_waited = on_waited
+
+    def wait(self, timeout: Any = None) -> bool:
+        done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._on_waited()
+        return done
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+    def is_success(self) -> bool:
+        return self._work.is_success()
+
+    def exception(self) -> Any:
+        return self._work.exception()
+
+    def source_rank(self) -> int:
+        return self._work.source_rank()
+
+    def result(self) -> list[torch.Tensor]:
+        return self._work.result()
+
+    def synchronize(self) -> None:
+        self._work.synchronize()
+
+
 def _counted(name: str, kind: str, payload_arg: int) -> Callable[..., Any]:
     def method(self: CountingProcessGroup, *args: Any, **kwargs: Any) -> Any:
-        work = getattr(self._delegate, name)(*args, **kwargs)
         payload = _nbytes(args[payload_arg]) if payload_arg >= 0 and args else 0
+        step = timeline.active()  # a time-tracked step (--track-time) records the call
+        issued = step.issued(kind, self._group_label(), payload) if step is not None else None
+        work = getattr(self._delegate, name)(*args, **kwargs)
+        returned = work
+        if issued is not None and not on_completion(work, lambda: step.done(issued)):
+            returned = WaitTimedWork(work, lambda: step.waited(issued))
         size = self.size()
         relative = 0
         if kind in _ROOTED:
@@ -140,7 +187,7 @@ def _counted(name: str, kind: str, payload_arg: int) -> Callable[..., Any]:
         if name in ("alltoall_base", "all_to_all_single") and len(args) > 3 and args[3]:
             wire = payload - _own_split_bytes(args[1], args[3], self.rank())
         counter().record(kind, self._group_label(), payload, wire, work)
-        return work
+        return returned
 
     method.__name__ = name
     return method

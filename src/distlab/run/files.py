@@ -26,6 +26,8 @@ LOGS_DIR = "logs"
 FAULTS_DIR = "faults"
 RANKS_DIR = "ranks"
 MEMORY_TIMELINE_PNG = "memory_timeline.png"
+TRACE_FILE = "trace.json"
+PROFILE_DIR = "profile"
 
 
 def memory_rank_file(run_dir: Path, rank: int) -> Path:
@@ -35,8 +37,27 @@ def memory_rank_file(run_dir: Path, rank: int) -> Path:
 
 def read_memory_ranks(run_dir: Path) -> list[dict[str, Any]]:
     """Every rank's ``memory_rank<r>.json``, in rank order ([] if none; ValueError if corrupt)."""
-    files = Path(run_dir, RANKS_DIR).glob("memory_rank*.json")
-    ranked = sorted(files, key=lambda file: int(file.stem.removeprefix("memory_rank")))
+    return _read_rank_files(run_dir, "memory_rank")
+
+
+def time_rank_file(run_dir: Path, rank: int) -> Path:
+    """``ranks/time_rank<r>.json``: rank ``r``'s time-tracked steps (``--track-time``)."""
+    return Path(run_dir) / RANKS_DIR / f"time_rank{rank}.json"
+
+
+def read_time_ranks(run_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's ``time_rank<r>.json``, in rank order ([] if none; ValueError if corrupt)."""
+    return _read_rank_files(run_dir, "time_rank")
+
+
+def profile_file(run_dir: Path, rank: int) -> Path:
+    """``profile/rank<r>.json``: torch.profiler's trace of rank ``r``'s last tracked step."""
+    return Path(run_dir) / PROFILE_DIR / f"rank{rank}.json"
+
+
+def _read_rank_files(run_dir: Path, stem: str) -> list[dict[str, Any]]:
+    files = Path(run_dir, RANKS_DIR).glob(f"{stem}*.json")
+    ranked = sorted(files, key=lambda file: int(file.stem.removeprefix(stem)))
     return [json.loads(file.read_text()) for file in ranked]
 
 

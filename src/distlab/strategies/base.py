@@ -30,6 +30,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
+from distlab.measure.timeline import phase
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
 from distlab.optim import build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.data_parallel import DataParallel
@@ -319,18 +320,21 @@ class ModuleTrainStep(OptimizerTrainStep):
         micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
         for index, (x, y) in enumerate(micro_batches):
             with self.gradient_sync(index == self.accum - 1):
-                loss = self.forward_loss(
-                    x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                )
-                aux = auxiliary_loss(self.moe_layers)
-                ((loss if aux is None else loss + aux) / self.accum).backward()
+                with phase("forward"):
+                    loss = self.forward_loss(
+                        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    )
+                    aux = auxiliary_loss(self.moe_layers)
+                with phase("backward"):
+                    ((loss if aux is None else loss + aux) / self.accum).backward()
             loss_sum += loss.detach()
             tally.add()
-        grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        self._record_state_bytes()
-        self.model.zero_grad(set_to_none=not self.keep_gradients)
-        self.scheduler.step()
+        with phase("optimizer"):
+            grad_norm = self.clip_gradients()
+            self.optimizer.step()
+            self._record_state_bytes()
+            self.model.zero_grad(set_to_none=not self.keep_gradients)
+            self.scheduler.step()
         mean_loss = self.mean_loss(loss_sum / self.accum)
         return StepResult(loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally))
 

@@ -111,6 +111,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import HeldTensors
+from distlab.measure.timeline import phase
 from distlab.optim import build_scheduler
 from distlab.strategies.base import (
     StepResult,
@@ -179,14 +180,16 @@ class DeepSpeedTrainStep(TrainStep):
         coalesce = self.engine.coalesce_grad_reduction() if self.reduce_once else nullcontext()
         with coalesce:  # reduce_once: one reduction of the summed gradients, at the exit
             for index, (x, y) in enumerate(micro_batches):
-                # The logits go once the loss is computed (the theory counts them so).
-                loss = language_model_loss(
-                    self.engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                )
+                with phase("forward"):
+                    # The logits go once the loss is computed (the theory counts them so).
+                    logits = self.engine(x.to(device, non_blocking=True))
+                    loss = language_model_loss(logits, y.to(device, non_blocking=True))
+                    del logits
                 last = index == self.accum - 1
                 if last:
                     loss.register_hook(self._sample_grads_after_autograd)
-                self.engine.backward(loss)  # scales by 1 / accum
+                with phase("backward"):
+                    self.engine.backward(loss)  # scales by 1 / accum
                 loss_sum += loss.detach()
                 if not self.reduce_once:
                     self._after_backward(last)
@@ -201,7 +204,8 @@ class DeepSpeedTrainStep(TrainStep):
         DeepSpeed's earlier micro-batches)."""
         if last:
             self.grad_bytes = max(self.grad_bytes, measure_grad_bytes(self.engine))
-        self.engine.step()
+        with phase("optimizer"):
+            self.engine.step()
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -59,6 +59,7 @@ from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedul
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
+from distlab.measure.timeline import phase
 from distlab.model import GPT
 from distlab.strategies.base import (
     PP_OPTIONS,
@@ -247,7 +248,10 @@ class PipelineTrainStep(OptimizerTrainStep):
                 kwargs["positions"] = self.positions.expand(inputs.shape[0], -1)
         target = targets if self.has_last else None
         losses: list[torch.Tensor] = []
-        with autocast(self.ctx.device_type, self.config.precision, self.stage_module):
+        with (
+            phase("forward_backward"),
+            autocast(self.ctx.device_type, self.config.precision, self.stage_module),
+        ):
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.has_last:  # equal-sized microbatches: the mean of their means is the batch mean
             loss = torch.stack([loss.detach().float() for loss in losses]).mean()
@@ -255,13 +259,14 @@ class PipelineTrainStep(OptimizerTrainStep):
             loss = torch.zeros((), device=device)
         # The last stage (pipeline rank pp - 1, or 0 in V placement) has the loss; share it.
         dist.broadcast(loss, group=self.pp_group, group_src=self.loss_rank)
-        grad_norm = clip_pipeline_gradients(
-            list(self.model.parameters()), self.config.grad_clip, self.pp_group
-        )
-        self.optimizer.step()
-        self._record_state_bytes()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with phase("optimizer"):
+            grad_norm = clip_pipeline_gradients(
+                list(self.model.parameters()), self.config.grad_clip, self.pp_group
+            )
+            self.optimizer.step()
+            self._record_state_bytes()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         mean_loss = mean_over_group(loss, self.loss_group, self.dims.reducers)
         return StepResult(loss=mean_loss, grad_norm=grad_norm)
 

@@ -34,6 +34,7 @@ from distlab.config import (
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
 from distlab.fault_spec import FaultSpec
+from distlab.measure.timeline import phase
 from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, read_events
 from distlab.run.events import fault_figures as event_figures
@@ -119,14 +120,19 @@ class RankTrainer:
         """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it."""
         config = self.config
         self._fire_fault_at(step)
-        batch = global_batch(self.tokens, config.seed, step, config.global_batch, self.seq_len)
-        inputs, targets = rank_slice(batch, self.train_step.dp_rank, self.train_step.dp_size)
-        self._fire_fault_at(step, "raise")
         lr = self.train_step.current_lr()
         self.measure.begin_step(step, self.train_step.held_tensors())
-        with self.measure.tracking_memory():
-            tic = time.perf_counter()
-            result = self.train_step.step(inputs, targets)
+        with self.measure.tracking_time(step):
+            tic = time.perf_counter()  # the step's time includes taking its rows of the batch
+            with phase("data"):
+                batch = global_batch(
+                    self.tokens, config.seed, step, config.global_batch, self.seq_len
+                )
+                rows = self.train_step.dp_rank, self.train_step.dp_size
+                inputs, targets = rank_slice(batch, *rows)
+            self._fire_fault_at(step, "raise")
+            with self.measure.tracking_memory():
+                result = self.train_step.step(inputs, targets)
             if self.ctx.device_type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - tic

@@ -48,6 +48,7 @@ from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import first_line
 from distlab.measure import mfu
+from distlab.measure.chrome_trace import write_chrome_trace
 from distlab.measure.compile_time import compile_cache_counts, compile_seconds
 from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
@@ -59,8 +60,15 @@ from distlab.measure.step_memory import (
     StepMemoryTracker,
     cuda_peaks,
 )
+from distlab.measure.timeline import StepTimeline, set_active
 from distlab.model import flops_per_token
-from distlab.run.files import MEMORY_TIMELINE_PNG, RANKS_DIR, memory_rank_file, read_memory_ranks
+from distlab.run.files import (
+    MEMORY_TIMELINE_PNG,
+    RANKS_DIR,
+    memory_rank_file,
+    read_memory_ranks,
+    time_rank_file,
+)
 from distlab.strategies.pipeline_schedules import schedule_spec
 
 
@@ -88,6 +96,9 @@ class RunMeasurements:
         self.peak_step: tuple[int, StepMemory] | None = None
         """(index in ``steps``, memory) of the last step: the steady state (optimizer
         state allocated, buckets built), the one theory predicts."""
+        self.step_time: dict[str, Any] | None = None
+        self.time_steps: list[dict[str, Any]] = []
+        """The time-tracked steps' timelines and breakdowns (``--track-time``)."""
 
     def begin_step(self, step: int, held: HeldTensors) -> None:
         """Start counting this step's collectives (and its compile time with --compile);
@@ -113,6 +124,23 @@ class RunMeasurements:
         self.tracker = None
         self.peak_step = (len(self.steps), self.step_memory)
 
+    @contextmanager
+    def tracking_time(self, step: int) -> Iterator[None]:
+        """Around the whole step, data included: record where its time goes if it is sampled
+        (``--track-time``; ``distlab.measure.timeline``)."""
+        if not tracks_time(self.config, step, len(self.steps)):
+            yield
+            return
+        record = StepTimeline(step, profiled=self.config.profile)
+        set_active(record)  # the counting process group reports each collective to it
+        record.begin()
+        try:
+            yield
+        finally:
+            record.end()
+            set_active(None)
+        self.step_time = record.breakdown()
+
     def end_step(
         self,
         step: int,
@@ -136,6 +164,14 @@ class RunMeasurements:
             line.update({f"model_state/{k}": v for k, v in state_bytes.to_dict().items()})
         if self.config.compile:
             line["compile_s"] = compile_seconds() - self.compiled_before_step
+        if self.step_time is not None:
+            breakdown = self.step_time
+            self.step_time = None
+            breakdown["step_time_s"] = step_time
+            self.time_steps.append(breakdown)
+            line.update({f"time/{k}": v for k, v in breakdown["by_category"].items()})
+            line["time/overlapped_comm"] = breakdown["overlapped_comm"]
+            line["time/overlap_fraction"] = breakdown["overlap_fraction"]
         if self.counter is not None:
             stats = self.counter.end_step()
             line.update(stats.to_metrics())
@@ -187,12 +223,20 @@ class RunMeasurements:
         path.write_text(json.dumps({**record, "timeline": memory.timeline}))
         return record
 
+    def write_time_timeline(self) -> dict[str, Any]:
+        """Write ``ranks/time_rank<r>.json`` (every time-tracked step's timeline) and return it."""
+        record = {"rank": self.ctx.rank, "steps": self.time_steps}
+        if self.time_steps:
+            time_rank_file(self.run_dir, self.ctx.rank).write_text(json.dumps(record))
+        return record
+
     def finish(self, tokens_per_s: float | None = None) -> dict[str, Any]:
         """Gather every rank's figures (collective); rank 0 gets the summary additions."""
         self.rank_file.close()
         typical = self.typical_step()
         local = {
             "memory": self.write_memory_timeline(),
+            "time": self.write_time_timeline(),
             "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
             "comm_per_step": {
                 k.removeprefix("comm/"): v for k, v in typical.items() if k.startswith("comm/")
@@ -217,10 +261,16 @@ class RunMeasurements:
             "comm_per_step_by_rank": (
                 [g["comm_per_step"] for g in gathered] if self.counter is not None else None
             ),
+            "time_breakdown_by_rank": [
+                {"rank": g["time"]["rank"], **{k: step[k] for k in BREAKDOWN_FIELDS}}
+                for g in gathered
+                for step in g["time"]["steps"]
+            ],
             "peak_flops_per_rank": self.peak.flops if self.peak else None,
             "peak_flops_source": self.peak.source if self.peak else None,
             "effective_ranks": self.ranks,
         }
+        write_chrome_trace(self.run_dir, [g["time"] for g in gathered])
         if self.config.compile:
             summary.update(
                 compile_s=max(g["compile_s"] for g in gathered),
@@ -264,6 +314,39 @@ def tracks_memory(config: Config, step: int, steps_done: int) -> bool:
         return False
     early = steps_done == 1 and config.steps - 1 - step > EARLY_SAMPLE_STEPS
     return config.track_memory == "every" or early or step == config.steps - 1
+
+
+BREAKDOWN_FIELDS = (
+    "step",
+    "wall_s",
+    "step_time_s",
+    "by_category",
+    "overlapped_comm",
+    "comm_s",
+    "overlap_fraction",
+    "cpu_contention_s",
+)
+"""A time-tracked step's figures in the summary (its timeline stays in the rank's file)."""
+
+EARLY_TIME_SAMPLE_STEP = 2
+"""``--track-time sample`` takes a process's third step early (the memory tracker its second)."""
+
+
+def tracks_time(config: Config, step: int, steps_done: int) -> bool:
+    """Whether ``step`` records its timeline (``--track-time``).
+
+    ``sample``: the run's last step that the memory tracker leaves alone (a tracked step
+    runs every op through torch's tracker: its time is not the step's), and, in a process
+    with more than ``EARLY_SAMPLE_STEPS`` steps still to run after it, its third step (the
+    first two carry one-time costs and the memory sample), so a long run shows its time early.
+    """
+    if config.track_time == "off":
+        return False
+    if config.track_time == "every":
+        return True
+    last_free = config.steps - 1 - int(tracks_memory(config, config.steps - 1, 0))
+    early = steps_done == EARLY_TIME_SAMPLE_STEP and config.steps - 1 - step > EARLY_SAMPLE_STEPS
+    return step == last_free or early
 
 
 def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
