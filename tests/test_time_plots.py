@@ -15,9 +15,13 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.test_compare import make_run
 from tests.test_memory_timeline import png_size
 
 from distlab.errors import DistlabError
+from distlab.report.compare import main as compare_main
+from distlab.report.markdown import time_section
+from distlab.report.runs import load_runs
 from distlab.report.time_plots import (
     TIME_CATEGORIES,
     comm_sublanes,
@@ -222,3 +226,30 @@ def test_bars_are_drawn_for_the_runs_with_a_breakdown(tmp_path: Path) -> None:
     assert one[1] < two[1]  # a bar more, a taller picture
     with pytest.raises(DistlabError, match="no run has time_breakdown_by_rank"):
         draw_time_breakdown_bars(runs[1:], tmp_path / "none.png")
+
+
+def test_compare_shows_the_runs_with_a_breakdown_and_skips_the_others(
+    tmp_path: Path, capsys
+) -> None:
+    timed = add_time_lab(make_run(tmp_path, "ddp", 2))
+    plain = make_run(tmp_path, "fsdp", 2)
+    picture = tmp_path / "time.png"
+    assert compare_main([str(timed), str(plain), "--time-breakdown", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "time of the last tracked step" in out and f"time breakdown: {picture}" in out
+    png_size(picture)
+    # the report's section (what --report adds, without its other plots)
+    runs, images = load_runs([str(timed), str(plain)]), []
+    text = "\n".join(time_section(runs, tmp_path / "report_files", images))
+    assert "## Time in one step" in text
+    assert "| ddp x2 | 4 | 98.50 | 77.00 (78.2%) |" in text
+    assert "| fsdp x2 |" not in text
+    assert "![time per step by category](report_files/time_breakdown.png)" in text
+    assert images == [tmp_path / "report_files" / "time_breakdown.png"]
+    png_size(images[0])
+
+    assert compare_main([str(plain), "--time-breakdown", str(tmp_path / "no.png")]) == 0
+    out = capsys.readouterr().out
+    assert "time of the last tracked step" not in out and "nothing drawn" in out
+    assert not (tmp_path / "no.png").exists()
+    assert time_section(runs[1:], tmp_path / "report_files", images) == []
