@@ -4,6 +4,7 @@
     python -m distlab.compare runs/ddp-* runs/fsdp-* --plot docs/loss.png
     python -m distlab.compare runs/compare/* --report docs/comparison.md
     python -m distlab.compare runs/fsdp-2 runs/pp-2 --memory-timeline memory.png
+    python -m distlab.compare runs/ddp-2 runs/fsdp-2 --time-breakdown time.png
     python -m distlab.compare --wandb my-entity/distlab --group compare   (online W&B)
 
 Each argument is a run dir or a glob of run dirs (a directory holding
@@ -14,7 +15,12 @@ communication bytes per step, each measured one beside its prediction
 the step memory torch's tracker measured on rank 0, by category, at its peak,
 beside the predicted peak. For mixture-of-experts runs a third table shows the
 routing: balance loss, tokens per expert, load imbalance, dropped tokens
-(``distlab.moe``). ``--memory-timeline OUT.png`` draws every run's
+(``distlab.moe``). Runs whose summary has the time lab's
+``time_breakdown_by_rank`` get a table of where their last tracked step's time
+went (compute, exposed communication, bubble, data, optimizer, host, and the
+communication overlapped with compute), mean over ranks; the others are left
+out of it. ``--time-breakdown OUT.png`` draws it as a stacked bar per run
+(``distlab.report.time_plots``). ``--memory-timeline OUT.png`` draws every run's
 per-rank memory timeline of one step side by side (a column per run, a row per
 rank, one y scale). ``--report`` also writes PNG plots (loss vs step,
 throughput and MFU, memory per rank, communication per step) next to a
@@ -39,6 +45,11 @@ from distlab.report.tables import (
     memory_table,
     routing_table,
 )
+from distlab.report.time_plots import (
+    draw_time_breakdown_bars,
+    labelled_summaries,
+    time_breakdown_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="OUT.png",
         help="draw the runs' per-rank memory timelines of one step side by side into this PNG",
     )
+    parser.add_argument(
+        "--time-breakdown",
+        type=Path,
+        metavar="OUT.png",
+        help="draw the runs' step time by category (time_breakdown_by_rank) into this PNG",
+    )
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B (online)")
     parser.add_argument("--group", help="with --wandb: only runs of this W&B group")
     args = parser.parse_args(argv)
@@ -70,11 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         console.print(memory_table(runs))
     if has_routing(runs):
         console.print(routing_table(runs))
+    timed = labelled_summaries(runs)
+    if timed:
+        console.print(time_breakdown_table(timed))
     if args.memory_timeline:
         left_out = plot_memory_timelines(runs, args.memory_timeline)
         print(f"memory timelines: {args.memory_timeline}")
         for run in left_out:
             print(f"  left out {run.path}: no ranks/memory_rank<r>.json")
+    if args.time_breakdown:
+        if timed:
+            draw_time_breakdown_bars(timed, args.time_breakdown)
+            print(f"time breakdown: {args.time_breakdown}")
+        else:
+            print("time breakdown: no run has time_breakdown_by_rank, nothing drawn")
     if args.plot:
         plot_losses(runs, args.plot)
         print(f"loss plot: {args.plot}")

@@ -16,6 +16,11 @@ from distlab.report.tables import (
     memory_breakdown_markdown,
     memory_markdown_table,
 )
+from distlab.report.time_plots import (
+    draw_time_breakdown_bars,
+    labelled_summaries,
+    time_breakdown_markdown,
+)
 from distlab.run.files import MEMORY_TIMELINE_PNG
 
 NOTES_MARKER = "<!-- notes: written by hand, kept when the report is regenerated -->"
@@ -74,6 +79,7 @@ def write_report(
         f"![communication per step]({rel}/comm.png)",
         "",
         *(memory_section(runs, image_dir, images) if has_step_memory(runs) else []),
+        *time_section(runs, image_dir, images),
         "## Communication by collective type",
         "",
         comm_breakdown_markdown(runs),
@@ -126,6 +132,31 @@ def memory_section(runs: list[Run], image_dir: Path, images: list[Path]) -> list
     if any(run.predicted.get("memory_peak") for run in runs):
         lines += ["By category, rank 0:", "", memory_breakdown_markdown(runs), ""]
     return lines
+
+
+def time_section(runs: list[Run], image_dir: Path, images: list[Path]) -> list[str]:
+    """The report's lines on step time (the runs whose summary has ``time_breakdown_by_rank``;
+    none if no run has): the table and the stacked bars, appended to ``images``."""
+    timed = labelled_summaries(runs)
+    if not timed:
+        return []
+    path = draw_time_breakdown_bars(timed, image_dir / "time_breakdown.png")
+    images.append(path)
+    return [
+        "## Time in one step",
+        "",
+        "Where the last tracked step's wall time went, mean over ranks, in ms and % of the "
+        "step: *compute* (forward and backward, not waiting), *exposed_comm* (waiting on a "
+        "collective), *bubble* (a pipeline stage waiting on a peer), *data*, *optimizer*, "
+        "*host* (the rest); they add up to *wall*. *overlapped*: collectives in flight while "
+        "the rank computed (hidden, not in the sum); *overlap*: overlapped / the time "
+        "collectives were in flight. Runs without the measurement are left out.",
+        "",
+        time_breakdown_markdown(timed),
+        "",
+        f"![time per step by category]({image_dir.name}/{path.name})",
+        "",
+    ]
 
 
 def fill_marked_section(doc: Path, name: str, text: str) -> None:
