@@ -21,10 +21,10 @@ from distlab.cli import run_cli
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LOCAL_RUN = [
     "--launcher", "local", "--model", "tiny", "--global-batch", "8", "--no-wandb", "--quiet",
-    "--no-memory-picture",
+    "--no-pictures",
 ]  # fmt: skip
 """Launch flags of a fast run: spawned ranks, the tiny model, no W&B, no progress output, no
-memory picture (``--memory-picture`` after them draws it)."""
+memory picture (``--pictures`` after them draws it)."""
 
 
 def run_command(module: str, *args: str, timeout: float = 300, cwd: Path | None = None):

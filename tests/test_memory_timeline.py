@@ -22,7 +22,7 @@ from distlab.report.runs import load_runs
 from distlab.report.tables import memory_table_rows
 from distlab.run.files import memory_rank_file
 from distlab.strategies.resolve import load_config
-from distlab.train.measurements import EARLY_SAMPLE_STEPS, draw_memory_picture, tracks_memory
+from distlab.train.measurements import EARLY_SAMPLE_STEPS, draw_pictures, tracks_memory
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -118,18 +118,18 @@ def test_a_rank_without_samples_still_draws(tmp_path: Path) -> None:
 
 
 def test_run_end_draws_the_ranks_files_or_warns_in_one_line(tmp_path: Path, capsys) -> None:
-    assert draw_memory_picture(tmp_path, "fsdp x2") is None
-    warning = capsys.readouterr().out.strip().splitlines()
-    assert len(warning) == 1 and warning[0].startswith("distlab: warning: no memory_timeline.png")
+    assert draw_pictures(tmp_path, "fsdp x2") == []  # nothing tracked: nothing to draw
+    assert capsys.readouterr().out == ""
     memory_rank_file(tmp_path, 0).parent.mkdir()
     for rank in (0, 1):
         memory_rank_file(tmp_path, rank).write_text(json.dumps(synthetic_record(rank, rank + 1)))
-    picture = draw_memory_picture(tmp_path, "fsdp x2")
+    [picture] = draw_pictures(tmp_path, "fsdp x2")
     assert picture == tmp_path / "memory_timeline.png"
     assert png_size(picture)[1] > 400
     memory_rank_file(tmp_path, 1).write_text('{"rank": 1, "timeline": [')  # torn file
-    assert draw_memory_picture(tmp_path, "fsdp x2") is None
-    assert capsys.readouterr().out.count("distlab: warning:") == 1
+    assert draw_pictures(tmp_path, "fsdp x2") == []
+    warning = capsys.readouterr().out.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("distlab: warning: no memory_timeline.png")
 
 
 def _with_memory(path: Path, predicted_total: int | None = None) -> Path:
@@ -209,11 +209,11 @@ def _phases_in_order(timeline: list[dict]) -> list[str]:
 def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> None:
     """A 2-rank fsdp run and a single run, 2 steps each: pictures, json, compare.
 
-    The fsdp run draws its picture (``--memory-picture``), the single run does not
-    (``--no-memory-picture``, in ``TINY_LOCAL_RUN``) but keeps its timeline to draw later.
+    The fsdp run draws its picture (``--pictures``), the single run does not
+    (``--no-pictures``, in ``TINY_LOCAL_RUN``) but keeps its timeline to draw later.
     """
     runs = {}
-    for strategy, nproc, picture in (("fsdp", 2, ("--memory-picture",)), ("single", 1, ())):
+    for strategy, nproc, picture in (("fsdp", 2, ("--pictures",)), ("single", 1, ())):
         runs[strategy] = tmp_path / strategy
         result = run_main(
             "distlab.launch", *TINY_LOCAL_RUN, *picture,
@@ -225,7 +225,7 @@ def test_real_runs_draw_their_timelines_and_compare(tmp_path: Path, capsys) -> N
         assert "no memory_timeline.png" not in result.stdout + result.stderr
     assert not (runs["single"] / "memory_timeline.png").exists()
     assert memory_rank_file(runs["single"], 0).is_file()
-    draw_memory_picture(runs["single"], "single x1")
+    draw_pictures(runs["single"], "single x1")
     for rank in (0, 1):
         record = json.loads(memory_rank_file(runs["fsdp"], rank).read_text())
         assert record["rank"] == rank and record["peak"] > 0

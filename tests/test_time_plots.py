@@ -19,14 +19,14 @@ from tests.test_compare import make_run
 from tests.test_memory_timeline import png_size
 
 from distlab.errors import DistlabError
+from distlab.measure.time_gantt import comm_sublanes
+from distlab.measure.timeline import CATEGORIES
 from distlab.report.compare import main as compare_main
 from distlab.report.markdown import time_section
 from distlab.report.runs import load_runs
 from distlab.report.time_plots import (
-    TIME_CATEGORIES,
-    comm_sublanes,
+    draw_run_gantt,
     draw_time_breakdown_bars,
-    draw_time_gantt,
     last_step_breakdown,
     run_title,
     time_breakdown_markdown,
@@ -84,7 +84,7 @@ def fake_step(step: int, rank: int, stretch: float = 1.0) -> dict:
     overlapped = [
         (max(a, c), min(b, d)) for a, b in in_flight for c, d in working if min(b, d) > max(a, c)
     ]
-    by_category = dict.fromkeys(TIME_CATEGORIES, 0.0)
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
     for category, start, end in parts:
         by_category[category] += (end - start) * ms
     comm_s = sum(e - s for s, e in in_flight)
@@ -147,12 +147,12 @@ def test_the_fake_steps_add_up() -> None:
 
 def test_gantt_draws_each_ranks_last_step(tmp_path: Path) -> None:
     run = add_time_lab(tmp_path / "ddp-2", {"strategy": "ddp", "nproc": 2})
-    picture = draw_time_gantt(run)
+    picture = draw_run_gantt(run)
     assert picture == run / "time_rank_gantt.png"
     width, height = png_size(picture)
     assert width > height > 200
     assert run_title(run) == "ddp x2"
-    other = draw_time_gantt(run, tmp_path / "out" / "g.png")
+    other = draw_run_gantt(run, tmp_path / "out" / "g.png")
     assert png_size(other) == (width, height)
 
 
@@ -165,15 +165,15 @@ def test_gantt_title_falls_back_to_the_config_then_the_dir(tmp_path: Path) -> No
 
 
 def test_gantt_without_time_files_is_a_one_line_error(tmp_path: Path) -> None:
-    with pytest.raises(DistlabError, match="no tracked step"):
-        draw_time_gantt(tmp_path)
+    with pytest.raises(DistlabError, match="no time-tracked step"):
+        draw_run_gantt(tmp_path)
     (tmp_path / "ranks").mkdir()
     (tmp_path / "ranks" / "time_rank0.json").write_text('{"rank": 0, "steps": []}')
-    with pytest.raises(DistlabError, match="no tracked step"):
-        draw_time_gantt(tmp_path)
+    with pytest.raises(DistlabError, match="no time-tracked step"):
+        draw_run_gantt(tmp_path)
     (tmp_path / "ranks" / "time_rank1.json").write_text("{")
     with pytest.raises(DistlabError, match="time_rank1.json is corrupt"):
-        draw_time_gantt(tmp_path)
+        draw_run_gantt(tmp_path)
 
 
 def test_concurrent_collectives_get_their_own_sublane() -> None:
@@ -201,7 +201,7 @@ def test_table_rows_hold_ms_percent_and_overlap(tmp_path: Path) -> None:
     summary = json.loads((add_time_lab(tmp_path) / "summary.json").read_text())
     (row,) = time_breakdown_rows([("ddp x2", summary), ("old", {"strategy": "ddp"})])
     assert row[:3] == ["ddp x2", "4", "98.50"]
-    cells = dict(zip(TIME_CATEGORIES, row[3:9], strict=True))
+    cells = dict(zip(CATEGORIES, row[3:9], strict=True))
     assert cells == {
         "compute": "77.00 (78.2%)",
         "exposed_comm": "5.00 (5.1%)",

@@ -134,10 +134,11 @@ class Config:
     """Parent directory of run dirs when run_dir is not given."""
     save_final_weights: bool = False
     """Write the full final weights to final_weights.pt (used by parity checks)."""
-    memory_picture: bool = True
-    """Draw memory_timeline.png after a run that tracked memory (about a second of
-    plotting on a CPU); --no-memory-picture for runs nobody looks at (parity checks,
-    --micro-batch auto's probes)."""
+    pictures: bool = True
+    """Draw the run's pictures when its ranks are done: memory_timeline.png (memory-tracked
+    steps) and time_rank_gantt.png (time-tracked steps), about a second of plotting each on
+    a CPU; --no-pictures for runs nobody looks at (parity checks, --micro-batch auto's
+    probes): their figures stay in the run's files."""
     reshard_after_forward: bool = True
     """FSDP only: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
     reshard_between_microbatches: bool = False

@@ -56,7 +56,7 @@ NOT_MEMORY_FIELDS = frozenset(
         "steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed",
         "data", "launcher", "ray_address", "timeout_s", "max_failures", "inject_fault",
         "resume", "quiet", "log_every", "checkpoint_every", "keep_checkpoints",
-        "final_checkpoint", "run_dir", "runs_root", "save_final_weights", "memory_picture",
+        "final_checkpoint", "run_dir", "runs_root", "save_final_weights", "pictures",
         "wandb", "wandb_project", "wandb_group", "wandb_name", "micro_batch", "memory_budget",
     }
 )  # fmt: skip

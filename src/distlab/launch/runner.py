@@ -16,8 +16,8 @@ from distlab.launch.prepare import prepare_run
 from distlab.launch.ray_launcher import check_address, launch_ray, resolve_address
 from distlab.launch.wandb_run import WandbFeed
 from distlab.run.events import append_event, read_events
-from distlab.run.files import SUMMARY_FILE, memory_rank_file
-from distlab.train.measurements import draw_memory_picture
+from distlab.run.files import SUMMARY_FILE
+from distlab.train.measurements import draw_pictures
 
 
 def run(config: Config) -> Path:
@@ -50,8 +50,8 @@ def run(config: Config) -> Path:
         else:
             launch_local(config, token_file, run_dir, feed)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        if config.memory_picture and memory_rank_file(run_dir, 0).is_file():  # tracked: draw it
-            draw_memory_picture(run_dir, f"{config.strategy} x{config.nproc}")
+        if config.pictures:
+            draw_pictures(run_dir, f"{config.strategy} x{config.nproc}")
     finally:
         if feed is not None:
             feed.finish(summary)
@@ -73,7 +73,7 @@ def probe_peak(config: Config) -> int | None:
             checkpoint_every=0,
             final_checkpoint=False,
             save_final_weights=False,
-            memory_picture=False,
+            pictures=False,
             max_failures=0,
             inject_fault=None,
             resume=None,

@@ -104,7 +104,7 @@ def parity_config(
         "wandb": False,
         "save_final_weights": True,
         "final_checkpoint": False,  # compared by their weights; nothing resumes them
-        "memory_picture": False,  # read as numbers (summary, ranks/memory_rank*.json)
+        "pictures": False,  # read as numbers (summary, ranks/memory_rank*.json)
         "quiet": True,
         "launcher": "local",
     }

@@ -27,6 +27,7 @@ FAULTS_DIR = "faults"
 RANKS_DIR = "ranks"
 MEMORY_TIMELINE_PNG = "memory_timeline.png"
 TRACE_FILE = "trace.json"
+TIME_GANTT_PNG = "time_rank_gantt.png"
 PROFILE_DIR = "profile"
 
 
@@ -58,7 +59,13 @@ def profile_file(run_dir: Path, rank: int) -> Path:
 def _read_rank_files(run_dir: Path, stem: str) -> list[dict[str, Any]]:
     files = Path(run_dir, RANKS_DIR).glob(f"{stem}*.json")
     ranked = sorted(files, key=lambda file: int(file.stem.removeprefix(stem)))
-    return [json.loads(file.read_text()) for file in ranked]
+    records = []
+    for file in ranked:
+        try:
+            records.append(json.loads(file.read_text()))
+        except ValueError as exc:
+            raise ValueError(f"{file} is corrupt: {exc}") from None
+    return records
 
 
 def read_jsonl(file: Path) -> list[dict[str, Any]]:

@@ -19,10 +19,12 @@ Per step, rank 0's metrics gain ``mfu``, ``peak_memory_bytes`` and the
 itself to ``ranks/rank<r>.jsonl`` in the run dir (no collective needed).
 ``finish`` gathers each rank's peak memory and typical step communication
 once, and adds the predictions of ``distlab.theory``. Every rank writes the
-memory timeline of one step (``ranks/memory_rank<r>.json``); the launcher
-draws them all into ``memory_timeline.png`` when the ranks are done
-(``draw_memory_picture``; the ranks never import a plotting library): a
-picture that fails to draw costs a one-line warning, never the finished run.
+memory timeline of one step (``ranks/memory_rank<r>.json``) and the timelines
+of its time-tracked steps (``ranks/time_rank<r>.json``; rank 0 merges them into
+``trace.json``); the launcher draws them into ``memory_timeline.png`` and
+``time_rank_gantt.png`` when the ranks are done (``draw_pictures``; the ranks
+never import a plotting library): a picture that fails to draw costs a one-line
+warning, never the finished run.
 
 With ``--compile`` each step also records ``compile_s``, the seconds this rank
 spent compiling in it (``distlab.measure.compile_time``: step 0's forward and
@@ -48,7 +50,6 @@ from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import first_line
 from distlab.measure import mfu
-from distlab.measure.chrome_trace import write_chrome_trace
 from distlab.measure.compile_time import compile_cache_counts, compile_seconds
 from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
@@ -60,13 +61,17 @@ from distlab.measure.step_memory import (
     StepMemoryTracker,
     cuda_peaks,
 )
+from distlab.measure.time_gantt import draw_time_gantt
 from distlab.measure.timeline import StepTimeline, set_active
 from distlab.model import flops_per_token
+from distlab.run.chrome_trace import write_chrome_trace
 from distlab.run.files import (
     MEMORY_TIMELINE_PNG,
     RANKS_DIR,
+    TIME_GANTT_PNG,
     memory_rank_file,
     read_memory_ranks,
+    read_time_ranks,
     time_rank_file,
 )
 from distlab.strategies.pipeline_schedules import schedule_spec
@@ -349,16 +354,28 @@ def tracks_time(config: Config, step: int, steps_done: int) -> bool:
     return step == last_free or early
 
 
-def draw_memory_picture(run_dir: Path, label: str) -> Path | None:
-    """Draw the run's ``ranks/memory_rank<r>.json`` into ``memory_timeline.png``; warn on failure.
+def draw_pictures(run_dir: Path, label: str) -> list[Path]:
+    """Draw the run's pictures from its ranks' files: ``memory_timeline.png`` where a step was
+    memory-tracked, ``time_rank_gantt.png`` where one was time-tracked; return those drawn.
+    A picture that fails to draw costs a one-line warning, never the finished run."""
+    pictures = (
+        (MEMORY_TIMELINE_PNG, read_memory_ranks, _memory_picture),
+        (TIME_GANTT_PNG, read_time_ranks, _time_picture),
+    )
+    drawn = []
+    for name, read, draw in pictures:
+        try:
+            records = read(run_dir)
+            if records:
+                drawn.append(draw(records, label, Path(run_dir) / name))
+        except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run
+            print(f"distlab: warning: no {name}: {first_line(exc)}", flush=True)
+    return drawn
 
-    Returns the picture's path, or None (with a one-line warning) when it could not be drawn.
-    """
-    try:
-        records = read_memory_ranks(run_dir)
-        if not records:
-            raise ValueError(f"no {RANKS_DIR}/memory_rank<r>.json in {run_dir}")
-        return draw_memory_timelines([(label, records)], Path(run_dir) / MEMORY_TIMELINE_PNG)
-    except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run
-        print(f"distlab: warning: no {MEMORY_TIMELINE_PNG}: {first_line(exc)}", flush=True)
-        return None
+
+def _memory_picture(records: list[dict[str, Any]], label: str, out: Path) -> Path:
+    return draw_memory_timelines([(label, records)], out)
+
+
+def _time_picture(records: list[dict[str, Any]], label: str, out: Path) -> Path:
+    return draw_time_gantt(records, label, out)
