@@ -66,7 +66,7 @@ class ThreadClock:
     """The CPU time and run-queue wait of one thread, readable from any thread."""
 
     def __init__(self) -> None:
-        self.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.cpu_clock: int | None = time.pthread_getcpuclockid(threading.get_ident())
         try:
             self.schedstat: int | None = os.open(
                 f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY
@@ -82,6 +82,8 @@ class ThreadClock:
         return cpu, int(os.pread(self.schedstat, 64, 0).split()[1])
 
     def close(self) -> None:
+        """Stop reading the thread (``cpu_clock`` becomes None)."""
+        self.cpu_clock = None
         if self.schedstat is not None:
             os.close(self.schedstat)
             self.schedstat = None
@@ -126,9 +128,12 @@ class StepTimeline:
         self.t0 = time.perf_counter()
         self.marks.append((0.0, cpu, queued))
 
-    def end(self) -> None:
-        self.wall_s = self._mark()
-        self.clock.close()
+    def end(self) -> float:
+        """End the step (once; later calls change nothing) and return its wall time."""
+        if self.clock.cpu_clock is not None:
+            self.wall_s = self._mark()
+            self.clock.close()
+        return self.wall_s
 
     def _mark(self) -> float:
         """Record the thread's clocks now (any thread may call it); return the time."""

@@ -130,9 +130,27 @@ def summary_table(summary: dict[str, Any]) -> Table:
         rows.insert(4, peak)
     if "compile_s" in summary:
         rows.insert(4, compile_row(summary))
+    time_row = step_time_row(summary)
+    if time_row is not None:
+        rows.insert(4, time_row)
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def step_time_row(summary: dict[str, Any]) -> tuple[str, str] | None:
+    """Where rank 0's last time-tracked step went: its categories over 1% of it, and the
+    communication hidden under its work (``--track-time``)."""
+    steps = [e for e in summary.get("time_breakdown_by_rank") or [] if e["rank"] == 0]
+    if not steps:
+        return None
+    last = steps[-1]
+    wall = last["wall_s"]
+    parts = sorted(last["by_category"].items(), key=lambda item: -item[1])
+    text = ", ".join(f"{name} {share / wall:.0%}" for name, share in parts if share > 0.01 * wall)
+    if last["comm_s"]:
+        text += f"; {last['overlap_fraction']:.0%} of its communication overlapped"
+    return (f"time, rank 0 step {last['step']}", f"{wall * 1e3:.1f} ms: {text}")
 
 
 def step_memory_row(summary: dict[str, Any]) -> tuple[str, str] | None:

@@ -122,8 +122,7 @@ class RankTrainer:
         self._fire_fault_at(step)
         lr = self.train_step.current_lr()
         self.measure.begin_step(step, self.train_step.held_tensors())
-        with self.measure.tracking_time(step):
-            tic = time.perf_counter()  # the step's time includes taking its rows of the batch
+        with self.measure.timing_step(step) as clock:  # the step includes taking its rows
             with phase("data"):
                 batch = global_batch(
                     self.tokens, config.seed, step, config.global_batch, self.seq_len
@@ -135,7 +134,7 @@ class RankTrainer:
                 result = self.train_step.step(inputs, targets)
             if self.ctx.device_type == "cuda":
                 torch.cuda.synchronize()
-            step_time = time.perf_counter() - tic
+            step_time = clock.stop()
         extra = self.measure.end_step(
             step, step_time, self.tokens_per_step, self.train_step.model_state_bytes()
         )

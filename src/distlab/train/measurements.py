@@ -37,8 +37,10 @@ slowest rank's total), per rank, and the steps in which any rank compiled.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,21 @@ from distlab.run.files import (
     time_rank_file,
 )
 from distlab.strategies.pipeline_schedules import schedule_spec
+
+
+@dataclass
+class StepClock:
+    """A step's wall time, from its start to ``stop()``. On a time-tracked step these are the
+    timeline's own start and end, so the step time is the window its categories split."""
+
+    timeline: StepTimeline | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+    def stop(self) -> float:
+        """Seconds since the step started."""
+        if self.timeline is None:
+            return time.perf_counter() - self.start
+        return self.timeline.end()
 
 
 class RunMeasurements:
@@ -130,17 +147,17 @@ class RunMeasurements:
         self.peak_step = (len(self.steps), self.step_memory)
 
     @contextmanager
-    def tracking_time(self, step: int) -> Iterator[None]:
-        """Around the whole step, data included: record where its time goes if it is sampled
-        (``--track-time``; ``distlab.measure.timeline``)."""
+    def timing_step(self, step: int) -> Iterator[StepClock]:
+        """Around the whole step, data included: its clock, and where its time goes if it is
+        sampled (``--track-time``; ``distlab.measure.timeline``)."""
         if not tracks_time(self.config, step, len(self.steps)):
-            yield
+            yield StepClock()
             return
         record = StepTimeline(step, profiled=self.config.profile)
         set_active(record)  # the counting process group reports each collective to it
         record.begin()
         try:
-            yield
+            yield StepClock(record)
         finally:
             record.end()
             set_active(None)
@@ -176,7 +193,8 @@ class RunMeasurements:
             self.time_steps.append(breakdown)
             line.update({f"time/{k}": v for k, v in breakdown["by_category"].items()})
             line["time/overlapped_comm"] = breakdown["overlapped_comm"]
-            line["time/overlap_fraction"] = breakdown["overlap_fraction"]
+            if breakdown["overlap_fraction"] is not None:  # None: nothing communicated
+                line["time/overlap_fraction"] = breakdown["overlap_fraction"]
         if self.counter is not None:
             stats = self.counter.end_step()
             line.update(stats.to_metrics())
