@@ -54,10 +54,11 @@ def _rank_events(rank: dict[str, Any], origin: float) -> list[dict[str, Any]]:
                     "pid": pid,
                     "tid": tid,
                     "name": name,
+                    "cat": TRACKS[tid],
                     "ts": base + start * 1e6,
                     "dur": (end - start) * 1e6,
                     "args": args,
-                }  # fmt: skip
+                }
             )
         for index, comm in enumerate(step["comms"]):
             events += _collective(pid, base, f"{pid}.{step['step']}.{index}", comm)
