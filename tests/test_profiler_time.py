@@ -214,6 +214,7 @@ def test_nccl_kernels_are_the_communication_on_a_gpu() -> None:
     kernel = {"pid": 0, "tid": 7, "cat": "kernel"}
     result = breakdown(
         span("distlab:step", 0, 3000),
+        {**span("distlab:step", 200, 3100), **kernel, "cat": "gpu_user_annotation"},
         span("distlab:backward", 0, 2000),
         op("aten::mm", 0, 2000),
         {**op("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)",

@@ -147,7 +147,13 @@ def profiler_breakdown(trace: dict[str, Any] | Path) -> dict[str, Any]:
     """
     if isinstance(trace, Path):
         trace = json.loads(trace.read_text())
-    steps = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"] == STEP_SPAN]
+    # The host's span: on a GPU the profiler copies each record_function span onto the device's
+    # timeline too (category gpu_user_annotation).
+    steps = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and e["name"] == STEP_SPAN and e.get("cat") == "user_annotation"
+    ]
     if not steps:
         raise ValueError(f"no {STEP_SPAN!r} span in the trace")
     step = max(steps, key=lambda e: e["ts"])
