@@ -25,6 +25,7 @@ Use (one call per rank process, before ``init_process_group``)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -131,7 +132,8 @@ class CountingProcessGroup(dist.ProcessGroup):
 
 class WaitTimedWork(dist.Work):
     """A work gloo gives no future (send, recv, reduce-scatter), as a time-tracked step hands
-    it to its caller: the collective counts as done when the caller's ``wait()`` returns.
+    it to its caller: the collective counts as done when the caller's ``wait()`` returns,
+    and the rank's thread as communicating while it waits.
 
     Without a future nothing reports the moment gloo finishes it, so the timeline takes
     the end of the wait: the time the rank was blocked in the wait is exact, and the
@@ -141,15 +143,16 @@ class WaitTimedWork(dist.Work):
     reach this ``wait``.
     """
 
-    def __init__(self, work: dist.Work, on_waited: Callable[[], None]) -> None:
+    def __init__(
+        self, work: dist.Work, waiting: Callable[[], AbstractContextManager[None]]
+    ) -> None:
         super().__init__()
         self._work = work
-        self._on_waited = on_waited
+        self._waiting = waiting
 
     def wait(self, timeout: Any = None) -> bool:
-        done = self._work.wait() if timeout is None else self._work.wait(timeout)
-        self._on_waited()
-        return done
+        with self._waiting():
+            return self._work.wait() if timeout is None else self._work.wait(timeout)
 
     def is_completed(self) -> bool:
         return self._work.is_completed()
@@ -177,8 +180,10 @@ def _counted(name: str, kind: str, payload_arg: int) -> Callable[..., Any]:
         issued = step.issued(kind, self._group_label(), payload) if step is not None else None
         work = getattr(self._delegate, name)(*args, **kwargs)
         returned = work
-        if issued is not None and not on_completion(work, lambda: step.done(issued)):
-            returned = WaitTimedWork(work, lambda: step.waited(issued))
+        if issued is not None:
+            step.returned(issued)
+            if not on_completion(work, lambda: step.done(issued)):
+                returned = WaitTimedWork(work, lambda: step.waiting(issued))
         size = self.size()
         relative = 0
         if kind in _ROOTED:

@@ -96,18 +96,13 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-CATEGORIES = ("compute", "exposed_comm", "bubble", "data", "optimizer", "host")
+from distlab.measure.timeline import CATEGORIES, SPAN_PREFIX
+from distlab.measure.timeline import PHASE_CATEGORY as PHASES
 
-STEP_SPAN = "distlab:step"
-PHASE_CATEGORY = {
-    "distlab:data": "data",
-    "distlab:optimizer": "optimizer",
-    "distlab:forward": "compute",
-    "distlab:backward": "compute",
-    "distlab:forward_backward": "compute",
-}
+STEP_SPAN = SPAN_PREFIX + "step"
+PHASE_CATEGORY = {SPAN_PREFIX + phase: category for phase, category in PHASES.items()}
 """The phase spans and the category their unblocked time goes to."""
-PIPELINE_SPAN = "distlab:forward_backward"
+PIPELINE_SPAN = SPAN_PREFIX + "forward_backward"
 
 MIN_WAIT_S = 100e-6
 """The shortest stretch without an op, while communication is in flight, read as a wait."""

@@ -14,7 +14,9 @@ A tracked step records three things, all cheap enough to leave the step as it is
   for a core (contention) and blocked.
 
 ``StepTimeline.breakdown`` cuts the step at every event and files each piece:
-blocked while a collective is in flight is ``exposed_comm``, except inside a
+inside a communication call (issuing a collective, or waiting for one gloo gives
+no future) the thread communicates, on a core or not: ``exposed_comm``; blocked
+while a collective is in flight is ``exposed_comm`` too, except inside a
 pipeline schedule's ``forward_backward`` when only sends and receives are pending:
 the rank waits for a peer's activation or gradient, which is the ``bubble``;
 blocked with nothing in flight is the phase's own category; running (or
@@ -59,7 +61,8 @@ POINT_TO_POINT = ("send", "recv")
 """Collectives a pipeline schedule waits on for a peer's activation or gradient."""
 
 SPAN_PREFIX = "distlab:"
-"""The phases' names as torch.profiler ``record_function`` spans (``distlab:forward``)."""
+"""The phases' names as torch.profiler ``record_function`` spans (``distlab:forward``), and
+the whole step's (``distlab:step``), under ``--profile``."""
 
 
 class ThreadClock:
@@ -120,6 +123,9 @@ class StepTimeline:
     """(time since the step's start, thread CPU ns, run-queue ns) at every event."""
     spans: list[tuple[str, float, float]] = field(default_factory=list)
     comms: list[Collective] = field(default_factory=list)
+    calls: list[tuple[float, float, bool]] = field(default_factory=list)
+    """(start, end, send/recv) of the times the rank's thread was inside a communication
+    call: issuing a collective, or waiting for one without a future."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def begin(self) -> None:
@@ -161,15 +167,25 @@ class StepTimeline:
             self.comms.append(collective)
         return collective
 
+    def returned(self, collective: Collective) -> None:
+        """The call that issued the collective returned (the rank's thread was in it)."""
+        self.calls.append((collective.issue, self._mark(), collective.kind in POINT_TO_POINT))
+
+    @contextlib.contextmanager
+    def waiting(self, collective: Collective) -> Iterator[None]:
+        """The rank's thread waits for the collective (a work without a future, ``wait()``)."""
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self.calls.append((start, self._mark(), collective.kind in POINT_TO_POINT))
+            if collective.done is None:  # its completion: the end of the first wait
+                collective.completion = "wait"
+                collective.done = self.calls[-1][1]
+
     def done(self, collective: Collective) -> None:
         """The collective completed (its work's future fired: on the backend's thread)."""
         collective.done = self._mark()
-
-    def waited(self, collective: Collective) -> None:
-        """The rank's wait for a collective without a future returned (the first time)."""
-        if collective.done is None:
-            collective.completion = "wait"
-            collective.done = self._mark()
 
     def breakdown(self) -> dict[str, Any]:
         """The step's wall time by category, the overlapped communication, and the pieces."""
@@ -191,14 +207,17 @@ class StepTimeline:
             own = PHASE_CATEGORY.get(phase, "host") if phase else "host"
             flying = {p2p for issue, done, p2p in timed if issue <= start and end <= done}
             in_flight = bool(flying)
-            if in_flight:
-                overlapped += running + queued
+            inside = {p2p for a, b, p2p in self.calls if a <= start and end <= b}
             if flying == {True} and phase == "forward_backward":
                 waiting = "bubble"  # only a pipeline's send/recv pending: waiting for a peer
-            elif in_flight:
+            elif in_flight or inside:
                 waiting = "exposed_comm"
             else:
                 waiting = own
+            if inside:  # in a communication call, on a core or not, the rank communicates
+                own = "bubble" if inside == {True} and phase == "forward_backward" else waiting
+            elif in_flight:
+                overlapped += running + queued
             by_category[own] += running + queued
             by_category[waiting] += blocked
             contention += queued

@@ -39,13 +39,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from distlab import theory
 from distlab.config import Config, model_shape, resolved_seq_len
@@ -57,6 +58,7 @@ from distlab.measure.counter import counter
 from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
 from distlab.measure.memory_timeline import draw_memory_timelines
 from distlab.measure.process_group import is_counting
+from distlab.measure.profiler_time import STEP_SPAN, profiler_breakdown, profiling_step
 from distlab.measure.step_memory import (
     HeldTensors,
     StepMemory,
@@ -72,6 +74,7 @@ from distlab.run.files import (
     RANKS_DIR,
     TIME_GANTT_PNG,
     memory_rank_file,
+    profile_file,
     read_memory_ranks,
     read_time_ranks,
     time_rank_file,
@@ -121,6 +124,8 @@ class RunMeasurements:
         self.step_time: dict[str, Any] | None = None
         self.time_steps: list[dict[str, Any]] = []
         """The time-tracked steps' timelines and breakdowns (``--track-time``)."""
+        self.profiled_steps: list[dict[str, Any]] = []
+        """The same steps' breakdowns from torch.profiler's traces (``--profile``)."""
 
     def begin_step(self, step: int, held: HeldTensors) -> None:
         """Start counting this step's collectives (and its compile time with --compile);
@@ -154,14 +159,19 @@ class RunMeasurements:
             yield StepClock()
             return
         record = StepTimeline(step, profiled=self.config.profile)
-        set_active(record)  # the counting process group reports each collective to it
-        record.begin()
-        try:
-            yield StepClock(record)
-        finally:
-            record.end()
-            set_active(None)
+        trace = profile_file(self.run_dir, self.ctx.rank)
+        with profiling_step(trace) if self.config.profile else nullcontext():
+            set_active(record)  # the counting process group reports each collective to it
+            record.begin()
+            try:
+                with record_function(STEP_SPAN) if self.config.profile else nullcontext():
+                    yield StepClock(record)
+            finally:
+                record.end()
+                set_active(None)
         self.step_time = record.breakdown()
+        if self.config.profile:  # the same step, from the profiler's trace alone
+            self.profiled_steps.append({"step": step, **profiler_breakdown(trace)})
 
     def end_step(
         self,
@@ -260,6 +270,7 @@ class RunMeasurements:
         local = {
             "memory": self.write_memory_timeline(),
             "time": self.write_time_timeline(),
+            "profiled": self.profiled_steps,
             "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
             "comm_per_step": {
                 k.removeprefix("comm/"): v for k, v in typical.items() if k.startswith("comm/")
@@ -288,6 +299,9 @@ class RunMeasurements:
                 {"rank": g["time"]["rank"], **{k: step[k] for k in BREAKDOWN_FIELDS}}
                 for g in gathered
                 for step in g["time"]["steps"]
+            ],
+            "profiler_time_breakdown_by_rank": [
+                {"rank": rank, **step} for rank, g in enumerate(gathered) for step in g["profiled"]
             ],
             "peak_flops_per_rank": self.peak.flops if self.peak else None,
             "peak_flops_source": self.peak.source if self.peak else None,
