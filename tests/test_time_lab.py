@@ -180,6 +180,11 @@ def test_every_ranks_breakdown_closes_on_its_step_time(
             assert 0 < parts["exposed_comm"] <= entry["comm_s"] + 1e-9, entry
         if "pp" not in strategy:
             assert parts["bubble"] == 0, entry
+    if "pp" in strategy:  # the schedule's actions: a forward and a backward per micro-batch
+        record = json.loads((Path(summary["run_dir"]) / "ranks" / "time_rank0.json").read_text())
+        actions = [(a["kind"], a["microbatch"]) for a in record["steps"][-1]["actions"]]
+        microbatches = {mb for _, mb in actions}
+        assert sorted(actions) == sorted((k, mb) for k in "BF" for mb in microbatches), actions
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ A tracked step records three things, all cheap enough to leave the step as it is
 (a few microseconds per event, measured in docs/time.md):
 
 - **phase spans** on the thread that runs the step (``phase("forward")``: data,
-  forward, backward, forward_backward for pipeline schedules, optimizer);
+  forward, backward, forward_backward for pipeline schedules, optimizer), and a
+  pipeline schedule's actions inside it (F, B, W of each micro-batch and stage);
 - **every collective** from the counting process group (``distlab.measure.process_group``):
   its issue time, and its completion from the work's future (gloo runs it on its
   own threads; send/recv works have no future, so their completion is unknown);
@@ -32,10 +33,11 @@ the kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +125,8 @@ class StepTimeline:
     """(time since the step's start, thread CPU ns, run-queue ns) at every event."""
     spans: list[tuple[str, float, float]] = field(default_factory=list)
     comms: list[Collective] = field(default_factory=list)
+    actions: list[tuple[str, int, int, float, float]] = field(default_factory=list)
+    """A pipeline schedule's actions: (F, B or W, stage, micro-batch, start, end)."""
     calls: list[tuple[float, float, bool]] = field(default_factory=list)
     """(start, end, send/recv) of the times the rank's thread was inside a communication
     call: issuing a collective, or waiting for one without a future."""
@@ -159,6 +163,16 @@ class StepTimeline:
                 yield
         finally:
             self.spans.append((name, start, self._mark()))
+
+    @contextlib.contextmanager
+    def action(self, kind: str, stage: int, microbatch: int) -> Iterator[None]:
+        """A pipeline action inside ``forward_backward``: forward (F), backward (B) or weight
+        gradient (W) of one micro-batch on one stage (shown in the trace, not a category)."""
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self.actions.append((kind, stage, microbatch, start, self._mark()))
 
     def issued(self, kind: str, group: str, payload: int) -> Collective:
         """A collective was just issued; the caller reports its completion with ``done``."""
@@ -235,6 +249,10 @@ class StepTimeline:
             "cpu_contention_s": contention,
             "spans": [{"name": n, "start": s, "end": e} for n, s, e in self.spans],
             "comms": [vars(c) for c in self.comms],
+            "actions": [
+                {"kind": k, "stage": st, "microbatch": mb, "start": a, "end": b}
+                for k, st, mb, a, b in self.actions
+            ],
             "segments": [s for s in segments if s["end"] > s["start"]],
         }
 
@@ -261,6 +279,22 @@ def active() -> StepTimeline | None:
 def set_active(timeline: StepTimeline | None) -> None:
     global _ACTIVE
     _ACTIVE = timeline
+
+
+def traced_action(kind: str, stage: int, run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` (a pipeline stage's ``forward_one_chunk``, ``backward_one_chunk`` or
+    ``backward_weight_one_chunk``, whose first argument is the micro-batch) recorded as an
+    action of the running step when it is tracked."""
+
+    @functools.wraps(run)
+    def recorded(microbatch: int, *args: Any, **kwargs: Any) -> Any:
+        timeline = _ACTIVE
+        if timeline is None:
+            return run(microbatch, *args, **kwargs)
+        with timeline.action(kind, stage, microbatch):
+            return run(microbatch, *args, **kwargs)
+
+    return recorded
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 
 The Trace Event Format (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU)
 that Perfetto (ui.perfetto.dev) and chrome://tracing open: one process per rank,
-with four tracks each: the step, its phases (data, forward, backward, optimizer),
-where its time went (the breakdown's pieces: compute, exposed_comm, ...) and its
-collectives from issue to completion, with their kind, group and bytes.
+with tracks for the step, its phases (data, forward, backward, optimizer), where
+its time went (the breakdown's pieces: compute, exposed_comm, ...), its
+collectives from issue to completion, with their kind, group and bytes, and a
+pipeline schedule's actions (F, B, W of each micro-batch, with its stage).
 Collectives overlap one another, so they are async events (each its own slice);
 a send/recv, whose completion gloo does not report, is an instant at its issue.
 Ranks share one clock: each step's wall-clock start (``t0_unix``) places it.
@@ -18,7 +19,7 @@ from typing import Any
 
 from distlab.run.files import TRACE_FILE
 
-TRACKS = ("step", "phases", "time", "collectives")
+TRACKS = ("step", "phases", "time", "collectives", "pipeline")
 """The tracks (threads) of each rank's process, top to bottom."""
 
 
@@ -47,6 +48,10 @@ def _rank_events(rank: dict[str, Any], origin: float) -> list[dict[str, Any]]:
         slices = [(0, f"step {step['step']}", 0.0, step["wall_s"], {"ms": by_category})]
         slices += [(1, s["name"], s["start"], s["end"], {}) for s in step["spans"]]
         slices += [(2, p["category"], p["start"], p["end"], {}) for p in step["segments"]]
+        slices += [
+            (4, f"{a['kind']}{a['microbatch']}", a["start"], a["end"], {"stage": a["stage"]})
+            for a in step.get("actions", [])
+        ]
         for tid, name, start, end, args in slices:
             events.append(
                 {

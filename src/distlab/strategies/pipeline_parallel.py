@@ -59,7 +59,7 @@ from distlab.checkpoint.state import load_dcp_state, save_dcp_state, set_schedul
 from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
-from distlab.measure.timeline import phase
+from distlab.measure.timeline import phase, traced_action
 from distlab.model import GPT
 from distlab.strategies.base import (
     PP_OPTIONS,
@@ -204,6 +204,8 @@ class PipelineTrainStep(OptimizerTrainStep):
             )
             for module, plan in zip(stage_modules, plans, strict=True)
         ]
+        for stage, plan in zip(self.stages, plans, strict=True):
+            record_actions(stage, plan.index)
         schedule_cls = schedule_class(config.schedule)
         stages = self.stages if virtual > 1 else self.stages[0]
         # Each microbatch's loss is its mean; scale_grads divides the summed
@@ -324,3 +326,15 @@ class PPStrategy(Strategy):
             return parallelize(stage, mesh, dims, config, self.data_parallel, ctx.device)
 
         return PipelineTrainStep(model, ctx, config, dims, mesh, prepare_stage)
+
+
+def record_actions(stage: PipelineStage, index: int) -> None:
+    """Record the stage's forward (F), backward (B) and weight-gradient (W) actions on a
+    time-tracked step's timeline (``distlab.measure.timeline``): the schedule calls these
+    methods once per micro-batch."""
+    for kind, name in (
+        ("F", "forward_one_chunk"),
+        ("B", "backward_one_chunk"),
+        ("W", "backward_weight_one_chunk"),
+    ):
+        setattr(stage, name, traced_action(kind, index, getattr(stage, name)))
