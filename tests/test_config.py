@@ -39,6 +39,8 @@ def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
         ({"seq_len": 4096}, "seq_len must be between 1"),
         ({"micro_batch": 5}, "micro_batch 5 does not divide"),
         ({"precision": "fp8"}, "precision must be one of"),
+        ({"track_time": "some"}, "track_time must be one of sample, every, off"),
+        ({"profile": True, "track_time": "off"}, "use it with --track-time sample or every"),
         ({"lr": -1}, "lr must be a positive number"),
         ({"colour": "red"}, "unknown config field 'colour'"),
         ({"hidden": 100, "heads": 3}, "hidden 100 is not divisible by heads 3"),

@@ -70,6 +70,11 @@ def check_fields(config: Config) -> None:
         f"track_time must be one of {', '.join(TRACK_TIME_MODES)} (got '{config.track_time}')",
     )
     require(
+        not (config.profile and config.track_time == "off"),
+        "--profile profiles the time-tracked steps: use it with --track-time sample or every, "
+        "not off",
+    )
+    require(
         config.device in DEVICES,
         f"device must be one of {', '.join(DEVICES)} (got '{config.device}')",
     )
