@@ -44,13 +44,15 @@ def read_dir(root: Path) -> list[MeasuredRun]:
     return [read_run(d) for d in sorted(root.iterdir()) if (d / "summary.json").is_file()]
 
 
+def leave_one_out_devices(runs: Sequence[MeasuredRun], base: Device) -> list[Device]:
+    """For each run, ``base`` calibrated on the other runs."""
+    return [fit([r for j, r in enumerate(runs) if j != i], base) for i in range(len(runs))]
+
+
 def leave_one_out(runs: Sequence[MeasuredRun], base: Device) -> list[float]:
     """Each run's predicted step time from a calibration on the others."""
-    predicted = []
-    for i, run in enumerate(runs):
-        others = [r for j, r in enumerate(runs) if j != i]
-        predicted.append(predicted_step(run, fit(others, base)))
-    return predicted
+    devices = leave_one_out_devices(runs, base)
+    return [predicted_step(run, device) for run, device in zip(runs, devices, strict=True)]
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -28,6 +28,7 @@ from distlab.cli import run_cli
 from distlab.config import Config
 from distlab.errors import DistlabError
 from distlab.measure.step_memory import CATEGORIES
+from distlab.measure.timeline import CATEGORIES as TIME_CATEGORIES
 from distlab.model import PRESETS, count_parameters, flops_per_token
 from distlab.plan import calibrate, hardware, memory, replay, runs, search, step_time
 from distlab.plan.__main__ import main
@@ -568,6 +569,63 @@ def test_read_run_reads_a_pipeline_run(tmp_path):
     assert run.shape == SMALL
     assert (run.step_time_s, run.comm_time_s, run.comm_calls) == (0.25, 0.01, 16)
     assert run.peak_memory_bytes == 12345
+
+
+def test_read_run_reads_the_time_breakdown_of_the_last_tracked_steps(tmp_path):
+    """``time_breakdown_by_rank`` becomes the mean over ranks of each rank's last tracked
+    step, in every category (one the entry lacks is zero); a summary without it gives None."""
+    (tmp_path / "config.yaml").write_text("strategy: ddp\nnproc: 2\nmodel: small\n")
+    summary = {"median_step_time_s": 0.2, "tokens_per_s": 1000.0}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    run = runs.read_run(tmp_path)
+    assert run.time_by_category is None and run.tracked_step_s is None
+
+    def entry(rank: int, step: int, wall: float, **seconds: float) -> dict:
+        return {"rank": rank, "step": step, "wall_s": wall, "by_category": seconds,
+                "overlapped_comm": 0.0, "comm_s": 0.0, "overlap_fraction": None}  # fmt: skip
+
+    summary["time_breakdown_by_rank"] = [
+        entry(0, 9, 0.30, compute=0.20, exposed_comm=0.06, optimizer=0.03, data=0.01),
+        entry(0, 2, 9.0, compute=9.0),  # an earlier tracked step: not the last
+        entry(1, 9, 0.20, compute=0.10, exposed_comm=0.08, optimizer=0.01, host=0.01),
+    ]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    run = runs.read_run(tmp_path)
+    assert list(run.time_by_category) == list(TIME_CATEGORIES)
+    expected = {"compute": 0.15, "exposed_comm": 0.07, "bubble": 0.0, "data": 0.005,
+                "optimizer": 0.02, "host": 0.005}  # fmt: skip
+    assert run.time_by_category == pytest.approx(expected)
+    assert run.tracked_step_s == pytest.approx(0.25)
+    summary["time_breakdown_by_rank"] = [{"rank": 0}]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DistlabError, match="time_breakdown_by_rank"):
+        runs.read_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [Layout(dp=2), Layout(dp=1, pp=2, microbatches=4), Layout(dp=2, zero=3), Layout(dp=1, tp=2)],
+    ids=lambda layout: layout.label(),
+)
+def test_predicted_breakdown_maps_the_step_time_onto_the_time_labs_categories(layout):
+    """compute, exposed communication, bubble and optimizer go to the lab's categories of
+    those names, in the lab's order; data and host are not modelled (zero); they add up to
+    the predicted step."""
+    predicted = step_time.step_time(SMALL, layout, 16, "fp32", CPU_LIKE)
+    breakdown = step_time.predicted_breakdown(SMALL, layout, 16, "fp32", CPU_LIKE)
+    assert list(breakdown) == list(TIME_CATEGORIES)
+    assert breakdown == {
+        "compute": predicted.compute_s,
+        "exposed_comm": predicted.exposed_comm_s,
+        "bubble": predicted.bubble_s,
+        "data": 0.0,
+        "optimizer": predicted.optimizer_s,
+        "host": 0.0,
+    }
+    assert set(step_time.UNMODELLED_CATEGORIES) == {"data", "host"}
+    assert sum(breakdown.values()) == pytest.approx(predicted.total_s)
+    assert (breakdown["bubble"] > 0) == (layout.pp > 1)
+    assert (breakdown["exposed_comm"] > 0) == (layout.gpus > 1)
 
 
 # --- The command ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The lab's runs as the planner sees them: each run's model, layout and precision, and
-what it measured (step time, communication time, peak memory by category)."""
+what it measured (step time, communication time, peak memory by category, and where a
+time-tracked step's time went by the run's own timeline)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from distlab.config import build_config, grad_accum_steps, read_config_values
 from distlab.errors import DistlabError
+from distlab.measure.timeline import CATEGORIES
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
@@ -34,6 +36,30 @@ class MeasuredRun:
     tokens_per_s: float
     peak_memory_bytes: int | None
     """Rank 0's step peak seen by torch's memory tracker."""
+    time_by_category: dict[str, float] | None = None
+    """Seconds of the last time-tracked step by the time lab's category (``CATEGORIES``),
+    mean over ranks of each rank's last tracked step (``time_breakdown_by_rank``); None
+    for runs from before the time lab or with ``--track-time off``."""
+    tracked_step_s: float | None = None
+    """Wall time of that step, mean over the same ranks (the categories add up to it)."""
+
+
+def last_tracked_step(entries: list[dict] | None) -> tuple[dict[str, float], float] | None:
+    """(seconds by category, wall seconds) of each rank's last tracked step in a summary's
+    ``time_breakdown_by_rank``, mean over ranks; None if it has none."""
+    last: dict[int, dict] = {}
+    for entry in entries or []:
+        kept = last.get(entry["rank"])
+        if kept is None or entry["step"] >= kept["step"]:
+            last[entry["rank"]] = entry
+    if not last:
+        return None
+    ranks = list(last.values())
+    by_category = {
+        category: sum(float(e["by_category"].get(category) or 0.0) for e in ranks) / len(ranks)
+        for category in CATEGORIES
+    }
+    return by_category, sum(float(e["wall_s"]) for e in ranks) / len(ranks)
 
 
 def read_run(run_dir: Path) -> MeasuredRun:
@@ -78,6 +104,10 @@ def read_run(run_dir: Path) -> MeasuredRun:
         measured = (float(summary["median_step_time_s"]), float(summary["tokens_per_s"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise DistlabError(f"{summary_file}: no step time and throughput ({exc!r})") from None
+    try:
+        tracked = last_tracked_step(summary.get("time_breakdown_by_rank"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DistlabError(f"{summary_file}: unreadable time_breakdown_by_rank ({exc!r})") from None
     return MeasuredRun(
         name=name,
         shape=from_preset(config.model, config.seq_len),
@@ -90,6 +120,8 @@ def read_run(run_dir: Path) -> MeasuredRun:
         comm_wire_bytes=int(comm.get("wire_bytes", 0)),
         tokens_per_s=measured[1],
         peak_memory_bytes=peaks[0]["peak"] if peaks[0] else None,
+        time_by_category=tracked[0] if tracked else None,
+        tracked_step_s=tracked[1] if tracked else None,
     )
 
 

@@ -28,6 +28,10 @@ A CPU's ranks beyond its cores take turns on them. Their messages wait a fair sh
 ``Device.oversubscription_exponent`` (fitted: switching between ranks costs more than
 the share), less what a pipeline's idle ranks give back. Pipeline stages that only
 exchange messages sleep while they wait, so they share the cores fairly (exponent 1).
+
+``StepTime.by_category`` (and ``predicted_breakdown``) name the parts as the time lab
+does (``distlab.measure.timeline``): compute, exposed_comm, bubble and optimizer; the
+lab's data and host categories are not modelled (zero).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from distlab.measure.timeline import CATEGORIES
 from distlab.plan.hardware import Device, Link
 from distlab.plan.layout import Layout, lab_strategy, micro_batch_rows
 from distlab.plan.memory import local_parameters
@@ -62,6 +67,17 @@ ENGINES = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed-zero3
 """The lab strategies that run on an engine with its own per-step cost."""
 DDP_BUCKET_BYTES = 25 * 2**20
 """DDP's gradient bucket size (and so the all-reduce calls per step)."""
+LAB_CATEGORIES = {
+    "compute": "compute_s",
+    "exposed_comm": "exposed_comm_s",
+    "bubble": "bubble_s",
+    "optimizer": "optimizer_s",
+}
+"""The time lab's categories (``distlab.measure.timeline.CATEGORIES``) the step-time model
+predicts, and the ``StepTime`` field that predicts each."""
+UNMODELLED_CATEGORIES = tuple(c for c in CATEGORIES if c not in LAB_CATEGORIES)
+"""The time lab's categories the model leaves out (``data``: fetching the batch; ``host``:
+the loop's work outside every phase), predicted as zero: about 1% of a step on a CPU."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,13 @@ class StepTime:
     def total_s(self) -> float:
         """The step: compute, the bubble, exposed communication and the optimizer."""
         return self.compute_s + self.exposed_comm_s + self.bubble_s + self.optimizer_s
+
+    def by_category(self) -> dict[str, float]:
+        """The step in the time lab's categories (``LAB_CATEGORIES``; the
+        ``UNMODELLED_CATEGORIES`` are zero), in the lab's order; they add up to ``total_s``."""
+        return {
+            c: getattr(self, LAB_CATEGORIES[c]) if c in LAB_CATEGORIES else 0.0 for c in CATEGORIES
+        }
 
 
 def tokens_per_microbatch(shape: ModelShape, layout: Layout, global_batch: int) -> int:
@@ -297,3 +320,11 @@ def step_time(
         optimizer_s=optimizer,
         comm_s=comm_exposed + comm_hidden,
     )
+
+
+def predicted_breakdown(
+    shape: ModelShape, layout: Layout, global_batch: int, precision: str, device: Device
+) -> dict[str, float]:
+    """Predicted seconds of one step of ``layout`` on ``device`` by the time lab's category
+    (``StepTime.by_category``): what ``time_breakdown_by_rank`` measures of a run."""
+    return step_time(shape, layout, global_batch, precision, device).by_category()
