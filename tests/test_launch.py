@@ -191,7 +191,8 @@ def test_list_strategies() -> None:
         "[--dp --microbatches --pp --reshard-after-forward --reshard-between-microbatches "
         "--schedule --sequence-parallel --tp]"
     )
-    assert "[" not in lines["ddp"]
+    assert lines["ddp"].endswith("[--bucket-mb]")
+    assert "[" not in lines["single"]
 
 
 @pytest.mark.slow

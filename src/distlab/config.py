@@ -153,6 +153,11 @@ class Config:
     (``once``: they accumulate unsharded on each rank until the step's last backward) or in
     every micro-batch's backward (``per-microbatch``: sharded gradients, A times the
     reduction bytes); default: once for zero2, per-microbatch for zero3."""
+    bucket_mb: float | None = None
+    """DDP only (ddp, cp, ddp+pp, fairscale-oss): the gradient bucket size in MiB
+    (``bucket_cap_mb``); smaller buckets start their all-reduces earlier in backward, in more
+    calls. Default: torch's 25 MiB, with a first bucket of 1 MiB (a value given here sizes
+    every bucket, the first too)."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (cp * tp * pp)."""
     dp_replicate: int | None = None

@@ -106,6 +106,8 @@ PP_OPTIONS = frozenset({"pp", "schedule", "microbatches"})
 """Config fields of pipeline parallelism."""
 FSDP_OPTIONS = frozenset({"reshard_after_forward", "reshard_between_microbatches"})
 """Config fields of FSDP2."""
+DDP_OPTIONS = frozenset({"bucket_mb"})
+"""Config fields of torch DDP (``distlab.strategies.parallelize.apply_ddp``)."""
 
 
 class Strategy(ABC):

@@ -8,7 +8,7 @@
    their hooks are traced into the graphs, and before FSDP or DDP, whose hooks stay
    outside them;
 5. data parallelism, by the strategy's flavour: FSDP2 over ``dp_shard_cp``
-   (``fully_shard.apply_fsdp``) or DDP over ``dp_cp`` (``apply_ddp``).
+   (``fully_shard.apply_fsdp``) or DDP over ``dp_cp`` (``apply_ddp``, ``--bucket-mb``).
 
 A step a strategy does not use is skipped (degree 1, ``--ac none``, no ``--compile``, a
 flavour that is neither FSDP nor DDP), so a single-dimension strategy is this path with one
@@ -70,7 +70,8 @@ def parallelize(
         shards = fsdp_mesh(mesh, dims)
         return apply_fsdp(model, shards, config.reshard_after_forward, config.precision, offload)
     if data_parallel is DataParallel.DDP:
-        return apply_ddp(model, device, view(mesh, "dp_cp").get_group(), ddp_bucket_views)
+        group = view(mesh, "dp_cp").get_group()
+        return apply_ddp(model, device, group, ddp_bucket_views, config.bucket_mb)
     return model
 
 
@@ -79,8 +80,10 @@ def apply_ddp(
     device: torch.device,
     group: dist.ProcessGroup | None = None,
     bucket_views: bool = True,
+    bucket_mb: float | None = None,
 ) -> DistributedDataParallel:
-    """Wrap ``module`` in DDP over ``group`` (default: every rank).
+    """Wrap ``module`` in DDP over ``group`` (default: every rank), its gradient buckets of
+    ``bucket_mb`` MiB (``--bucket-mb``; None: torch's 25 MiB, the first bucket 1 MiB).
 
     ``bucket_views``: the gradients are views into DDP's all-reduce buckets
     (``gradient_as_bucket_view``), so the buckets cost no second copy of them; they
@@ -90,5 +93,9 @@ def apply_ddp(
     """
     device_ids = [device.index] if device.type == "cuda" else None  # a one-device module
     return DistributedDataParallel(
-        module, device_ids=device_ids, process_group=group, gradient_as_bucket_view=bucket_views
+        module,
+        device_ids=device_ids,
+        process_group=group,
+        gradient_as_bucket_view=bucket_views,
+        bucket_cap_mb=bucket_mb,
     )
