@@ -40,14 +40,15 @@ def test_fsdp_without_resharding_and_with_grad_accumulation(
 
 @pytest.mark.parametrize(
     ("strategy", "optimizer", "fields"),
-    [("ddp", "sgd", {"bucket_mb": 0.05})],
+    [("ddp", "sgd", {"bucket_mb": 0.05}), ("fsdp", "adamw", {"prefetch": 2})],
 )
 def test_overlap_knobs_train_the_same_model(
     strategy: str, optimizer: str, fields: dict, parity_workdir: Path
 ) -> None:
-    """``--bucket-mb`` changes when the collectives run, not what they compute. The ddp run
-    reduces the tiny model's 0.53 MiB of gradients in buckets of 0.05 MiB (its default:
-    one bucket)."""
+    """``--bucket-mb`` and ``--prefetch`` change when the collectives run, not what they
+    compute. The ddp run reduces the tiny model's 0.53 MiB of gradients in buckets of
+    0.05 MiB (its default: one bucket); the fsdp run's peak memory, with two blocks
+    gathered ahead, is ``tests/test_memory.py``'s."""
     config = parity_config(strategy, 2, optimizer, **fields)
     report = compare(config, parity_workdir)
     assert report.passed, (report.rel_diffs, report.max_param_diff)

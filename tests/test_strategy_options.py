@@ -36,6 +36,7 @@ SAMPLE = {
     "offload": "optimizer",
     "zero_reduce": "per-microbatch",
     "bucket_mb": 1.0,
+    "prefetch": 2,
 }
 """A value other than the default for every strategy option."""
 
@@ -86,6 +87,8 @@ def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: s
         {"strategy": "ddp", "nproc": 2, "bucket_mb": 0.25},
         {"strategy": "cp", "nproc": 2, "bucket_mb": 0.25},
         {"strategy": "ddp+pp", "nproc": 4, "pp": 2, "bucket_mb": 0.25},
+        {"strategy": "fsdp", "nproc": 2, "prefetch": 2},
+        {"strategy": "fsdp+pp", "nproc": 4, "pp": 2, "prefetch": 0},
     ],
 )
 def test_an_option_the_strategy_uses_is_accepted(overrides: dict) -> None:
@@ -112,6 +115,7 @@ def test_a_resume_under_another_strategy_drops_the_source_strategys_options() ->
         (["--strategy", "fsdp", "--sequence-parallel"], "--sequence-parallel is not used"),
         (["--strategy", "zero3", "--no-reshard-after-forward"], "--no-reshard-after-forward"),
         (["--strategy", "fsdp", "--bucket-mb", "1"], "--bucket-mb 1.0 is not used"),
+        (["--strategy", "zero3", "--prefetch", "2"], "--prefetch 2 is not used"),
     ],
 )
 def test_unused_flags_on_the_command_line(args: list[str], fragment: str) -> None:
