@@ -46,6 +46,8 @@ def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
         ({"hidden": 100, "heads": 3}, "hidden 100 is not divisible by heads 3"),
         ({"vocab": 100}, "vocab must be >= 256"),
         ({"layers": 0}, "layers must be >= 1"),
+        ({"strategy": "ddp", "bucket_mb": 0}, "bucket_mb must be a positive number of MiB"),
+        ({"strategy": "fsdp", "prefetch": -1}, "prefetch must be >= 0 blocks"),
         ({"layers": 2, "seq_len": 4096, "model": "tiny", "hidden": 32}, None),
         ({"strategy": "tp", "nproc": 4, "heads": 6, "hidden": 48}, "the model has 6 heads"),
     ],

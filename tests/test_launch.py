@@ -185,13 +185,14 @@ def test_list_strategies() -> None:
     assert {"single", "ddp", "fsdp"} <= set(lines)
     # each strategy's own flags, from what it declares (Strategy.options)
     assert lines["fsdp"].endswith(
-        "[--offload --reshard-after-forward --reshard-between-microbatches]"
+        "[--offload --prefetch --reshard-after-forward --reshard-between-microbatches]"
     )
     assert lines["fsdp+tp+pp"].endswith(
-        "[--dp --microbatches --pp --reshard-after-forward --reshard-between-microbatches "
-        "--schedule --sequence-parallel --tp]"
+        "[--dp --microbatches --pp --prefetch --reshard-after-forward "
+        "--reshard-between-microbatches --schedule --sequence-parallel --tp]"
     )
-    assert "[" not in lines["ddp"]
+    assert lines["ddp"].endswith("[--bucket-mb]")
+    assert "[" not in lines["single"]
 
 
 @pytest.mark.slow

@@ -22,6 +22,8 @@ import pytest
 
 from distlab.report.parity import _run_name, _run_once, parity_config
 from distlab.theory.memory import nearest_moment, predict_peak
+from distlab.theory.parameter_bytes import block_elements
+from distlab.theory.rank_layout import rank_layout
 
 pytestmark = pytest.mark.slow  # the whole file: real runs measured by torch's tracker
 
@@ -137,3 +139,24 @@ def test_tracked_peak_matches_predicted_peak(
                 got,
                 want,
             )
+
+
+def test_each_block_prefetched_ahead_adds_one_gathered_block_to_the_peak(
+    parity_workdir: Path,
+) -> None:
+    """``--prefetch N``: in backward FSDP2 holds block k and the N blocks before it gathered.
+    Going from 2 to 3 blocks ahead raises the measured peak by one gathered block, as the
+    theory's block moments say; both peaks within 10% of the prediction (the tracker files
+    a prefetched block's all-gather output under temporaries, the theory under
+    comm_buffers, so only totals are compared)."""
+    peaks, predicted = [], []
+    for depth in (2, 3):  # 2: the parity run of tests/test_parity.py
+        config = parity_config("fsdp", 2, "adamw", prefetch=depth)
+        run_dir = _run_once(config, parity_workdir / _run_name(config))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        peaks.append(summary["memory_peak_by_rank"][0]["peak"])
+        predicted.append(predict_peak(config).total)
+        assert abs(peaks[-1] / predicted[-1] - 1) <= PEAK_TOLERANCE, (peaks, predicted)
+    block = 4 * block_elements(config, rank_layout(config), gathered=True)[0]
+    assert predicted[1] - predicted[0] == block
+    assert abs((peaks[1] - peaks[0]) / block - 1) <= 0.01, (peaks, block)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from distlab.launch.runner import run
-from distlab.report.parity import LOSS_RTOL, compare, compare_runs, parity_config, tolerance
+from distlab.report.parity import (
+    LOSS_RTOL,
+    _run_name,
+    compare,
+    compare_runs,
+    parity_config,
+    tolerance,
+)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -28,6 +36,25 @@ def test_fsdp_without_resharding_and_with_grad_accumulation(
     config = parity_config("fsdp", 2, optimizer, reshard_after_forward=False, micro_batch=2)
     report = compare(config, parity_workdir)
     assert report.passed, (report.rel_diffs, report.max_param_diff)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "optimizer", "fields"),
+    [("ddp", "sgd", {"bucket_mb": 0.05}), ("fsdp", "adamw", {"prefetch": 2})],
+)
+def test_overlap_knobs_train_the_same_model(
+    strategy: str, optimizer: str, fields: dict, parity_workdir: Path
+) -> None:
+    """``--bucket-mb`` and ``--prefetch`` change when the collectives run, not what they
+    compute. The ddp run reduces the tiny model's 0.53 MiB of gradients in buckets of
+    0.05 MiB (its default: one bucket); the fsdp run's peak memory, with two blocks
+    gathered ahead, is ``tests/test_memory.py``'s."""
+    config = parity_config(strategy, 2, optimizer, **fields)
+    report = compare(config, parity_workdir)
+    assert report.passed, (report.rel_diffs, report.max_param_diff)
+    if strategy == "ddp":
+        summary = json.loads((parity_workdir / _run_name(config) / "summary.json").read_text())
+        assert summary["comm_per_step"]["all_reduce/calls"] > 5  # buckets, and the loss
 
 
 def test_ddp_grad_accumulation(parity_workdir: Path) -> None:

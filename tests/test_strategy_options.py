@@ -35,6 +35,8 @@ SAMPLE = {
     "reshard_between_microbatches": True,
     "offload": "optimizer",
     "zero_reduce": "per-microbatch",
+    "bucket_mb": 1.0,
+    "prefetch": 2,
 }
 """A value other than the default for every strategy option."""
 
@@ -82,6 +84,11 @@ def test_an_option_the_strategy_does_not_use_is_refused(strategy: str, option: s
         {"strategy": "tp", "nproc": 2, "sequence_parallel": True},
         {"strategy": "fsdp+tp+pp", "nproc": 8, "dp": 2, "tp": 2, "pp": 2},
         {"strategy": "ddp", "nproc": 2, "tp": 1, "offload": "none"},  # defaults are fine
+        {"strategy": "ddp", "nproc": 2, "bucket_mb": 0.25},
+        {"strategy": "cp", "nproc": 2, "bucket_mb": 0.25},
+        {"strategy": "ddp+pp", "nproc": 4, "pp": 2, "bucket_mb": 0.25},
+        {"strategy": "fsdp", "nproc": 2, "prefetch": 2},
+        {"strategy": "fsdp+pp", "nproc": 4, "pp": 2, "prefetch": 0},
     ],
 )
 def test_an_option_the_strategy_uses_is_accepted(overrides: dict) -> None:
@@ -107,6 +114,8 @@ def test_a_resume_under_another_strategy_drops_the_source_strategys_options() ->
         (["--strategy", "ddp", "--microbatches", "4"], "--microbatches 4 is not used"),
         (["--strategy", "fsdp", "--sequence-parallel"], "--sequence-parallel is not used"),
         (["--strategy", "zero3", "--no-reshard-after-forward"], "--no-reshard-after-forward"),
+        (["--strategy", "fsdp", "--bucket-mb", "1"], "--bucket-mb 1.0 is not used"),
+        (["--strategy", "zero3", "--prefetch", "2"], "--prefetch 2 is not used"),
     ],
 )
 def test_unused_flags_on_the_command_line(args: list[str], fragment: str) -> None:

@@ -145,6 +145,16 @@ class Config:
     """FSDP only, with several micro-batches per step: free the gathered parameters after
     each micro-batch and gather them again for the next (less memory during the step, one
     gather per micro-batch); default: keep them gathered until the step's last backward."""
+    prefetch: int | None = None
+    """FSDP only: how many blocks ahead FSDP2 gathers (``fully_shard.set_prefetch``): in
+    forward each block issues the next N blocks' all-gathers before it computes, in backward
+    the previous N. On a CPU the unshard is also made asynchronous, so a prefetched
+    all-gather runs while the block computes (gloo's synchronous all-gather blocks the rank
+    where it is issued). 0: no forward prefetch; backward keeps FSDP2's one block, which it
+    has no switch for. Default: FSDP2's own (no explicit prefetch in forward, one block in
+    backward; synchronous on a CPU). The memory theory holds block k and the N blocks before
+    it (at least one) gathered in each block's backward; it has no forward moment, so the
+    up to N + 1 blocks gathered in forward are not modelled."""
     offload: str = "none"
     """DeepSpeed ZeRO: none, optimizer (state on CPU) or params (ZeRO-3: also params);
     fsdp: none or params (FSDP2's CPU offload: params, grads and optimizer state on CPU)."""
@@ -153,6 +163,11 @@ class Config:
     (``once``: they accumulate unsharded on each rank until the step's last backward) or in
     every micro-batch's backward (``per-microbatch``: sharded gradients, A times the
     reduction bytes); default: once for zero2, per-microbatch for zero3."""
+    bucket_mb: float | None = None
+    """DDP only (ddp, cp, ddp+pp, fairscale-oss): the gradient bucket size in MiB
+    (``bucket_cap_mb``); smaller buckets start their all-reduces earlier in backward, in more
+    calls. Default: torch's 25 MiB, with a first bucket of 1 MiB (a value given here sizes
+    every bucket, the first too)."""
     dp: int | None = None
     """Data-parallel degree of a composed strategy; default: nproc / (cp * tp * pp)."""
     dp_replicate: int | None = None

@@ -92,6 +92,14 @@ def check_fields(config: Config) -> None:
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
     require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    require(
+        config.bucket_mb is None or (config.bucket_mb > 0 and math.isfinite(config.bucket_mb)),
+        f"bucket_mb must be a positive number of MiB (got {config.bucket_mb})",
+    )
+    require(
+        config.prefetch is None or config.prefetch >= 0,
+        f"prefetch must be >= 0 blocks (got {config.prefetch})",
+    )
     check_shape(config)
     shape = model_shape(config)
     seq_len = resolved_seq_len(config)

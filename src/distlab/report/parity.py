@@ -306,6 +306,10 @@ def _run_name(config: Config) -> str:
         parts.append("noreshard")
     if config.reshard_between_microbatches:
         parts.append("regather")
+    if config.prefetch is not None:
+        parts.append(f"prefetch{config.prefetch}")
+    if config.bucket_mb is not None:
+        parts.append(f"bucket{config.bucket_mb:g}mb")
     if config.zero_reduce is not None:
         parts.append(f"reduce-{config.zero_reduce}")
     if config.sequence_parallel:

@@ -104,8 +104,10 @@ TP_OPTIONS = frozenset({"tp", "sequence_parallel"})
 """Config fields of tensor parallelism."""
 PP_OPTIONS = frozenset({"pp", "schedule", "microbatches"})
 """Config fields of pipeline parallelism."""
-FSDP_OPTIONS = frozenset({"reshard_after_forward", "reshard_between_microbatches"})
+FSDP_OPTIONS = frozenset({"reshard_after_forward", "reshard_between_microbatches", "prefetch"})
 """Config fields of FSDP2."""
+DDP_OPTIONS = frozenset({"bucket_mb"})
+"""Config fields of torch DDP (``distlab.strategies.parallelize.apply_ddp``)."""
 
 
 class Strategy(ABC):

@@ -38,6 +38,7 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.model import GPT
 from distlab.strategies.base import (
+    DDP_OPTIONS,
     FSDP_OPTIONS,
     PP_OPTIONS,
     TP_OPTIONS,
@@ -85,7 +86,8 @@ class ComposedStrategy(Strategy):
 
     @property
     def options(self) -> frozenset[str]:  # type: ignore[override]
-        """``dp``, plus the fields of each parallelism this composition includes."""
+        """``dp``, plus the fields of each parallelism this composition includes (its data
+        parallelism's too: FSDP2's or DDP's)."""
         fields = {"dp"}
         if self.context_parallel:
             fields |= CP_OPTIONS
@@ -95,6 +97,8 @@ class ComposedStrategy(Strategy):
             fields |= PP_OPTIONS
         if self.data_parallel is DataParallel.FSDP:
             fields |= FSDP_OPTIONS
+        if self.data_parallel is DataParallel.DDP:
+            fields |= DDP_OPTIONS
         return frozenset(fields)
 
     def dims(self, config: Config) -> ParallelDims:

@@ -74,6 +74,7 @@ from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.base import (
+    DDP_OPTIONS,
     ModuleTrainStep,
     ReplicatedStateStrategy,
     TrainStep,
@@ -149,7 +150,7 @@ class CPStrategy(ReplicatedStateStrategy):
         "K/V all-gathered per layer (--cp-attention ring: passed around the ring); DDP over "
         "all ranks"
     )
-    options = CP_OPTIONS
+    options = CP_OPTIONS | DDP_OPTIONS
     data_parallel = DataParallel.DDP
     """Gradients are all-reduced by DDP, over the dp x cp ranks (``ParallelDims.reducers``)."""
     compile_refusal = (

@@ -10,7 +10,10 @@ Memory per rank: the full model state (16 bytes/parameter with fp32 AdamW);
 buckets cost no extra copy. ``apply_ddp`` is every DDP of the lab: ``cp``, OSS's
 ZeRO-1 and ``ddp+pp`` wrap their modules with it too.
 Communication per step: one all-reduce of all gradients (a ring all-reduce
-sends 2 (N-1)/N of the gradient bytes per rank).
+sends 2 (N-1)/N of the gradient bytes per rank), in one call per bucket:
+``--bucket-mb`` sets the bucket size (torch's default 25 MiB, the first bucket 1 MiB).
+A bucket's all-reduce starts as soon as backward has made all of its gradients, so
+smaller buckets start reducing earlier in backward, in more, smaller calls.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.strategies.base import (
+    DDP_OPTIONS,
     ModuleTrainStep,
     ReplicatedStateStrategy,
     TrainStep,
@@ -37,6 +41,7 @@ class DDPStrategy(ReplicatedStateStrategy):
 
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradient all-reduce"
+    options = DDP_OPTIONS
     data_parallel = DataParallel.DDP
     trains_moe = True
 

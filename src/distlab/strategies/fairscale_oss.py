@@ -71,6 +71,7 @@ from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler
 from distlab.strategies.base import (
+    DDP_OPTIONS,
     ModuleTrainStep,
     Strategy,
     TrainStep,
@@ -199,7 +200,7 @@ class FairscaleStrategy(Strategy):
 
             wrapped = ShardedDataParallel(model, optimizer, reduce_buffer_size=0)
         else:
-            wrapped = apply_ddp(model, ctx.device)
+            wrapped = apply_ddp(model, ctx.device, bucket_mb=config.bucket_mb)
         return OSSTrainStep(
             wrapped,
             ctx,
@@ -215,6 +216,8 @@ class FairscaleStrategy(Strategy):
 class FairscaleOSSStrategy(FairscaleStrategy):
     name = "fairscale-oss"
     summary = "fairscale OSS + DDP: optimizer state sharded by tensor (ZeRO-1)"
+    options = DDP_OPTIONS
+    """ShardedDataParallel (fairscale-sdp) has no DDP buckets: it refuses ``--bucket-mb``."""
     data_parallel = DataParallel.FAIRSCALE_OSS
 
     def resident_between_steps(self, config: Config, n_params: int) -> ModelStateBytes:

@@ -4,7 +4,8 @@
 (``parallel_dims.fsdp_mesh``: 1-D for fsdp, 2-D for hsdp) with the mixed-precision policy
 of ``--precision`` and the offload policy of ``--offload``; ``FsdpMicroBatchSync`` tells
 FSDP2 what to keep gathered and when to reduce-scatter across the micro-batches of a
-step. Used by ``fsdp``, ``hsdp`` and the fsdp compositions through ``parallelize``.
+step; ``set_prefetch`` sets how many blocks ahead each unit gathers (``--prefetch``). Used by
+``fsdp``, ``hsdp`` and the fsdp compositions through ``parallelize``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,41 @@ def apply_fsdp(
         mp_policy=policy,
         offload_policy=offload,
     )
+
+
+def set_prefetch(root: FSDPModule, depth: int, asynchronous: bool) -> None:
+    """Make every unit of ``apply_fsdp``'s model gather the ``depth`` blocks ahead of it
+    (``--prefetch``), through FSDP2's ``set_modules_to_forward_prefetch`` and
+    ``set_modules_to_backward_prefetch``.
+
+    Forward: the root (whose embeddings run first) issues the all-gathers of blocks
+    0..depth-1, block i those of blocks i+1..i+depth, before it computes. Backward, blocks
+    in reverse: the root (whose LM head runs first) issues the last ``depth`` blocks',
+    block k those of k-1..k-depth. A unit with nothing to prefetch keeps FSDP2's default:
+    none in forward, the block next in backward order in backward (an empty list is
+    FSDP2's "default"; it has no switch to turn backward prefetching off, so
+    ``--prefetch 0`` still gathers one block ahead in backward).
+
+    ``asynchronous`` (on a CPU): FSDP2's unshard then issues its all-gathers with
+    ``async_op=True`` and waits for each only when its block starts (FSDP2's
+    ``_set_unshard_async_op``). By default FSDP2 issues them synchronously, relying on its
+    CUDA all-gather stream for overlap; on gloo a synchronous all-gather blocks the rank
+    where it is issued, so prefetching alone would only move each wait earlier.
+    """
+    blocks = list(root.blocks.values())
+    root.set_modules_to_forward_prefetch(blocks[:depth])
+    root.set_modules_to_backward_prefetch(blocks[::-1][:depth])
+    for index, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + depth])
+        block.set_modules_to_backward_prefetch(blocks[max(index - depth, 0) : index][::-1])
+    if asynchronous:
+        root._set_unshard_async_op(True)
+
+
+def backward_prefetch_depth(prefetch: int | None) -> int:
+    """How many blocks FSDP2 gathers ahead of the one in backward: ``--prefetch``, and at
+    least FSDP2's default of one (``set_prefetch``: ``--prefetch 0`` keeps that one)."""
+    return max(1, prefetch or 0)
 
 
 class FsdpMicroBatchSync:

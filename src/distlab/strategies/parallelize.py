@@ -8,7 +8,8 @@
    their hooks are traced into the graphs, and before FSDP or DDP, whose hooks stay
    outside them;
 5. data parallelism, by the strategy's flavour: FSDP2 over ``dp_shard_cp``
-   (``fully_shard.apply_fsdp``) or DDP over ``dp_cp`` (``apply_ddp``).
+   (``fully_shard.apply_fsdp``, ``--prefetch`` by ``fully_shard.set_prefetch``) or DDP over
+   ``dp_cp`` (``apply_ddp``, ``--bucket-mb``).
 
 A step a strategy does not use is skipped (degree 1, ``--ac none``, no ``--compile``, a
 flavour that is neither FSDP nor DDP), so a single-dimension strategy is this path with one
@@ -31,7 +32,7 @@ from distlab.config import Config
 from distlab.strategies.activation_checkpoint import apply_ac
 from distlab.strategies.cp_attention import apply_cp
 from distlab.strategies.data_parallel import DataParallel
-from distlab.strategies.fully_shard import apply_fsdp, offload_policy
+from distlab.strategies.fully_shard import apply_fsdp, offload_policy, set_prefetch
 from distlab.strategies.parallel_dims import ParallelDims, fsdp_mesh, view
 from distlab.strategies.regional_compile import apply_compile
 from distlab.strategies.tp_plan import apply_tp
@@ -68,9 +69,13 @@ def parallelize(
     if data_parallel is DataParallel.FSDP:
         offload = offload_policy(config.offload, device.type)
         shards = fsdp_mesh(mesh, dims)
-        return apply_fsdp(model, shards, config.reshard_after_forward, config.precision, offload)
+        sharded = apply_fsdp(model, shards, config.reshard_after_forward, config.precision, offload)
+        if config.prefetch is not None:
+            set_prefetch(sharded, config.prefetch, asynchronous=device.type == "cpu")
+        return sharded
     if data_parallel is DataParallel.DDP:
-        return apply_ddp(model, device, view(mesh, "dp_cp").get_group(), ddp_bucket_views)
+        group = view(mesh, "dp_cp").get_group()
+        return apply_ddp(model, device, group, ddp_bucket_views, config.bucket_mb)
     return model
 
 
@@ -79,8 +84,10 @@ def apply_ddp(
     device: torch.device,
     group: dist.ProcessGroup | None = None,
     bucket_views: bool = True,
+    bucket_mb: float | None = None,
 ) -> DistributedDataParallel:
-    """Wrap ``module`` in DDP over ``group`` (default: every rank).
+    """Wrap ``module`` in DDP over ``group`` (default: every rank), its gradient buckets of
+    ``bucket_mb`` MiB (``--bucket-mb``; None: torch's 25 MiB, the first bucket 1 MiB).
 
     ``bucket_views``: the gradients are views into DDP's all-reduce buckets
     (``gradient_as_bucket_view``), so the buckets cost no second copy of them; they
@@ -90,5 +97,9 @@ def apply_ddp(
     """
     device_ids = [device.index] if device.type == "cuda" else None  # a one-device module
     return DistributedDataParallel(
-        module, device_ids=device_ids, process_group=group, gradient_as_bucket_view=bucket_views
+        module,
+        device_ids=device_ids,
+        process_group=group,
+        gradient_as_bucket_view=bucket_views,
+        bucket_cap_mb=bucket_mb,
     )

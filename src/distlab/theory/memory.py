@@ -73,6 +73,7 @@ from distlab.measure.step_memory import CATEGORIES
 from distlab.model import count_parameters
 from distlab.strategies import registry
 from distlab.strategies.data_parallel import DataParallel
+from distlab.strategies.fully_shard import backward_prefetch_depth
 from distlab.theory.activations import (
     FORWARDS_FIRST,
     StepShape,
@@ -253,8 +254,8 @@ def block_backward(
     blocks k+1.. (sharded ones divided by the data-parallel degree). Temporaries: the incoming
     gradient and its residual copy (2 t h), the gradients of the GELU output
     and of the up projection (4 t h / T each); under FSDP also block k's
-    unsharded gradients. FSDP holds the root, block k and the next block
-    (prefetched) gathered, block k twice when it is recomputed.
+    unsharded gradients. FSDP holds the root, block k and the N blocks after it in backward
+    order (prefetched: ``--prefetch N``, FSDP2's default 1) gathered.
     """
     model = model_shape(config)
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
@@ -276,10 +277,15 @@ def block_backward(
     grads = max(resident.grads, min(state.grads, FP32 * done // shards))
     comm, unsharded_grads = 0, 0
     if fsdp:
-        # block k and the prefetched k-1 gathered (a checkpointed block's recomputation
-        # reuses block k's gathered parameters). Block k's gradients, before their
+        # block k and the blocks prefetched ahead of it, k-1 .. k-N (FSDP2's default N = 1;
+        # --prefetch N), gathered (a checkpointed block's recomputation reuses block k's
+        # gathered parameters). At block 0 nothing is left to prefetch, yet one block is
+        # counted, as before --prefetch (an overcount of one block there, which the
+        # tables of docs/memory.md were made with). Block k's gradients, before their
         # reduce-scatter, are backward's own tensors (temporaries).
-        gathered_blocks = gathered[k] + gathered[max(k - 1, 0)]
+        ahead = backward_prefetch_depth(config.prefetch)
+        prefetched = sum(gathered[max(k - ahead, 0) : k]) if k else gathered[0]
+        gathered_blocks = gathered[k] + prefetched
         comm = e * (root_elements(config, layout, gathered=True) + gathered_blocks)
         # FSDP2 holds the last reduce-scatter's input (block k + 1's gradients, fp32,
         # padded as gathered) until the next one starts (reduce_scatter_states)
