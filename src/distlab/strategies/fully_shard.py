@@ -118,9 +118,9 @@ def set_prefetch(root: FSDPModule, depth: int, asynchronous: bool) -> None:
 
     ``asynchronous`` (on a CPU): FSDP2's unshard then issues its all-gathers with
     ``async_op=True`` and waits for each only when its block starts (FSDP2's
-    ``_set_unshard_async_op``). By default FSDP2 issues them synchronously, relying on its
-    CUDA all-gather stream for overlap; on gloo a synchronous all-gather blocks the rank
-    where it is issued, so prefetching alone would only move each wait earlier.
+    ``_set_unshard_async_op``). By default FSDP2 issues them with ``async_op=False``,
+    relying on its CUDA all-gather stream for overlap; on gloo that all-gather blocks the
+    rank where it is issued, so prefetching alone would only move each wait earlier.
     """
     blocks = list(root.blocks.values())
     root.set_modules_to_forward_prefetch(blocks[:depth])

@@ -255,7 +255,7 @@ def block_backward(
     gradient and its residual copy (2 t h), the gradients of the GELU output
     and of the up projection (4 t h / T each); under FSDP also block k's
     unsharded gradients. FSDP holds the root, block k and the N blocks after it in backward
-    order (prefetched: ``--prefetch N``, FSDP2's default 1) gathered.
+    order (prefetched: ``--prefetch N``, at least FSDP2's default one) gathered.
     """
     model = model_shape(config)
     t, h, e, tp = shape.tokens, model.d_model, shape.element, shape.tp
