@@ -8,6 +8,7 @@ no strategy (the model shape, the sequence length, the memory budget's size);
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from distlab.config import AUTO, SHAPE_FIELDS, Config, model_shape, resolved_seq_len
 from distlab.errors import DistlabError
@@ -31,6 +32,11 @@ def require(condition: bool, message: str) -> None:
         raise DistlabError(message)
 
 
+def require_choice(field: str, value: object, choices: Sequence[str]) -> None:
+    """A one-line DistlabError unless ``value`` is one of ``choices``."""
+    require(value in choices, f"{field} must be one of {', '.join(choices)} (got '{value}')")
+
+
 def check_fields(config: Config) -> None:
     """Check every field's range and the relations between fields that need no strategy."""
     require(config.nproc >= 1, f"nproc must be >= 1 (got {config.nproc})")
@@ -40,10 +46,7 @@ def check_fields(config: Config) -> None:
         f"unknown model preset '{config.model}' (choose one of: {', '.join(PRESETS)})",
     )
     require(config.global_batch >= 1, f"global_batch must be >= 1 (got {config.global_batch})")
-    require(
-        config.optimizer in OPTIMIZERS,
-        f"optimizer must be one of {', '.join(OPTIMIZERS)} (got '{config.optimizer}')",
-    )
+    require_choice("optimizer", config.optimizer, OPTIMIZERS)
     require(
         config.lr > 0 and math.isfinite(config.lr),
         f"lr must be a positive number (got {config.lr})",
@@ -52,36 +55,17 @@ def check_fields(config: Config) -> None:
     require(config.warmup_steps >= 0, "warmup_steps must be >= 0")
     require(config.weight_decay >= 0, "weight_decay must be >= 0")
     require(config.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
-    require(
-        config.precision in PRECISIONS,
-        f"precision must be one of {', '.join(PRECISIONS)} (got '{config.precision}')",
-    )
-    require(
-        config.ac in AC_MODES,
-        f"ac must be one of {', '.join(AC_MODES)} (got '{config.ac}')",
-    )
-    require(
-        config.track_memory in TRACK_MEMORY_MODES,
-        f"track_memory must be one of {', '.join(TRACK_MEMORY_MODES)} "
-        f"(got '{config.track_memory}')",
-    )
-    require(
-        config.track_time in TRACK_TIME_MODES,
-        f"track_time must be one of {', '.join(TRACK_TIME_MODES)} (got '{config.track_time}')",
-    )
+    require_choice("precision", config.precision, PRECISIONS)
+    require_choice("ac", config.ac, AC_MODES)
+    require_choice("track_memory", config.track_memory, TRACK_MEMORY_MODES)
+    require_choice("track_time", config.track_time, TRACK_TIME_MODES)
     require(
         not (config.profile and config.track_time == "off"),
         "--profile profiles the time-tracked steps: use it with --track-time sample or every, "
         "not off",
     )
-    require(
-        config.device in DEVICES,
-        f"device must be one of {', '.join(DEVICES)} (got '{config.device}')",
-    )
-    require(
-        config.launcher in LAUNCHERS,
-        f"launcher must be one of {', '.join(LAUNCHERS)} (got '{config.launcher}')",
-    )
+    require_choice("device", config.device, DEVICES)
+    require_choice("launcher", config.launcher, LAUNCHERS)
     require(
         config.ray_address is None or config.launcher == "ray",
         "--ray-address needs --launcher ray",
