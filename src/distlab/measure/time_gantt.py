@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distlab.errors import DistlabError
-from distlab.measure.timeline import CATEGORIES
+from distlab.measure.timeline import CATEGORIES, last_step
 from distlab.measure.wire import KINDS
 
 CATEGORY_COLOURS = {
@@ -58,15 +58,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def last_step(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The tracked step with the highest number (the last written, if one was written twice)."""
-    best = None
-    for step in steps:
-        if best is None or step["step"] >= best["step"]:
-            best = step
-    return best
 
 
 def comm_sublanes(comms: list[dict[str, Any]], wall_s: float) -> list[int]:

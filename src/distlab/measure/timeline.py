@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +267,45 @@ class StepTimeline:
 
 def _segment(start: float, end: float, category: str, comm: bool) -> dict[str, Any]:
     return {"start": start, "end": end, "category": category, "comm_in_flight": comm}
+
+
+def last_step(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The tracked step with the highest number (the later one if a step was recorded twice,
+    as after a restart); None if there is none."""
+    best = None
+    for step in steps:
+        if best is None or step["step"] >= best["step"]:
+            best = step
+    return best
+
+
+def mean_of_last_steps(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The mean over ranks of each rank's last tracked step in a summary's
+    ``time_breakdown_by_rank``, in seconds (None if it has none): ``ranks``, ``steps``,
+    ``wall_s``, ``by_category`` (a category an entry lacks counts as zero),
+    ``overlapped_comm``, ``comm_s`` and ``overlap_fraction``, the mean overlapped time over
+    the mean time collectives were in flight (None if none were)."""
+    by_rank: dict[int, list[dict[str, Any]]] = {}
+    for entry in entries or []:
+        by_rank.setdefault(entry["rank"], []).append(entry)
+    last = [last_step(steps) for steps in by_rank.values()]
+    if not last:
+        return None
+
+    def mean(values: list[float | None]) -> float:
+        return statistics.fmean(v or 0.0 for v in values)
+
+    overlapped = mean([e.get("overlapped_comm") for e in last])
+    comm = mean([e.get("comm_s") for e in last])
+    return {
+        "ranks": len(last),
+        "steps": sorted({e["step"] for e in last}),
+        "wall_s": mean([e["wall_s"] for e in last]),
+        "by_category": {c: mean([e["by_category"].get(c) for e in last]) for c in CATEGORIES},
+        "overlapped_comm": overlapped,
+        "comm_s": comm,
+        "overlap_fraction": overlapped / comm if comm > 0 else None,
+    }
 
 
 _ACTIVE: StepTimeline | None = None

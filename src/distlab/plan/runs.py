@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distlab.config import build_config, grad_accum_steps, read_config_values
 from distlab.errors import DistlabError
-from distlab.measure.timeline import CATEGORIES
+from distlab.measure.timeline import mean_of_last_steps
 from distlab.plan.layout import Layout
 from distlab.plan.shape import ModelShape, from_preset
 from distlab.strategies import registry
@@ -42,24 +42,6 @@ class MeasuredRun:
     for runs from before the time lab or with ``--track-time off``."""
     tracked_step_s: float | None = None
     """Wall time of that step, mean over the same ranks (the categories add up to it)."""
-
-
-def last_tracked_step(entries: list[dict] | None) -> tuple[dict[str, float], float] | None:
-    """(seconds by category, wall seconds) of each rank's last tracked step in a summary's
-    ``time_breakdown_by_rank``, mean over ranks; None if it has none."""
-    last: dict[int, dict] = {}
-    for entry in entries or []:
-        kept = last.get(entry["rank"])
-        if kept is None or entry["step"] >= kept["step"]:
-            last[entry["rank"]] = entry
-    if not last:
-        return None
-    ranks = list(last.values())
-    by_category = {
-        category: sum(float(e["by_category"].get(category) or 0.0) for e in ranks) / len(ranks)
-        for category in CATEGORIES
-    }
-    return by_category, sum(float(e["wall_s"]) for e in ranks) / len(ranks)
 
 
 def read_run(run_dir: Path) -> MeasuredRun:
@@ -105,7 +87,7 @@ def read_run(run_dir: Path) -> MeasuredRun:
     except (KeyError, TypeError, ValueError) as exc:
         raise DistlabError(f"{summary_file}: no step time and throughput ({exc!r})") from None
     try:
-        tracked = last_tracked_step(summary.get("time_breakdown_by_rank"))
+        tracked = mean_of_last_steps(summary.get("time_breakdown_by_rank"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DistlabError(f"{summary_file}: unreadable time_breakdown_by_rank ({exc!r})") from None
     return MeasuredRun(
@@ -120,8 +102,8 @@ def read_run(run_dir: Path) -> MeasuredRun:
         comm_wire_bytes=int(comm.get("wire_bytes", 0)),
         tokens_per_s=measured[1],
         peak_memory_bytes=peaks[0]["peak"] if peaks[0] else None,
-        time_by_category=tracked[0] if tracked else None,
-        tracked_step_s=tracked[1] if tracked else None,
+        time_by_category=tracked["by_category"] if tracked else None,
+        tracked_step_s=tracked["wall_s"] if tracked else None,
     )
 
 

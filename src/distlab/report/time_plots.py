@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from distlab.errors import DistlabError
 from distlab.measure.time_gantt import CATEGORY_COLOURS, draw_time_gantt, pyplot
-from distlab.measure.timeline import CATEGORIES
+from distlab.measure.timeline import CATEGORIES, mean_of_last_steps
 from distlab.report.plots import run_labels
 from distlab.report.runs import Run
 from distlab.report.tables import console_table, markdown_rows
@@ -62,34 +61,9 @@ def run_title(run_dir: Path) -> str:
 
 
 def last_step_breakdown(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The mean over ranks of each rank's last tracked step in ``time_breakdown_by_rank``,
-    in seconds (None if the summary has none).
-
-    ``overlap_fraction`` is the mean overlapped time over the mean time collectives were in
-    flight (None if none were)."""
-    last: dict[int, dict[str, Any]] = {}
-    for entry in summary.get(BREAKDOWN_KEY) or []:
-        kept = last.get(entry["rank"])
-        if kept is None or entry["step"] >= kept["step"]:
-            last[entry["rank"]] = entry
-    if not last:
-        return None
-    entries = list(last.values())
-
-    def mean(values: list[float | None]) -> float:
-        return statistics.fmean(v or 0.0 for v in values)
-
-    overlapped = mean([e.get("overlapped_comm") for e in entries])
-    comm = mean([e.get("comm_s") for e in entries])
-    return {
-        "ranks": len(entries),
-        "steps": sorted({e["step"] for e in entries}),
-        "wall_s": mean([e["wall_s"] for e in entries]),
-        "by_category": {c: mean([e["by_category"].get(c) for e in entries]) for c in CATEGORIES},
-        "overlapped_comm": overlapped,
-        "comm_s": comm,
-        "overlap_fraction": overlapped / comm if comm > 0 else None,
-    }
+    """A run's time breakdown as the tables and bars show it: the mean over ranks of each
+    rank's last tracked step (``distlab.measure.timeline.mean_of_last_steps``)."""
+    return mean_of_last_steps(summary.get(BREAKDOWN_KEY))
 
 
 def has_time_breakdown(summary: dict[str, Any]) -> bool:
