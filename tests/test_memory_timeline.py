@@ -22,7 +22,8 @@ from distlab.report.runs import load_runs
 from distlab.report.tables import memory_table_rows
 from distlab.run.files import memory_rank_file
 from distlab.strategies.resolve import load_config
-from distlab.train.measurements import EARLY_SAMPLE_STEPS, draw_pictures, tracks_memory
+from distlab.train.measurements import draw_pictures
+from distlab.train.sampling import EARLY_SAMPLE_STEPS, tracks_memory
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -17,6 +17,8 @@ from tests.test_memory import NEEDS, PEAK_RUNS
 
 from distlab.measure.timeline import CATEGORIES, Collective, StepTimeline
 from distlab.report.parity import _run_name, _run_once, parity_config
+from distlab.strategies.resolve import load_config
+from distlab.train.sampling import EARLY_SAMPLE_STEPS, tracks_memory, tracks_time
 
 MS = 1e-3
 NS = 1_000_000  # nanoseconds in a millisecond
@@ -132,6 +134,26 @@ def test_the_categories_partition_the_step(step: StepTimeline) -> None:
     assert 0 <= result["overlapped_comm"] <= result["comm_s"] + 1e-12
     pieces = sum(s["end"] - s["start"] for s in result["segments"])
     assert pieces == pytest.approx(step.wall_s, abs=1e-12)
+
+
+@pytest.mark.parametrize(("steps", "restart_at"), [(2, 0), (5, 0), (5, 3), (40, 0), (40, 3)])
+def test_time_samples_avoid_the_memory_tracked_steps(steps: int, restart_at: int) -> None:
+    """A process that starts at ``restart_at``: ``sample`` times the last step the memory
+    tracker leaves alone and, where many steps follow, the process's third; ``every`` all."""
+    fields = {"strategy": "ddp", "nproc": 2, "steps": steps}
+    config = load_config(None, fields)
+    process = list(enumerate(range(restart_at, steps)))
+    timed = [step for done, step in process if tracks_time(config, step, done)]
+    memory = [step for done, step in process if tracks_memory(config, step, done)]
+    early = restart_at + 2
+    expected = ([early] if steps - 1 - early > EARLY_SAMPLE_STEPS else []) + [steps - 2]
+    assert timed == expected and not set(timed) & set(memory)
+    untracked_memory = load_config(None, {**fields, "track_memory": "off"})
+    assert tracks_time(untracked_memory, steps - 1, len(process) - 1)
+    every = load_config(None, {**fields, "track_time": "every"})
+    off = load_config(None, {**fields, "track_time": "off"})
+    assert all(tracks_time(every, step, done) for done, step in process)
+    assert not any(tracks_time(off, step, done) for done, step in process)
 
 
 TIME_RUNS = [
