@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -50,8 +51,9 @@ def _rank(
     world: int,
     port: int,
     cells: list[dict[str, Any]],
-    steps: int,
-    warmup: int,
+    steps: list[int],
+    warmup: list[int],
+    tcp: bool,
     queue: Any,
     environment: dict[str, str],
 ) -> None:
@@ -75,11 +77,11 @@ def _rank(
         tokens = load_tokens(prepare_tokens(None))
         tally = counter()
         results = []
-        for cell in cells:
+        for cell, cell_steps, cell_warmup in zip(cells, steps, warmup, strict=True):
             if "collective" in cell:
-                results.append(_collective(cell, side, port, tally))
+                results.append(_collective(cell, side, port, tally, tcp))
                 continue
-            config = load_config(None, {**cell, "nproc": world, "steps": steps})
+            config = load_config(None, {**cell, "nproc": world, "steps": cell_steps})
             seq = resolved_seq_len(config)
             model = build_model(model_shape(config), config.seed)
             train_step = registry.get(config.strategy).prepare(model, ctx, config)
@@ -89,9 +91,13 @@ def _rank(
                 inputs, targets = rank_slice(batch, train_step.dp_rank, train_step.dp_size)
                 return train_step.step(inputs, targets)
 
-            losses = [run(step).loss for step in range(warmup)]
+            losses = [run(step).loss for step in range(cell_warmup)]
             window = _measured_window(
-                lambda run=run: [run(step) for step in range(warmup, steps)], side, port, tally
+                lambda run=run, measured=range(cell_warmup, cell_steps): [run(s) for s in measured],
+                side,
+                port,
+                tally,
+                tcp,
             )
             measured = window.pop("result")
             losses += [result.loss for result in measured]
@@ -103,7 +109,7 @@ def _rank(
             results.append(
                 {
                     "cell": cell,
-                    "steps": steps - warmup,
+                    "steps": cell_steps - cell_warmup,
                     **window,
                     "losses": losses,
                     "routing": routing,
@@ -118,7 +124,9 @@ def _rank(
         raise
 
 
-def _collective(cell: dict[str, Any], side: Any, port: int, counter: Any) -> dict[str, Any]:
+def _collective(
+    cell: dict[str, Any], side: Any, port: int, counter: Any, tcp: bool
+) -> dict[str, Any]:
     """One raw collective of ``cell["numel"]`` fp32 elements, counted and measured."""
     import torch
     import torch.distributed as dist
@@ -146,15 +154,21 @@ def _collective(cell: dict[str, Any], side: Any, port: int, counter: Any) -> dic
     else:
         raise ValueError(f"unknown collective {kind}")
     run()  # warm-up: connections, buffers
-    window = _measured_window(run, side, port, counter)
+    window = _measured_window(run, side, port, counter, tcp)
     del window["result"]
     return {"cell": cell, "steps": 1, **window, "losses": []}
 
 
-def _measured_window(work, side, port: int, counter) -> dict[str, Any]:
-    """Run ``work()`` between synchronised, settled reads of the counter and the TCP bytes."""
+def _measured_window(work, side, port: int, counter, tcp: bool) -> dict[str, Any]:
+    """Run ``work()`` between reads of the counter and, if ``tcp``, synchronised, settled
+    reads of the TCP bytes (else ``tcp_sent``/``tcp_received`` are None)."""
     import torch.distributed as dist
 
+    if not tcp:  # the counter counts this process's collectives alone: no need to wait
+        counter.begin_step()
+        result = work()
+        stats = counter.end_step()
+        return {"result": result, "comm": stats.to_dict(), "tcp_sent": None, "tcp_received": None}
     dist.barrier(group=side)
     time.sleep(SETTLE_S)
     before = tcp_bytes(os.getpid(), exclude_ports=[port])
@@ -174,20 +188,29 @@ def _measured_window(work, side, port: int, counter) -> dict[str, Any]:
     }
 
 
+def _per_cell(value: int | Sequence[int], cells: int) -> list[int]:
+    """``value`` for each of ``cells`` cells: one number for all, or already one per cell."""
+    return [value] * cells if isinstance(value, int) else list(value)
+
+
 def check(
     cells: list[dict[str, Any]],
     nproc: int = 2,
-    steps: int = 3,
+    steps: int | Sequence[int] = 3,
     timeout: float = 600,
-    warmup: int = 1,
+    warmup: int | Sequence[int] = 1,
+    tcp: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """Run every cell (config overrides incl. ``strategy``) on ``nproc`` ranks, in one job.
 
     A cell ``{"collective": KIND, "numel": E}`` runs one raw collective instead
     (all_reduce, all_gather, reduce_scatter, broadcast, send) of E fp32 elements.
 
-    The first ``warmup`` steps of each cell are not measured (one-time work: DDP's
-    bucket rebuild, lazy initialisation, DeepSpeed's module trace).
+    Each cell trains ``steps`` steps, of which the first ``warmup`` are not measured
+    (one-time work: DDP's bucket rebuild, lazy initialisation, DeepSpeed's module
+    trace); either is one number for every cell or a list with one per cell.
+    ``tcp=False`` skips the kernel's TCP counters and the pauses that let them settle
+    (``tcp_sent``/``tcp_received`` are then None): for callers that read the counter alone.
 
     Returns, per rank, the list of per-cell results: counted ``comm`` totals over
     the ``steps - warmup`` measured steps, ``tcp_sent``/``tcp_received`` bytes in the
@@ -198,9 +221,10 @@ def check(
     queue = context.Queue()
     port = free_port()
     environment = dict(os.environ)
+    per_cell = (_per_cell(steps, len(cells)), _per_cell(warmup, len(cells)))
     procs = [
         context.Process(
-            target=_rank, args=(r, nproc, port, cells, steps, warmup, queue, environment)
+            target=_rank, args=(r, nproc, port, cells, *per_cell, tcp, queue, environment)
         )
         for r in range(nproc)
     ]
@@ -264,10 +288,9 @@ def summarize(
         for rank_results in results:
             r = rank_results[index]
             wire = r["comm"]["wire_bytes"] / steps
-            tcp = r["tcp_sent"] / steps
-            per_rank.append(
-                {"wire": wire, "tcp": tcp, "tcp_over_wire": tcp / wire if wire else None}
-            )
+            tcp = r["tcp_sent"] / steps if r["tcp_sent"] is not None else None
+            over = tcp / wire if wire and tcp is not None else None
+            per_rank.append({"wire": wire, "tcp": tcp, "tcp_over_wire": over})
         rows.append(
             {
                 "cell": cell,
