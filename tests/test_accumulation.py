@@ -19,9 +19,10 @@ Training: ``--micro-batch`` runs of fsdp (both modes), fsdp+tp, zero2 (both
 (model-state bytes at rest as predicted) and fsdp resumes from a checkpoint
 written between accumulated steps.
 
-Each group of runs is one multi-rank job, started on first use; each run
-measures the first step whose traffic is every later step's (``Case.warmup``),
-on the counter alone (the TCP bytes are ``tests/test_comm.py``'s).
+The runs on 2 ranks are one multi-rank job, those on 4 another, each started
+on first use; each run measures the first step whose traffic is every later
+step's (``Case.warmup``), on the counter alone (the TCP bytes are
+``tests/test_comm.py``'s).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ pytestmark = pytest.mark.slow  # the whole file: micro-batch counts on real rank
 
 @dataclass(frozen=True)
 class Case:
-    """One strategy setting, run at several micro-batch counts in one job (``group``)."""
+    """One strategy setting, run at several micro-batch counts in one job (``nproc``)."""
 
     fields: dict[str, Any]
-    group: str
-    """Cases of one group run in one job: ``torch`` (2 ranks), ``libraries`` (2 ranks,
-    DeepSpeed and fairscale), ``compositions`` (4 ranks: dp 2 x tp or pp 2)."""
+    nproc: int
+    """Ranks of the job the case runs in: 2, or 4 for the compositions (dp 2 x tp or pp 2);
+    one job per rank count, as a launch costs its ranks' start-up."""
     constant: bool
     """Whether the bytes per step are the same at every micro-batch count."""
     needs: str | None = None
@@ -61,50 +62,45 @@ class Case:
 
 
 CASES = {
-    "ddp": Case({"strategy": "ddp"}, "torch", constant=True, warmup=2),
-    "fsdp": Case({"strategy": "fsdp"}, "torch", constant=True),
+    "ddp": Case({"strategy": "ddp"}, 2, constant=True, warmup=2),
+    "fsdp": Case({"strategy": "fsdp"}, 2, constant=True),
     "fsdp-no-reshard-after-forward": Case(
-        {"strategy": "fsdp", "reshard_after_forward": False}, "torch", constant=True
+        {"strategy": "fsdp", "reshard_after_forward": False}, 2, constant=True
     ),
     "fsdp-regather": Case(
-        {"strategy": "fsdp", "reshard_between_microbatches": True}, "torch", constant=False
+        {"strategy": "fsdp", "reshard_between_microbatches": True}, 2, constant=False
     ),
-    "zero1": Case({"strategy": "zero1"}, "libraries", constant=True, needs="deepspeed"),
-    "zero2": Case({"strategy": "zero2"}, "libraries", constant=True, needs="deepspeed"),
+    "zero1": Case({"strategy": "zero1"}, 2, constant=True, needs="deepspeed"),
+    "zero2": Case({"strategy": "zero2"}, 2, constant=True, needs="deepspeed"),
     "zero2-per-microbatch": Case(
         {"strategy": "zero2", "zero_reduce": "per-microbatch"},
-        "libraries",
+        2,
         constant=False,
         needs="deepspeed",
     ),
-    "zero3": Case({"strategy": "zero3"}, "libraries", constant=False, needs="deepspeed", warmup=2),
+    "zero3": Case({"strategy": "zero3"}, 2, constant=False, needs="deepspeed", warmup=2),
     "zero3-reduce-once": Case(
         {"strategy": "zero3", "zero_reduce": "once"},
-        "libraries",
+        2,
         constant=False,
         needs="deepspeed",
         warmup=2,
     ),
     "fairscale-oss": Case(
-        {"strategy": "fairscale-oss"}, "libraries", constant=True, needs="fairscale", warmup=2
+        {"strategy": "fairscale-oss"}, 2, constant=True, needs="fairscale", warmup=2
     ),
-    "fairscale-sdp": Case(
-        {"strategy": "fairscale-sdp"}, "libraries", constant=True, needs="fairscale"
-    ),
-    "fsdp+tp": Case({"strategy": "fsdp+tp", "tp": 2}, "compositions", constant=True),
-    "fsdp+pp": Case(
-        {"strategy": "fsdp+pp", "pp": 2}, "compositions", constant=True, counts=(2, 4, 8)
-    ),
+    "fairscale-sdp": Case({"strategy": "fairscale-sdp"}, 2, constant=True, needs="fairscale"),
+    "fsdp+tp": Case({"strategy": "fsdp+tp", "tp": 2}, 4, constant=True),
+    "fsdp+pp": Case({"strategy": "fsdp+pp", "pp": 2}, 4, constant=True, counts=(2, 4, 8)),
     "fsdp+pp-regather": Case(
         {"strategy": "fsdp+pp", "pp": 2, "reshard_between_microbatches": True},
-        "compositions",
+        4,
         constant=False,
         counts=(2, 4, 8),
     ),
 }
-GROUP_RANKS = {"torch": 2, "libraries": 2, "compositions": 4}
 DATA_PARALLEL = 2
-"""Data-parallel ranks in every group (the compositions' other 2 are tp or pp)."""
+"""Data-parallel ranks in every case (the compositions' other 2 are tp or pp)."""
 
 
 def cells(case: Case) -> list[dict[str, Any]]:
@@ -120,24 +116,23 @@ def available(case: Case) -> bool:
 
 @pytest.fixture(scope="module")
 def measured():
-    """``measured(group)``: per case label, the summarised row per micro-batch count."""
+    """``measured(nproc)``: per case label, the summarised row per micro-batch count."""
     from distlab.report.comm_check import check, summarize
 
-    done: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    done: dict[int, dict[str, dict[int, dict[str, Any]]]] = {}
 
-    def get(group: str) -> dict[str, dict[int, dict[str, Any]]]:
-        if group not in done:
-            labels = [k for k, c in CASES.items() if c.group == group and available(c)]
+    def get(nproc: int) -> dict[str, dict[int, dict[str, Any]]]:
+        if nproc not in done:
+            labels = [k for k, c in CASES.items() if c.nproc == nproc and available(c)]
             all_cells = [cell for label in labels for cell in cells(CASES[label])]
             warmup = [CASES[label].warmup for label in labels for _ in CASES[label].counts]
-            nproc = GROUP_RANKS[group]
             steps = [n + 1 for n in warmup]  # one measured step
             results = check(all_cells, nproc=nproc, steps=steps, warmup=warmup, tcp=False)
             rows = iter(summarize(all_cells, results, nproc))
-            done[group] = {
+            done[nproc] = {
                 label: {count: next(rows) for count in CASES[label].counts} for label in labels
             }
-        return done[group]
+        return done[nproc]
 
     return get
 
@@ -155,7 +150,7 @@ def case_params(only=lambda case: True) -> list:
 @pytest.mark.parametrize("label", case_params())
 def test_counted_bytes_equal_theory_at_every_micro_batch_count(measured, label: str) -> None:
     case = CASES[label]
-    for count, row in measured(case.group)[label].items():
+    for count, row in measured(case.nproc)[label].items():
         assert row["kinds"] == row["predicted_kinds"], (count, row["cell"])
         for kind, calls in row["predicted_calls"].items():
             assert row["calls"][kind] == calls, (count, kind, row["cell"])
@@ -165,7 +160,7 @@ def test_counted_bytes_equal_theory_at_every_micro_batch_count(measured, label: 
 def test_bytes_per_step_against_micro_batch_count(measured, label: str) -> None:
     """Constant where accumulation needs no extra communication; growing where it does."""
     case = CASES[label]
-    counted = [row["counted_bytes"] for row in measured(case.group)[label].values()]
+    counted = [row["counted_bytes"] for row in measured(case.nproc)[label].values()]
     if case.constant:
         assert counted == [counted[0]] * len(counted), counted
     else:
