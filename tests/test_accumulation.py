@@ -22,7 +22,10 @@ written between accumulated steps.
 The runs on 2 ranks are one multi-rank job, those on 4 another, each started
 on first use; each run measures the first step whose traffic is every later
 step's (``Case.warmup``), on the counter alone (the TCP bytes are
-``tests/test_comm.py``'s).
+``tests/test_comm.py``'s). A case that the training tests below run at its most
+micro-batches (4) is not run again there: that step is read from the SGD parity
+run's own count (``ranks/rank0.jsonl``: the same counting process group, in
+the launcher's training loop).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from typing import Any
 import pytest
 from tests.helpers import assert_resume_continues
 
-from distlab.report.parity import _run_name, compare, parity_config
+from distlab.config import Config
+from distlab.measure.wire import KINDS
+from distlab.report.parity import _run_name, _run_once, compare, parity_config
+from distlab.run.files import RANKS_DIR, read_jsonl
+from distlab.theory.comm import predict_comm
 
 pytestmark = pytest.mark.slow  # the whole file: micro-batch counts on real ranks
 
@@ -114,8 +121,40 @@ def available(case: Case) -> bool:
     return case.needs is None or importlib.util.find_spec(case.needs) is not None
 
 
+def parity_run(label: str) -> Config | None:
+    """The SGD parity run below (``PARITY``) that trains case ``label`` at its most
+    micro-batches, if there is one."""
+    case = CASES[label]
+    for param in PARITY:
+        strategy, nproc, optimizer, fields = param.values
+        if optimizer == "sgd" and {"strategy": strategy, **fields} == case.fields:
+            config = parity_config(strategy, nproc, optimizer, micro_batch=1, **fields)
+            cell = cells(case)[-1]  # the run is the case's cell at its most micro-batches
+            assert (nproc, config.global_batch, config.micro_batch, config.model) == (
+                case.nproc, cell["global_batch"], cell["micro_batch"], cell["model"]
+            )  # fmt: skip
+            return config
+    return None
+
+
+def counted_in_run(config: Config, run_dir: Path, step: int) -> dict[str, Any]:
+    """Rank 0's counted traffic in ``step`` of a finished run and the theory's for ``config``,
+    as the fields of a ``distlab.report.comm_check.summarize`` row that the tests read."""
+    line = read_jsonl(run_dir / RANKS_DIR / "rank0.jsonl")[step]
+    kinds = [kind for kind in KINDS if f"comm/{kind}/bytes" in line]
+    predicted = predict_comm(config)
+    return {
+        "cell": _run_name(config),
+        "counted_bytes": line["comm/bytes"],
+        "kinds": {kind: line[f"comm/{kind}/bytes"] for kind in kinds},
+        "calls": {kind: line[f"comm/{kind}/calls"] for kind in kinds},
+        "predicted_kinds": dict(predicted.kinds),
+        "predicted_calls": predicted.to_dict()["calls"],
+    }
+
+
 @pytest.fixture(scope="module")
-def measured():
+def measured(parity_workdir: Path):
     """``measured(nproc)``: per case label, the summarised row per micro-batch count."""
     from distlab.report.comm_check import check, summarize
 
@@ -124,13 +163,30 @@ def measured():
     def get(nproc: int) -> dict[str, dict[int, dict[str, Any]]]:
         if nproc not in done:
             labels = [k for k, c in CASES.items() if c.nproc == nproc and available(c)]
-            all_cells = [cell for label in labels for cell in cells(CASES[label])]
-            warmup = [CASES[label].warmup for label in labels for _ in CASES[label].counts]
+            runs = {label: parity_run(label) for label in labels}
+            job = [  # (label, count, cell): the cells no parity run trains
+                (label, count, cell)
+                for label in labels
+                for count, cell in zip(CASES[label].counts, cells(CASES[label]), strict=True)
+                if runs[label] is None or count != max(CASES[label].counts)
+            ]
+            warmup = [CASES[label].warmup for label, _, _ in job]
             steps = [n + 1 for n in warmup]  # one measured step
-            results = check(all_cells, nproc=nproc, steps=steps, warmup=warmup, tcp=False)
-            rows = iter(summarize(all_cells, results, nproc))
-            done[nproc] = {
-                label: {count: next(rows) for count in CASES[label].counts} for label in labels
+            job_cells = [cell for _, _, cell in job]
+            results = check(job_cells, nproc=nproc, steps=steps, warmup=warmup, tcp=False)
+            rows: dict[str, dict[int, dict[str, Any]]] = {label: {} for label in labels}
+            for (label, count, _), row in zip(
+                job, summarize(job_cells, results, nproc), strict=True
+            ):
+                rows[label][count] = row
+            for label, config in runs.items():
+                if config is not None:
+                    run_dir = _run_once(config, parity_workdir / _run_name(config))
+                    row = counted_in_run(config, run_dir, CASES[label].warmup)
+                    rows[label][max(CASES[label].counts)] = row
+            done[nproc] = {  # in the order of the counts
+                label: {count: rows[label][count] for count in CASES[label].counts}
+                for label in labels
             }
         return done[nproc]
 
