@@ -65,7 +65,7 @@ from distlab.measure.compile_time import compile_seconds
 from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops
 from distlab.model import PRESETS, GPTConfig, build_model, count_parameters, flops_per_token
-from distlab.optim import build_optimizer, build_scheduler
+from distlab.optim import block_groups, build_optimizer, build_scheduler
 from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.strategies.resolve import load_config
 
@@ -188,7 +188,7 @@ def peer_steps(
     """Train ``config.steps`` optimizer steps; every step's time and the last step's loss."""
     model, logits_of = build_peer(run_name, config, compiled)
     model.to(device).train()
-    optimizer = build_optimizer(model.parameters(), config)
+    optimizer = build_optimizer(block_groups(model), config)
     scheduler = build_scheduler(optimizer, config)
     seq_len = resolved_seq_len(config)
     accum = config.global_batch // micro_batch

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distlab.config import Config, resolved_seq_len
 from distlab.model import build_model
-from distlab.optim import build_optimizer, build_scheduler
+from distlab.optim import block_groups, build_optimizer, build_scheduler
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.pipeline_schedules import schedule_class
 from distlab.strategies.tp_plan import apply_tp
@@ -94,7 +94,7 @@ class ModuleStep:
     replicas: int
 
     def __post_init__(self) -> None:
-        self.optimizer = build_optimizer(self.model.parameters(), self.config)
+        self.optimizer = build_optimizer(block_groups(self.model), self.config)
         self.scheduler = build_scheduler(self.optimizer, self.config)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -196,7 +196,7 @@ def pp_step(config: Config, group: dist.ProcessGroup, microbatches: int) -> Hand
     schedule = schedule_class(config.schedule)(
         stage, n_microbatches=microbatches, loss_fn=cross_entropy, scale_grads=True
     )
-    optimizer = build_optimizer(model.parameters(), config)
+    optimizer = build_optimizer(block_groups(model), config)
     scheduler = build_scheduler(optimizer, config)
     params = list(model.parameters())
 

@@ -75,7 +75,7 @@ def test_every_unit_offloads_and_the_optimizer_runs_foreach(one_rank: RankContex
     assert all(p.device.type == "cpu" and p.grad.device.type == "cpu" for p in params)
     assert implementation(params) == {"foreach": True}
     config = load_config(None, {"strategy": "fsdp", "nproc": 1, "offload": "params"})
-    build_optimizer(params, config).step()
+    build_optimizer([params], config).step()
 
 
 @pytest.mark.parametrize(

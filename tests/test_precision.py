@@ -51,5 +51,5 @@ def test_autocast_elsewhere_gives_bf16_logits_and_an_fp32_loss() -> None:
 def test_optimizers_use_the_multi_tensor_kernel_on_cpu() -> None:
     params = list(build_model("tiny", 0).parameters())
     for optimizer in ("sgd", "adamw"):
-        built = build_optimizer(params, load_config(None, {"optimizer": optimizer}))
+        built = build_optimizer([params], load_config(None, {"optimizer": optimizer}))
         assert built.defaults["foreach"] is True and not built.defaults["fused"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import torch
@@ -14,6 +15,9 @@ from distlab.values import scalar
 
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+"""A block's parameter names, under any wrapper's prefix (DDP's ``module.``, compile's)."""
 
 
 def implementation(params: list[nn.Parameter]) -> dict[str, bool]:
@@ -27,17 +31,41 @@ def implementation(params: list[nn.Parameter]) -> dict[str, bool]:
     return {"fused": True} if on_cuda else {"foreach": True}
 
 
-def build_optimizer(params: Iterable[nn.Parameter], config: Config) -> torch.optim.Optimizer:
-    """Plain SGD (no momentum) or AdamW, over all parameters, at the schedule's step-0 lr.
+def block_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """``model``'s parameters as one group per transformer block and one for the rest
+    (embeddings, final norm, head), for ``build_optimizer``.
+
+    The groups share every setting, and foreach ops compute per tensor, so the update is
+    bitwise the one-group update. What changes is what DTensor sees: it caches its
+    sharding propagation per op and per argument specs, and a foreach op over all
+    parameters is one long schema it propagates (on fake tensors) once per rank process,
+    1-2 s of CPU in the first step of a tiny run. A block's group repeats the previous
+    block's schema, so only the first block and the rest miss: rank 0's first AdamW step
+    on the tiny model, fsdp x2, 1.4 s -> 0.4 s of CPU (hsdp x4: 1.9 s -> 0.6 s); a later
+    step 8 -> 11 ms. Per-tensor kernels (``foreach=False``) miss as little but dispatch
+    every tensor through DTensor: 60 ms a step. Foreach's temporaries shrink to a group's.
+    """
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        block = _BLOCK.search(name)
+        groups.setdefault(block.group(1) if block else "", []).append(param)
+    return list(groups.values())
+
+
+def build_optimizer(
+    groups: Iterable[Iterable[nn.Parameter]], config: Config
+) -> torch.optim.Optimizer:
+    """Plain SGD (no momentum) or AdamW with one parameter group per entry of ``groups``
+    (all with the same settings), at the schedule's step-0 lr.
 
     The kernel follows the parameters' device (``implementation``).
     """
-    params = list(params)
-    kernel = implementation(params)
+    param_groups = [{"params": list(group)} for group in groups]
+    kernel = implementation([p for group in param_groups for p in group["params"]])
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, **kernel)
+        return torch.optim.SGD(param_groups, lr=config.lr, **kernel)
     return torch.optim.AdamW(
-        params,
+        param_groups,
         lr=config.lr,
         betas=ADAMW_BETAS,
         eps=ADAMW_EPS,

@@ -32,7 +32,7 @@ from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.measure.timeline import phase
 from distlab.moe import RoutingTally, auxiliary_loss, moe_layers
-from distlab.optim import build_optimizer, build_scheduler, clip_gradients
+from distlab.optim import block_groups, build_optimizer, build_scheduler, clip_gradients
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import data_parallel_dims
 from distlab.strategies.parallel_dims import ParallelDims
@@ -255,7 +255,7 @@ class OptimizerTrainStep(TrainStep):
 
     def _build_optimizer(self, config: Config) -> None:
         """The optimizer over ``self.model``'s (possibly sharded) parameters, and its schedule."""
-        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.optimizer = build_optimizer(block_groups(self.model), config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.last_state_bytes: ModelStateBytes | None = None
 

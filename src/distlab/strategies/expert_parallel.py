@@ -190,8 +190,7 @@ class ExpertParallelTrainStep(ModuleTrainStep):
     def _build_optimizer(self, config: Config) -> None:
         """Two parameter groups with the same settings: torch's foreach kernels take either
         plain tensors or DTensors in one call, not both."""
-        self.optimizer = build_optimizer(self.sync.dense, config)
-        self.optimizer.add_param_group({"params": self.sync.experts})
+        self.optimizer = build_optimizer([self.sync.dense, self.sync.experts], config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.last_state_bytes = None
 

@@ -109,7 +109,7 @@ def build_oss(params, config: Config):
     """fairscale OSS around the optimizer distlab builds everywhere (same class, same settings)."""
     from fairscale.optim import OSS
 
-    template = build_optimizer([nn.Parameter(torch.zeros(1))], config)
+    template = build_optimizer([[nn.Parameter(torch.zeros(1))]], config)
     accepted = inspect.signature(type(template)).parameters
     settings = {k: v for k, v in template.defaults.items() if k in accepted}
     return OSS(params, optim=type(template), **settings)

@@ -87,11 +87,12 @@ def gathered_bytes(config: Config, layout: RankLayout) -> dict[str, int]:
 
 
 def optimizer_temporaries(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
-    """AdamW's foreach step allocates one fp32 buffer the size of what it updates.
+    """AdamW's foreach step allocates one fp32 buffer the size of the group it updates.
 
-    That is the rank's parameters, or its optimizer slice where the state is
-    sharded: AdamW keeps 8 B per updated element (DeepSpeed 12, with its fp32
-    master slice).
+    distlab's optimizer has one group per block and one for the rest
+    (``optim.block_groups``), stepped one after the other: the largest of them. Where
+    the state is sharded, the optimizer slice (one group): AdamW keeps 8 B per updated
+    element (DeepSpeed 12, with its fp32 master slice).
     """
     if config.optimizer != "adamw":
         return 0
@@ -99,7 +100,8 @@ def optimizer_temporaries(config: Config, layout: RankLayout, state: ModelStateB
         return state.optimizer // 3
     if layout.data_parallel.fairscale:
         return state.optimizer // 2
-    return state.params
+    groups = [*block_elements(config, layout), root_elements(config, layout)]
+    return state.params * max(groups) // sum(groups)
 
 
 def optimizer_step_grads(config: Config, layout: RankLayout, state: ModelStateBytes) -> int:
