@@ -180,11 +180,16 @@ def wandb_run_record(file: Path) -> Any:
 
 def assert_resume_continues(tmp_path: Path, *flags: str, atol: float = 1e-6) -> None:
     """A 4-step local run with ``flags``, resumed from its step-2 checkpoint in a new run dir,
-    logs the uninterrupted run's losses for steps 2 and 3 (within ``atol``)."""
+    logs the uninterrupted run's losses for steps 2 and 3 (within ``atol``).
+
+    Both runs read for their losses and the step-2 checkpoint alone: no memory tracking (a
+    tracked step runs every op through torch's tracker) and no final checkpoint (the resumed
+    run inherits both settings).
+    """
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     result = run_main(
         "distlab.launch", *TINY_LOCAL_RUN, *flags, "--steps", "4", "--checkpoint-every", "2",
-        "--run-dir", str(full),
+        "--track-memory", "off", "--no-final-checkpoint", "--run-dir", str(full),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     checkpoint = full / "checkpoints" / "step_000002"

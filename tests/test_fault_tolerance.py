@@ -40,7 +40,9 @@ from distlab.strategies.resolve import load_config
 pytestmark = pytest.mark.slow  # the whole file: every test kills, hangs or restarts real ranks
 
 RESTART_ATOL = 1e-6
-COMMON = [*TINY_LOCAL_RUN, "--keep-checkpoints", "10"]
+COMMON = [*TINY_LOCAL_RUN, "--keep-checkpoints", "10", "--track-memory", "off"]
+"""No test here reads memory: a tracked step runs every op through torch's tracker (0.4 s,
+seconds on a loaded machine, where the watchdog of a 5 s test took it for a hang)."""
 SHORT = [*COMMON, "--steps", "10", "--checkpoint-every", "2"]
 LONG = [*COMMON, "--steps", "40", "--checkpoint-every", "5"]
 """Long enough (in steps) for a test to act on a rank while the run is going."""
@@ -76,6 +78,12 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
+RESUME_SOURCE = ("ddp", 2)
+"""The reference whose SHORT run other tests resume from (its checkpoints are kept); every
+other reference is read for its losses alone, so it writes no checkpoint."""
+LOSSES_ONLY = ["--checkpoint-every", "0", "--no-final-checkpoint"]
+
+
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory: pytest.TempPathFactory):
     """Uninterrupted runs, each made once on first use: ``refs("ddp", 2, SHORT)``."""
@@ -86,9 +94,11 @@ def refs(tmp_path_factory: pytest.TempPathFactory):
         name = f"{strategy}-n{nproc}-{'short' if shape is SHORT else 'long'}"
         if name not in made:
             run_dir = root / name
+            source = (strategy, nproc) == RESUME_SOURCE and shape is SHORT
             result = launch(
-                *shape, "--strategy", strategy, "--nproc", str(nproc), "--run-dir", str(run_dir)
-            )
+                *shape, *([] if source else LOSSES_ONLY), "--strategy", strategy,
+                "--nproc", str(nproc), "--run-dir", str(run_dir),
+            )  # fmt: skip
             assert result.returncode == 0, result.stderr
             made[name] = run_dir
         return made[name]
