@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,10 @@ def test_a_peer_that_never_fits_is_a_one_line_error(monkeypatch):
         )
 
 
-def test_cpu_smoke_run_fills_every_row(tmp_path):
+def test_cpu_smoke_run_fills_every_row(tmp_path: Path, compile_cache: Path):
+    # compile_cache: the script's distlab runs compile into the session's inductor cache, where
+    # test_compile's single run left the graphs of this block shape (micro-batch 8 of tiny):
+    # single/compile/8 loads them (AOTAutograd cache hit) instead of compiling them again.
     out = tmp_path / "gpu_step.json"
     result = run_script(
         "--device", "cpu", "--warmup", "1", "--steps", "3",
