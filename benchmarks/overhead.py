@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -166,7 +165,7 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str, block: int) -> f
     return statistics.median(ratios)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategies", nargs="+", default=list(FAMILIES))
     parser.add_argument("--nproc", type=int, default=2)
@@ -176,9 +175,10 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from distlab.distributed import free_port
+    from distlab.launch.spawn import rank_context
 
     settings = {
         "strategies": args.strategies,
@@ -190,7 +190,9 @@ def main() -> None:
     }
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"distlab-overhead-{os.getpid()}.json"
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    context = mp.get_context("spawn")
+    # Ranks fork from distlab's rank server, which imports torch (and DeepSpeed for zero2)
+    # once, not in every rank; started by this call unless this process already runs one.
+    context = rank_context(args.strategies)
     procs = [
         context.Process(target=run_rank, args=(r, args.nproc, init_method, settings, str(out)))
         for r in range(args.nproc)

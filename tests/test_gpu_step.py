@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,10 +40,12 @@ def source_tree_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
-def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python benchmarks/gpu_step.py args...`` from the source tree."""
+def run_script(
+    *args: str, python_flags: tuple[str, ...] = (), timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python [python_flags] benchmarks/gpu_step.py args...`` from the source tree."""
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, *python_flags, str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -51,29 +54,31 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def test_imports_no_library_the_gpu_machine_lacks():
-    code = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('gpu_step', {str(SCRIPT)!r})\n"
-        "module = sys.modules['gpu_step'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=source_tree_env(),
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+@pytest.fixture(scope="module")
+def listed() -> subprocess.CompletedProcess:
+    """``--list`` run with ``-X importtime``: the row keys on stdout, and on stderr every module
+    the script imported (one interpreter serves both checks: its start-up is the cost)."""
+    return run_script("--list", "--device", "cpu", python_flags=("-X", "importtime"))
+
+
+def imported_packages(importtime_log: str) -> set[str]:
+    """Top-level packages in ``-X importtime``'s log (``import time: self | total | name``)."""
+    names = {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_log.splitlines()
+        if line.startswith("import time:")
+    }
+    return {name.split(".")[0] for name in names} - {"imported package"}
+
+
+def test_imports_no_library_the_gpu_machine_lacks(listed: subprocess.CompletedProcess):
+    assert listed.returncode == 0, listed.stderr
+    loaded = imported_packages(listed.stderr)
     assert "distlab" in loaded and "torch" in loaded
     assert not loaded & {*FORBIDDEN, "transformers"}, loaded & {*FORBIDDEN, "transformers"}
 
 
-def test_list_and_a_filter_that_matches_nothing():
-    listed = run_script("--list", "--device", "cpu")
+def test_list_and_a_filter_that_matches_nothing(listed: subprocess.CompletedProcess):
     assert listed.returncode == 0, listed.stderr
     keys = listed.stdout.split()
     assert len(keys) == 18 and "hf/eager/max" in keys and "hf/compile/8" not in keys
@@ -135,7 +140,10 @@ def test_a_peer_that_never_fits_is_a_one_line_error(monkeypatch):
         )
 
 
-def test_cpu_smoke_run_fills_every_row(tmp_path):
+def test_cpu_smoke_run_fills_every_row(tmp_path: Path, compile_cache: Path):
+    # compile_cache: the script's distlab runs compile into the session's inductor cache, where
+    # test_compile's single run left the graphs of this block shape (micro-batch 8 of tiny):
+    # single/compile/8 loads them (AOTAutograd cache hit) instead of compiling them again.
     out = tmp_path / "gpu_step.json"
     result = run_script(
         "--device", "cpu", "--warmup", "1", "--steps", "3",

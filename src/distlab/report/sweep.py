@@ -162,11 +162,16 @@ def run_cell(sweep: Sweep, cell: Cell, log_dir: Path) -> None:
         return
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run of an earlier sweep: start over
+    values = _cell_config(sweep, cell)
     config_file = log_dir / f"{cell.name}.yaml"
-    config_file.write_text(yaml.safe_dump(_cell_config(sweep, cell), sort_keys=False))
+    config_file.write_text(yaml.safe_dump(values, sort_keys=False))
     log_file = log_dir / f"{cell.name}.log"
     tic = time.monotonic()
     command = [sys.executable, "-m", "distlab.launch", "--config", str(config_file)]
+    if values.get("launcher") == "local":
+        # Also as a flag, which the launcher reads before it imports torch: its rank server
+        # then imports on another core meanwhile (distlab.launch.spawn.start_early).
+        command += ["--launcher", "local"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_file.open("w") as log:
         try:
