@@ -152,13 +152,21 @@ def test_run_on_a_separately_started_cluster(tmp_path: Path, ray_cluster: str) -
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
-def test_unknown_ray_address_is_a_one_line_error(tmp_path: Path, how: str) -> None:
+def test_unknown_ray_address_is_a_one_line_error(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # in-process: the address is checked before Ray is imported or a run dir made
+    for name in RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     run_dir = tmp_path / "run"
     if how == "flag":
-        result = launch(*RUN, "--ray-address", address, "--run-dir", str(run_dir), timeout=60)
+        result = run_main(
+            "distlab.launch", *RUN, "--ray-address", address, "--run-dir", str(run_dir)
+        )
     else:
-        result = launch(*RUN, "--run-dir", str(run_dir), env={"RAY_ADDRESS": address}, timeout=60)
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        result = run_main("distlab.launch", *RUN, "--run-dir", str(run_dir))
     assert_one_line_error(result, f"no Ray cluster at {address}")
     assert result.stdout == ""
     assert not run_dir.exists()
