@@ -80,20 +80,9 @@ def cells(summary: dict[str, Any]) -> list[str]:
     return [
         *(f"{value:.0f}" for value in ms),
         "-" if fraction is None else f"{fraction:.2f}",
-        f"{1e3 * core_wait(summary):.0f}",
+        f"{1e3 * breakdown['cpu_contention_s']:.0f}",
         "-" if calls is None else str(calls),
     ]
-
-
-def core_wait(summary: dict[str, Any]) -> float:
-    """Mean over ranks of the time the rank's thread waited for a core in its last tracked
-    step (``cpu_contention_s``: inside compute and the other categories, not beside them)."""
-    last: dict[int, dict[str, Any]] = {}
-    for entry in summary.get("time_breakdown_by_rank") or []:
-        if entry["step"] >= last.get(entry["rank"], {"step": -1})["step"]:
-            last[entry["rank"]] = entry
-    waits = [entry.get("cpu_contention_s") or 0.0 for entry in last.values()]
-    return sum(waits) / len(waits) if waits else 0.0
 
 
 def main() -> None:

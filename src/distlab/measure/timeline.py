@@ -283,8 +283,10 @@ def mean_of_last_steps(entries: list[dict[str, Any]] | None) -> dict[str, Any] |
     """The mean over ranks of each rank's last tracked step in a summary's
     ``time_breakdown_by_rank``, in seconds (None if it has none): ``ranks``, ``steps``,
     ``wall_s``, ``by_category`` (a category an entry lacks counts as zero),
-    ``overlapped_comm``, ``comm_s`` and ``overlap_fraction``, the mean overlapped time over
-    the mean time collectives were in flight (None if none were)."""
+    ``overlapped_comm``, ``comm_s``, ``overlap_fraction``, the mean overlapped time over
+    the mean time collectives were in flight (None if none were), and
+    ``cpu_contention_s``, the time the rank's thread waited for a core (inside the
+    categories, not beside them)."""
     by_rank: dict[int, list[dict[str, Any]]] = {}
     for entry in entries or []:
         by_rank.setdefault(entry["rank"], []).append(entry)
@@ -305,6 +307,7 @@ def mean_of_last_steps(entries: list[dict[str, Any]] | None) -> dict[str, Any] |
         "overlapped_comm": overlapped,
         "comm_s": comm,
         "overlap_fraction": overlapped / comm if comm > 0 else None,
+        "cpu_contention_s": mean([e.get("cpu_contention_s") for e in last]),
     }
 
 
