@@ -255,7 +255,10 @@ def test_the_profiler_and_the_timeline_agree_on_the_same_step(
     for mine in summary["time_breakdown_by_rank"]:
         other = theirs[(mine["rank"], mine["step"])]
         wall = mine["wall_s"]
-        assert other["wall_s"] == pytest.approx(wall, rel=0.01)  # the same step, two clocks
+        # The same step, two clocks: the profiler's span opens right after the timeline begins
+        # and closes right before it ends, so it is shorter by the span's own opening and closing
+        # (0.11-0.18 ms measured here), never longer (clock conversion: microseconds).
+        assert wall - max(0.01 * wall, 1e-3) <= other["wall_s"] <= wall + 50e-6
         for category in CATEGORIES:
             gap = abs(mine["by_category"][category] - other["by_category"][category])
             assert gap <= AGREEMENT * wall, (category, mine, other)

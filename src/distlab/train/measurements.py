@@ -88,12 +88,19 @@ class StepClock:
     timeline's own start and end, so the step time is the window its categories split."""
 
     timeline: StepTimeline | None = None
+    span: record_function | None = None
+    """The profiler's ``distlab:step`` span (``--profile``), open inside the timeline's window."""
     start: float = field(default_factory=time.perf_counter)
 
     def stop(self) -> float:
-        """Seconds since the step started."""
+        """Seconds since the step started (a later call changes nothing)."""
         if self.timeline is None:
             return time.perf_counter() - self.start
+        if self.span is not None:
+            # Closed right before the timeline ends, as it opened right after the timeline began:
+            # the two clocks then time the same step but for a few microseconds at each end.
+            self.span.__exit__(None, None, None)
+            self.span = None
         return self.timeline.end()
 
 
@@ -163,11 +170,13 @@ class RunMeasurements:
         with profiling_step(trace) if self.config.profile else nullcontext():
             set_active(record)  # the counting process group reports each collective to it
             record.begin()
+            clock = StepClock(record, record_function(STEP_SPAN) if self.config.profile else None)
+            if clock.span is not None:
+                clock.span.__enter__()
             try:
-                with record_function(STEP_SPAN) if self.config.profile else nullcontext():
-                    yield StepClock(record)
+                yield clock
             finally:
-                record.end()
+                clock.stop()
                 set_active(None)
         self.step_time = record.breakdown()
         if self.config.profile:  # the same step, from the profiler's trace alone
