@@ -27,9 +27,17 @@ TINY_LOCAL_RUN = [
 memory picture (``--pictures`` after them draws it)."""
 
 
-def run_command(module: str, *args: str, timeout: float = 300, cwd: Path | None = None):
-    """Run ``python -m module args...`` and return the CompletedProcess (text output)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+def run_command(
+    module: str,
+    *args: str,
+    timeout: float = 300,
+    cwd: Path | None = None,
+    unset: tuple[str, ...] = (),
+):
+    """Run ``python -m module args...`` (without the variables ``unset``) and return the
+    CompletedProcess (text output)."""
+    kept = {k: v for k, v in os.environ.items() if k not in unset}
+    env = {**kept, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,

@@ -6,6 +6,7 @@ distlab compare runs/*                        (= python -m distlab.compare ...)
 distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
 distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
 distlab plan --model gpt2 --gpus 64           (= python -m distlab.plan ...)
+distlab cluster up --nodes 2                  (= python -m distlab.launch.cluster up ...)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 from distlab.cli import run_cli
 from distlab.launch.__main__ import main as launch
+from distlab.launch.cluster import main as cluster
 from distlab.plan.__main__ import main as plan
 from distlab.report.comm_check import main as comm_check
 from distlab.report.compare import main as compare
@@ -30,6 +32,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sweep": (sweep, "run a matrix of strategies x world sizes, then report"),
     "comm-check": (comm_check, "counted communication vs theory vs the kernel's TCP bytes"),
     "plan": (plan, "which layout, memory per GPU and speed for a model on a cluster"),
+    "cluster": (cluster, "a Ray cluster of several nodes on this machine: up, status, down"),
 }
 
 

@@ -24,6 +24,8 @@ class RankContext:
     rank: int
     world_size: int
     device: torch.device
+    nodes: tuple[int | None, ...] | None = None
+    """The cluster node of every rank, on a cluster from ``distlab cluster up`` (else None)."""
 
     @property
     def is_main(self) -> bool:

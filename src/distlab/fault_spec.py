@@ -1,9 +1,11 @@
-"""The ``--inject-fault`` grammar: ``RANK@STEP[:PHASE]`` specs, parsed and checked.
+"""The ``--inject-fault`` grammar: ``RANK@STEP[:PHASE]`` and ``node:K@STEP`` specs, checked.
 
 A spec names a rank and a step, and what happens there: a kill before the step
 (no phase), an exception inside it (``raise``), or a kill at one crash point of
-saving checkpoint ``step_STEP`` (a save stage). ``fault_specs`` refuses, in one
-line, a spec that is malformed or could never fire in the configured run.
+saving checkpoint ``step_STEP`` (a save stage). ``node:K@STEP`` loses node K
+of a cluster from ``distlab cluster up`` (every process on it, ranks included)
+before step STEP; rank 0 fires it. ``fault_specs`` refuses, in one line, a spec
+that is malformed or could never fire in the configured run.
 ``distlab.train.faults`` fires them.
 """
 
@@ -27,7 +29,10 @@ MAIN_RANK_STAGES = ("save-before-rename", "save-after-rename", "save-rotation")
 """Save stages only rank 0 passes (it alone commits and rotates)."""
 FAULT_PHASES = ("", "raise", *SAVE_STAGES)
 """What may follow ``RANK@STEP:`` in a fault spec ("" is a plain kill)."""
-FAULT_FORMS = f"RANK@STEP, RANK@STEP:raise or RANK@STEP:STAGE (STAGE: {', '.join(SAVE_STAGES)})"
+FAULT_FORMS = (
+    f"RANK@STEP, RANK@STEP:raise, RANK@STEP:STAGE (STAGE: {', '.join(SAVE_STAGES)}) or node:K@STEP"
+)
+NODE_PREFIX = "node:"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class FaultSpec:
     rank: int
     step: int
     phase: str = ""
+    node: int | None = None
+    """``node:K@STEP``: the cluster node rank ``rank`` (0) kills with every process on it."""
 
     @property
     def during_save(self) -> bool:
@@ -50,7 +57,9 @@ class FaultSpec:
 
     @property
     def name(self) -> str:
-        """The spec as written on the command line, e.g. ``1@4:save``."""
+        """The spec as written on the command line, e.g. ``1@4:save`` or ``node:1@4``."""
+        if self.node is not None:
+            return f"{NODE_PREFIX}{self.node}@{self.step}"
         return f"{self.rank}@{self.step}" + (f":{self.phase}" if self.phase else "")
 
 
@@ -60,6 +69,9 @@ def fault_specs(config: Config) -> list[FaultSpec]:
     for text in (config.inject_fault or "").split(","):
         text = text.strip()
         if not text:
+            continue
+        if text.startswith(NODE_PREFIX):
+            specs.append(_node_fault(text, config))
             continue
         where, _, phase = text.partition(":")
         rank, _, step = where.partition("@")
@@ -94,3 +106,26 @@ def fault_specs(config: Config) -> list[FaultSpec]:
             )
         specs.append(spec)
     return specs
+
+
+def _node_fault(text: str, config: Config) -> FaultSpec:
+    """``node:K@STEP``, checked against what the configuration alone can tell."""
+    node, _, step = text.removeprefix(NODE_PREFIX).partition("@")
+    if not (node.isdigit() and step.isdigit()):
+        raise DistlabError(f"inject_fault '{text}' must look like node:K@STEP (e.g. node:1@4)")
+    spec = FaultSpec(0, int(step), node=int(node))
+    require(
+        spec.node != 0,
+        f"inject_fault '{text}': node 0 is the cluster's head, whose loss ends the cluster; "
+        "lose a worker node (1 and up)",
+    )
+    require(
+        config.launcher == "ray",
+        f"inject_fault '{text}' needs a Ray cluster: --launcher ray --ray-address ADDRESS "
+        "(start one with 'distlab cluster up --nodes 2')",
+    )
+    require(
+        spec.step < config.steps,
+        f"inject_fault '{text}' never fires: the run has only {config.steps} steps",
+    )
+    return spec

@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING, Any
 from distlab.config import Config
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
+from distlab.fault_spec import fault_specs
 from distlab.launch.printer import EventPrinter
 from distlab.launch.watchdog import Watchdog
+from distlab.nodes import alive_nodes
 from distlab.run.files import LOGS_DIR, SUMMARY_FILE
 from distlab.run.recorder import summary_table
 from distlab.train.rank import ERROR_FILE, ray_train_loop
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
 """Environment variables the driver passes on to Ray workers (on any cluster)."""
 POLL_S = 0.5
+RAY_MESSAGES_FILE = "ray_messages.log"
+"""The run's ``logs/`` file for what Ray's control store tells the driver (a lost node's dump)."""
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -136,6 +140,12 @@ def launch_ray(
     feed: WandbFeed | None = None,
 ) -> None:
     """Run the ranks as Ray Train workers until done; one-line DistlabError if the run fails."""
+    node_faults = sorted({spec.node for spec in fault_specs(config) if spec.node is not None})
+    if node_faults and not address:
+        raise DistlabError(
+            f"--inject-fault node:{node_faults[0]} needs a cluster of several nodes: start one "
+            "with 'distlab cluster up --nodes 2' and pass the address it prints to --ray-address"
+        )
     if address:
         use_token_auth_for_join()
     import ray
@@ -154,8 +164,10 @@ def launch_ray(
     watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(printer, watchdog, feed, stop), daemon=True)
+    _send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)
     try:
         _check_capacity(ray.cluster_resources(), cpus, gpus, address)
+        _check_fault_nodes_exist(node_faults, address)
         trainer = _build_trainer(config, token_file, run_dir, cuda)
         watcher.start()
         _run_trainer(trainer, config, run_dir, watchdog)
@@ -169,6 +181,31 @@ def launch_ray(
         printer.flush()
         ray.shutdown()
     _report_finished_run(config, run_dir)
+
+
+def _send_cluster_messages_to(path: Path) -> None:
+    """Append the messages Ray's control store sends this driver to ``path``, not to stdout.
+
+    A lost node's raylet reaches the driver as a screenful of its internal state;
+    the launcher reports the fault in one line instead. Ray prints these from a
+    thread of its own, through ``ray._private.worker.print_to_stdstream`` (no
+    public switch), so that function is wrapped; worker logs are off anyway
+    (``log_to_driver=False``).
+    """
+    from ray._private import worker
+
+    printer = getattr(worker.print_to_stdstream, "__wrapped__", worker.print_to_stdstream)
+
+    def to_file(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as log:
+            log.write("".join(f"{line}\n" for line in data["lines"]))
+
+    to_file.__wrapped__ = printer  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_file
 
 
 def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None:
@@ -298,6 +335,17 @@ def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: 
             f"{where} has {have_cpus:g} CPUs and {have_gpus:g} GPUs; the run needs {cpus} CPUs "
             f"and {gpus} GPUs (nproc x threads_per_rank CPUs, one GPU per rank on cuda)"
         )
+
+
+def _check_fault_nodes_exist(nodes: list[int], address: str | None) -> None:
+    """One-line error unless every node of a ``node:K`` fault is a node of the joined cluster."""
+    alive = alive_nodes() if nodes else {}
+    for node in nodes:
+        if node not in alive:
+            raise DistlabError(
+                f"--inject-fault node:{node}: the cluster at {address} has no node {node} (its "
+                f"nodes: {', '.join(map(str, sorted(alive))) or 'none from distlab cluster up'})"
+            )
 
 
 def _worker_error(run_dir: Path) -> str | None:

@@ -98,6 +98,8 @@ def fault_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
         "recovery_s_each": [round(r, 3) for r in recoveries],
         "faults": [describe_fault(e) for e in first_faults(events)],
         "startup_s": (round(first_start["t"] - launch["t"], 3) if launch and first_start else None),
+        # Which cluster node each rank ran on, in the newest attempt (on a distlab cluster).
+        "nodes_by_rank": starts[-1].get("nodes") if starts else None,
     }
 
 
@@ -106,6 +108,11 @@ def describe_fault(event: dict[str, Any]) -> str:
     rank = event.get("rank")
     who = f"rank {rank}" if rank is not None else "a rank"
     kind = event.get("kind")
+    if kind == "node":
+        return (
+            f"{who} took node {event.get('node')} down, with every rank on it, at step "
+            f"{event.get('step')} (--inject-fault {event.get('spec')})"
+        )
     if kind == "injected":
         where = "while saving checkpoint" if event.get("during_save") else "at step"
         return (

@@ -33,7 +33,6 @@ from distlab.config import (
 )
 from distlab.data import global_batch, load_tokens, rank_slice
 from distlab.distributed import RankContext
-from distlab.fault_spec import FaultSpec
 from distlab.measure.timeline import phase
 from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, read_events
@@ -114,7 +113,7 @@ class RankTrainer:
 
     def _fire_fault_at(self, step: int, phase: str = "") -> None:
         """This rank's injected fault at ``step`` (and ``phase``), if one is pending."""
-        fire_fault(self.faults, FaultSpec(self.ctx.rank, step, phase), self.ctx, self.run_dir)
+        fire_fault(self.faults, step, phase, self.ctx, self.run_dir)
 
     def run_step(self, step: int) -> None:
         """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it."""

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from distlab.config import Config
 from distlab.distributed import RankContext, init_rank, shutdown
 from distlab.errors import DistlabError
+from distlab.nodes import this_node
 from distlab.run.events import append_event
 from distlab.run.files import LOGS_DIR
 from distlab.train.loop import train
@@ -101,7 +102,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(config.threads_per_rank)
-    ctx = RankContext(rank=rank, world_size=world_size, device=device)
+    ctx = RankContext(rank=rank, world_size=world_size, device=device, nodes=_nodes_by_rank())
     try:
         train(ctx, config, Path(loop_config["token_file"]), run_dir)
     except DistlabError as exc:
@@ -111,3 +112,10 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     except BaseException:
         record_crash(rank, run_dir)
         raise
+
+
+def _nodes_by_rank() -> tuple[int | None, ...] | None:
+    """Every rank's node on a ``distlab cluster up`` cluster (one gather), else None."""
+    nodes: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, this_node())
+    return tuple(nodes) if any(n is not None for n in nodes) else None

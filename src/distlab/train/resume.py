@@ -109,6 +109,7 @@ def record_start(ctx: RankContext, config: Config, run_dir: Path, resumed: Resum
         lost_steps=lost_steps if restart else 0,
         world_size=ctx.world_size,
         strategy=config.strategy,
+        nodes=list(ctx.nodes) if ctx.nodes is not None else None,
     )
     return Attempt(number, restart)
 

@@ -1,0 +1,123 @@
+"""``distlab cluster``: a 2-node Ray cluster started and stopped here, and a node lost mid-run.
+
+One cluster serves the module (starting one costs about 15 s); each run on it
+costs Ray's start-up (about 30 s), so the checks share runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command, run_main
+
+from distlab.launch.cluster import alive, read_state
+
+RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+HSDP = ["--strategy", "hsdp", "--nproc", "4", "--steps", "6", "--checkpoint-every", "2"]
+"""hsdp 2 x 2 on two nodes of 2 CPUs: each node holds one shard group, replicas span nodes."""
+
+
+def command(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args``, without the test's own Ray address and auth variables."""
+    return run_command(module, *args, unset=RAY_ENV)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(address, state dir) of a 2-node cluster whose lost nodes come back after 1 s."""
+    state_dir = tmp_path_factory.mktemp("cluster")
+    flags = ["--state-dir", str(state_dir)]
+    result = command(
+        "distlab.launch.cluster", "up", "--nodes", "2", "--cpus-per-node", "2", *flags,
+        "--revive-after", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    address = result.stdout.splitlines()[-1]
+    assert address.startswith("127.0.0.1:")
+    again = command("distlab.launch.cluster", "up", *flags)
+    assert_one_line_error(again, "a cluster is already up at " + address)
+    yield address, state_dir
+    state = read_state(state_dir)
+    assert state is not None
+    result = command("distlab.launch.cluster", "down", *flags)
+    assert result.returncode == 0, result.stderr
+    pids = [state.supervisor_pid, *(node.pid for node in state.nodes)]
+    assert not any(alive(pid) for pid in pids)
+    assert command("distlab.launch.cluster", "status", *flags).returncode == 1
+
+
+@pytest.mark.slow
+def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    address, state_dir = cluster
+    reference = tmp_path / "reference"
+    result = run_main("distlab.launch", *TINY_LOCAL_RUN, *HSDP, "--run-dir", str(reference))
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "node-lost"
+    flags = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
+    result = command(
+        "distlab.launch", *flags, *HSDP, "--launcher", "ray", "--ray-address", address,
+        "--max-failures", "1", "--inject-fault", "node:1@3", "--track-memory", "off",
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "took node 1 down, with every rank on it, at step 3" in result.stdout
+    assert "state-dump" not in result.stdout + result.stderr  # the raylet's dump went to logs/
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert losses(run_dir) == losses(reference)  # bitwise: resumed from step 2's checkpoint
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1
+    nodes = summary["nodes_by_rank"]
+    # hsdp's shard groups (ranks 0-1, 2-3) each on one node, its replicas on both nodes.
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and {nodes[0], nodes[2]} == {0, 1}
+    node = read_state(state_dir).nodes[1]
+    assert (node.lost, node.revived) == (1, 1)
+    status = command("distlab.launch.cluster", "status", "--state-dir", str(state_dir))
+    assert status.returncode == 0 and status.stdout.count(" up ") == 2, status.stdout
+
+
+@pytest.mark.slow
+def test_a_node_fault_names_a_node_of_the_cluster(cluster: tuple[str, Path]) -> None:
+    address, _ = cluster
+    result = run_main(
+        "distlab.launch", *TINY_LOCAL_RUN[2:], "--launcher", "ray", "--ray-address", address,
+        "--strategy", "ddp", "--nproc", "2", "--steps", "4", "--max-failures", "1",
+        "--inject-fault", "node:5@2",
+    )  # fmt: skip
+    assert_one_line_error(result, f"the cluster at {address} has no node 5 (its nodes: 0, 1)")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--inject-fault", "node:0@2"], "node 0 is the cluster's head"),
+        (["--inject-fault", "node:x@2"], "must look like node:K@STEP"),
+        (["--inject-fault", "node:1@2", "--launcher", "local"], "needs a Ray cluster"),
+        (["--inject-fault", "node:1@9"], "never fires: the run has only 4 steps"),
+        (["--inject-fault", "node:1@2", "--launcher", "ray"], "start one with 'distlab cluster"),
+    ],
+)
+def test_bad_node_faults_are_one_line(flags: list[str], fragment: str) -> None:
+    base = ["--model", "tiny", "--no-wandb", "--steps", "4", "--strategy", "ddp", "--nproc", "2"]
+    result = run_main("distlab.launch", *base, "--max-failures", "1", *flags)
+    assert_one_line_error(result, fragment)
+
+
+def test_cluster_commands_without_a_cluster(tmp_path: Path) -> None:
+    flags = ["--state-dir", str(tmp_path)]
+    status = run_main("distlab.launch.cluster", "status", *flags)
+    assert status.returncode == 1 and "no cluster is up" in status.stdout
+    down = run_main("distlab.launch.cluster", "down", *flags)
+    assert down.returncode == 0 and "no cluster is up" in down.stdout
+    bad = run_main("distlab.launch.cluster", "up", "--nodes", "0", *flags)
+    assert_one_line_error(bad, "--nodes and --cpus-per-node must be at least 1")
+    assert not (tmp_path / "cluster.json").exists()
