@@ -15,6 +15,13 @@ import pytest
 from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command, run_main
 
 from distlab.launch.cluster import alive, read_state
+from distlab.report.parity import LOSS_RTOL
+
+
+def losses(run: Path) -> list[float]:
+    """The run's loss per step."""
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
 
 RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 HSDP = ["--strategy", "hsdp", "--nproc", "4", "--steps", "6", "--checkpoint-every", "2"]
@@ -28,12 +35,13 @@ def command(module: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """(address, state dir) of a 2-node cluster whose lost nodes come back after 1 s."""
+    """(address, state dir) of a 2-node cluster whose lost nodes come back after 15 s: long
+    enough for an elastic run to go on without one, and for a restart to wait for it."""
     state_dir = tmp_path_factory.mktemp("cluster")
     flags = ["--state-dir", str(state_dir)]
     result = command(
         "distlab.launch.cluster", "up", "--nodes", "2", "--cpus-per-node", "2", *flags,
-        "--revive-after", "1",
+        "--revive-after", "15",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     address = result.stdout.splitlines()[-1]
@@ -69,10 +77,6 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     assert "took node 1 down, with every rank on it, at step 3" in result.stdout
     assert "state-dump" not in result.stdout + result.stderr  # the raylet's dump went to logs/
 
-    def losses(run: Path) -> list[float]:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
-
     assert losses(run_dir) == losses(reference)  # bitwise: resumed from step 2's checkpoint
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1
@@ -83,6 +87,37 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     assert (node.lost, node.revived) == (1, 1)
     status = command("distlab.launch.cluster", "status", "--state-dir", str(state_dir))
     assert status.returncode == 0 and status.stdout.count(" up ") == 2, status.stdout
+
+
+@pytest.mark.slow
+def test_an_elastic_run_goes_on_at_the_ranks_left_and_matches_the_uninterrupted_one(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    address, _ = cluster
+    # 12 rows: whole at 4, 3 and 2 ranks (the sizes an elastic run of 2 to 4 may take)
+    run = ["--strategy", "ddp", "--nproc", "4", "--global-batch", "12", "--steps", "8"]
+    reference = tmp_path / "reference"
+    result = run_main("distlab.launch", *TINY_LOCAL_RUN, *run, "--run-dir", str(reference))
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "elastic"
+    flags = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
+    result = command(
+        "distlab.launch", *flags, *run, "--launcher", "ray", "--ray-address", address,
+        "--elastic", "2", "--max-failures", "1", "--checkpoint-every", "2",
+        "--inject-fault", "node:1@3", "--track-memory", "off", "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "distlab: continuing at 2 ranks (--elastic)" in result.stdout
+    starts = [e for e in events(run_dir) if e["event"] == "start"]
+    assert [s["world_size"] for s in starts[:2]] == [4, 2]
+    assert starts[1]["from_step"] == 2 and starts[1]["nodes"] == [0, 0]  # node 0's two CPUs
+    # The same global batch at 2 ranks: the same losses but for the order of the gradient sums.
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=LOSS_RTOL)
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The run's events."""
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -121,3 +156,18 @@ def test_cluster_commands_without_a_cluster(tmp_path: Path) -> None:
     bad = run_main("distlab.launch.cluster", "up", "--nodes", "0", *flags)
     assert_one_line_error(bad, "--nodes and --cpus-per-node must be at least 1")
     assert not (tmp_path / "cluster.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--elastic", "5"], "--elastic 5 must be between 1 and --nproc 4"),
+        (["--elastic", "2", "--strategy", "tp", "--tp", "4"], "tp's layout fixes it"),
+        (["--elastic", "2", "--launcher", "local"], "--elastic needs --launcher ray"),
+        (["--elastic", "2", "--global-batch", "8"], "at 3 ranks --global-batch 8 does not split"),
+    ],
+)
+def test_bad_elastic_flags_are_one_line(flags: list[str], fragment: str) -> None:
+    base = ["--model", "tiny", "--no-wandb", "--steps", "4", "--strategy", "ddp", "--nproc", "4"]
+    result = run_main("distlab.launch", *base, "--global-batch", "12", *flags)
+    assert_one_line_error(result, fragment)

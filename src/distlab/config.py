@@ -95,6 +95,11 @@ class Config:
     max_failures: int = 0
     """Restart all ranks from the newest complete checkpoint after up to this many
     failures (a rank that dies, crashes or hangs); 0 fails the run at the first one."""
+    elastic: int = 0
+    """MIN_RANKS: after a lost node, continue at as many ranks as the surviving nodes hold
+    (at least this many; ddp and fsdp on --launcher ray), resharded from the newest
+    checkpoint with the same global batch, and grow back when nodes return; 0: restart
+    only at --nproc ranks."""
     inject_fault: str | None = None
     """Testing: comma-separated faults, each fired once per run. RANK@STEP SIGKILLs that
     rank when STEP steps are done; RANK@STEP:raise makes it raise an exception there

@@ -10,7 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from distlab.config import AUTO, SHAPE_FIELDS, Config, model_shape, resolved_seq_len
+from distlab.config import (
+    AUTO,
+    SHAPE_FIELDS,
+    Config,
+    fixed_micro_batch,
+    model_shape,
+    resolved_seq_len,
+)
 from distlab.errors import DistlabError
 from distlab.model import PRESETS, VOCAB_SIZE
 
@@ -72,6 +79,7 @@ def check_fields(config: Config) -> None:
     )
     require(config.timeout_s > 0, "timeout_s must be > 0")
     require(config.max_failures >= 0, "max_failures must be >= 0")
+    check_elastic(config)
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
@@ -97,6 +105,36 @@ def check_fields(config: Config) -> None:
         raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
     if config.memory_budget is not None:
         parse_bytes(config.memory_budget)
+
+
+ELASTIC_STRATEGIES = ("ddp", "fsdp")
+"""Strategies whose layout any world size holds: one data-parallel dimension."""
+
+
+def check_elastic(config: Config) -> None:
+    """``--elastic MIN_RANKS``: a strategy, launcher and batch that every world size from
+    MIN_RANKS to --nproc can run."""
+    if not config.elastic:
+        return
+    require(
+        1 <= config.elastic <= config.nproc,
+        f"--elastic {config.elastic} must be between 1 and --nproc {config.nproc} (the fewest "
+        "ranks to continue at)",
+    )
+    require(
+        config.strategy in ELASTIC_STRATEGIES,
+        f"--elastic works with {' and '.join(ELASTIC_STRATEGIES)}, whose one data-parallel "
+        f"dimension fits any world size; {config.strategy}'s layout fixes it (use --max-failures)",
+    )
+    require(config.launcher == "ray", "--elastic needs --launcher ray (Ray Train resizes the run)")
+    for world in range(config.elastic, config.nproc + 1):
+        local, rest = divmod(config.global_batch, world)
+        require(
+            rest == 0 and local % (fixed_micro_batch(config) or local) == 0,
+            f"--elastic {config.elastic}: at {world} ranks --global-batch {config.global_batch} "
+            "does not split into whole micro-batches; choose a batch that every world size from "
+            f"{config.elastic} to {config.nproc} divides",
+        )
 
 
 def check_shape(config: Config) -> None:

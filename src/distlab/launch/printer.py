@@ -63,6 +63,9 @@ class EventPrinter:
             self.fault_open = False
         elif kind == "fault" and not self.fault_open:
             self.pending.append(event)
+        elif kind == "resize":  # a shrink, after the fault that lost the capacity
+            self.flush()
+            self._print(f"distlab: continuing at {event['ranks']} ranks (--elastic)")
         elif kind == "resume":
             source = event.get("checkpoint") or "the start (no checkpoint yet)"
             if event.get("restart"):
@@ -83,6 +86,11 @@ class EventPrinter:
         fault = main_fault(self.pending)
         self.pending = []
         self.fault_open = True
+        if fault.get("kind") == "resize":  # not a failure: Ray does not count it either
+            self._print(
+                f"distlab: {describe_fault(fault)}; every rank resumes from the newest checkpoint"
+            )
+            return
         self.failures += 1
         then = (
             "restarting all ranks from the newest checkpoint"

@@ -1,10 +1,13 @@
-"""A Ray Train callback (run in Ray's controller) that logs worker failures in the run dir."""
+"""Ray Train callbacks (run in Ray's controller) that log worker failures and resizes in the
+run dir."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ray.train import UserCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import RunningState
 
 from distlab.run.events import append_event
 
@@ -30,3 +33,28 @@ class FaultRecorder(UserCallback):
                 reason=reason[:300],
                 source="ray",
             )
+
+
+class ResizeRecorder(ControllerCallback):
+    """Appends a ``resize`` event each time an elastic run changes its world size.
+
+    Growing a healthy run (capacity came back) stops every rank, as a fault
+    would: that is logged as a ``fault`` of kind ``resize``, so the ranks'
+    errors while Ray tears the group down count as its collateral, not as
+    failures. A shrink follows a fault and is logged as a plain ``resize``.
+    Ray offers resize hooks only on its controller's (internal) callback class.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.running = False
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        self.running = isinstance(current_state, RunningState)
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        ranks = resize_decision.num_workers
+        if self.running:
+            append_event(Path(self.run_dir), "fault", rank=None, kind="resize", ranks=ranks)
+        else:
+            append_event(Path(self.run_dir), "resize", ranks=ranks)

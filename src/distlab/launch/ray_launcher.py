@@ -63,6 +63,12 @@ if TYPE_CHECKING:
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
 """Environment variables the driver passes on to Ray workers (on any cluster)."""
 POLL_S = 0.5
+ELASTIC_RESIZE_CHECK_S = 5.0
+"""How often an elastic run's controller looks for returned capacity to grow into."""
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT_S = 10.0
+"""An elastic restart that asked for capacity which is gone (a lost node Ray has not yet
+declared dead) gives up after this long and asks again, instead of Ray's 60 s."""
 RAY_MESSAGES_FILE = "ray_messages.log"
 """The run's ``logs/`` file for what Ray's control store tells the driver (a lost node's dump)."""
 CONNECT_TIMEOUT_S = 5.0
@@ -214,6 +220,9 @@ def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None
 
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
+    if config.elastic:  # for Ray Train's controller: see ELASTIC_START_TIMEOUT_S
+        env_vars[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)
+        os.environ[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)  # a local instance
     common = {"log_to_driver": False, "logging_level": logging.ERROR}
     captured: list[str] = []
     try:
@@ -261,7 +270,7 @@ def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) 
     from ray.train.torch import TorchTrainer
 
     from distlab.launch import ray_backend
-    from distlab.launch.ray_callback import FaultRecorder
+    from distlab.launch.ray_callback import FaultRecorder, ResizeRecorder
 
     resources: dict[str, float] = {"CPU": config.threads_per_rank}
     if cuda:
@@ -274,7 +283,11 @@ def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) 
             "run_dir": str(run_dir),
         },
         scaling_config=ScalingConfig(
-            num_workers=config.nproc, use_gpu=cuda, resources_per_worker=resources
+            # elastic: any size from --elastic to --nproc, whatever the cluster's nodes hold
+            num_workers=(config.elastic, config.nproc) if config.elastic else config.nproc,
+            use_gpu=cuda,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S,
         ),
         torch_config=ray_backend.torch_config(
             cuda, max(1, math.ceil(config.timeout_s)), config.comm_stats
@@ -283,7 +296,7 @@ def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) 
             name=f"distlab-{run_dir.name}",
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=[FaultRecorder(str(run_dir))],
+            callbacks=[FaultRecorder(str(run_dir)), ResizeRecorder(str(run_dir))],
         ),
     )
 

@@ -58,7 +58,7 @@ COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "Read err
 
 def fault_rank(event: dict[str, Any]) -> int:
     """How telling a fault event is about the cause (lower: more)."""
-    if event.get("kind") in ("injected", "hang"):
+    if event.get("kind") in ("injected", "hang", "node", "resize"):
         return 0
     if event.get("kind") == "signal":
         return 1
@@ -108,6 +108,8 @@ def describe_fault(event: dict[str, Any]) -> str:
     rank = event.get("rank")
     who = f"rank {rank}" if rank is not None else "a rank"
     kind = event.get("kind")
+    if kind == "resize":
+        return f"capacity for {event.get('ranks')} ranks came back: the run grows (--elastic)"
     if kind == "node":
         return (
             f"{who} took node {event.get('node')} down, with every rank on it, at step "

@@ -8,6 +8,7 @@ launcher can print it and the run's summary can count it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -97,6 +98,8 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     config = Config(**loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if config.elastic:  # Ray chose the world size: the run's batches and model stay the same
+        config = dataclasses.replace(config, nproc=world_size)
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         device = ray.train.torch.get_device()
     else:
