@@ -95,6 +95,14 @@ class Config:
     max_failures: int = 0
     """Restart all ranks from the newest complete checkpoint after up to this many
     failures (a rank that dies, crashes or hangs); 0 fails the run at the first one."""
+    ft: str = "restart"
+    """How the run recovers from a failed rank: restart (stop every rank, start them all again
+    from the newest checkpoint) or live (strategy ddp with --launcher local: each rank is a
+    torchft replica; when one dies the others keep stepping without it, and it is restarted
+    alone and heals from a live peer's state; needs the ft extra: pip install 'distlab[ft]')."""
+    rejoin_after: int = 0
+    """--ft live only: restart a dead replica once replica 0 has recorded this many more steps
+    without it (a stand-in for a replacement machine's start-up time; 0: at once)."""
     inject_fault: str | None = None
     """Testing: comma-separated faults, each fired once per run. RANK@STEP SIGKILLs that
     rank when STEP steps are done; RANK@STEP:raise makes it raise an exception there
