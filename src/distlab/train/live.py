@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 from torchft.ddp import DistributedDataParallel
 from torchft.manager import Manager
 from torchft.process_group import ProcessGroupGloo
@@ -51,7 +52,6 @@ from distlab.run.heartbeat import beat
 from distlab.strategies.base import ModuleTrainStep, no_sync_unless
 from distlab.train.loop import RankTrainer, write_pid
 from distlab.train.rank import done_marker, rank_config, run_reporting
-from distlab.values import scalar
 
 READY_POLL_S = 0.05
 
@@ -76,19 +76,34 @@ class LiveTrainStep(ModuleTrainStep):
             keep_gradients=True,
         )
         self.manager = manager
-        self.replica_mean_loss = float("nan")
+        self.replica_losses: list[float | None] = []
+        """The last step's loss of each replica's rows (None: not in the quorum)."""
 
     def should_commit(self, local_loss: torch.Tensor) -> bool:
-        """Average the loss over the quorum's replicas (as the gradients were), then ask
-        torchft whether every one of them got through this step's all-reduces."""
-        loss = local_loss.detach().clone()
-        self.manager.allreduce(loss).wait()  # in place: the sum over the quorum / its size
-        self.replica_mean_loss = scalar(loss)
+        """Gather every replica's loss over the quorum (slot r holds replica r's; an absent
+        replica's slot stays 0 and it is counted absent), then ask torchft whether every
+        replica in the quorum got through this step's all-reduces."""
+        losses = torch.zeros(2, self.dp_size, dtype=torch.float64)
+        losses[0, self.dp_rank] = local_loss.detach().double()
+        losses[1, self.dp_rank] = 1.0  # present
+        self.manager.allreduce(losses, reduce_op=ReduceOp.SUM).wait()
+        self.replica_losses = [
+            loss if present else None for loss, present in zip(*losses.tolist(), strict=True)
+        ]
         return self.manager.should_commit()
 
+    def step_metrics(self, quorum_s: float) -> dict[str, Any]:
+        """The last step's ``metrics.jsonl`` fields of live recovery: how many replicas took
+        part, each replica's loss (None: absent), the seconds spent waiting for the quorum."""
+        replicas = sum(loss is not None for loss in self.replica_losses)
+        return {"replicas": replicas, "replica_losses": self.replica_losses, "quorum_s": quorum_s}
+
     def mean_loss(self, local: torch.Tensor) -> float:
-        """The mean over the rows of the replicas that took part (``should_commit``'s)."""
-        return self.replica_mean_loss
+        """The mean over the rows of the replicas that took part: the mean of their losses
+        (each replica's is the mean over its equally many rows)."""
+        present = [loss for loss in self.replica_losses if loss is not None]
+        # none: the all-reduce failed (the step is not committed, not recorded, run again)
+        return sum(present) / len(present) if present else float("nan")
 
     def replica_state(self) -> dict[str, Any]:
         """What a healing peer loads: model, optimizer and the schedule's position."""
@@ -256,9 +271,9 @@ def train_live(
             if ctx.is_main and replicas != replicas_before:
                 append_event(run_dir, "quorum", step=step, replicas=replicas)
                 replicas_before = replicas
-            measured = {"replicas": replicas, "quorum_s": quorum_s}
-            if not trainer.run_step(step, measured):
-                append_event(run_dir, "step_retry", rank=ctx.rank, step=step)
+            if not trainer.run_step(step, partial(step_fn.step_metrics, quorum_s)):
+                error = str(manager.errored() or "").splitlines()[:1]
+                append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)
                 continue
             if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
                 trainer.save_checkpoint_if_due(step)

@@ -125,12 +125,13 @@ class RankTrainer:
         """This rank's injected fault at ``step`` (and ``phase``), if one is pending."""
         fire_fault(self.faults, FaultSpec(self.ctx.rank, step, phase), self.ctx, self.run_dir)
 
-    def run_step(self, step: int, measured: dict[str, Any] | None = None) -> bool:
+    def run_step(self, step: int, measured: Callable[[], dict[str, Any]] | None = None) -> bool:
         """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it.
 
-        ``measured``: metrics the caller took around the step, recorded with it (live
-        recovery: how many replicas stepped, the wait for their quorum). Returns whether the
-        update was applied (``StepResult.committed``); a step that was not is not recorded.
+        ``measured``: called after the step, the caller's own metrics of it, recorded with it
+        (live recovery: the replicas that stepped and their losses, the wait for their
+        quorum). Returns whether the update was applied (``StepResult.committed``); a step
+        that was not is not recorded.
         """
         config = self.config
         self.fire_fault_at(step)
@@ -153,7 +154,8 @@ class RankTrainer:
             step, step_time, self.tokens_per_step, self.train_step.model_state_bytes()
         )
         if result.committed:
-            self._record_step(step, lr, result, step_time, {**extra, **(measured or {})})
+            extra.update(measured() if measured is not None else {})
+            self._record_step(step, lr, result, step_time, extra)
         beat(self.run_dir, self.ctx.rank, "step", step)
         return result.committed
 
