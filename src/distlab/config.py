@@ -100,6 +100,14 @@ class Config:
     (at least this many; ddp and fsdp on --launcher ray), resharded from the newest
     checkpoint with the same global batch, and grow back when nodes return; 0: restart
     only at --nproc ranks."""
+    ft: str = "restart"
+    """How the run recovers from a failed rank: restart (stop every rank, start them all again
+    from the newest checkpoint) or live (strategy ddp with --launcher local: each rank is a
+    torchft replica; when one dies the others keep stepping without it, and it is restarted
+    alone and heals from a live peer's state; needs the ft extra: pip install 'distlab[ft]')."""
+    rejoin_after: int = 0
+    """--ft live only: restart a dead replica once replica 0 has recorded this many more steps
+    without it (a stand-in for a replacement machine's start-up time; 0: at once)."""
     inject_fault: str | None = None
     """Testing: comma-separated faults, each fired once per run. RANK@STEP SIGKILLs that
     rank when STEP steps are done; RANK@STEP:raise makes it raise an exception there

@@ -25,6 +25,8 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("ray", "local")
+FT_MODES = ("restart", "live")
+"""``--ft``: restart every rank from a checkpoint, or keep the live replicas stepping (torchft)."""
 AC_MODES = ("none", "full", "selective")
 """``--ac``: activation checkpointing per block (``distlab.strategies.activation_checkpoint``)."""
 TRACK_MEMORY_MODES = ("sample", "every", "off")
@@ -80,6 +82,16 @@ def check_fields(config: Config) -> None:
     require(config.timeout_s > 0, "timeout_s must be > 0")
     require(config.max_failures >= 0, "max_failures must be >= 0")
     check_elastic(config)
+    require_choice("ft", config.ft, FT_MODES)
+    require(
+        config.ft != "live" or config.launcher == "local",
+        "--ft live runs its replicas on the local launcher: use --launcher local",
+    )
+    require(config.rejoin_after >= 0, f"rejoin_after must be >= 0 (got {config.rejoin_after})")
+    require(
+        config.rejoin_after == 0 or config.ft == "live",
+        "--rejoin-after delays a replica's live restart: it needs --ft live",
+    )
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")

@@ -54,7 +54,7 @@ class Failure:
     """False for a DistlabError: restarting would fail the same way."""
 
 
-def _stop(processes: list[mp.Process]) -> None:
+def stop_ranks(processes: list[mp.Process]) -> None:
     """Terminate, then kill, every rank still running."""
     for process in processes:
         if process.is_alive():
@@ -140,7 +140,7 @@ def _attempt(
             codes = [0 if rank in ignored else code for rank, code in enumerate(codes)]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                _stop(processes)
+                stop_ranks(processes)
                 if hang is not None:  # the watchdog killed it (and logged the fault)
                     printer.poll()
                     printer.flush()
@@ -151,7 +151,7 @@ def _attempt(
                     append_event(run_dir, "fault", rank=first[0], kind="signal", signal=-first[1])
                 printer.poll()
                 printer.flush()
-                return _failure(first, dict(failed), errors)
+                return attempt_failure(first, dict(failed), errors)
             if all(code == 0 for code in codes):
                 return None
             hang = hang or watchdog.poll()
@@ -161,11 +161,11 @@ def _attempt(
             # Sleep until the next poll or until a rank exits, whichever comes first.
             wait([p.sentinel for p in processes if p.exitcode is None], POLL_S)
     except KeyboardInterrupt:
-        _stop(processes)
+        stop_ranks(processes)
         raise DistlabError("interrupted; all ranks stopped") from None
 
 
-def _failure(first: tuple[int, int], codes: dict[int, int], errors: mp.Queue) -> Failure:
+def attempt_failure(first: tuple[int, int], codes: dict[int, int], errors: mp.Queue) -> Failure:
     """Why the attempt failed: a killed rank's signal, else the reason a rank reported."""
     rank, code = first
     if code < 0:

@@ -20,6 +20,8 @@ class EventPrinter:
 
     With ``progress`` it also prints a line every ``log_every`` steps from
     ``metrics.jsonl`` (for launchers whose ranks' output is not shown, i.e. Ray).
+    With ``live`` (``--ft live``) a fault of a replica other than 0 restarts that replica
+    alone, and its heal (a ``heal`` event) ends the fault.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class EventPrinter:
         log_every: int = 10,
         steps: int = 0,
         settle_s: float = 3.0,
+        live: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.max_failures = max_failures
@@ -44,6 +47,7 @@ class EventPrinter:
         self.fault_open = False
         self.pending: list[dict[str, Any]] = []
         self.settle_s = settle_s
+        self.live = live
 
     def poll(self) -> None:
         """Print whatever happened since the last poll."""
@@ -66,6 +70,13 @@ class EventPrinter:
         elif kind == "resize":  # a shrink, after the fault that lost the capacity
             self.flush()
             self._print(f"distlab: continuing at {event['ranks']} ranks (--elastic)")
+        elif kind == "heal":
+            self.flush()
+            self.fault_open = False
+            self._print(
+                f"distlab: replica {event['rank']} healed from a live peer: step "
+                f"{event['from_step']} -> {event['step']} in {event['heal_s']:.1f} s"
+            )
         elif kind == "resume":
             source = event.get("checkpoint") or "the start (no checkpoint yet)"
             if event.get("restart"):
@@ -92,11 +103,12 @@ class EventPrinter:
             )
             return
         self.failures += 1
-        then = (
-            "restarting all ranks from the newest checkpoint"
-            if self.failures <= self.max_failures
-            else f"no restarts left (--max-failures {self.max_failures})"
-        )
+        if self.failures > self.max_failures:
+            then = f"no restarts left (--max-failures {self.max_failures})"
+        elif self.live and fault.get("rank"):
+            then = "the other replicas step on; restarting it alone, to heal from a live peer"
+        else:
+            then = "restarting all ranks from the newest checkpoint"
         self._print(f"distlab: fault {self.failures}: {describe_fault(fault)}; {then}")
 
     def _print(self, line: str) -> None:

@@ -47,6 +47,10 @@ def run(config: Config) -> Path:
     try:
         if config.launcher == "ray":
             launch_ray(config, token_file, run_dir, address, feed)
+        elif config.ft == "live":
+            from distlab.launch.live import launch_live  # torchft: an optional extra
+
+            launch_live(config, token_file, run_dir, feed)
         else:
             launch_local(config, token_file, run_dir, feed)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -75,6 +79,7 @@ def probe_peak(config: Config) -> int | None:
             save_final_weights=False,
             pictures=False,
             max_failures=0,
+            ft="restart",  # a probe measures memory: the same per rank without torchft
             inject_fault=None,
             resume=None,
         )

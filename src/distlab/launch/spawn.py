@@ -60,14 +60,20 @@ LIBRARIES = {
 """A strategy's own heavy library, preloaded when a launch that starts the server needs it."""
 COMPILER = ("torch._inductor.compile_fx",)
 """What ``--compile``'s first ``torch.compile`` imports (inductor: seconds a rank)."""
+LIVE = ("distlab.train.live",)
+"""``--ft live``'s replica code and torchft (with OpenTelemetry: about 0.5 s a replica,
+which a replica restarted alone would otherwise spend before it can heal)."""
 
 _preload: set[str] = set()
 
 
-def rank_context(strategies: Iterable[str] = (), compile: bool = False) -> BaseContext:
+def rank_context(
+    strategies: Iterable[str] = (), compile: bool = False, live: bool = False
+) -> BaseContext:
     """The multiprocessing context ranks are started in (``forkserver``), with ``PRELOAD``,
-    the libraries of ``strategies`` and, for ``compile``, the compiler preloaded if this call
-    is the one that starts the server (a missing library is left out)."""
+    the libraries of ``strategies``, for ``compile`` the compiler and for ``live`` torchft
+    preloaded if this call is the one that starts the server (a missing library is left
+    out)."""
     _preload.update(PRELOAD)
     for name in strategies:
         modules = LIBRARIES.get(name, ())
@@ -75,6 +81,8 @@ def rank_context(strategies: Iterable[str] = (), compile: bool = False) -> BaseC
             _preload.update(modules)
     if compile:
         _preload.update(COMPILER)
+    if live and importlib.util.find_spec("torchft") is not None:
+        _preload.update(LIVE)
     context = multiprocessing.get_context("forkserver")
     # Only the first start reads the list: later launches reuse the running server.
     context.set_forkserver_preload(sorted(_preload))
@@ -93,9 +101,10 @@ def start_early(argv: list[str]) -> None:
     """
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--launcher")
+    peek.add_argument("--ft")
     for flag in ("--dry-run", "--list", "--help", "-h"):
         peek.add_argument(flag, action="store_true")
     known, _ = peek.parse_known_args(argv)
     if known.launcher == "local" and not (known.dry_run or known.list or known.help or known.h):
-        rank_context()
+        rank_context(live=known.ft == "live")
         forkserver.ensure_running()

@@ -51,6 +51,9 @@ class StepResult:
     routing: dict[str, float | list[int]] = field(default_factory=dict)
     """MoE routing statistics of the step (``distlab.moe.RoutingTally.metrics``, plus what
     expert parallelism sent where); empty for a dense model."""
+    committed: bool = True
+    """Whether the update was applied. False only under live recovery (``--ft live``), when
+    the replicas' all-reduce failed: the step is then run again, not recorded."""
 
 
 class TrainStep(ABC):
@@ -333,12 +336,25 @@ class ModuleTrainStep(OptimizerTrainStep):
             tally.add()
         with phase("optimizer"):
             grad_norm = self.clip_gradients()
-            self.optimizer.step()
-            self._record_state_bytes()
+            committed = self.should_commit(loss_sum / self.accum)
+            if committed:
+                self.optimizer.step()
+                self._record_state_bytes()
             self.model.zero_grad(set_to_none=not self.keep_gradients)
-            self.scheduler.step()
+            if committed:
+                self.scheduler.step()
         mean_loss = self.mean_loss(loss_sum / self.accum)
-        return StepResult(loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally))
+        return StepResult(
+            loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally), committed=committed
+        )
+
+    def should_commit(self, local_loss: torch.Tensor) -> bool:
+        """Whether to apply this step's update (``local_loss``: this rank's mean loss).
+
+        Always here; live recovery (``distlab.train.live``) asks torchft, which says no when
+        the replicas' all-reduce failed, so that every replica skips the update alike.
+        """
+        return True
 
     def routing(self, tally: RoutingTally) -> dict[str, float | list[int]]:
         """The step's routing statistics (``StepResult.routing``)."""

@@ -8,6 +8,7 @@ to say, so the whole check lives here, above the strategies.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from distlab.config import (
@@ -19,7 +20,7 @@ from distlab.config import (
     option_flag,
     read_config_values,
 )
-from distlab.config_checks import check_fields
+from distlab.config_checks import check_fields, require
 from distlab.errors import DistlabError
 from distlab.fault_spec import fault_specs
 from distlab.strategies import registry
@@ -82,6 +83,7 @@ def validate(config: Config) -> None:
             f"'{config.model}'; use one of: {moe}"
         )
     strategy.validate(config)
+    check_live(config)
     dp = strategy.data_parallel_size(config)
     if config.global_batch % dp:
         raise DistlabError(
@@ -98,6 +100,39 @@ def validate(config: Config) -> None:
                 f"micro_batch {micro} does not divide the per-rank batch {local} "
                 f"(global_batch {config.global_batch} / data-parallel size {dp})"
             )
+
+
+def check_live(config: Config) -> None:
+    """One-line errors for ``--ft live`` where it cannot run (``distlab.train.live``): a
+    strategy whose ranks are not whole replicas, a single replica, a save-stage fault on a
+    replica that never saves, or torchft not installed."""
+    if config.ft != "live":
+        return
+    require(
+        config.strategy != "hsdp",
+        "--ft live recovers ddp replicas only: hsdp's replicate dimension is not supported "
+        "yet (use --strategy ddp, or --ft restart)",
+    )
+    require(
+        config.strategy == "ddp",
+        f"--ft live needs ranks that are whole replicas of the model: strategy "
+        f"'{config.strategy}' has no replica dimension live recovery supports "
+        "(use --strategy ddp, or --ft restart)",
+    )
+    require(
+        config.nproc >= 2,
+        f"--ft live needs at least 2 replicas, so one keeps stepping (got nproc {config.nproc})",
+    )
+    elsewhere = [spec.name for spec in fault_specs(config) if spec.during_save and spec.rank]
+    require(
+        not elsewhere,
+        f"inject_fault '{elsewhere[0] if elsewhere else ''}' never fires under --ft live: "
+        "only replica 0 saves checkpoints",
+    )
+    require(
+        importlib.util.find_spec("torchft") is not None,
+        "--ft live needs torchft, an optional extra: pip install 'distlab[ft]'",
+    )
 
 
 def refuse_unused_options(

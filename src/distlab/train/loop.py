@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from distlab.checkpoint.layout import checkpoint_step
 from distlab.checkpoint.save import save_checkpoint
@@ -41,7 +43,7 @@ from distlab.run.files import FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_j
 from distlab.run.heartbeat import beat
 from distlab.run.recorder import RunRecorder
 from distlab.strategies import registry
-from distlab.strategies.base import StepResult
+from distlab.strategies.base import StepResult, TrainStep
 from distlab.train.faults import fire_fault, pending_faults
 from distlab.train.measurements import RunMeasurements
 from distlab.train.resume import record_resume, record_start, resume
@@ -59,17 +61,10 @@ def train(
         for step in range(trainer.resumed.start_step, config.steps):
             trainer.run_step(step)
             trainer.save_checkpoint_if_due(step)
-        totals = trainer.finish()
+        return trainer.conclude(started)
     except BaseException:
-        if trainer.recorder is not None:
-            trainer.recorder.close_on_error()
+        trainer.close_on_error()
         raise
-    if trainer.recorder is None:
-        return None
-    summary = trainer.summary(totals, started)
-    append_event(run_dir, "finish", steps=config.steps)
-    trainer.recorder.finish(summary)
-    return summary
 
 
 @dataclass(frozen=True)
@@ -87,15 +82,29 @@ class RunTotals:
 class RankTrainer:
     """One rank's training run: its prepared train step and what the steps share."""
 
-    def __init__(self, ctx: RankContext, config: Config, token_file: Path, run_dir: Path) -> None:
-        """Build the model and the strategy's train step, resume it, and record the start."""
+    def __init__(
+        self,
+        ctx: RankContext,
+        config: Config,
+        token_file: Path,
+        run_dir: Path,
+        prepare: Callable[[nn.Module], TrainStep] | None = None,
+    ) -> None:
+        """Build the model and the strategy's train step, resume it, and record the start.
+
+        ``prepare``: makes the train step in place of the strategy's own ``prepare`` (live
+        recovery wraps the model with torchft: ``distlab.train.live``).
+        """
         self.ctx, self.config, self.run_dir = ctx, config, run_dir
         self.model_config = model_shape(config)
         self.seq_len = resolved_seq_len(config)
         self.tokens = load_tokens(token_file)
         model = build_model(self.model_config, config.seed)
         self.strategy = registry.get(config.strategy)
-        self.train_step = self.strategy.prepare(model, ctx, config)
+        if prepare is None:
+            self.train_step = self.strategy.prepare(model, ctx, config)
+        else:
+            self.train_step = prepare(model)
         self.resumed = resume(self.train_step, ctx, config, run_dir)
         self.faults = pending_faults(config, ctx.rank, run_dir)
         self.measure = RunMeasurements(ctx, config, run_dir)
@@ -111,14 +120,20 @@ class RankTrainer:
         }
         self.saved_steps = set(checkpoint_steps(config))
 
-    def _fire_fault_at(self, step: int, phase: str = "") -> None:
+    def fire_fault_at(self, step: int, phase: str = "") -> None:
         """This rank's injected fault at ``step`` (and ``phase``), if one is pending."""
         fire_fault(self.faults, step, phase, self.ctx, self.run_dir)
 
-    def run_step(self, step: int) -> None:
-        """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it."""
+    def run_step(self, step: int, measured: Callable[[], dict[str, Any]] | None = None) -> bool:
+        """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it.
+
+        ``measured``: called after the step, the caller's own metrics of it, recorded with it
+        (live recovery: the replicas that stepped and their losses, the wait for their
+        quorum). Returns whether the update was applied (``StepResult.committed``); a step
+        that was not is not recorded.
+        """
         config = self.config
-        self._fire_fault_at(step)
+        self.fire_fault_at(step)
         lr = self.train_step.current_lr()
         self.measure.begin_step(step, self.train_step.held_tensors())
         with self.measure.timing_step(step) as clock:  # the step includes taking its rows
@@ -128,7 +143,7 @@ class RankTrainer:
                 )
                 rows = self.train_step.dp_rank, self.train_step.dp_size
                 inputs, targets = rank_slice(batch, *rows)
-            self._fire_fault_at(step, "raise")
+            self.fire_fault_at(step, "raise")
             with self.measure.tracking_memory():
                 result = self.train_step.step(inputs, targets)
             if self.ctx.device_type == "cuda":
@@ -137,8 +152,11 @@ class RankTrainer:
         extra = self.measure.end_step(
             step, step_time, self.tokens_per_step, self.train_step.model_state_bytes()
         )
-        self._record_step(step, lr, result, step_time, extra)
+        if result.committed:
+            extra.update(measured() if measured is not None else {})
+            self._record_step(step, lr, result, step_time, extra)
         beat(self.run_dir, self.ctx.rank, "step", step)
+        return result.committed
 
     def _record_step(
         self, step: int, lr: float, result: StepResult, step_time: float, extra: dict[str, Any]
@@ -176,9 +194,27 @@ class RankTrainer:
             self.ctx,
             self.checkpoint_meta,
             self.config.keep_checkpoints,
-            on_stage=lambda stage: self._fire_fault_at(done, stage),
+            on_stage=lambda stage: self.fire_fault_at(done, stage),
         )
         beat(self.run_dir, self.ctx.rank, "step", step)
+
+    def conclude(
+        self, started: float, figures: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """After the last step (every rank: ``finish``'s collectives): rank 0 writes the summary,
+        with ``figures`` added, and the ``finish`` event; returns it (None elsewhere)."""
+        totals = self.finish()
+        if self.recorder is None:
+            return None
+        summary = {**self.summary(totals, started), **(figures or {})}
+        append_event(self.run_dir, "finish", steps=self.config.steps)
+        self.recorder.finish(summary)
+        return summary
+
+    def close_on_error(self) -> None:
+        """Rank 0: stop the progress display and close ``metrics.jsonl`` after a failure."""
+        if self.recorder is not None:
+            self.recorder.close_on_error()
 
     def finish(self) -> RunTotals:
         """After the last step (every rank: collectives): the run's totals; the final weights."""

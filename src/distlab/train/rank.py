@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,29 @@ def run_rank(
     ``environment``: the launcher's environment, applied first (a rank forked from a
     server started earlier has the server's: ``distlab.launch.spawn``).
     """
+    config = rank_config(config_dict, environment)
+
+    def body() -> None:
+        ctx = init_rank(rank, world_size, init_method, config)
+        train(ctx, config, Path(token_file), Path(run_dir))
+
+    run_reporting(rank, Path(run_dir), errors, body)
+
+
+def rank_config(config_dict: dict[str, Any], environment: dict[str, str] | None) -> Config:
+    """The rank's Config, after applying the launcher's ``environment`` (if given)."""
     if environment is not None:
         os.environ.clear()
         os.environ.update(environment)
-    config = Config(**config_dict)
+    return Config(**config_dict)
+
+
+def run_reporting(rank: int, run_dir: Path, errors: Any, body: Callable[[], None]) -> None:
+    """Run a rank's ``body``, then mark it done and leave the process group; on failure put
+    a one-line reason on ``errors`` and exit 2 (a ``DistlabError``: bad input) or 1."""
     try:
-        ctx = init_rank(rank, world_size, init_method, config)
-        train(ctx, config, Path(token_file), Path(run_dir))
-        done_marker(Path(run_dir), rank).touch()
+        body()
+        done_marker(run_dir, rank).touch()
         shutdown()
     except DistlabError as exc:
         errors.put((rank, str(exc)))
@@ -59,7 +75,7 @@ def run_rank(
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseException:  # report any crash in one line, keep the traceback in a file
-        errors.put((rank, record_crash(rank, Path(run_dir))))
+        errors.put((rank, record_crash(rank, run_dir)))
         sys.stdout.flush()
         os._exit(1)
 

@@ -1,0 +1,173 @@
+"""The live launcher (``--ft live``): a torchft Lighthouse and one process per replica.
+
+The Lighthouse runs inside this process; each replica (``distlab.train.live``) is a
+process forked like the local launcher's ranks (``launch.spawn``). When a replica other
+than 0 dies, the others keep stepping (torchft leaves it out of the next quorum once its
+heartbeat is ``HEARTBEAT_TIMEOUT_MS`` old) and this launcher restarts that replica alone,
+which heals from a live peer and rejoins; each restart counts against ``--max-failures``.
+Replica 0 writes the run dir: when it dies, every replica is stopped and all start again
+from the newest checkpoint, as under ``--ft restart``. A ``DistlabError`` (bad input) is
+never retried. A replica that stops without dying (SIGSTOP) stops heartbeating too and
+is left out of the quorum; once replica 0 has finished, stragglers get ``--timeout-s`` to
+end before they are stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torchft.coordination import LighthouseServer
+
+from distlab.config import Config
+from distlab.errors import DistlabError
+from distlab.launch.local import POLL_S, Failure, attempt_failure, stop_ranks
+from distlab.launch.printer import EventPrinter
+from distlab.launch.spawn import rank_context
+from distlab.run.events import append_event
+from distlab.run.files import METRICS_FILE
+from distlab.train.live import Join, read_jsonl_count, ready_marker, run_live_replica
+from distlab.train.rank import done_marker
+
+if TYPE_CHECKING:
+    from distlab.launch.wandb_run import WandbFeed
+
+HEARTBEAT_TIMEOUT_MS = 1000
+"""How long a silent replica stays in the quorum (torchft's default: 5 s). A replica's
+Manager heartbeats every 100 ms from its own thread, so 1 s is ten missed beats; it bounds
+the survivors' wait at a fault."""
+
+
+def launch_live(
+    config: Config, token_file: Path, run_dir: Path, feed: WandbFeed | None = None
+) -> None:
+    """Run ``config.nproc`` replicas to completion under one Lighthouse, restarting a dead
+    replica alone (or, for replica 0, all of them) up to ``max_failures`` times."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's servers log every quorum at info
+    printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet, live=True)
+    # min_replicas=1: one survivor may go on alone; the Lighthouse still waits for every
+    # heartbeating replica (and refuses a quorum of half or less of them: split brain).
+    lighthouse = LighthouseServer(
+        bind="[::]:0", min_replicas=1, heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS
+    )
+    launcher = LiveLauncher(config, token_file, run_dir, lighthouse.address(), printer, feed)
+    try:
+        while True:
+            failure = launcher.attempt()
+            printer.poll()
+            printer.flush()
+            if failure is None:
+                return
+            if not failure.retryable or launcher.failures >= config.max_failures:
+                suffix = f" (after {launcher.failures} restarts)" if launcher.failures else ""
+                raise DistlabError(failure.message + suffix)
+            launcher.failures += 1
+    finally:
+        lighthouse.shutdown()
+
+
+class LiveLauncher:
+    """Starts the replicas, watches them, restarts the ones that die."""
+
+    def __init__(
+        self,
+        config: Config,
+        token_file: Path,
+        run_dir: Path,
+        lighthouse: str,
+        printer: EventPrinter,
+        feed: WandbFeed | None,
+    ) -> None:
+        self.config, self.token_file, self.run_dir = config, token_file, run_dir
+        self.lighthouse = lighthouse
+        self.printer, self.feed = printer, feed
+        self.context = rank_context([config.strategy], compile=config.compile, live=True)
+        self.errors = self.context.Queue()
+        self.failures = 0
+        """Restarts so far, of one replica or of all (``--max-failures`` bounds them)."""
+
+    def _start(self, rank: int, join: Join) -> mp.Process:
+        """Start replica ``rank``, to join the run as ``join`` says."""
+        process = self.context.Process(
+            target=run_live_replica,
+            args=(
+                rank,
+                self.config.to_dict(),
+                str(self.token_file),
+                str(self.run_dir),
+                self.lighthouse,
+                join,
+                self.errors,
+                dict(os.environ),
+            ),
+            name=f"distlab-replica{rank}",
+        )
+        process.start()
+        return process
+
+    def attempt(self) -> Failure | None:
+        """Start every replica together and watch them; None once all have finished."""
+        nproc = self.config.nproc
+        for rank in range(nproc):
+            done_marker(self.run_dir, rank).unlink(missing_ok=True)
+            ready_marker(self.run_dir, rank).unlink(missing_ok=True)
+        processes = [self._start(rank, Join(peers=nproc)) for rank in range(nproc)]
+        ignored: set[int] = set()  # died after a peer finished: no step was left for them
+        main_done_at: float | None = None
+        try:
+            while True:
+                finished = [r for r in range(nproc) if done_marker(self.run_dir, r).exists()]
+                for rank, process in enumerate(processes):
+                    code = process.exitcode
+                    if code in (None, 0) or rank in ignored or rank in finished:
+                        continue
+                    if finished:
+                        ignored.add(rank)
+                        print(
+                            f"distlab: warning: replica {rank} exited with status {code} after "
+                            f"replica {finished[0]} finished training (ignored)",
+                            flush=True,
+                        )
+                        continue
+                    failure = self._on_death(rank, code, processes)
+                    if failure is not None:
+                        return failure
+                running = [p for p in processes if p.exitcode is None]
+                if not running:
+                    return None
+                if processes[0].exitcode == 0:
+                    main_done_at = main_done_at or time.monotonic()
+                    if time.monotonic() - main_done_at > self.config.timeout_s:
+                        stop_ranks(running)  # e.g. a stopped (SIGSTOP) replica never ends itself
+                        return None
+                self.printer.poll()
+                if self.feed is not None:
+                    self.feed.poll()
+                wait([p.sentinel for p in running], POLL_S)
+        except KeyboardInterrupt:
+            stop_ranks(processes)
+            raise DistlabError("interrupted; all replicas stopped") from None
+
+    def _on_death(self, rank: int, code: int, processes: list[mp.Process]) -> Failure | None:
+        """Replica ``rank`` exited with ``code``: restart it alone (None), or stop all and
+        return why (replica 0, bad input, or no restarts left)."""
+        if code < 0:
+            append_event(self.run_dir, "fault", rank=rank, kind="signal", signal=-code)
+        if rank == 0 or code == 2 or self.failures >= self.config.max_failures:
+            stop_ranks(processes)
+            self.printer.poll()
+            self.printer.flush()
+            codes = {r: p.exitcode for r, p in enumerate(processes) if p.exitcode not in (None, 0)}
+            return attempt_failure((rank, code), codes, self.errors)
+        self.failures += 1
+        at_step = read_jsonl_count(self.run_dir / METRICS_FILE) + self.config.rejoin_after
+        append_event(
+            self.run_dir, "replica_restart", rank=rank, restarts=self.failures, at_step=at_step
+        )
+        processes[rank] = self._start(rank, Join(peers=0, at_step=at_step))
+        return None

@@ -1,0 +1,297 @@
+"""Live recovery (``--ft live``): when a data-parallel replica dies, the others keep stepping.
+
+Each rank of a ddp run is a torchft replica: a process with a torch.distributed world
+of its own (one rank: its checkpoint writes and bookkeeping) and a torchft ``Manager``.
+Before every step the Manager joins a quorum of the live replicas at the launcher's
+Lighthouse (``distlab.launch.live``); the step's gradients are then all-reduced over
+exactly those replicas (torchft's ``DistributedDataParallel``: DDP's buckets, each
+reduced through the Manager), and the update is applied only if torchft says every
+replica got through the all-reduce (``should_commit``; else the step is run again).
+
+The batch contract holds: step s's global batch depends only on the seed and s, and
+replica r always trains the rows ``rank_slice(batch, r, R)``, R = ``--nproc``, whoever
+else is alive. A dead replica's rows are dropped, not handed to the others: a step in
+which k of R replicas take part averages the gradient (and the loss) over their k/R of
+the rows. Nothing is replayed, so no survivor redoes a step.
+
+Healing: the launcher restarts a dead replica alone. It starts from step 0 (replica 0:
+from the newest checkpoint), joins the next quorum, finds its peers ahead and loads a
+live peer's model, optimizer and schedule (the Manager's ``state_dict`` callbacks, sent
+over torchft's HTTP transport) before it takes part in that very step
+(``use_async_quorum=False``: heal first, then step with the others).
+
+Replica 0 writes the run dir as rank 0 does (``metrics.jsonl`` with ``replicas`` and
+``quorum_s`` per step, the summary, the checkpoints); losing it is not recovered live:
+the launcher restarts every replica from the newest checkpoint, as ``--ft restart`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import ReduceOp
+from torchft.ddp import DistributedDataParallel
+from torchft.manager import Manager
+from torchft.process_group import ProcessGroupGloo
+
+from distlab.checkpoint.state import set_schedule_position
+from distlab.config import Config
+from distlab.distributed import RankContext, free_port, init_rank
+from distlab.run.events import append_event, read_events
+from distlab.run.files import LOGS_DIR, METRICS_FILE, read_jsonl
+from distlab.run.heartbeat import beat
+from distlab.strategies.base import ModuleTrainStep, no_sync_unless
+from distlab.train.loop import RankTrainer, write_pid
+from distlab.train.rank import done_marker, rank_config, run_reporting
+
+READY_POLL_S = 0.05
+
+
+class LiveTrainStep(ModuleTrainStep):
+    """ddp's train step with torchft's DDP: gradients (and the loss) are averaged over the
+    replicas in this step's quorum; the update waits for torchft's ``should_commit``."""
+
+    def __init__(self, model: nn.Module, ctx: RankContext, config: Config, manager: Manager):
+        ctx.place(model)
+        buckets = {} if config.bucket_mb is None else {"bucket_cap_mb": config.bucket_mb}
+        wrapped = DistributedDataParallel(manager, model, **buckets)
+        super().__init__(
+            wrapped,
+            ctx,
+            config,
+            dp_rank=ctx.rank,  # this replica's rows, whoever else is alive
+            dp_size=config.nproc,
+            dp_group=None,
+            gradient_sync=partial(no_sync_unless, no_sync=wrapped.no_sync),
+            plain_model=model,
+            keep_gradients=True,
+        )
+        self.manager = manager
+        self.replica_losses: list[float | None] = []
+        """The last step's loss of each replica's rows (None: not in the quorum)."""
+
+    def should_commit(self, local_loss: torch.Tensor) -> bool:
+        """Gather every replica's loss over the quorum (slot r holds replica r's; an absent
+        replica's slot stays 0 and it is counted absent), then ask torchft whether every
+        replica in the quorum got through this step's all-reduces."""
+        losses = torch.zeros(2, self.dp_size, dtype=torch.float64)
+        losses[0, self.dp_rank] = local_loss.detach().double()
+        losses[1, self.dp_rank] = 1.0  # present
+        self.manager.allreduce(losses, reduce_op=ReduceOp.SUM).wait()
+        self.replica_losses = [
+            loss if present else None for loss, present in zip(*losses.tolist(), strict=True)
+        ]
+        return self.manager.should_commit()
+
+    def step_metrics(self, quorum_s: float) -> dict[str, Any]:
+        """The last step's ``metrics.jsonl`` fields of live recovery: how many replicas took
+        part, each replica's loss (None: absent), the seconds spent waiting for the quorum."""
+        replicas = sum(loss is not None for loss in self.replica_losses)
+        return {"replicas": replicas, "replica_losses": self.replica_losses, "quorum_s": quorum_s}
+
+    def mean_loss(self, local: torch.Tensor) -> float:
+        """The mean over the rows of the replicas that took part: the mean of their losses
+        (each replica's is the mean over its equally many rows)."""
+        present = [loss for loss in self.replica_losses if loss is not None]
+        # none: the all-reduce failed (the step is not committed, not recorded, run again)
+        return sum(present) / len(present) if present else float("nan")
+
+    def replica_state(self) -> dict[str, Any]:
+        """What a healing peer loads: model, optimizer and the schedule's position."""
+        return {
+            "model": self.plain_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.scheduler.last_epoch,
+        }
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        """Take a live peer's state (``replica_state``), sent by torchft while healing."""
+        self.plain_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_schedule_position(self.scheduler, state["step"])
+
+
+@dataclass(frozen=True)
+class Join:
+    """How a replica process joins the run (the live launcher decides)."""
+
+    peers: int
+    """How many replicas' Managers must be up before the first quorum: all of them when the
+    launcher starts them together (so step 0 has every replica), 0 for a replica restarted
+    alone, which joins whatever quorum comes next and heals."""
+    at_step: int = 0
+    """A replica restarted alone waits until replica 0 has recorded this many steps
+    (``--rejoin-after``) before it starts its Manager."""
+
+    @property
+    def alone(self) -> bool:
+        """Whether this replica was restarted alone (it must heal from a live peer)."""
+        return self.peers == 0
+
+
+def run_live_replica(
+    rank: int,
+    config_dict: dict[str, Any],
+    token_file: str,
+    run_dir: str,
+    lighthouse: str,
+    join: Join,
+    errors: Any,
+    environment: dict[str, str] | None = None,
+) -> None:
+    """A replica's process (the live launcher's): a world of one, a Manager, the live loop."""
+    config = rank_config(config_dict, environment)
+    # torchft warns at every quorum that it cannot reset NCCL's flight recorder (none on CPU)
+    logging.getLogger("torchft").setLevel(logging.ERROR)
+
+    def body() -> None:
+        if not wait_to_rejoin(Path(run_dir), join.at_step):
+            return  # replica 0 finished the run meanwhile
+        port = free_port()
+        # The replica group's own store (rank 0 of a world of one hosts it): the Manager's too.
+        ctx = init_rank(0, 1, f"tcp://127.0.0.1:{port}", config)
+        ctx = dataclasses.replace(ctx, rank=rank)  # distlab's index: rows, files, faults
+        manager = Manager(
+            pg=ProcessGroupGloo(timeout=timedelta(seconds=config.timeout_s)),
+            load_state_dict=None,
+            state_dict=None,  # registered once the train step exists (train_live)
+            min_replica_size=1,
+            use_async_quorum=False,  # a healing replica loads the state, then steps
+            init_sync=False,  # every replica builds the same weights from the seed
+            timeout=timedelta(seconds=config.timeout_s),
+            quorum_timeout=timedelta(seconds=config.timeout_s),
+            connect_timeout=timedelta(seconds=config.timeout_s),
+            rank=0,
+            world_size=1,
+            store_addr="127.0.0.1",
+            store_port=port,
+            lighthouse_addr=lighthouse,
+            replica_id=f"replica{rank}",
+        )
+        try:
+            wait_for_peers(Path(run_dir), rank, join.peers, config.timeout_s)
+            train_live(ctx, config, Path(token_file), Path(run_dir), manager, join.alone)
+        finally:
+            manager.shutdown(wait=False)
+
+    run_reporting(rank, Path(run_dir), errors, body)
+
+
+def wait_to_rejoin(run_dir: Path, at_step: int) -> bool:
+    """Wait until replica 0 has recorded ``at_step`` steps; False if it finished first."""
+    while read_jsonl_count(run_dir / METRICS_FILE) < at_step:
+        if done_marker(run_dir, 0).exists():
+            return False
+        time.sleep(READY_POLL_S)
+    return True
+
+
+def read_jsonl_count(file: Path) -> int:
+    """How many lines ``file`` holds (0 if it does not exist yet)."""
+    try:
+        return file.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def ready_marker(run_dir: Path, rank: int) -> Path:
+    """``logs/replicaR.ready``: replica R's Manager is up (heartbeating to the Lighthouse)."""
+    return run_dir / LOGS_DIR / f"replica{rank}.ready"
+
+
+def wait_for_peers(run_dir: Path, rank: int, peers: int, timeout_s: float) -> None:
+    """Mark this replica ready; wait until the first ``peers`` replicas are (``timeout_s``).
+
+    The Lighthouse forms a quorum of the replicas that heartbeat: one whose Manager is
+    not up yet would be left out of step 0 and heal into step 1 instead.
+    """
+    ready_marker(run_dir, rank).parent.mkdir(parents=True, exist_ok=True)
+    ready_marker(run_dir, rank).touch()
+    deadline = time.monotonic() + timeout_s
+    while not all(ready_marker(run_dir, r).exists() for r in range(peers)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replica {rank}: its peers did not start within {timeout_s:g} s")
+        time.sleep(READY_POLL_S)
+
+
+def train_live(
+    ctx: RankContext,
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    manager: Manager,
+    alone: bool = False,
+) -> dict[str, Any] | None:
+    """Step with whichever replicas are alive until ``config.steps``; the summary on replica 0.
+
+    Per step: fire this replica's injected fault (before it joins the quorum, so a replica
+    killed there is in no quorum), join the quorum (healing if behind), then run the step
+    on this replica's rows. The step number is the Manager's count of committed steps,
+    which healing sets to the live peers'. A replica restarted ``alone`` that finds no
+    peer to heal from (the others finished the run) stops without stepping.
+    """
+    started = time.time()
+    write_pid(run_dir, ctx.rank)
+    beat(run_dir, ctx.rank, "setup")
+    trainer = RankTrainer(
+        ctx, config, token_file, run_dir, prepare=lambda m: LiveTrainStep(m, ctx, config, manager)
+    )
+    step_fn = trainer.train_step
+    assert isinstance(step_fn, LiveTrainStep)
+    manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
+    manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
+    replicas_before = config.nproc
+    try:
+        while manager.current_step() < config.steps:
+            before = manager.current_step()
+            trainer.fire_fault_at(before)
+            waited = time.perf_counter()
+            manager.start_quorum()
+            quorum_s = time.perf_counter() - waited
+            step, replicas = manager.current_step(), manager.num_participants()
+            if step != before:
+                append_event(
+                    run_dir, "heal", rank=ctx.rank, from_step=before, step=step, heal_s=quorum_s
+                )
+            elif alone:
+                append_event(run_dir, "rejoin_skipped", rank=ctx.rank, reason="no live peer")
+                return None
+            alone = False
+            if step >= config.steps:
+                break
+            if ctx.is_main and replicas != replicas_before:
+                append_event(run_dir, "quorum", step=step, replicas=replicas)
+                replicas_before = replicas
+            if not trainer.run_step(step, partial(step_fn.step_metrics, quorum_s)):
+                error = str(manager.errored() or "").splitlines()[:1]
+                append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)
+                continue
+            if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
+                trainer.save_checkpoint_if_due(step)
+        figures = live_figures(run_dir, config) if ctx.is_main else None
+        return trainer.conclude(started, figures)
+    except BaseException:
+        trainer.close_on_error()
+        raise
+
+
+def live_figures(run_dir: Path, config: Config) -> dict[str, Any]:
+    """summary.json's live-recovery fields: steps run short of replicas, and the heals."""
+    replicas = [
+        (m["step"], m.get("replicas", config.nproc)) for m in read_jsonl(run_dir / METRICS_FILE)
+    ]
+    heals = [e for e in read_events(run_dir) if e["event"] == "heal"]
+    return {
+        "ft": "live",
+        "steps_short_of_replicas": [step for step, k in replicas if k < config.nproc],
+        "heals": [{k: e[k] for k in ("rank", "from_step", "step", "heal_s")} for e in heals],
+    }

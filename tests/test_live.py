@@ -1,0 +1,138 @@
+"""Live recovery (``--ft live``): torchft keeps the surviving ddp replicas stepping.
+
+Without a fault a live run is ddp (losses within the parity tolerance, ``LOSS_RTOL``).
+With replica 1 killed before step 3, replica 0 never redoes a step, its losses stay
+within the bound of ``distlab.report.live_recovery`` (SGD), and replica 1, restarted
+alone, heals from replica 0 and rejoins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
+
+from distlab.errors import DistlabError
+from distlab.report.live_recovery import loss_bound
+from distlab.report.parity import LOSS_RTOL
+from distlab.run.files import read_jsonl
+from distlab.strategies.resolve import load_config
+
+RUN = [
+    *TINY_LOCAL_RUN, "--strategy", "ddp", "--nproc", "2", "--steps", "12", "--optimizer", "sgd",
+    "--track-memory", "off", "--no-final-checkpoint",
+]  # fmt: skip
+FAULT = ["--ft", "live", "--inject-fault", "1@3", "--max-failures", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """Runs of ``RUN`` with extra flags, each made once on first use: ``runs("live", ...)``."""
+    pytest.importorskip("torchft")
+    root = tmp_path_factory.mktemp("live")
+    made: dict[str, Path] = {}
+
+    def get(name: str, *flags: str) -> Path:
+        if name not in made:
+            result = run_main("distlab.launch", *RUN, *flags, "--run-dir", str(root / name))
+            assert result.returncode == 0, result.stderr
+            made[name] = root / name
+        return made[name]
+
+    return get
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == list(range(12)), "one line per step"
+    return lines
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == kind]
+
+
+@pytest.mark.slow
+def test_live_without_fault_is_ddp(runs) -> None:
+    live, restart = metrics(runs("live", "--ft", "live")), metrics(runs("restart"))
+    for a, b in zip(live, restart, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_RTOL * abs(b["loss"]), (a, b)
+        assert a["replicas"] == 2 and None not in a["replica_losses"]
+
+
+def assert_survivor_never_redoes(run_dir: Path) -> None:
+    """Replica 0 ran each step once (its own per-step file) and retried none."""
+    attempts = [line["step"] for line in read_jsonl(run_dir / "ranks" / "rank0.jsonl")]
+    assert attempts == list(range(12)), attempts
+    assert not events(run_dir, "step_retry")
+
+
+def assert_within_bound(run_dir: Path, reference: Path) -> list[dict]:
+    live, ref = metrics(run_dir), metrics(reference)
+    bounds = loss_bound(live, ref, nproc=2, grad_clip=1.0)
+    for got, want, bound in zip(live, ref, bounds, strict=True):
+        # the parity tolerance on top: summing over another set of replicas rounds apart
+        assert abs(got["loss"] - want["loss"]) <= bound + LOSS_RTOL * abs(want["loss"]), (
+            got["step"], got["loss"], want["loss"], bound,
+        )  # fmt: skip
+    return live
+
+
+@pytest.mark.slow
+def test_killed_replica_heals_and_rejoins(runs) -> None:
+    """Restarted at once: replica 1 heals from replica 0 (at step 3 if it makes the quorum
+    replica 0 waits in for the dead one's heartbeat to expire, else a few steps later)."""
+    run_dir = runs("fault", *FAULT)
+    assert_survivor_never_redoes(run_dir)
+    live = assert_within_bound(run_dir, runs("live", "--ft", "live"))
+    (heal,) = events(run_dir, "heal")
+    assert heal["rank"] == 1 and heal["from_step"] == 0 and heal["step"] >= 3
+    assert [m["replicas"] for m in live[heal["step"] :]] == [2] * (12 - heal["step"])
+    (fault,) = [e for e in events(run_dir, "fault") if e["kind"] == "injected"]
+    assert (fault["rank"], fault["step"]) == (1, 3)
+    assert events(run_dir, "replica_restart")[0]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_survivor_steps_alone_within_the_bound(runs) -> None:
+    """Replica 1 is held back past the end (--rejoin-after 100): replica 0 trains steps 3-11
+    alone, on its own rows, within the bound; the held replica ends without stepping."""
+    run_dir = runs("alone", *FAULT, "--rejoin-after", "100")
+    assert_survivor_never_redoes(run_dir)
+    live = assert_within_bound(run_dir, runs("live", "--ft", "live"))
+    assert [m["replicas"] for m in live] == [2, 2, 2] + [1] * 9
+    assert all(m["replica_losses"][1] is None for m in live[3:])
+    assert not events(run_dir, "heal")
+    assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "finish"
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--ft", "live", "--strategy", "fsdp"], "has no replica dimension"),
+        (["--ft", "live", "--strategy", "hsdp", "--nproc", "4"], "hsdp's replicate dimension"),
+        (["--ft", "live", "--launcher", "ray"], "use --launcher local"),
+        (["--ft", "live", "--nproc", "1"], "at least 2 replicas"),
+        (["--ft", "sometimes"], "ft must be one of restart, live"),
+        (["--rejoin-after", "2"], "it needs --ft live"),
+        (["--ft", "live", "--rejoin-after", "-1"], "rejoin_after must be >= 0"),
+        (["--ft", "live", "--inject-fault", "1@4:save"], "only replica 0 saves checkpoints"),
+    ],
+)
+def test_bad_live_input(flags: list[str], fragment: str) -> None:
+    values = {"strategy": "ddp", "nproc": 2, "launcher": "local", "steps": 10}
+    values["checkpoint_every"] = 2
+    args = dict(zip(flags[::2], flags[1::2], strict=True))
+    values.update({k[2:].replace("-", "_"): v for k, v in args.items()})
+    with pytest.raises(DistlabError, match=fragment.replace("(", r"\(")) as error:
+        load_config(None, values)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_live_command_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = run_main(
+        "distlab.launch", "--ft", "live", "--launcher", "local", "--strategy", "tp",
+        "--nproc", "2", "--run-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert_one_line_error(result, "has no replica dimension")
