@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py --trials 32                      # writes docs/fault_tolerance.md
     python benchmarks/soak.py --trials 4 --launchers local --no-docs
+    python benchmarks/soak.py --trials 50 --modes restart,elastic,live   # the recovery modes
 
 Each trial draws, from its own seeded generator (``--seed``, trial index):
 
@@ -25,6 +26,20 @@ strategy and world size within 1e-6 (made once per shape, local launcher: the
 losses do not depend on the launcher), it redid at most ``CHECKPOINT_EVERY``
 steps (``summary.json``'s ``lost_steps``), and no staging (``.tmp-*``) or trash
 (``.trash-*``) directory is left in its checkpoints.
+
+With ``--modes``, trials rotate over the recovery modes, each on what it can meet,
+on a 2-node cluster (2 CPUs each) this script starts with ``distlab cluster up``:
+
+- ``restart``: the draws above, plus ``node`` (``--inject-fault node:1@STEP``: node 1
+  dies with its ranks) for 4-rank data-parallel shapes on Ray; criterion as above;
+- ``elastic``: ddp or fsdp at 4 ranks with ``--elastic 2``, a node loss; losses within
+  the parity tolerance (1e-5 relative: at 2 ranks the gradient sums add in another order),
+  at most ``2 x CHECKPOINT_EVERY`` steps redone (the shrink, and the grow when the node
+  is back);
+- ``live``: ddp at 2 or 4 replicas with ``--ft live`` and SGD, rank kill or hang of a
+  replica other than 0; replica 0 never redoes a step and every loss stays within the
+  bound of ``distlab.report.live_recovery`` (plus the parity tolerance) against an
+  uninterrupted live run.
 
 Recovery time is measured from the fault to the end of the first resumed step
 (the ``resume`` event rank 0 writes): for an outside signal from the moment
@@ -58,6 +73,21 @@ CHECKPOINT_EVERY = 3
 TIMEOUT_S = 8
 LOSS_ATOL = 1e-6
 FAULT_KINDS = ("sigkill", "sigstop", "save-kill", "raise")
+MODE_KINDS = {
+    "restart": (*FAULT_KINDS, "node"),
+    "elastic": ("node",),
+    "live": ("sigkill", "sigstop"),
+}
+"""What each recovery mode meets in a ``--modes`` soak."""
+NODE_SHAPES = {"ddp": 4, "fsdp": 4, "zero2": 4, "hsdp": 4}
+"""Shapes a node loss takes in restart mode: 2 ranks on each of the cluster's 2 nodes."""
+MODE_FLAGS = {
+    "restart": [],
+    "elastic": ["--elastic", "2", "--global-batch", "12"],
+    "live": ["--ft", "live", "--optimizer", "sgd"],
+}
+"""Each mode's flags (elastic: 12 rows, whole at 4, 3 and 2 ranks)."""
+REVIVE_S = 10
 SHAPES = {
     "single": [1],
     "ddp": [2, 4],
@@ -99,6 +129,24 @@ class Trial:
     max_loss_diff: float | None = None
     wall_s: float = 0.0
     reason: str = ""
+    mode: str = "restart"
+
+
+def draw_mode(index: int, seed: int, modes: list[str]) -> Trial:
+    """Trial ``index`` of a ``--modes`` soak: the modes in turn, each on a fault it can meet."""
+    mode = modes[index % len(modes)]
+    rng = random.Random(f"{seed}-mode-{index}")
+    kind = rng.choice(MODE_KINDS[mode])
+    if mode == "live":
+        nproc = rng.choice([2, 4])
+        trial = Trial(index, "ddp", nproc, "local", kind, rng.randrange(1, nproc), 0, mode=mode)
+    elif kind == "node":
+        strategy = rng.choice(["ddp", "fsdp"] if mode == "elastic" else sorted(NODE_SHAPES))
+        trial = Trial(index, strategy, 4, "ray", kind, 1, 0, mode=mode)
+    else:  # a rank fault in restart mode: the draw of a soak without modes
+        return draw(index, seed, ["local", "ray"])
+    trial.step = rng.randrange(1, STEPS - 1)
+    return trial
 
 
 def draw(index: int, seed: int, launchers: list[str]) -> Trial:
@@ -143,16 +191,17 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def reference(strategy: str, nproc: int, workdir: Path) -> list[float]:
-    """Losses of an uninterrupted run of this shape (made once, then reused)."""
-    run_dir = workdir / "reference" / f"{strategy}-n{nproc}"
+def reference(strategy: str, nproc: int, workdir: Path, mode: str = "restart") -> list[dict]:
+    """The metrics lines of an uninterrupted run of this shape and mode (made once, reused)."""
+    run_dir = workdir / "reference" / f"{strategy}-n{nproc}-{mode}"
     if not (run_dir / "summary.json").is_file():
-        shape = shape_args(strategy, nproc)
+        shape = [*shape_args(strategy, nproc), *MODE_FLAGS[mode]]
         process = launch([*COMMON, *shape, "--launcher", "local", "--run-dir", str(run_dir)])
         _, err = process.communicate(timeout=900)
         if process.returncode != 0:
             raise RuntimeError(f"reference {strategy} x{nproc} failed: {err.strip()[-300:]}")
-    return losses(run_dir)
+    losses(run_dir)  # one line per step
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def recorded_steps(run_dir: Path) -> int:
@@ -193,16 +242,20 @@ def release_victim(trial: Trial, run_dir: Path) -> None:
             pass
 
 
-def run_trial(trial: Trial, workdir: Path) -> Trial:
-    """Run one trial to the end and judge it."""
-    expected = reference(trial.strategy, trial.nproc, workdir)
-    run_dir = workdir / "trials" / f"{trial.index:03d}-{trial.strategy}-n{trial.nproc}"
-    args = [*COMMON, *shape_args(trial.strategy, trial.nproc), "--launcher", trial.launcher]
-    args += ["--max-failures", "1", "--run-dir", str(run_dir)]
+def run_trial(trial: Trial, workdir: Path, address: str | None = None) -> Trial:
+    """Run one trial to the end and judge it by its mode's criterion."""
+    expected = reference(trial.strategy, trial.nproc, workdir, trial.mode)
+    run_dir = workdir / "trials" / f"{trial.index:03d}-{trial.mode}-{trial.strategy}-n{trial.nproc}"
+    args = [*COMMON, *shape_args(trial.strategy, trial.nproc), *MODE_FLAGS[trial.mode]]
+    args += ["--launcher", trial.launcher, "--max-failures", "1", "--run-dir", str(run_dir)]
+    if trial.launcher == "ray" and address:
+        args += ["--ray-address", address]
     if trial.kind == "save-kill":
         args += ["--inject-fault", f"{trial.victim}@{trial.step}:save"]
     elif trial.kind == "raise":
         args += ["--inject-fault", f"{trial.victim}@{trial.step}:raise"]
+    elif trial.kind == "node":
+        args += ["--inject-fault", f"node:{trial.victim}@{trial.step}"]
     started = time.time()
     process = launch(args)
     fault_at = None
@@ -219,31 +272,57 @@ def run_trial(trial: Trial, workdir: Path) -> Trial:
     if process.returncode != 0:
         trial.reason = (err.strip().splitlines() or ["exit status"])[-1][:200]
         return trial
-    log = events(run_dir)
     if fault_at is None:
-        fault_at = next((e["t"] for e in log if e["event"] == "fault"), None)
-    resume = next((e for e in log if e["event"] == "resume" and e.get("restart")), None)
-    if fault_at is None or resume is None:
-        trial.reason = "no fault and resume recorded (did the fault fire?)"
+        fault_at = next((e["t"] for e in events(run_dir) if e["event"] == "fault"), None)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    after = [r["time"] for r in rows if fault_at is not None and r["time"] > fault_at]
+    if fault_at is None or not after:
+        trial.reason = "no fault, or no step after it, recorded (did the fault fire?)"
         return trial
-    trial.recovery_s = resume["t"] - fault_at
-    summary = json.loads((run_dir / "summary.json").read_text())
-    trial.lost_steps = summary["lost_steps"]
+    trial.recovery_s = min(after) - fault_at  # the end of the next step the run recorded
+    trial.lost_steps = json.loads((run_dir / "summary.json").read_text())["lost_steps"]
     got = losses(run_dir)
     if len(got) != len(expected):
         trial.reason = f"{len(got)} steps recorded, {len(expected)} expected"
         return trial
-    trial.max_loss_diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
-    leftovers = [p.name for p in (run_dir / "checkpoints").glob(".*")]
-    if trial.max_loss_diff > LOSS_ATOL:
-        trial.reason = f"losses differ by {trial.max_loss_diff:.2e}"
-    elif trial.lost_steps > CHECKPOINT_EVERY:
-        trial.reason = f"{trial.lost_steps} steps redone (checkpoint interval {CHECKPOINT_EVERY})"
-    elif leftovers:
-        trial.reason = f"left behind: {', '.join(leftovers)}"
-    else:
-        trial.passed = True
+    trial.max_loss_diff = max(abs(a - b["loss"]) for a, b in zip(got, expected, strict=True))
+    trial.reason = judge(trial, run_dir, rows, expected)
+    trial.passed = not trial.reason
     return trial
+
+
+def judge(trial: Trial, run_dir: Path, rows: list[dict], expected: list[dict]) -> str:
+    """Why the finished trial fails its mode's criterion ("" if it passes)."""
+    leftovers = [p.name for p in (run_dir / "checkpoints").glob(".*")]
+    if trial.mode == "live":
+        from distlab.report.live_recovery import loss_bound
+        from distlab.report.parity import LOSS_RTOL
+
+        attempts = [json.loads(x)["step"] for x in (run_dir / "ranks" / "rank0.jsonl").open()]
+        if attempts != list(range(STEPS)):
+            return "replica 0 redid a step"
+        bounds = loss_bound(rows, expected, trial.nproc, grad_clip=1.0)
+        for row, want, bound in zip(rows, expected, bounds, strict=True):
+            if abs(row["loss"] - want["loss"]) > bound + LOSS_RTOL * abs(want["loss"]):
+                return f"step {row['step']} off by more than its bound {bound:.2e}"
+        return ""
+    if trial.mode == "elastic":
+        from distlab.report.parity import LOSS_RTOL
+
+        pairs = zip(rows, expected, strict=True)
+        worst = max(abs(r["loss"] - e["loss"]) / abs(e["loss"]) for r, e in pairs)
+        redone_allowed = 2 * CHECKPOINT_EVERY
+        if worst > LOSS_RTOL:
+            return f"losses differ by {worst:.2e} (relative)"
+    else:
+        redone_allowed = CHECKPOINT_EVERY
+        if trial.max_loss_diff > LOSS_ATOL:
+            return f"losses differ by {trial.max_loss_diff:.2e}"
+    if trial.lost_steps > redone_allowed:
+        return f"{trial.lost_steps} steps redone (at most {redone_allowed})"
+    if leftovers:
+        return f"left behind: {', '.join(leftovers)}"
+    return ""
 
 
 def describe(trial: Trial) -> str:
@@ -251,7 +330,8 @@ def describe(trial: Trial) -> str:
     verdict = "pass" if trial.passed else f"FAIL ({trial.reason})"
     recovery = f"{trial.recovery_s:5.1f} s" if trial.recovery_s is not None else "    -  "
     return (
-        f"{trial.index + 1:3d}  {trial.launcher:5s} {trial.strategy:13s} x{trial.nproc}  "
+        f"{trial.index + 1:3d}  {trial.mode:7s} {trial.launcher:5s} {trial.strategy:13s} "
+        f"x{trial.nproc}  "
         f"{trial.kind:9s} rank {trial.victim} step {trial.step:2d}  recovery {recovery}  "
         f"redone {trial.lost_steps if trial.lost_steps is not None else '-'}  {verdict}"
     )
@@ -265,11 +345,13 @@ def figures(trials: list[Trial], launcher: str) -> tuple[int, int, float | None,
     return sum(t.passed for t in mine), len(mine), median, max(times) if times else None
 
 
-def report(trials: list[Trial], launchers: list[str], seed: int) -> str:
+def report(trials: list[Trial], launchers: list[str], seed: int, modes: list[str]) -> str:
     """The Markdown section written into docs/fault_tolerance.md."""
     passed = sum(t.passed for t in trials)
+    command = f"--trials {len(trials)} --seed {seed}"
+    command += f" --modes {','.join(modes)}" if modes else ""
     lines = [
-        f"`python benchmarks/soak.py --trials {len(trials)} --seed {seed}`: "
+        f"`python benchmarks/soak.py {command}`: "
         f"**{passed}/{len(trials)} trials passed** (tiny model, {STEPS} steps, a checkpoint "
         f"every {CHECKPOINT_EVERY}, `--timeout-s {TIMEOUT_S}`, `--max-failures 1`).",
         "",
@@ -280,7 +362,18 @@ def report(trials: list[Trial], launchers: list[str], seed: int) -> str:
         ok, count, median, worst = figures(trials, launcher)
         fmt = lambda s: f"{s:.1f} s" if s is not None else "-"  # noqa: E731
         lines.append(f"| {launcher} | {ok}/{count} | {fmt(median)} | {fmt(worst)} |")
-    by_kind = {kind: [t for t in trials if t.kind == kind] for kind in FAULT_KINDS}
+    if modes:
+        lines += ["", "| mode | trials passed | recovery median | recovery worst |"]
+        lines += ["|---|---|---|---|"]
+        for mode in modes:
+            mine = [t for t in trials if t.mode == mode]
+            times = [t.recovery_s for t in mine if t.passed and t.recovery_s is not None]
+            median = f"{statistics.median(times):.1f} s" if times else "-"
+            worst = f"{max(times):.1f} s" if times else "-"
+            passed_here = sum(t.passed for t in mine)
+            lines.append(f"| {mode} | {passed_here}/{len(mine)} | {median} | {worst} |")
+    kinds = list(dict.fromkeys([*FAULT_KINDS, *(t.kind for t in trials)]))
+    by_kind = {kind: [t for t in trials if t.kind == kind] for kind in kinds}
     lines += ["", "| fault | trials | recovery median |", "|---|---|---|"]
     for kind, mine in by_kind.items():
         times = [t.recovery_s for t in mine if t.recovery_s is not None]
@@ -288,17 +381,45 @@ def report(trials: list[Trial], launchers: list[str], seed: int) -> str:
         lines.append(f"| {kind} | {sum(t.passed for t in mine)}/{len(mine)} | {median} |")
     lines += [
         "",
-        "| # | launcher | strategy | ranks | fault | victim | step | recovery | redone | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| # | mode | launcher | strategy | ranks | fault | victim | step | recovery | redone "
+        "| result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         recovery = f"{t.recovery_s:.1f} s" if t.recovery_s is not None else "-"
         result = "pass" if t.passed else f"FAIL: {t.reason}"
         lines.append(
-            f"| {t.index + 1} | {t.launcher} | {t.strategy} | {t.nproc} | {t.kind} | {t.victim} "
-            f"| {t.step} | {recovery} | {t.lost_steps} | {result} |"
+            f"| {t.index + 1} | {t.mode} | {t.launcher} | {t.strategy} | {t.nproc} | {t.kind} "
+            f"| {t.victim} | {t.step} | {recovery} | {t.lost_steps} | {result} |"
         )
     return "\n".join(lines)
+
+
+def cluster(action: str, state_dir: Path, revive_s: float = REVIVE_S) -> str:
+    """``distlab cluster ACTION`` on the soak's own 2-node cluster; its last output line."""
+    flags = ["--state-dir", str(state_dir)]
+    if action == "up":
+        flags += ["--nodes", "2", "--cpus-per-node", "2", "--revive-after", str(revive_s)]
+    result = subprocess.run(
+        [sys.executable, "-m", "distlab.launch.cluster", action, *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return (result.stdout.strip().splitlines() or [""])[-1]
+
+
+def wait_for_nodes(state_dir: Path, timeout_s: float = 120) -> None:
+    """Wait until every node of the cluster is up (a node lost by the last run is back)."""
+    from distlab.launch.cluster import alive, read_state
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = read_state(state_dir)
+        if state is not None and all(alive(node.pid) for node in state.nodes):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the cluster in {state_dir} did not get all its nodes back")
 
 
 def main() -> int:
@@ -307,17 +428,29 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launchers", default="local,ray", help="comma-separated")
+    parser.add_argument("--modes", help="comma-separated recovery modes: restart,elastic,live")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
     parser.add_argument("--json", help="also write every trial to this JSON file")
     parser.add_argument("--no-docs", action="store_true", help="do not touch the docs")
     args = parser.parse_args()
-    launchers = args.launchers.split(",")
-    trials = [draw(i, args.seed, launchers) for i in range(args.trials)]
+    modes = args.modes.split(",") if args.modes else []
+    launchers = ["local", "ray"] if modes else args.launchers.split(",")
+    if modes:
+        trials = [draw_mode(i, args.seed, modes) for i in range(args.trials)]
+    else:
+        trials = [draw(i, args.seed, launchers) for i in range(args.trials)]
     with tempfile.TemporaryDirectory(prefix="distlab-soak-") as tmp:
         workdir = Path(args.workdir or tmp)
-        for trial in trials:
-            print(describe(run_trial(trial, workdir)), flush=True)
-    section = report(trials, launchers, args.seed)
+        address = cluster("up", workdir / "cluster") if modes else None
+        try:
+            for trial in trials:
+                if address:
+                    wait_for_nodes(workdir / "cluster")
+                print(describe(run_trial(trial, workdir, address)), flush=True)
+        finally:
+            if address:
+                cluster("down", workdir / "cluster")
+    section = report(trials, launchers, args.seed, modes)
     passed = sum(t.passed for t in trials)
     print(f"\n{passed}/{len(trials)} trials passed")
     for launcher in launchers:
@@ -327,7 +460,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(t) for t in trials], indent=2))
     if not args.no_docs:
-        fill_marked_section(DOCS, "soak", section)
+        fill_marked_section(DOCS, "soak-modes" if modes else "soak", section)
     return 0 if passed == len(trials) else 1
 
 

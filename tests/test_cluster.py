@@ -90,12 +90,14 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
 
 
 @pytest.mark.slow
-def test_an_elastic_run_goes_on_at_the_ranks_left_and_matches_the_uninterrupted_one(
+def test_an_elastic_run_shrinks_grows_back_and_matches_the_uninterrupted_one(
     cluster: tuple[str, Path], tmp_path: Path
 ) -> None:
+    """Node 1 is lost before step 25: the run goes on at 2 ranks from step 20, and once the
+    node is back (15 s) it grows to 4 again; enough steps at 2 ranks for Ray to see it."""
     address, _ = cluster
     # 12 rows: whole at 4, 3 and 2 ranks (the sizes an elastic run of 2 to 4 may take)
-    run = ["--strategy", "ddp", "--nproc", "4", "--global-batch", "12", "--steps", "8"]
+    run = ["--strategy", "ddp", "--nproc", "4", "--global-batch", "12", "--steps", "200"]
     reference = tmp_path / "reference"
     result = run_main("distlab.launch", *TINY_LOCAL_RUN, *run, "--run-dir", str(reference))
     assert result.returncode == 0, result.stderr
@@ -103,14 +105,16 @@ def test_an_elastic_run_goes_on_at_the_ranks_left_and_matches_the_uninterrupted_
     flags = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
     result = command(
         "distlab.launch", *flags, *run, "--launcher", "ray", "--ray-address", address,
-        "--elastic", "2", "--max-failures", "1", "--checkpoint-every", "2",
-        "--inject-fault", "node:1@3", "--track-memory", "off", "--run-dir", str(run_dir),
+        "--elastic", "2", "--max-failures", "1", "--checkpoint-every", "20",
+        "--inject-fault", "node:1@25", "--track-memory", "off", "--run-dir", str(run_dir),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "distlab: continuing at 2 ranks (--elastic)" in result.stdout
+    assert "capacity for 4 ranks came back: the run grows (--elastic)" in result.stdout
     starts = [e for e in events(run_dir) if e["event"] == "start"]
-    assert [s["world_size"] for s in starts[:2]] == [4, 2]
-    assert starts[1]["from_step"] == 2 and starts[1]["nodes"] == [0, 0]  # node 0's two CPUs
+    assert [s["world_size"] for s in starts] == [4, 2, 4]
+    assert starts[1]["from_step"] == 20 and starts[1]["nodes"] == [0, 0]  # node 0's two CPUs
+    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 2
     # The same global batch at 2 ranks: the same losses but for the order of the gradient sums.
     assert losses(run_dir) == pytest.approx(losses(reference), rel=LOSS_RTOL)
 

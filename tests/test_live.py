@@ -23,7 +23,8 @@ RUN = [
     *TINY_LOCAL_RUN, "--strategy", "ddp", "--nproc", "2", "--steps", "12", "--optimizer", "sgd",
     "--track-memory", "off", "--no-final-checkpoint",
 ]  # fmt: skip
-FAULT = ["--ft", "live", "--inject-fault", "1@3", "--max-failures", "1"]
+FAULT = ["--ft", "live", "--inject-fault", "1@3", "--max-failures", "1", "--checkpoint-every", "2"]
+"""Checkpoints too: replica 0 saves while the others wait for it in the next step's quorum."""
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def test_killed_replica_heals_and_rejoins(runs) -> None:
     (fault,) = [e for e in events(run_dir, "fault") if e["kind"] == "injected"]
     assert (fault["rank"], fault["step"]) == (1, 3)
     assert events(run_dir, "replica_restart")[0]["rank"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_000012"
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def launch_live(
     """Run ``config.nproc`` replicas to completion under one Lighthouse, restarting a dead
     replica alone (or, for replica 0, all of them) up to ``max_failures`` times."""
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
-    os.environ.setdefault("RUST_LOG", "warn")  # torchft's servers log every quorum at info
+    os.environ.setdefault("RUST_LOG", "warn")  # the Lighthouse's quorums too (launch.spawn)
     printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet, live=True)
     # min_replicas=1: one survivor may go on alone; the Lighthouse still waits for every
     # heartbeating replica (and refuses a quorum of half or less of them: split brain).

@@ -48,12 +48,17 @@ class ResizeRecorder(ControllerCallback):
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.running = False
+        self.ranks: int | None = None
+        """The size of the last group Ray started (None before the first)."""
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         self.running = isinstance(current_state, RunningState)
 
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
-        ranks = resize_decision.num_workers
+        previous, ranks = self.ranks, resize_decision.num_workers
+        self.ranks = ranks
+        if previous in (None, ranks):  # the first group, or a retry at the same size
+            return
         if self.running:
             append_event(Path(self.run_dir), "fault", rank=None, kind="resize", ranks=ranks)
         else:

@@ -66,9 +66,10 @@ POLL_S = 0.5
 ELASTIC_RESIZE_CHECK_S = 5.0
 """How often an elastic run's controller looks for returned capacity to grow into."""
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-ELASTIC_START_TIMEOUT_S = 10.0
+ELASTIC_START_TIMEOUT_S = 3.0
 """An elastic restart that asked for capacity which is gone (a lost node Ray has not yet
-declared dead) gives up after this long and asks again, instead of Ray's 60 s."""
+declared dead) gives up after this long and asks again, instead of Ray's 60 s. It bounds
+only the wait for the group's placement (0.00 s when the capacity is there), not its start."""
 RAY_MESSAGES_FILE = "ray_messages.log"
 """The run's ``logs/`` file for what Ray's control store tells the driver (a lost node's dump)."""
 CONNECT_TIMEOUT_S = 5.0
@@ -157,7 +158,9 @@ def launch_ray(
     import ray
 
     cuda = resolve_device(config) == "cuda"
+    # What a private instance is sized to; a cluster needs room for an elastic run's minimum.
     cpus, gpus = config.nproc * config.threads_per_rank, config.nproc if cuda else 0
+    fewest = config.elastic or config.nproc
     _init_ray(config, address, cpus, gpus)
     printer = EventPrinter(
         run_dir,
@@ -169,12 +172,19 @@ def launch_ray(
     )
     watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(printer, watchdog, feed, stop), daemon=True)
+    watched = [watchdog, printer, *([feed] if feed is not None else [])]
+    watcher = threading.Thread(target=_watch, args=(watched, stop), daemon=True)
     _send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)
     try:
-        _check_capacity(ray.cluster_resources(), cpus, gpus, address)
+        _check_capacity(
+            ray.cluster_resources(), fewest * config.threads_per_rank, gpus and fewest, address
+        )
         _check_fault_nodes_exist(node_faults, address)
         trainer = _build_trainer(config, token_file, run_dir, cuda)
+        if config.elastic:
+            from distlab.launch.ray_capacity import CapacityWatch
+
+            watched.append(CapacityWatch())
         watcher.start()
         _run_trainer(trainer, config, run_dir, watchdog)
     except KeyboardInterrupt:
@@ -328,15 +338,12 @@ def _report_finished_run(config: Config, run_dir: Path) -> None:
         Console().print(summary_table(json.loads(summary_file.read_text())))
 
 
-def _watch(
-    printer: EventPrinter, watchdog: Watchdog, feed: WandbFeed | None, stop: threading.Event
-) -> None:
-    """The watcher thread: poll the watchdog, the event printer and the W&B feed until stopped."""
+def _watch(watched: list[Any], stop: threading.Event) -> None:
+    """The watcher thread: poll each of ``watched`` (the watchdog, the event printer, the W&B
+    feed, an elastic run's capacity watch) until stopped."""
     while not stop.wait(POLL_S):
-        watchdog.poll()
-        printer.poll()
-        if feed is not None:
-            feed.poll()
+        for each in watched:
+            each.poll()
 
 
 def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None) -> None:

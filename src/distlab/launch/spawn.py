@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing
+import os
 from collections.abc import Iterable
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
@@ -83,6 +84,8 @@ def rank_context(
         _preload.update(COMPILER)
     if live and importlib.util.find_spec("torchft") is not None:
         _preload.update(LIVE)
+        # torchft's Rust logger reads this once, at import: in the server, before it forks
+        os.environ.setdefault("RUST_LOG", "warn")  # (every quorum is logged at info)
     context = multiprocessing.get_context("forkserver")
     # Only the first start reads the list: later launches reuse the running server.
     context.set_forkserver_preload(sorted(_preload))

@@ -56,6 +56,28 @@ from distlab.train.rank import done_marker, rank_config, run_reporting
 READY_POLL_S = 0.05
 
 
+class ReplicaDDP(DistributedDataParallel):
+    """torchft's DDP, whose communication hook survives a failed all-reduce.
+
+    After an error (a peer died, or hung past ``--timeout-s``, inside the step)
+    torchft's Manager turns every later all-reduce of the step into a no-op whose
+    future is a plain one; torchft 0.2's hook asserts the future is its managed kind,
+    and so crashed every survivor. This hook hands DDP a completed future instead: the
+    step fails ``should_commit`` and is run again with the replicas of the next quorum,
+    as torchft intends.
+    """
+
+    @staticmethod
+    def _comm_hook(state, bucket):  # noqa: ANN001, ANN205 - DDP reads these annotations: none
+        work = state.allreduce(bucket.buffer())
+        work.wait()
+        if state.errored():  # this step is lost (should_commit fails): any complete future will do
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        return work.get_future()._fut  # the managed future's own: DDP waits on it
+
+
 class LiveTrainStep(ModuleTrainStep):
     """ddp's train step with torchft's DDP: gradients (and the loss) are averaged over the
     replicas in this step's quorum; the update waits for torchft's ``should_commit``."""
@@ -63,7 +85,7 @@ class LiveTrainStep(ModuleTrainStep):
     def __init__(self, model: nn.Module, ctx: RankContext, config: Config, manager: Manager):
         ctx.place(model)
         buckets = {} if config.bucket_mb is None else {"bucket_cap_mb": config.bucket_mb}
-        wrapped = DistributedDataParallel(manager, model, **buckets)
+        wrapped = ReplicaDDP(manager, model, **buckets)
         super().__init__(
             wrapped,
             ctx,
@@ -250,6 +272,7 @@ def train_live(
     manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
     manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
     replicas_before = config.nproc
+    unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
     try:
         while manager.current_step() < config.steps:
             before = manager.current_step()
@@ -258,6 +281,12 @@ def train_live(
             manager.start_quorum()
             quorum_s = time.perf_counter() - waited
             step, replicas = manager.current_step(), manager.num_participants()
+            if unsaved is not None and step == before:
+                # Saved inside the quorum of the next step: the others wait for replica 0 in
+                # that step's all-reduce. Saved before joining it, the Lighthouse formed the
+                # quorum without replica 0, which then healed forward past unrecorded steps.
+                trainer.save_checkpoint_if_due(unsaved)
+            unsaved = None
             if step != before:
                 append_event(
                     run_dir, "heal", rank=ctx.rank, from_step=before, step=step, heal_s=quorum_s
@@ -276,7 +305,9 @@ def train_live(
                 append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)
                 continue
             if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
-                trainer.save_checkpoint_if_due(step)
+                unsaved = step
+        if unsaved is not None:
+            trainer.save_checkpoint_if_due(unsaved)
         figures = live_figures(run_dir, config) if ctx.is_main else None
         return trainer.conclude(started, figures)
     except BaseException:

@@ -172,6 +172,8 @@ class RankTrainer:
                 "grad_norm": result.grad_norm,
                 "step_time_s": step_time,
                 "tokens_per_s": self.tokens_per_step / step_time,
+                "world_size": self.ctx.world_size,
+                "time": time.time(),  # when the step ended: throughput over a run's wall time
                 **result.routing,
                 **extra,
             },
