@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2._internal.execution.controller.state import RunningState
+from ray.train.v2._internal.execution.controller.state import ResizingState, SchedulingState
 
 from distlab.run.events import append_event
 
@@ -48,11 +48,14 @@ class ResizeRecorder(ControllerCallback):
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.running = False
+        """Whether the decision about to run resizes a running group (Ray passed through its
+        ResizingState: Running -> Resizing -> Scheduling), not one a failure stopped."""
         self.ranks: int | None = None
         """The size of the last group Ray started (None before the first)."""
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
-        self.running = isinstance(current_state, RunningState)
+        if isinstance(current_state, SchedulingState):
+            self.running = isinstance(previous_state, ResizingState)
 
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
         previous, ranks = self.ranks, resize_decision.num_workers
