@@ -284,7 +284,11 @@ def run_trial(trial: Trial, workdir: Path, address: str | None = None) -> Trial:
         return trial
     trial.recovery_s = min(after) - fault_at  # the end of the next step the run recorded
     trial.lost_steps = json.loads((run_dir / "summary.json").read_text())["lost_steps"]
-    got = losses(run_dir)
+    try:
+        got = losses(run_dir)
+    except ValueError as exc:  # a step recorded twice or not at all
+        trial.reason = str(exc)
+        return trial
     if len(got) != len(expected):
         trial.reason = f"{len(got)} steps recorded, {len(expected)} expected"
         return trial
