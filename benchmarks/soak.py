@@ -441,16 +441,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launchers", default="local,ray", help="comma-separated")
     parser.add_argument("--modes", help="comma-separated recovery modes: restart,elastic,live")
+    parser.add_argument("--first", type=int, default=0, help="skip the trials before this index")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary dir)")
     parser.add_argument("--json", help="also write every trial to this JSON file")
     parser.add_argument("--no-docs", action="store_true", help="do not touch the docs")
     args = parser.parse_args()
     modes = args.modes.split(",") if args.modes else []
     launchers = ["local", "ray"] if modes else args.launchers.split(",")
+    indexes = range(args.first, args.trials)  # a soak stopped early goes on where it stopped
     if modes:
-        trials = [draw_mode(i, args.seed, modes) for i in range(args.trials)]
+        trials = [draw_mode(i, args.seed, modes) for i in indexes]
     else:
-        trials = [draw(i, args.seed, launchers) for i in range(args.trials)]
+        trials = [draw(i, args.seed, launchers) for i in indexes]
     with tempfile.TemporaryDirectory(prefix="distlab-soak-") as tmp:
         workdir = Path(args.workdir or tmp)
         address = cluster("up", workdir / "cluster") if modes else None
