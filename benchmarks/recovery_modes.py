@@ -37,14 +37,13 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from soak import cluster, events, launch, losses, recorded_steps, wait_for_nodes
+from soak import cluster, events, launch, losses, signal_when_due, wait_for_nodes
 
 from distlab.report.markdown import fill_marked_section
 
@@ -108,17 +107,6 @@ def reference(strategy: str, workdir: Path) -> list[float]:
     return losses(run_dir)
 
 
-def stop_rank_when_due(run_dir: Path, process: subprocess.Popen) -> float | None:
-    """SIGSTOP rank 1 once FAULT_STEP steps are recorded; return when (None if the run ended)."""
-    pid_file = run_dir / "logs" / "rank1.pid"
-    while process.poll() is None:
-        if recorded_steps(run_dir) >= FAULT_STEP and pid_file.is_file():
-            os.kill(int(pid_file.read_text()), signal.SIGSTOP)
-            return time.time()
-        time.sleep(0.05)
-    return None
-
-
 def run_cell(cell: Cell, workdir: Path, address: str) -> Cell:
     """Run one cell and read its figures from the run's records."""
     expected = reference(cell.strategy, workdir)
@@ -134,7 +122,9 @@ def run_cell(cell: Cell, workdir: Path, address: str) -> Cell:
         args += ["--inject-fault", f"1@{FAULT_STEP}"]
     cell.launched_at = time.time()
     process = launch(args)
-    sent = stop_rank_when_due(cell.run_dir, process) if cell.fault == "sigstop" else None
+    sent = None
+    if cell.fault == "sigstop":  # rank 1 hangs once FAULT_STEP steps are recorded
+        sent = signal_when_due(cell.run_dir, process, 1, FAULT_STEP, signal.SIGSTOP)
     try:
         _, err = process.communicate(timeout=900)
     finally:

@@ -222,17 +222,25 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def signal_victim(trial: Trial, run_dir: Path, process: subprocess.Popen) -> float | None:
-    """Wait until the run has recorded ``trial.step`` steps, signal the victim; return when."""
-    signum = signal.SIGKILL if trial.kind == "sigkill" else signal.SIGSTOP
-    pid_file = run_dir / "logs" / f"rank{trial.victim}.pid"
+def signal_when_due(
+    run_dir: Path, process: subprocess.Popen, rank: int, step: int, signum: int
+) -> float | None:
+    """Wait until the run has recorded ``step`` steps, send ``signum`` to ``rank``; return when
+    (None if the run ended first)."""
+    pid_file = run_dir / "logs" / f"rank{rank}.pid"
     while process.poll() is None:
-        if recorded_steps(run_dir) >= trial.step and pid_file.is_file():
+        if recorded_steps(run_dir) >= step and pid_file.is_file():
             sent = time.time()
             os.kill(int(pid_file.read_text()), signum)
             return sent
         time.sleep(0.05)
     return None
+
+
+def signal_victim(trial: Trial, run_dir: Path, process: subprocess.Popen) -> float | None:
+    """The trial's outside fault: SIGKILL or SIGSTOP of its victim at its step."""
+    signum = signal.SIGKILL if trial.kind == "sigkill" else signal.SIGSTOP
+    return signal_when_due(run_dir, process, trial.victim, trial.step, signum)
 
 
 def release_victim(trial: Trial, run_dir: Path) -> None:
