@@ -58,22 +58,32 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     assert command("distlab.launch.cluster", "status", *flags).returncode == 1
 
 
+def run_on_cluster(
+    address: str, tmp_path: Path, run: list[str], *flags: str
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(reference, run dir, result): ``run`` uninterrupted on the local launcher, then on the
+    cluster with ``flags`` (a fault, a recovery mode)."""
+    reference = tmp_path / "reference"
+    result = run_main("distlab.launch", *TINY_LOCAL_RUN, *run, "--run-dir", str(reference))
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "on-cluster"
+    quiet_off = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
+    result = command(
+        "distlab.launch", *quiet_off, *run, "--launcher", "ray", "--ray-address", address,
+        "--track-memory", "off", *flags, "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return reference, run_dir, result
+
+
 @pytest.mark.slow
 def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     cluster: tuple[str, Path], tmp_path: Path
 ) -> None:
     address, state_dir = cluster
-    reference = tmp_path / "reference"
-    result = run_main("distlab.launch", *TINY_LOCAL_RUN, *HSDP, "--run-dir", str(reference))
-    assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "node-lost"
-    flags = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
-    result = command(
-        "distlab.launch", *flags, *HSDP, "--launcher", "ray", "--ray-address", address,
-        "--max-failures", "1", "--inject-fault", "node:1@3", "--track-memory", "off",
-        "--run-dir", str(run_dir),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    reference, run_dir, result = run_on_cluster(
+        address, tmp_path, HSDP, "--max-failures", "1", "--inject-fault", "node:1@3"
+    )
     assert "took node 1 down, with every rank on it, at step 3" in result.stdout
     assert "state-dump" not in result.stdout + result.stderr  # the raylet's dump went to logs/
 
@@ -98,17 +108,10 @@ def test_an_elastic_run_shrinks_grows_back_and_matches_the_uninterrupted_one(
     address, _ = cluster
     # 12 rows: whole at 4, 3 and 2 ranks (the sizes an elastic run of 2 to 4 may take)
     run = ["--strategy", "ddp", "--nproc", "4", "--global-batch", "12", "--steps", "200"]
-    reference = tmp_path / "reference"
-    result = run_main("distlab.launch", *TINY_LOCAL_RUN, *run, "--run-dir", str(reference))
-    assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "elastic"
-    flags = [arg for arg in TINY_LOCAL_RUN if arg not in ("local", "--launcher", "--quiet")]
-    result = command(
-        "distlab.launch", *flags, *run, "--launcher", "ray", "--ray-address", address,
-        "--elastic", "2", "--max-failures", "1", "--checkpoint-every", "20",
-        "--inject-fault", "node:1@25", "--track-memory", "off", "--run-dir", str(run_dir),
+    reference, run_dir, result = run_on_cluster(
+        address, tmp_path, run, "--elastic", "2", "--max-failures", "1",
+        "--checkpoint-every", "20", "--inject-fault", "node:1@25",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     assert "distlab: continuing at 2 ranks (--elastic)" in result.stdout
     assert "capacity for 4 ranks came back: the run grows (--elastic)" in result.stdout
     starts = [e for e in events(run_dir) if e["event"] == "start"]
