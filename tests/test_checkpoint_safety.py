@@ -431,3 +431,37 @@ def test_random_pickles_construct_only_allowed_objects(body: bytes) -> None:
     except Exception:  # noqa: BLE001 - refused or malformed
         return
     _only_allowed(loaded, set())
+
+
+@pytest.mark.parametrize("group_torn_down", [False, True], ids=["checkpoint", "group"])
+def test_a_load_that_loses_its_group_is_a_fault_not_a_bad_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_torn_down: bool
+) -> None:
+    """An elastic resize destroys the process group under ranks still loading: that load
+    must fail as a fault (Ray restarts the ranks), not as a bad checkpoint (never retried)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from distlab.checkpoint import state
+    from distlab.model import build_model
+
+    def failing_load(*args, **kwargs) -> None:
+        if group_torn_down:
+            dist.destroy_process_group()  # what Ray's teardown does from another thread
+        raise ValueError("Default process group has not been initialized")
+
+    monkeypatch.setattr(state, "verify_checkpoint", lambda directory: None)
+    monkeypatch.setattr(dcp, "load", failing_load)
+    model = build_model("tiny", 0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        expected = ValueError if group_torn_down else DistlabError
+        with pytest.raises(expected) as error:
+            load_dcp_state(tmp_path, model, optimizer)
+        assert type(error.value) is expected
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

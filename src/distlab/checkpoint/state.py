@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distlab.checkpoint.layout import RNG_FILE, read_meta
@@ -74,6 +75,7 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
     # The template: this rank's tensors (shards), with the optimizer state initialised.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = _tensor_state(model_state, optim_state)
+    in_group = dist.is_initialized()
     try:
         dcp.load(
             state,
@@ -84,6 +86,8 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
     except DistlabError:
         raise
     except Exception as exc:  # noqa: BLE001 - DCP wraps per-rank failures in its own types
+        if _group_failed(exc, in_group):
+            raise  # a fault to recover from (a peer lost mid-load), not a bad checkpoint
         raise DistlabError(
             f"checkpoint {directory} cannot be loaded into this model: {first_line(exc)}"
         ) from None
@@ -96,6 +100,19 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
             "param_groups": optim_state["param_groups"],
         },
     )
+
+
+def _group_failed(exc: BaseException, in_group: bool) -> bool:
+    """Whether a failed load is the process group's failure, not the checkpoint's.
+
+    An elastic resize tears the group down under ranks still loading (Ray destroys
+    it), and a lost peer breaks a collective; both must restart the ranks, which a
+    ``DistlabError`` (bad input, never retried) would not.
+    """
+    failures = getattr(exc, "failures", {})  # DCP's CheckpointException: rank -> (exc, trace)
+    causes = [exc, *(cause for cause, _ in failures.values())]
+    group_gone = in_group and not dist.is_initialized()
+    return group_gone or any(isinstance(c, dist.DistError) for c in causes)
 
 
 def _tensor_state(model_state: dict, optim_state: dict) -> dict[str, Any]:
