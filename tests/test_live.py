@@ -8,6 +8,10 @@ alone, heals from replica 0 and rejoins.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +111,65 @@ def test_survivor_steps_alone_within_the_bound(runs) -> None:
     assert all(m["replica_losses"][1] is None for m in live[3:])
     assert not events(run_dir, "heal")
     assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "finish"
+
+
+@pytest.mark.slow
+def test_lost_replica_0_restarts_every_replica_from_the_checkpoint(runs) -> None:
+    """Replica 0 writes the run dir: its death restarts all replicas from the newest
+    checkpoint (under a fresh Lighthouse), which then train on exactly as before."""
+    run_dir = runs("lost0", *FAULT[:2], "--inject-fault", "0@5", *FAULT[4:])
+    live = metrics(run_dir)
+    for got, want in zip(live, metrics(runs("live", "--ft", "live")), strict=True):
+        assert abs(got["loss"] - want["loss"]) <= LOSS_RTOL * abs(want["loss"]), (got, want)
+    restart = [e for e in events(run_dir, "start") if e["restart"]]
+    assert [(e["from_step"], e["lost_steps"]) for e in restart] == [(4, 1)]
+    assert [(e["rank"], e["step"]) for e in events(run_dir, "heal")] == [(1, 4)]
+
+
+def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) -> None:
+    """SIGSTOP replica ``rank`` once ``step`` steps are recorded (a hang that heartbeats
+    no more, to the Lighthouse or the watchdog)."""
+    while not done.is_set():
+        recorded = (
+            (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
+            if (run_dir / "metrics.jsonl").is_file()
+            else 0
+        )
+        pid_file = run_dir / "logs" / f"rank{rank}.pid"
+        if recorded >= step and pid_file.is_file():
+            os.kill(int(pid_file.read_text()), signal.SIGSTOP)
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> None:
+    """A stopped replica stops heartbeating: the watchdog kills it after --timeout-s (the
+    run does not wait for it forever), and it is restarted as a dead one is: replica 0 with
+    every replica, replica 1 alone, to heal."""
+    pytest.importorskip("torchft")
+    run_dir, done = tmp_path / "run", threading.Event()
+    stopper = threading.Thread(target=stop_when_due, args=(run_dir, rank, 4, done))
+    stopper.start()
+    try:
+        result = run_main(
+            "distlab.launch", *RUN, *FAULT[:2], "--max-failures", "1", "--checkpoint-every",
+            "2", "--timeout-s", "3", "--run-dir", str(run_dir),
+        )  # fmt: skip
+    finally:
+        done.set()
+        stopper.join()
+    assert result.returncode == 0, result.stderr
+    (hang,) = events(run_dir, "fault")  # the watchdog's, and no second one for its kill
+    assert (hang["kind"], hang["rank"]) == ("hang", rank)
+    metrics(run_dir)
+    if rank == 0:
+        assert [e["restart"] for e in events(run_dir, "start")] == [False, True]
+    else:  # restarted alone to heal, unless replica 0 finished the 12 short steps first
+        restarted = [e["rank"] for e in events(run_dir, "replica_restart")]
+        assert restarted == [e["rank"] for e in events(run_dir, "heal")]
+        assert restarted == [1] or read_jsonl(run_dir / "events.jsonl")[-2]["event"] == "finish"
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ heartbeat is ``HEARTBEAT_TIMEOUT_MS`` old) and this launcher restarts that repli
 which heals from a live peer and rejoins; each restart counts against ``--max-failures``.
 Replica 0 writes the run dir: when it dies, every replica is stopped and all start again
 from the newest checkpoint, as under ``--ft restart``. A ``DistlabError`` (bad input) is
-never retried. A replica that stops without dying (SIGSTOP) stops heartbeating too and
-is left out of the quorum; once replica 0 has finished, stragglers get ``--timeout-s`` to
-end before they are stopped.
+never retried. A replica that stops without dying (SIGSTOP, a hang) stops heartbeating to
+the Lighthouse too and is left out of the quorum; once its steps have stalled for
+``--timeout-s`` the watchdog (``launch.watchdog``) kills it, and it is restarted as a dead
+one is. Once replica 0 has finished, stragglers get ``--timeout-s`` to end before they are
+stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from distlab.errors import DistlabError
 from distlab.launch.local import POLL_S, Failure, attempt_failure, stop_ranks
 from distlab.launch.printer import EventPrinter
 from distlab.launch.spawn import rank_context
+from distlab.launch.watchdog import Watchdog
 from distlab.run.events import append_event
 from distlab.run.files import METRICS_FILE
 from distlab.train.live import Join, read_jsonl_count, ready_marker, run_live_replica
@@ -45,30 +48,44 @@ the survivors' wait at a fault."""
 def launch_live(
     config: Config, token_file: Path, run_dir: Path, feed: WandbFeed | None = None
 ) -> None:
-    """Run ``config.nproc`` replicas to completion under one Lighthouse, restarting a dead
+    """Run ``config.nproc`` replicas to completion under a Lighthouse, restarting a dead
     replica alone (or, for replica 0, all of them) up to ``max_failures`` times."""
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
     os.environ.setdefault("RUST_LOG", "warn")  # the Lighthouse's quorums too (launch.spawn)
     printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet, live=True)
+    launcher = LiveLauncher(config, token_file, run_dir, printer, feed)
+    while True:
+        # A fresh Lighthouse for each attempt: the last one's would still hold the stopped
+        # replicas' quorum requests (their old addresses) and hand them to the new ones.
+        lighthouse = start_lighthouse(config)
+        try:
+            failure = launcher.attempt(lighthouse.address())
+        finally:
+            lighthouse.shutdown()
+        printer.poll()
+        printer.flush()
+        if failure is None:
+            return
+        if not failure.retryable or launcher.failures >= config.max_failures:
+            suffix = f" (after {launcher.failures} restarts)" if launcher.failures else ""
+            raise DistlabError(failure.message + suffix)
+        launcher.failures += 1
+
+
+def start_lighthouse(config: Config) -> LighthouseServer:
+    """torchft's Lighthouse, in this process, forming the replicas' quorums."""
     # min_replicas=1: one survivor may go on alone; the Lighthouse still waits for every
     # heartbeating replica (and refuses a quorum of half or less of them: split brain).
-    lighthouse = LighthouseServer(
-        bind="[::]:0", min_replicas=1, heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS
+    # It waits for a late but live replica as long as for a collective (--timeout-s), not
+    # torchft's 100 ms: replica 0 saving a checkpoint as a fault struck was left out of the
+    # retried step's quorum and healed forward past steps it never recorded. A dead replica
+    # is not waited for: its heartbeat stops (HEARTBEAT_TIMEOUT_MS).
+    return LighthouseServer(
+        bind="[::]:0",
+        min_replicas=1,
+        join_timeout_ms=int(config.timeout_s * 1000),
+        heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
     )
-    launcher = LiveLauncher(config, token_file, run_dir, lighthouse.address(), printer, feed)
-    try:
-        while True:
-            failure = launcher.attempt()
-            printer.poll()
-            printer.flush()
-            if failure is None:
-                return
-            if not failure.retryable or launcher.failures >= config.max_failures:
-                suffix = f" (after {launcher.failures} restarts)" if launcher.failures else ""
-                raise DistlabError(failure.message + suffix)
-            launcher.failures += 1
-    finally:
-        lighthouse.shutdown()
 
 
 class LiveLauncher:
@@ -79,17 +96,20 @@ class LiveLauncher:
         config: Config,
         token_file: Path,
         run_dir: Path,
-        lighthouse: str,
         printer: EventPrinter,
         feed: WandbFeed | None,
     ) -> None:
         self.config, self.token_file, self.run_dir = config, token_file, run_dir
-        self.lighthouse = lighthouse
+        self.lighthouse = ""
+        """The address of this attempt's Lighthouse."""
         self.printer, self.feed = printer, feed
         self.context = rank_context([config.strategy], compile=config.compile, live=True)
         self.errors = self.context.Queue()
         self.failures = 0
         """Restarts so far, of one replica or of all (``--max-failures`` bounds them)."""
+        self.watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
+        """Kills a replica whose steps stall for ``--timeout-s`` (a hang, a SIGSTOP): the
+        others leave it out of their quorums, but it must die to be restarted."""
 
     def _start(self, rank: int, join: Join) -> mp.Process:
         """Start replica ``rank``, to join the run as ``join`` says."""
@@ -110,12 +130,15 @@ class LiveLauncher:
         process.start()
         return process
 
-    def attempt(self) -> Failure | None:
-        """Start every replica together and watch them; None once all have finished."""
+    def attempt(self, lighthouse: str) -> Failure | None:
+        """Start every replica together under ``lighthouse`` and watch them; None once all
+        have finished."""
+        self.lighthouse = lighthouse
         nproc = self.config.nproc
         for rank in range(nproc):
             done_marker(self.run_dir, rank).unlink(missing_ok=True)
             ready_marker(self.run_dir, rank).unlink(missing_ok=True)
+        self.watchdog.reset()
         processes = [self._start(rank, Join(peers=nproc)) for rank in range(nproc)]
         ignored: set[int] = set()  # died after a peer finished: no step was left for them
         main_done_at: float | None = None
@@ -126,7 +149,7 @@ class LiveLauncher:
                     code = process.exitcode
                     if code in (None, 0) or rank in ignored or rank in finished:
                         continue
-                    if finished:
+                    if finished and rank != 0:  # replica 0 must still write the summary
                         ignored.add(rank)
                         print(
                             f"distlab: warning: replica {rank} exited with status {code} after "
@@ -145,6 +168,7 @@ class LiveLauncher:
                     if time.monotonic() - main_done_at > self.config.timeout_s:
                         stop_ranks(running)  # e.g. a stopped (SIGSTOP) replica never ends itself
                         return None
+                self.watchdog.poll()
                 self.printer.poll()
                 if self.feed is not None:
                     self.feed.poll()
@@ -156,7 +180,8 @@ class LiveLauncher:
     def _on_death(self, rank: int, code: int, processes: list[mp.Process]) -> Failure | None:
         """Replica ``rank`` exited with ``code``: restart it alone (None), or stop all and
         return why (replica 0, bad input, or no restarts left)."""
-        if code < 0:
+        hung = {hang.pid for hang in self.watchdog.hangs}  # their fault is logged already
+        if code < 0 and processes[rank].pid not in hung:
             append_event(self.run_dir, "fault", rank=rank, kind="signal", signal=-code)
         if rank == 0 or code == 2 or self.failures >= self.config.max_failures:
             stop_ranks(processes)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -172,8 +173,11 @@ def run_live_replica(
 ) -> None:
     """A replica's process (the live launcher's): a world of one, a Manager, the live loop."""
     config = rank_config(config_dict, environment)
-    # torchft warns at every quorum that it cannot reset NCCL's flight recorder (none on CPU)
-    logging.getLogger("torchft").setLevel(logging.ERROR)
+    # torchft warns at every quorum that it cannot reset NCCL's flight recorder (none on CPU),
+    # and logs a failed step's traceback: distlab records it as a step_retry event instead
+    logging.getLogger("torchft").setLevel(logging.CRITICAL)
+    # a heal deserialises the peer's state from a read-only buffer; nothing writes to it
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
     def body() -> None:
         if not wait_to_rejoin(Path(run_dir), join.at_step):
