@@ -43,6 +43,9 @@ HEARTBEAT_TIMEOUT_MS = 1000
 """How long a silent replica stays in the quorum (torchft's default: 5 s). A replica's
 Manager heartbeats every 100 ms from its own thread, so 1 s is ten missed beats; it bounds
 the survivors' wait at a fault."""
+JOIN_TIMEOUT_MS = 1000
+"""How long the Lighthouse waits for a live replica that is late for a quorum (torchft's
+default: 100 ms, which left replica 0 out when it was saving a checkpoint)."""
 
 
 def launch_live(
@@ -75,15 +78,14 @@ def launch_live(
 def start_lighthouse(config: Config) -> LighthouseServer:
     """torchft's Lighthouse, in this process, forming the replicas' quorums."""
     # min_replicas=1: one survivor may go on alone; the Lighthouse still waits for every
-    # heartbeating replica (and refuses a quorum of half or less of them: split brain).
-    # It waits for a late but live replica as long as for a collective (--timeout-s), not
-    # torchft's 100 ms: replica 0 saving a checkpoint as a fault struck was left out of the
-    # retried step's quorum and healed forward past steps it never recorded. A dead replica
-    # is not waited for: its heartbeat stops (HEARTBEAT_TIMEOUT_MS).
+    # heartbeating replica (and refuses a quorum of half or less of them: split brain), but
+    # for a late one (stuck in the broken step's all-reduce until --timeout-s, or saving a
+    # checkpoint) only JOIN_TIMEOUT_MS, under the replicas' own quorum timeout. A replica
+    # left out heals forward; replica 0 cannot be (LiveTrainStep.should_commit).
     return LighthouseServer(
         bind="[::]:0",
         min_replicas=1,
-        join_timeout_ms=int(config.timeout_s * 1000),
+        join_timeout_ms=min(JOIN_TIMEOUT_MS, int(config.timeout_s * 500)),
         heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
     )
 

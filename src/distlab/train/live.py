@@ -21,8 +21,10 @@ over torchft's HTTP transport) before it takes part in that very step
 (``use_async_quorum=False``: heal first, then step with the others).
 
 Replica 0 writes the run dir as rank 0 does (``metrics.jsonl`` with ``replicas`` and
-``quorum_s`` per step, the summary, the checkpoints); losing it is not recovered live:
-the launcher restarts every replica from the newest checkpoint, as ``--ft restart`` does.
+``quorum_s`` per step, the summary, the checkpoints), so no step is committed without it:
+the others run a step again until replica 0 is in its quorum. Losing it is not recovered
+live: the launcher restarts every replica from the newest checkpoint, as ``--ft restart``
+does.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from distlab.train.loop import RankTrainer, write_pid
 from distlab.train.rank import done_marker, rank_config, run_reporting
 
 READY_POLL_S = 0.05
+REPLICA_0_ABSENT = "replica 0 is not in this step's quorum"
 
 
 class ReplicaDDP(DistributedDataParallel):
@@ -113,6 +116,10 @@ class LiveTrainStep(ModuleTrainStep):
         self.replica_losses = [
             loss if present else None for loss, present in zip(*losses.tolist(), strict=True)
         ]
+        if self.replica_losses[0] is None and not self.manager.errored():
+            # Replica 0 records every step: a step it is not in (it is late, stuck in the
+            # last step's broken all-reduce) is not committed by anyone, and is run again.
+            self.manager.report_error(RuntimeError(REPLICA_0_ABSENT))
         return self.manager.should_commit()
 
     def step_metrics(self, quorum_s: float) -> dict[str, Any]:
@@ -277,6 +284,7 @@ def train_live(
     manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
     replicas_before = config.nproc
     unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
+    last_retry: tuple[int, list[str]] | None = None
     try:
         while manager.current_step() < config.steps:
             before = manager.current_step()
@@ -306,7 +314,11 @@ def train_live(
                 replicas_before = replicas
             if not trainer.run_step(step, partial(step_fn.step_metrics, quorum_s)):
                 error = str(manager.errored() or "").splitlines()[:1]
-                append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)
+                if (step, error) != last_retry:  # once while waiting for replica 0
+                    append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)
+                last_retry = (step, error)
+                if error == [REPLICA_0_ABSENT]:
+                    time.sleep(READY_POLL_S)  # it is late: no need to spin
                 continue
             if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
                 unsaved = step
