@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
-from distlab.data import global_batch, load_tokens, prepare_tokens, rank_slice, resolve_files
+from distlab.data import (
+    VALIDATION_SHARE,
+    global_batch,
+    load_tokens,
+    prepare_tokens,
+    rank_slice,
+    resolve_files,
+    split_documents,
+    validation_batch,
+    validation_file,
+)
 from distlab.errors import DistlabError
 
 TOKENS = torch.arange(5000, dtype=torch.int64).remainder(256).to(torch.uint8)
@@ -70,3 +82,70 @@ def test_missing_data_is_a_one_line_error(tmp_path: Path) -> None:
 def test_too_little_data() -> None:
     with pytest.raises(DistlabError, match="too few"):
         global_batch(TOKENS[:10], 0, 0, 2, 16)
+
+
+documents = st.lists(st.binary(min_size=0, max_size=64), min_size=2, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=documents, order=st.randoms(use_true_random=False))
+def test_validation_split_depends_on_the_documents_alone(texts: list[bytes], order) -> None:
+    """The split partitions the documents, holds out at least the share (never all), and is
+    a function of the documents' contents: shuffling the corpus holds out the same texts."""
+    docs = [np.frombuffer(t, dtype=np.uint8) for t in texts]
+    train, held = split_documents(docs)
+    assert sorted(train + held) == list(range(len(docs))) and train and held
+    assert train == sorted(train) and held == sorted(held)  # corpus order within each split
+    total = sum(len(d) for d in docs)
+    assert sum(len(docs[i]) for i in held) >= VALIDATION_SHARE * total or len(train) == 1
+    shuffled = list(range(len(docs)))
+    order.shuffle(shuffled)
+    _, held_again = split_documents([docs[i] for i in shuffled])
+    assert sorted(texts[shuffled[i]] for i in held_again) == sorted(texts[i] for i in held)
+
+
+def test_held_out_run_splits_and_a_plain_run_keeps_the_whole_corpus(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """With --eval-every the run trains on the training documents only; without, on every
+    document, as before the split existed (same token file, same batches)."""
+    monkeypatch.setenv("DISTLAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [f"document {i}: ".encode() + bytes([65 + i % 26]) * (50 + 7 * i) for i in range(30)]
+    for i, text in enumerate(texts):
+        (corpus / f"{i:02d}.txt").write_bytes(text)
+    whole = load_tokens(prepare_tokens(str(corpus)))
+    assert bytes(whole.tolist()) == b"".join(texts)
+    train_file = prepare_tokens(str(corpus), held_out=True)
+    train, val = load_tokens(train_file), load_tokens(validation_file(train_file))
+    assert train.numel() + val.numel() == whole.numel()
+    assert val.numel() >= VALIDATION_SHARE * whole.numel()
+    assert bytes(val.tolist()) not in bytes(train.tolist())
+
+
+def test_validation_batches_ignore_the_seed() -> None:
+    assert torch.equal(validation_batch(TOKENS, 3, 4, 16)[0], global_batch(TOKENS, 0, 3, 4, 16)[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--eval-every", "2", "--data", "ONE_FILE"], "the data is one document"),
+        (["--eval-every", "-1"], "eval_every must be >= 0"),
+        (["--eval-every", "2", "--eval-batches", "0"], "eval_batches must be >= 1"),
+        (["--eval-every", "2", "--ft", "live"], "not supported with --ft live"),
+    ],
+)
+def test_bad_evaluation_input_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch, flags: list[str], fragment: str
+) -> None:
+    monkeypatch.setenv("DISTLAB_CACHE", str(tmp_path / "cache"))
+    one_file = tmp_path / "one.txt"
+    one_file.write_text("just one document\n" * 100)
+    flags = [str(one_file) if flag == "ONE_FILE" else flag for flag in flags]
+    result = run_main(
+        "distlab.launch", *TINY_LOCAL_RUN, "--strategy", "ddp", "--nproc", "2", *flags,
+        "--run-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert_one_line_error(result, fragment)

@@ -134,6 +134,11 @@ class Config:
     """Print nothing but errors (no progress, no summary table)."""
     log_every: int = 10
     """Print a progress line every this many steps (when not on a terminal)."""
+    eval_every: int = 0
+    """Compute the loss on held-out documents (val_loss, val_bpb) every this many steps and
+    after the last; 0: never, and training uses the whole corpus (with it, the rest)."""
+    eval_batches: int = 4
+    """Validation batches (of --global-batch sequences each) per evaluation."""
     checkpoint_every: int = 0
     """Save a sharded checkpoint every this many steps; 0 saves only at the end."""
     keep_checkpoints: int = 2

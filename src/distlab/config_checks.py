@@ -95,6 +95,13 @@ def check_fields(config: Config) -> None:
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    require(config.eval_every >= 0, f"eval_every must be >= 0 (got {config.eval_every})")
+    require(config.eval_batches >= 1, f"eval_batches must be >= 1 (got {config.eval_batches})")
+    require(
+        config.eval_every == 0 or config.ft != "live",
+        "--eval-every is not supported with --ft live (a replica's validation loss would "
+        "average over whichever replicas are alive); evaluate a --ft restart run",
+    )
     require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     require(
         config.bucket_mb is None or (config.bucket_mb > 0 and math.isfinite(config.bucket_mb)),

@@ -12,12 +12,19 @@ global_batch, seq_len): ``global_batch`` random windows drawn with a generator
 seeded from (seed, s). Data-parallel rank r of d takes rows
 ``[r * B/d, (r+1) * B/d)``, so every strategy at every world size trains on the
 same global batches, and a resumed run needs nothing but the step number.
+
+A run that evaluates (``--eval-every``) holds documents out for validation
+(``split_documents``): chosen by a hash of each document's text, so the split
+depends on the corpus alone, never on the seed, the strategy or the world size.
+It then trains on the rest, in a token file of its own; a run that does not
+evaluate trains on the whole corpus, exactly as before the split existed.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import sysconfig
 from pathlib import Path
@@ -30,6 +37,11 @@ from distlab.errors import DistlabError
 
 DEFAULT_CORPUS_FILES = 400
 """How many standard-library source files (sorted by path) form the default corpus."""
+VALIDATION_SHARE = 0.05
+"""At least this share of the corpus's tokens is held out when a run evaluates."""
+VALIDATION_SEED = 0
+"""Validation batch k is drawn as training's step k with this seed, whatever ``--seed``
+is: every run is evaluated on the same windows."""
 
 
 def default_corpus_files() -> list[Path]:
@@ -66,8 +78,8 @@ def _fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> np.ndarray:
-    """Read files through the ``datasets`` text builder and return their UTF-8 bytes."""
+def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> list[np.ndarray]:
+    """Read files through the ``datasets`` text builder; return each document's UTF-8 bytes."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -84,12 +96,46 @@ def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> np.ndarray:
         )
     except Exception as exc:  # datasets raises many types for unreadable input
         raise DistlabError(f"could not read the data files: {exc}") from None
-    chunks = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in corpus["text"]]
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+    return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in corpus["text"]]
 
 
-def prepare_tokens(data: str | None) -> Path:
-    """Tokenise the corpus once and return the path of the cached ``.npy`` token file."""
+def split_documents(documents: list[np.ndarray]) -> tuple[list[int], list[int]]:
+    """Indexes of the training and the validation documents, each in corpus order.
+
+    Documents are ranked by the SHA-256 of their tokens; the first in that order are
+    held out until they hold ``VALIDATION_SHARE`` of the tokens (at least one document,
+    never all of them).
+    """
+    if len(documents) < 2:
+        raise DistlabError(
+            "--eval-every holds documents out for validation, but the data is one document; "
+            "pass several files to --data (one document each), or leave out --eval-every"
+        )
+    ranked = sorted(
+        range(len(documents)), key=lambda i: hashlib.sha256(documents[i].tobytes()).digest()
+    )
+    wanted, have = VALIDATION_SHARE * sum(len(d) for d in documents), 0
+    held: set[int] = set()
+    for index in ranked[:-1]:  # never every document: training needs one
+        held.add(index)
+        have += len(documents[index])
+        if have >= wanted:
+            break
+    train = [i for i in range(len(documents)) if i not in held]
+    return train, sorted(held)
+
+
+def validation_file(token_file: Path) -> Path:
+    """The validation split's token file beside a held-out run's training token file."""
+    return token_file.with_name(token_file.name.replace("-train.npy", "-val.npy"))
+
+
+def prepare_tokens(data: str | None, held_out: bool = False) -> Path:
+    """Tokenise the corpus once and return the path of the cached ``.npy`` token file.
+
+    ``held_out``: split off the validation documents (``split_documents``); the file
+    returned then holds the training documents, ``validation_file`` of it the others.
+    """
     files = resolve_files(data)
     root = cache_dir()
     try:
@@ -98,13 +144,26 @@ def prepare_tokens(data: str | None) -> Path:
         raise DistlabError(
             f"cannot create the cache dir {root}: {exc} (set DISTLAB_CACHE)"
         ) from None
-    token_file = root / f"tokens-{_fingerprint(files)}.npy"
-    if not token_file.exists():
-        tokens = _tokenise_with_datasets(files, root / "hf")
-        tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, token_file)
+    name = f"tokens-{_fingerprint(files)}"
+    token_file = root / (f"{name}-train.npy" if held_out else f"{name}.npy")
+    if token_file.exists():
+        return token_file
+    documents = _tokenise_with_datasets(files, root / "hf")
+    if not held_out:
+        _save_tokens(documents, token_file)
+        return token_file
+    train, held = split_documents(documents)
+    _save_tokens([documents[i] for i in held], validation_file(token_file))
+    _save_tokens([documents[i] for i in train], token_file)  # last: its presence means done
     return token_file
+
+
+def _save_tokens(documents: list[np.ndarray], token_file: Path) -> None:
+    """Write the documents' tokens, concatenated, to ``token_file`` (atomically)."""
+    tokens = np.concatenate(documents) if documents else np.zeros(0, dtype=np.uint8)
+    tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, token_file)
 
 
 def load_tokens(token_file: Path) -> torch.Tensor:
@@ -127,6 +186,20 @@ def global_batch(
     offsets = starts[:, None] + torch.arange(seq_len + 1)[None, :]
     rows = tokens[offsets].long()
     return rows[:, :-1], rows[:, 1:]
+
+
+def validation_batch(
+    tokens: torch.Tensor, index: int, batch: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation batch ``index`` (of the validation split's ``tokens``): the same for
+    every run of a corpus, whatever its seed."""
+    return global_batch(tokens, VALIDATION_SEED, index, batch, seq_len)
+
+
+def bits_per_byte(loss: float) -> float:
+    """A mean loss in nats per token as bits per byte of text: one token is one byte here
+    (raw UTF-8 bytes), so it is the loss in bits."""
+    return loss / math.log(2)
 
 
 def rank_slice(

@@ -12,7 +12,7 @@ from typing import Any
 from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
 from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_len
-from distlab.data import load_tokens, prepare_tokens
+from distlab.data import load_tokens, prepare_tokens, validation_file
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.run.files import CONFIG_FILE, METRICS_FILE
@@ -107,12 +107,16 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     config = resolve_resume(config)
-    token_file = prepare_tokens(config.data)
-    tokens = load_tokens(token_file)
+    token_file = prepare_tokens(config.data, held_out=config.eval_every > 0)
     seq_len = resolved_seq_len(config)
-    if tokens.numel() < seq_len + 2:
-        raise DistlabError(
-            f"the data has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
-            "use more data or a shorter --seq-len"
-        )
+    splits = {"data": token_file}
+    if config.eval_every:
+        splits = {"training split": token_file, "validation split": validation_file(token_file)}
+    for name, file in splits.items():
+        tokens = load_tokens(file)
+        if tokens.numel() < seq_len + 2:
+            raise DistlabError(
+                f"the {name} has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
+                "use more data or a shorter --seq-len"
+            )
     return config, token_file, make_run_dir(config)

@@ -51,6 +51,9 @@ SDPA's fused kernel, the same numbers summed in another order. Measured (cp x4,
 matmuls summed in another order) reached 1.02e-5 in one MLP up-projection
 element (a dead GELU unit), the rest under 2e-6.
 
+A run that evaluates (``--eval-every``) is compared on its validation losses too, held
+to the same loss tolerance: the same kind of sum over the same model, forward only.
+
 bf16 (``parity_config(..., precision="bf16")``, checked against a bf16
 ``single`` run): the bounds are derived in ``bf16_tolerance``'s docstring,
 with the differences measured for every strategy family.
@@ -237,23 +240,27 @@ def reference_config(config: Config) -> Config:
 
 @dataclass
 class ParityReport:
-    """Per-step losses of reference and strategy, and how far apart they are."""
+    """Per-step losses of reference and strategy (training, and validation where the runs
+    evaluated), and how far apart they are."""
 
     reference_losses: list[float]
     losses: list[float]
     max_param_diff: float
     tolerance: Tolerance
+    reference_val_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
     rel_diffs: list[float] = field(init=False)
+    val_rel_diffs: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rel_diffs = [
-            abs(a - b) / abs(a) for a, b in zip(self.reference_losses, self.losses, strict=True)
-        ]
+        self.rel_diffs = _rel_diffs(self.reference_losses, self.losses)
+        self.val_rel_diffs = _rel_diffs(self.reference_val_losses, self.val_losses)
 
     @property
     def max_rel_diff(self) -> float:
-        """Largest relative per-step loss difference."""
-        return max(self.rel_diffs)
+        """Largest relative per-step loss difference, training or validation (held to the same
+        tolerance: a validation loss is the same kind of sum over the same model)."""
+        return max(self.rel_diffs + self.val_rel_diffs)
 
     @property
     def loss_rtol(self) -> float:
@@ -271,8 +278,12 @@ class ParityReport:
         return self.max_rel_diff <= self.loss_rtol and self.max_param_diff <= self.param_atol
 
 
-def _losses(run_dir: Path) -> list[float]:
-    return [row["loss"] for row in read_jsonl(run_dir / METRICS_FILE)]
+def _rel_diffs(reference: list[float], other: list[float]) -> list[float]:
+    return [abs(a - b) / abs(a) for a, b in zip(reference, other, strict=True)]
+
+
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [row[key] for row in read_jsonl(run_dir / METRICS_FILE) if key in row]
 
 
 def _run_once(config: Config, run_dir: Path) -> Path:
@@ -320,6 +331,8 @@ def _run_name(config: Config) -> str:
         parts.append(f"ac-{config.ac}")
     if config.precision != "fp32":
         parts.append(config.precision)
+    if config.eval_every:
+        parts.append(f"eval{config.eval_every}x{config.eval_batches}")
     return "-".join(parts)
 
 
@@ -339,4 +352,11 @@ def compare_runs(ref_dir: Path, run_dir: Path, held_to: Tolerance) -> ParityRepo
     if missing:
         raise AssertionError(f"final weights differ in names: {sorted(missing)[:5]}")
     max_param_diff = max(float((ref_weights[k] - weights[k]).abs().max()) for k in ref_weights)
-    return ParityReport(_losses(ref_dir), _losses(run_dir), max_param_diff, held_to)
+    return ParityReport(
+        _losses(ref_dir),
+        _losses(run_dir),
+        max_param_diff,
+        held_to,
+        _losses(ref_dir, "val_loss"),
+        _losses(run_dir, "val_loss"),
+    )

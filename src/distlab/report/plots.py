@@ -27,17 +27,34 @@ def _save(figure, output: Path) -> None:
 
 
 def plot_losses(runs: list[Run], output: Path) -> None:
-    """Loss vs step of every run in one PNG."""
+    """Loss vs step of every run in one PNG: its training loss as a line, and its validation
+    loss (a run with ``--eval-every``) as markers on a thinner line of the same colour."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]
+    evaluated = False
     for index, run in enumerate(runs):
         steps = [m["step"] for m in run.metrics]
         losses = [m["loss"] for m in run.metrics]
-        axis.plot(steps, losses, styles[index % len(styles)], label=run.label, linewidth=1.6)
+        (line,) = axis.plot(
+            steps, losses, styles[index % len(styles)], label=run.label, linewidth=1.6
+        )
+        validation = [(m["step"], m["val_loss"]) for m in run.metrics if "val_loss" in m]
+        if validation:
+            evaluated = True
+            axis.plot(
+                *zip(*validation, strict=True),
+                marker=markers[index % len(markers)],
+                linestyle=styles[index % len(styles)],
+                color=line.get_color(),
+                linewidth=0.8,
+                markersize=4,
+                label=f"{run.label} (validation)",
+            )
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss (nats/byte)")
-    axis.set_title("loss per step")
+    axis.set_ylabel("loss (nats/byte)" if evaluated else "training loss (nats/byte)")
+    axis.set_title("training and validation loss per step" if evaluated else "loss per step")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
     _save(figure, output)

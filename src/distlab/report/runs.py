@@ -231,6 +231,7 @@ def figures(run: Run) -> dict[str, Any]:
         "nproc": s["nproc"],
         "run": run.path.name,
         "final_loss": s.get("final_loss"),
+        "final_val_loss": s.get("final_val_loss"),  # runs with --eval-every
         "tokens_per_s": s.get("tokens_per_s"),
         "mfu": run_mfu(run),
         "peak_memory_max": max(memory) if memory else None,

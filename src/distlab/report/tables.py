@@ -32,6 +32,7 @@ def _ratio(value: float | None) -> str:
 COLUMNS = [
     ("run", "left"),
     ("final loss", "right"),
+    ("val loss", "right"),
     ("tokens/s", "right"),
     ("MFU %", "right"),
     ("peak mem/rank MiB", "right"),
@@ -57,6 +58,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             [
                 f["label"],
                 _num(f["final_loss"], "{:.4f}"),
+                _num(f["final_val_loss"], "{:.4f}"),
                 _num(f["tokens_per_s"]),
                 _num(None if f["mfu"] is None else 100 * f["mfu"], "{:.2f}"),
                 " / ".join(_mib(m) for m in memory) if memory else "-",

@@ -60,6 +60,12 @@ def report_table(title: str, report: ParityReport) -> Table:
     ):
         style = "" if diff <= report.loss_rtol else "bold red"
         table.add_row(str(step), f"{ref:.7f}", f"{loss:.7f}", f"{diff:.2e}", style=style)
+    validation = zip(
+        report.reference_val_losses, report.val_losses, report.val_rel_diffs, strict=True
+    )
+    for index, (ref, loss, diff) in enumerate(validation):  # runs with --eval-every
+        style = "" if diff <= report.loss_rtol else "bold red"
+        table.add_row(f"val {index}", f"{ref:.7f}", f"{loss:.7f}", f"{diff:.2e}", style=style)
     table.caption = (
         f"max rel. loss diff {report.max_rel_diff:.2e} (tolerance {report.loss_rtol:.1e}); "
         f"max |weight diff| {report.max_param_diff:.2e} (tolerance {report.param_atol:.1e}): "

@@ -69,6 +69,11 @@ class TrainStep(ABC):
         """Forward, backward and optimizer step on this rank's rows of the global batch."""
 
     @abstractmethod
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The global batch's mean loss, forward only (no gradient, no update), from this
+        rank's rows ``inputs``; the same on every rank."""
+
+    @abstractmethod
     def current_lr(self) -> float:
         """The learning rate the next step will use."""
 
@@ -347,6 +352,16 @@ class ModuleTrainStep(OptimizerTrainStep):
         return StepResult(
             loss=mean_loss, grad_norm=grad_norm, routing=self.routing(tally), committed=committed
         )
+
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The language-model loss of the rows in the step's micro-batches, without gradients."""
+        device = self.ctx.device
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        with torch.no_grad():
+            for x, y in micro_batches:
+                loss_sum += self.forward_loss(x.to(device), y.to(device)).float()
+        return self.mean_loss(loss_sum / self.accum)
 
     def should_commit(self, local_loss: torch.Tensor) -> bool:
         """Whether to apply this step's update (``local_loss``: this rank's mean loss).

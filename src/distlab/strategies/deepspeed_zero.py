@@ -199,6 +199,18 @@ class DeepSpeedTrainStep(TrainStep):
         mean_loss = mean_over_group(loss_sum / self.accum, None, self.dp_size)
         return StepResult(loss=mean_loss, grad_norm=float(grad_norm or 0.0))
 
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The engine's forward over the step's micro-batches, without gradients (ZeRO-3
+        gathers each block's parameters in its forward as in training)."""
+        device = self.ctx.device
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        with torch.no_grad():
+            for x, y in micro_batches:
+                logits = self.engine(x.to(device))
+                loss_sum += language_model_loss(logits, y.to(device)).float()
+        return mean_over_group(loss_sum / self.accum, None, self.dp_size)
+
     def _after_backward(self, last: bool) -> None:
         """Sample the reduced gradients after the last backward; engine.step (a no-op on
         DeepSpeed's earlier micro-batches)."""

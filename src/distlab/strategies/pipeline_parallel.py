@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,7 @@ from distlab.strategies.parallel_dims import (
 from distlab.strategies.parallelize import parallelize
 from distlab.strategies.pipeline_schedules import (
     SCHEDULES,
+    forward_program,
     last_stage_rank,
     schedule_class,
 )
@@ -237,6 +239,37 @@ class PipelineTrainStep(OptimizerTrainStep):
         return (tokens if plan.embeddings else hidden), (logits if plan.head else hidden)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        with (
+            phase("forward_backward"),
+            autocast(self.ctx.device_type, self.config.precision, self.stage_module),
+        ):
+            loss = self._run_schedule(self.schedule.step, inputs, targets)
+        with phase("optimizer"):
+            grad_norm = clip_pipeline_gradients(
+                list(self.model.parameters()), self.config.grad_clip, self.pp_group
+            )
+            self.optimizer.step()
+            self._record_state_bytes()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        mean_loss = mean_over_group(loss, self.loss_group, self.dims.reducers)
+        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The schedule's forward-only pass (``eval``: its forwards, none of its backwards)."""
+        with (
+            torch.no_grad(),
+            autocast(self.ctx.device_type, self.config.precision, self.stage_module),
+            forward_program(self.schedule),
+        ):
+            loss = self._run_schedule(self.schedule.eval, inputs, targets)
+        return mean_over_group(loss, self.loss_group, self.dims.reducers)
+
+    def _run_schedule(
+        self, run: Callable[..., Any], inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Feed this rank's rows to the schedule's ``step`` or ``eval``; return this pipeline's
+        mean loss over them (on every stage)."""
         device = self.ctx.device
         inputs, targets = inputs.to(device), targets.to(device)
         if self.positions is not None:  # context parallelism: this rank's slice of each sequence
@@ -250,27 +283,14 @@ class PipelineTrainStep(OptimizerTrainStep):
                 kwargs["positions"] = self.positions.expand(inputs.shape[0], -1)
         target = targets if self.has_last else None
         losses: list[torch.Tensor] = []
-        with (
-            phase("forward_backward"),
-            autocast(self.ctx.device_type, self.config.precision, self.stage_module),
-        ):
-            self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.has_last:  # equal-sized microbatches: the mean of their means is the batch mean
             loss = torch.stack([loss.detach().float() for loss in losses]).mean()
         else:
             loss = torch.zeros((), device=device)
         # The last stage (pipeline rank pp - 1, or 0 in V placement) has the loss; share it.
         dist.broadcast(loss, group=self.pp_group, group_src=self.loss_rank)
-        with phase("optimizer"):
-            grad_norm = clip_pipeline_gradients(
-                list(self.model.parameters()), self.config.grad_clip, self.pp_group
-            )
-            self.optimizer.step()
-            self._record_state_bytes()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        mean_loss = mean_over_group(loss, self.loss_group, self.dims.reducers)
-        return StepResult(loss=mean_loss, grad_norm=grad_norm)
+        return loss
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """Stages gather their tp/fsdp shards, then send their weights to the pipeline's rank 0."""

@@ -46,8 +46,10 @@ idle time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -145,3 +147,41 @@ def bubble_fraction(schedule: str, stages: int, microbatches: int) -> float:
     """
     idle = SCHEDULES[schedule].idle(stages, 1.0, 1.0, 1.0)
     return idle / (3 * microbatches + idle)
+
+
+FORWARD_ACTIONS = frozenset({"F", "SEND_F", "RECV_F", "UNSHARD", "RESHARD"})
+"""A schedule's actions that a forward-only pass keeps (computation types' values)."""
+
+
+@contextlib.contextmanager
+def forward_program(schedule: Any) -> Iterator[None]:
+    """While open, an action-list schedule runs only its forward program: the forwards of
+    its actions (the forward half of an overlapped forward-backward), their sends and
+    receives, and FSDP's unshard and reshard.
+
+    Why: torch 2.13's ``eval`` still runs a V-placed schedule's backward actions (zbv,
+    dualpipev), which fail where two adjacent stages share a rank; without them the
+    program is the same forwards in the same order. Schedules without an action list
+    (gpipe, 1f1b) are left as they are: their ``eval`` works.
+    """
+    program = getattr(schedule, "pipeline_order_with_comms", None)
+    if program is None:
+        yield
+        return
+    schedule.pipeline_order_with_comms = {
+        rank: [kept for action in actions for kept in _forward_part(action)]
+        for rank, actions in program.items()
+    }
+    try:
+        yield
+    finally:
+        schedule.pipeline_order_with_comms = program
+
+
+def _forward_part(action: Any) -> list[Any]:
+    """The part of one action a forward-only program keeps ([] for none of it)."""
+    if action is None:
+        return []
+    if action.sub_actions is not None:  # an overlapped forward and backward
+        return [kept for sub in action.sub_actions for kept in _forward_part(sub)]
+    return [action] if action.computation_type.value in FORWARD_ACTIONS else []

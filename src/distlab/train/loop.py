@@ -33,7 +33,14 @@ from distlab.config import (
     model_shape,
     resolved_seq_len,
 )
-from distlab.data import global_batch, load_tokens, rank_slice
+from distlab.data import (
+    bits_per_byte,
+    global_batch,
+    load_tokens,
+    rank_slice,
+    validation_batch,
+    validation_file,
+)
 from distlab.distributed import RankContext
 from distlab.measure.timeline import phase
 from distlab.model import build_model, count_parameters, flops_per_token
@@ -99,6 +106,8 @@ class RankTrainer:
         self.model_config = model_shape(config)
         self.seq_len = resolved_seq_len(config)
         self.tokens = load_tokens(token_file)
+        self.val_tokens = load_tokens(validation_file(token_file)) if config.eval_every else None
+        """The held-out documents' tokens (``--eval-every``; None: the run does not evaluate)."""
         model = build_model(self.model_config, config.seed)
         self.strategy = registry.get(config.strategy)
         if prepare is None:
@@ -154,9 +163,32 @@ class RankTrainer:
         )
         if result.committed:
             extra.update(measured() if measured is not None else {})
+            extra.update(self.validate() if self.validation_due(step) else {})
             self._record_step(step, lr, result, step_time, extra)
         beat(self.run_dir, self.ctx.rank, "step", step)
         return result.committed
+
+    def validation_due(self, step: int) -> bool:
+        """Whether the run evaluates after step ``step``: every ``--eval-every``, and the last."""
+        every = self.config.eval_every
+        return every > 0 and ((step + 1) % every == 0 or step + 1 == self.config.steps)
+
+    def validate(self) -> dict[str, float]:
+        """Every rank: the mean loss over ``--eval-batches`` validation batches (the held-out
+        documents), outside the step's timing; as ``metrics.jsonl``'s val_loss and val_bpb."""
+        assert self.val_tokens is not None, "validate() needs --eval-every"
+        config, rows = self.config, (self.train_step.dp_rank, self.train_step.dp_size)
+        losses = [
+            self.train_step.evaluate(
+                *rank_slice(
+                    validation_batch(self.val_tokens, index, config.global_batch, self.seq_len),
+                    *rows,
+                )
+            )
+            for index in range(config.eval_batches)
+        ]
+        val_loss = sum(losses) / len(losses)  # batches of equally many tokens
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss)}
 
     def _record_step(
         self, step: int, lr: float, result: StepResult, step_time: float, extra: dict[str, Any]
@@ -250,6 +282,7 @@ class RankTrainer:
             "steps_run": len(metrics),
             "first_loss": metrics[0]["loss"],
             "final_loss": metrics[-1]["loss"],
+            **final_validation(metrics),
             "median_step_time_s": median_step,
             "tokens_per_s": self.tokens_per_step / median_step,
             "flops_per_token": flops_per_token(self.model_config, self.seq_len),
@@ -263,6 +296,14 @@ class RankTrainer:
             **run_fault_figures(run_dir, config),
             **totals.measured,
         }
+
+
+def final_validation(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """summary.json's validation fields: the last evaluation's ({} if the run had none)."""
+    evaluated = [m for m in metrics if "val_loss" in m]
+    if not evaluated:
+        return {}
+    return {"final_val_loss": evaluated[-1]["val_loss"], "final_val_bpb": evaluated[-1]["val_bpb"]}
 
 
 def gather_state_bytes(local: dict[str, int], ctx: RankContext) -> list[dict[str, int]]:
