@@ -46,9 +46,14 @@ class Config:
     heads: int | None = None
     """Attention heads per block, in place of the preset's."""
     vocab: int | None = None
-    """Vocabulary size, in place of the preset's 256 (at least 256: the corpus is bytes)."""
+    """Vocabulary size, in place of the preset's 256 (at least 256: every tokenizer here starts
+    from the 256 bytes); default: the tokenizer's."""
     data: str | None = None
     """Text file, directory or glob to train on; default: the bundled corpus."""
+    tokenizer: str = "bytes"
+    """bytes (token = UTF-8 byte), bpe:VOCAB (a byte-level BPE trained on the training
+    documents, cached), or a tokenizer.json / Hugging Face tokenizer directory; the model's
+    vocabulary follows it unless --vocab is given (and must hold it)."""
     steps: int = 100
     """Number of optimizer steps."""
     global_batch: int = 16

@@ -20,6 +20,7 @@ from distlab.config import (
 )
 from distlab.errors import DistlabError
 from distlab.model import PRESETS, VOCAB_SIZE
+from distlab.tokenizer import check_tokenizer_spec
 
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
@@ -95,6 +96,7 @@ def check_fields(config: Config) -> None:
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    check_tokenizer_spec(config.tokenizer)
     require(config.eval_every >= 0, f"eval_every must be >= 0 (got {config.eval_every})")
     require(config.eval_batches >= 1, f"eval_batches must be >= 1 (got {config.eval_batches})")
     require(
@@ -169,7 +171,7 @@ def check_shape(config: Config) -> None:
     )
     require(
         shape.vocab_size >= VOCAB_SIZE,
-        f"vocab must be >= {VOCAB_SIZE} (got {shape.vocab_size}): the corpus is byte tokens",
+        f"vocab must be >= {VOCAB_SIZE} (got {shape.vocab_size}): every tokenizer holds the bytes",
     )
 
 

@@ -1,11 +1,13 @@
-"""Byte-level training data and the deterministic batch of every step.
+"""Training data, its held-out split, and the deterministic batch of every step.
 
 The corpus is a list of text files: by default the Python standard library's
 own source files (every Python install has them, so the lab works offline),
-or whatever ``--data PATH_OR_GLOB`` names. Files are read and tokenised through
-Hugging Face ``datasets`` (the local ``text`` builder, one document per file)
-into one flat uint8 array of byte tokens, cached on disk keyed by the files'
-names, sizes and modification times.
+or whatever ``--data PATH_OR_GLOB`` names. Files are read through Hugging Face
+``datasets`` (the local ``text`` builder, one document per file), tokenised by
+``--tokenizer`` (``distlab.tokenizer``: raw bytes by default) into one flat array
+of token ids (uint8, uint16 or uint32 as the vocabulary needs), and cached on disk
+keyed by the files' names, sizes and modification times and the tokenizer. Ranks
+memory-map it.
 
 The global batch of step ``s`` is a pure function of (tokens, seed, s,
 global_batch, seq_len): ``global_batch`` random windows drawn with a generator
@@ -24,16 +26,19 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from distlab.config import cache_dir
 from distlab.errors import DistlabError
+from distlab.tokenizer import BYTES, Tokenizer, load_tokenizer
 
 DEFAULT_CORPUS_FILES = 400
 """How many standard-library source files (sorted by path) form the default corpus."""
@@ -78,8 +83,8 @@ def _fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> list[np.ndarray]:
-    """Read files through the ``datasets`` text builder; return each document's UTF-8 bytes."""
+def _read_documents(files: list[Path], hf_cache: Path) -> list[str]:
+    """Read files through the ``datasets`` text builder: one document (text) per file."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -96,24 +101,23 @@ def _tokenise_with_datasets(files: list[Path], hf_cache: Path) -> list[np.ndarra
         )
     except Exception as exc:  # datasets raises many types for unreadable input
         raise DistlabError(f"could not read the data files: {exc}") from None
-    return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in corpus["text"]]
+    return list(corpus["text"])
 
 
-def split_documents(documents: list[np.ndarray]) -> tuple[list[int], list[int]]:
-    """Indexes of the training and the validation documents, each in corpus order.
+def split_documents(documents: list[bytes]) -> tuple[list[int], list[int]]:
+    """Indexes of the training and the validation documents (their UTF-8 bytes), each in
+    corpus order.
 
-    Documents are ranked by the SHA-256 of their tokens; the first in that order are
-    held out until they hold ``VALIDATION_SHARE`` of the tokens (at least one document,
-    never all of them).
+    Documents are ranked by the SHA-256 of their bytes; the first in that order are held
+    out until they hold ``VALIDATION_SHARE`` of the bytes (at least one document, never
+    all of them). The split is the same under every tokenizer.
     """
     if len(documents) < 2:
         raise DistlabError(
             "--eval-every holds documents out for validation, but the data is one document; "
             "pass several files to --data (one document each), or leave out --eval-every"
         )
-    ranked = sorted(
-        range(len(documents)), key=lambda i: hashlib.sha256(documents[i].tobytes()).digest()
-    )
+    ranked = sorted(range(len(documents)), key=lambda i: hashlib.sha256(documents[i]).digest())
     wanted, have = VALIDATION_SHARE * sum(len(d) for d in documents), 0
     held: set[int] = set()
     for index in ranked[:-1]:  # never every document: training needs one
@@ -130,11 +134,18 @@ def validation_file(token_file: Path) -> Path:
     return token_file.with_name(token_file.name.replace("-train.npy", "-val.npy"))
 
 
-def prepare_tokens(data: str | None, held_out: bool = False) -> Path:
+def token_facts(token_file: Path) -> dict[str, Any]:
+    """What a token file holds (``tokens``, ``bytes`` of text, ``vocab_size``, ``tokenizer``)."""
+    return json.loads(token_file.with_suffix(".json").read_text())
+
+
+def prepare_tokens(data: str | None, held_out: bool = False, tokenizer: str = BYTES) -> Path:
     """Tokenise the corpus once and return the path of the cached ``.npy`` token file.
 
     ``held_out``: split off the validation documents (``split_documents``); the file
     returned then holds the training documents, ``validation_file`` of it the others.
+    ``tokenizer``: ``--tokenizer`` (``distlab.tokenizer``); a BPE is trained on the
+    training documents. Beside each token file, ``token_facts`` of it.
     """
     files = resolve_files(data)
     root = cache_dir()
@@ -144,47 +155,76 @@ def prepare_tokens(data: str | None, held_out: bool = False) -> Path:
         raise DistlabError(
             f"cannot create the cache dir {root}: {exc} (set DISTLAB_CACHE)"
         ) from None
-    name = f"tokens-{_fingerprint(files)}"
+    corpus = _fingerprint(files) + ("-train" if held_out else "")
+    documents: list[str] | None = None
+    split: tuple[list[int], list[int]] | None = None
+
+    def texts() -> list[str]:  # read at most once, only if something must be made
+        nonlocal documents, split
+        if documents is None:
+            documents = _read_documents(files, root / "hf")
+            if held_out:
+                split = split_documents([text.encode("utf-8") for text in documents])
+        return documents
+
+    def training_texts() -> list[str]:
+        every = texts()  # reads the corpus and splits it
+        return [every[i] for i in split[0]] if held_out else every
+
+    chosen = load_tokenizer(tokenizer, corpus, training_texts)
+    name = f"tokens-{_fingerprint(files)}" + (f"-{chosen.label}" if chosen.label else "")
     token_file = root / (f"{name}-train.npy" if held_out else f"{name}.npy")
-    if token_file.exists():
+    if token_file.with_suffix(".json").exists():  # written last (_save_tokens)
         return token_file
-    documents = _tokenise_with_datasets(files, root / "hf")
     if not held_out:
-        _save_tokens(documents, token_file)
+        _save_tokens(texts(), chosen, token_file)
         return token_file
-    train, held = split_documents(documents)
-    _save_tokens([documents[i] for i in held], validation_file(token_file))
-    _save_tokens([documents[i] for i in train], token_file)  # last: its presence means done
+    training = training_texts()
+    _save_tokens([texts()[i] for i in split[1]], chosen, validation_file(token_file))
+    _save_tokens(training, chosen, token_file)  # last: its facts mean both files are whole
     return token_file
 
 
-def _save_tokens(documents: list[np.ndarray], token_file: Path) -> None:
-    """Write the documents' tokens, concatenated, to ``token_file`` (atomically)."""
-    tokens = np.concatenate(documents) if documents else np.zeros(0, dtype=np.uint8)
+def _save_tokens(documents: list[str], tokenizer: Tokenizer, token_file: Path) -> None:
+    """Encode the documents, write their tokens concatenated to ``token_file`` and its
+    ``token_facts`` beside it (each atomically; the facts last: they mean it is whole)."""
+    encoded = tokenizer.encode(documents)
+    tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=tokenizer.dtype)
+    facts = {
+        "tokens": int(tokens.size),
+        "bytes": sum(len(text.encode("utf-8")) for text in documents),
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": tokenizer.spec,
+    }
     tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
+    np.save(tmp, tokens.astype(tokenizer.dtype, copy=False))
     os.replace(tmp, token_file)
+    facts_file = token_file.with_suffix(".json")
+    tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(facts) + "\n")
+    os.replace(tmp, facts_file)
 
 
-def load_tokens(token_file: Path) -> torch.Tensor:
-    """Load a cached token file as a uint8 tensor."""
-    return torch.from_numpy(np.load(token_file))
+def load_tokens(token_file: Path) -> np.ndarray:
+    """A cached token file, memory-mapped: a batch reads only its windows' pages, so a
+    corpus larger than memory trains with flat memory (copy-on-write: never written)."""
+    return np.load(token_file, mmap_mode="c")
 
 
 def global_batch(
-    tokens: torch.Tensor, seed: int, step: int, batch: int, seq_len: int
+    tokens: np.ndarray | torch.Tensor, seed: int, step: int, batch: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (``batch`` x ``seq_len`` int64) of optimizer step ``step``."""
-    windows = tokens.numel() - seq_len - 1
+    windows = len(tokens) - seq_len - 1
     if windows < 1:
         raise DistlabError(
-            f"the corpus has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
+            f"the corpus has {len(tokens)} tokens, too few for seq_len {seq_len}; "
             "use more data or a shorter --seq-len"
         )
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, windows, (batch,), generator=generator)
     offsets = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-    rows = tokens[offsets].long()
+    rows = torch.from_numpy(np.asarray(tokens)[offsets.numpy()].astype(np.int64))
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -196,10 +236,10 @@ def validation_batch(
     return global_batch(tokens, VALIDATION_SEED, index, batch, seq_len)
 
 
-def bits_per_byte(loss: float) -> float:
-    """A mean loss in nats per token as bits per byte of text: one token is one byte here
-    (raw UTF-8 bytes), so it is the loss in bits."""
-    return loss / math.log(2)
+def bits_per_byte(loss: float, facts: dict[str, Any]) -> float:
+    """A mean loss in nats per token as bits per byte of the text the tokens encode
+    (``facts``: ``token_facts`` of the split): comparable across tokenizers."""
+    return loss / math.log(2) * facts["tokens"] / facts["bytes"]
 
 
 def rank_slice(

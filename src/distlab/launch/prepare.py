@@ -11,8 +11,8 @@ from typing import Any
 
 from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_len
-from distlab.data import load_tokens, prepare_tokens, validation_file
+from distlab.config import FIELD_TYPES, Config, model_shape, read_yaml_mapping, resolved_seq_len
+from distlab.data import load_tokens, prepare_tokens, token_facts, validation_file
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.run.files import CONFIG_FILE, METRICS_FILE
@@ -107,16 +107,35 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     config = resolve_resume(config)
-    token_file = prepare_tokens(config.data, held_out=config.eval_every > 0)
+    token_file = prepare_tokens(config.data, config.eval_every > 0, config.tokenizer)
+    config = fit_vocabulary(config, token_facts(token_file)["vocab_size"])
     seq_len = resolved_seq_len(config)
     splits = {"data": token_file}
     if config.eval_every:
         splits = {"training split": token_file, "validation split": validation_file(token_file)}
     for name, file in splits.items():
-        tokens = load_tokens(file)
-        if tokens.numel() < seq_len + 2:
+        tokens = len(load_tokens(file))
+        if tokens < seq_len + 2:
             raise DistlabError(
-                f"the {name} has {tokens.numel()} tokens, too few for seq_len {seq_len}; "
+                f"the {name} has {tokens} tokens, too few for seq_len {seq_len}; "
                 "use more data or a shorter --seq-len"
             )
     return config, token_file, make_run_dir(config)
+
+
+def fit_vocabulary(config: Config, vocab: int) -> Config:
+    """The model's embedding sized for the tokenizer's ``vocab`` ids: the tokenizer's size
+    unless --vocab (or a resumed run's shape) fixes it, which must then hold every id."""
+    model_vocab = model_shape(config).vocab_size
+    if vocab == model_vocab:
+        return config
+    if config.vocab is None and config.resume is None:
+        return dataclasses.replace(config, vocab=vocab)
+    if vocab > model_vocab:
+        whose = "the resumed run's model" if config.resume else f"--vocab {model_vocab}"
+        fix = "resume with its own --tokenizer" if config.resume else "raise --vocab or drop it"
+        raise DistlabError(
+            f"--tokenizer {config.tokenizer} has {vocab} tokens, more than {whose} embeds "
+            f"({model_vocab}); {fix}"
+        )
+    return config

@@ -38,6 +38,7 @@ from distlab.data import (
     global_batch,
     load_tokens,
     rank_slice,
+    token_facts,
     validation_batch,
     validation_file,
 )
@@ -106,8 +107,11 @@ class RankTrainer:
         self.model_config = model_shape(config)
         self.seq_len = resolved_seq_len(config)
         self.tokens = load_tokens(token_file)
-        self.val_tokens = load_tokens(validation_file(token_file)) if config.eval_every else None
-        """The held-out documents' tokens (``--eval-every``; None: the run does not evaluate)."""
+        self.val_tokens, self.val_facts = None, {}
+        """The held-out documents' tokens and ``token_facts`` (``--eval-every``; else None)."""
+        if config.eval_every:
+            self.val_tokens = load_tokens(validation_file(token_file))
+            self.val_facts = token_facts(validation_file(token_file))
         model = build_model(self.model_config, config.seed)
         self.strategy = registry.get(config.strategy)
         if prepare is None:
@@ -188,7 +192,7 @@ class RankTrainer:
             for index in range(config.eval_batches)
         ]
         val_loss = sum(losses) / len(losses)  # batches of equally many tokens
-        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss)}
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.val_facts)}
 
     def _record_step(
         self, step: int, lr: float, result: StepResult, step_time: float, extra: dict[str, Any]
