@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
+from distlab.corpus import resolve_corpus
 from distlab.data import (
     VALIDATION_SHARE,
     global_batch,
     load_tokens,
     prepare_tokens,
     rank_slice,
-    resolve_files,
     split_documents,
     validation_batch,
     validation_file,
@@ -76,7 +76,7 @@ def test_user_text_file(tmp_path: Path, monkeypatch) -> None:
 
 def test_missing_data_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(DistlabError, match="matches no file"):
-        resolve_files(str(tmp_path / "nothing*.txt"))
+        resolve_corpus(str(tmp_path / "nothing*.txt"))
 
 
 def test_too_little_data() -> None:

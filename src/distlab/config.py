@@ -49,7 +49,13 @@ class Config:
     """Vocabulary size, in place of the preset's 256 (at least 256: every tokenizer here starts
     from the 256 bytes); default: the tokenizer's."""
     data: str | None = None
-    """Text file, directory or glob to train on; default: the bundled corpus."""
+    """What to train on: text files (a file, directory or glob; a document each), parquet,
+    JSON lines, CSV or Arrow files, a save_to_disk directory, or a cached Hugging Face hub
+    dataset name (a document per row); default: the bundled corpus."""
+    data_column: str = "text"
+    """The column of a dataset's rows that holds the text."""
+    data_split: str = "train"
+    """The split of a dataset with several (a hub dataset, a saved DatasetDict)."""
     tokenizer: str = "bytes"
     """bytes (token = UTF-8 byte), bpe:VOCAB (a byte-level BPE trained on the training
     documents, cached), or a tokenizer.json / Hugging Face tokenizer directory; the model's

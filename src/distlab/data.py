@@ -1,13 +1,10 @@
 """Training data, its held-out split, and the deterministic batch of every step.
 
-The corpus is a list of text files: by default the Python standard library's
-own source files (every Python install has them, so the lab works offline),
-or whatever ``--data PATH_OR_GLOB`` names. Files are read through Hugging Face
-``datasets`` (the local ``text`` builder, one document per file), tokenised by
-``--tokenizer`` (``distlab.tokenizer``: raw bytes by default) into one flat array
-of token ids (uint8, uint16 or uint32 as the vocabulary needs), and cached on disk
-keyed by the files' names, sizes and modification times and the tokenizer. Ranks
-memory-map it.
+The corpus (``distlab.corpus``: the bundled standard-library sources, text files, or
+a Hugging Face dataset) is a list of documents. They are tokenised by ``--tokenizer``
+(``distlab.tokenizer``: raw bytes by default) into one flat array of token ids (uint8,
+uint16 or uint32 as the vocabulary needs), cached on disk keyed by the corpus's
+fingerprint and the tokenizer. Ranks memory-map it.
 
 The global batch of step ``s`` is a pure function of (tokens, seed, s,
 global_batch, seq_len): ``global_batch`` random windows drawn with a generator
@@ -24,12 +21,11 @@ evaluate trains on the whole corpus, exactly as before the split existed.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
-import sysconfig
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,71 +33,17 @@ import numpy as np
 import torch
 
 from distlab.config import cache_dir
+from distlab.corpus import read_documents, resolve_corpus
 from distlab.errors import DistlabError
 from distlab.tokenizer import BYTES, Tokenizer, load_tokenizer
 
-DEFAULT_CORPUS_FILES = 400
-"""How many standard-library source files (sorted by path) form the default corpus."""
+ENCODE_BATCH = 1000
+"""Documents per batch the tokenizer encodes (and the progress bar advances by)."""
 VALIDATION_SHARE = 0.05
 """At least this share of the corpus's tokens is held out when a run evaluates."""
 VALIDATION_SEED = 0
 """Validation batch k is drawn as training's step k with this seed, whatever ``--seed``
 is: every run is evaluated on the same windows."""
-
-
-def default_corpus_files() -> list[Path]:
-    """The bundled corpus: the first source files of this Python's standard library."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
-    files += sorted(p for p in stdlib.glob("*/*.py") if p.is_file() and "test" not in p.parts)
-    if not files:
-        raise DistlabError(f"no standard-library sources under {stdlib}; pass --data PATH")
-    return files[:DEFAULT_CORPUS_FILES]
-
-
-def resolve_files(data: str | None) -> list[Path]:
-    """Expand ``--data`` (a file, a directory or a glob) into a sorted list of files."""
-    if data is None:
-        return default_corpus_files()
-    path = Path(data).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    if not files:
-        raise DistlabError(f"data not found: '{data}' matches no file (pass an existing --data)")
-    return files
-
-
-def _fingerprint(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _read_documents(files: list[Path], hf_cache: Path) -> list[str]:
-    """Read files through the ``datasets`` text builder: one document (text) per file."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        corpus = datasets.load_dataset(
-            "text",
-            data_files=[str(f) for f in files],
-            sample_by="document",
-            split="train",
-            cache_dir=str(hf_cache),
-            encoding_errors="replace",
-        )
-    except Exception as exc:  # datasets raises many types for unreadable input
-        raise DistlabError(f"could not read the data files: {exc}") from None
-    return list(corpus["text"])
 
 
 def split_documents(documents: list[bytes]) -> tuple[list[int], list[int]]:
@@ -139,15 +81,22 @@ def token_facts(token_file: Path) -> dict[str, Any]:
     return json.loads(token_file.with_suffix(".json").read_text())
 
 
-def prepare_tokens(data: str | None, held_out: bool = False, tokenizer: str = BYTES) -> Path:
+def prepare_tokens(
+    data: str | None,
+    held_out: bool = False,
+    tokenizer: str = BYTES,
+    column: str = "text",
+    split: str = "train",
+) -> Path:
     """Tokenise the corpus once and return the path of the cached ``.npy`` token file.
 
     ``held_out``: split off the validation documents (``split_documents``); the file
     returned then holds the training documents, ``validation_file`` of it the others.
     ``tokenizer``: ``--tokenizer`` (``distlab.tokenizer``); a BPE is trained on the
-    training documents. Beside each token file, ``token_facts`` of it.
+    training documents. ``column``, ``split``: of a dataset (``distlab.corpus``). Beside
+    each token file, ``token_facts`` of it.
     """
-    files = resolve_files(data)
+    source = resolve_corpus(data, column, split)
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -155,14 +104,14 @@ def prepare_tokens(data: str | None, held_out: bool = False, tokenizer: str = BY
         raise DistlabError(
             f"cannot create the cache dir {root}: {exc} (set DISTLAB_CACHE)"
         ) from None
-    corpus = _fingerprint(files) + ("-train" if held_out else "")
+    corpus = source.fingerprint + ("-train" if held_out else "")
     documents: list[str] | None = None
     split: tuple[list[int], list[int]] | None = None
 
     def texts() -> list[str]:  # read at most once, only if something must be made
         nonlocal documents, split
         if documents is None:
-            documents = _read_documents(files, root / "hf")
+            documents = read_documents(source, root / "hf")
             if held_out:
                 split = split_documents([text.encode("utf-8") for text in documents])
         return documents
@@ -172,7 +121,7 @@ def prepare_tokens(data: str | None, held_out: bool = False, tokenizer: str = BY
         return [every[i] for i in split[0]] if held_out else every
 
     chosen = load_tokenizer(tokenizer, corpus, training_texts)
-    name = f"tokens-{_fingerprint(files)}" + (f"-{chosen.label}" if chosen.label else "")
+    name = f"tokens-{source.fingerprint}" + (f"-{chosen.label}" if chosen.label else "")
     token_file = root / (f"{name}-train.npy" if held_out else f"{name}.npy")
     if token_file.with_suffix(".json").exists():  # written last (_save_tokens)
         return token_file
@@ -188,7 +137,7 @@ def prepare_tokens(data: str | None, held_out: bool = False, tokenizer: str = BY
 def _save_tokens(documents: list[str], tokenizer: Tokenizer, token_file: Path) -> None:
     """Encode the documents, write their tokens concatenated to ``token_file`` and its
     ``token_facts`` beside it (each atomically; the facts last: they mean it is whole)."""
-    encoded = tokenizer.encode(documents)
+    encoded = _encode_with_progress(documents, tokenizer, token_file.name)
     tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=tokenizer.dtype)
     facts = {
         "tokens": int(tokens.size),
@@ -203,6 +152,22 @@ def _save_tokens(documents: list[str], tokenizer: Tokenizer, token_file: Path) -
     tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(facts) + "\n")
     os.replace(tmp, facts_file)
+
+
+def _encode_with_progress(
+    documents: list[str], tokenizer: Tokenizer, name: str
+) -> list[np.ndarray]:
+    """``tokenizer.encode`` over batches of documents, with a progress bar on a terminal
+    (a BPE encodes each batch on every core: Hugging Face ``tokenizers`` runs in parallel)."""
+    from rich.progress import Progress
+
+    encoded: list[np.ndarray] = []
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"tokenising into {name}", total=len(documents))
+        for start in range(0, len(documents), ENCODE_BATCH):
+            encoded += tokenizer.encode(documents[start : start + ENCODE_BATCH])
+            progress.advance(task, min(ENCODE_BATCH, len(documents) - start))
+    return encoded
 
 
 def load_tokens(token_file: Path) -> np.ndarray:

@@ -107,7 +107,9 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     config = resolve_resume(config)
-    token_file = prepare_tokens(config.data, config.eval_every > 0, config.tokenizer)
+    token_file = prepare_tokens(
+        config.data, config.eval_every > 0, config.tokenizer, config.data_column, config.data_split
+    )
     config = fit_vocabulary(config, token_facts(token_file)["vocab_size"])
     seq_len = resolved_seq_len(config)
     splits = {"data": token_file}
