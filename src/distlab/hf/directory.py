@@ -103,7 +103,8 @@ def load_directory(model: nn.Module, directory: Path) -> None:
 
 def describe(shape: GPTConfig) -> str:
     """A shape in one phrase, as messages name it."""
+    experts = f", {shape.n_expert} experts per block" if shape.n_expert else ""
     return (
         f"{shape.n_layer} layers x {shape.d_model}, {shape.n_head} heads, "
-        f"vocab {shape.vocab_size}, context {shape.block_size}"
+        f"vocab {shape.vocab_size}, context {shape.block_size}{experts}"
     )

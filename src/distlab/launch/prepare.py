@@ -11,13 +11,21 @@ from typing import Any
 
 from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import FIELD_TYPES, Config, read_yaml_mapping, resolved_seq_len
+from distlab.config import (
+    FIELD_TYPES,
+    Config,
+    model_label,
+    model_shape,
+    read_yaml_mapping,
+    resolved_seq_len,
+)
 from distlab.data import load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
+from distlab.hf.directory import describe, read_shape
 from distlab.run.files import CONFIG_FILE, METRICS_FILE
 
-NOT_INHERITED = ("run_dir", "resume", "inject_fault", "ray_address")
+NOT_INHERITED = ("run_dir", "resume", "init_from", "inject_fault", "ray_address")
 """Fields a resumed run does not take from its source run's config.yaml."""
 
 
@@ -98,15 +106,35 @@ def resolve_resume(config: Config) -> Config:
     return dataclasses.replace(config, resume=str(checkpoint.resolve()))
 
 
+def resolve_init_from(config: Config) -> Config:
+    """Check ``config.init_from`` (files, shape) and pin it to an absolute path, before any rank
+    starts: a one-line error for a missing directory or a shape other than the run's model."""
+    if not config.init_from:
+        return config
+    directory = Path(config.init_from)
+    try:
+        shape = read_shape(directory)
+    except DistlabError as exc:
+        raise DistlabError(f"--init-from {exc}") from None
+    if shape != model_shape(config):
+        raise DistlabError(
+            f"--init-from {directory} holds {describe(shape)}, but --model is "
+            f"{model_label(config)} ({describe(model_shape(config))}); pass the --model "
+            "(and --layers/--hidden/--heads/--vocab/--seq-len) it was trained with"
+        )
+    return dataclasses.replace(config, init_from=str(directory.resolve()))
+
+
 def prepare_run(config: Config) -> tuple[Config, Path, Path]:
-    """Check the device and resume point, tokenise the data, create the run dir.
+    """Check the device, the --init-from directory and the resume point, tokenise the data,
+    create the run dir.
 
     Returns (config with the resume checkpoint pinned, token file, run dir).
     """
     device = resolve_device(config)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    config = resolve_resume(config)
+    config = resolve_resume(resolve_init_from(config))
     token_file = prepare_tokens(config.data)
     tokens = load_tokens(token_file)
     seq_len = resolved_seq_len(config)
