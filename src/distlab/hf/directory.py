@@ -9,6 +9,7 @@ runs on load (never a pickle).
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,27 @@ SAME_FUNCTION = {"activation_function": "gelu", "layer_norm_epsilon": 1e-5}
 use the tanh-approximated ``gelu_new``: the same weights would give other logits)."""
 
 
+def require_libraries() -> None:
+    """A one-line error if safetensors or tokenizers (the ``bench`` extra) is not installed."""
+    missing = [name for name in ("safetensors", "tokenizers") if find_spec(name) is None]
+    if missing:
+        raise DistlabError(
+            f"{' and '.join(missing)} not installed: pip install 'distlab[bench]' "
+            "(Hugging Face directories need them)"
+        )
+
+
 def write_directory(out: Path, shape: GPTConfig, state: dict[str, torch.Tensor]) -> list[Path]:
     """Write distlab GPT weights ``state`` of ``shape`` as a GPT-2 directory; the files written."""
     from safetensors.torch import save_file
 
+    require_libraries()
     check_convertible(shape)
     out.mkdir(parents=True, exist_ok=True)
     # config.json by hand (no transformers needed to export): GPT2Config's defaults
     # fill every field not given, exactly as they do for hf_gpt2_config.
     settings = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "dtype": "float32"}
-    settings.update(gpt2_config_fields(shape))
+    settings.update(gpt2_config_fields(shape), use_cache=True)  # for transformers' generate
     (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     weights = {k: v.float() for k, v in to_gpt2_state_dict(state, shape.n_layer).items()}
     save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -52,6 +64,7 @@ def write_directory(out: Path, shape: GPTConfig, state: dict[str, torch.Tensor])
 def read_shape(directory: Path) -> GPTConfig:
     """The distlab shape of a GPT-2 directory's ``config.json``; one-line errors if it has
     none, if its files are missing, or if GPT-2 computes another function with it."""
+    require_libraries()
     if not directory.is_dir():
         raise DistlabError(f"{directory}: no such model directory")
     for name in (CONFIG_FILE, WEIGHTS_FILE):

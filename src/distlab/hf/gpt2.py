@@ -36,7 +36,7 @@ def hf_gpt2_config(shape: GPTConfig) -> Any:
     """``transformers.GPT2Config`` of distlab's GPT shape (the match: see the module doc)."""
     from transformers import GPT2Config
 
-    return GPT2Config(**gpt2_config_fields(shape), attn_implementation="sdpa")
+    return GPT2Config(**gpt2_config_fields(shape), use_cache=False, attn_implementation="sdpa")
 
 
 def gpt2_config_fields(shape: GPTConfig) -> dict[str, Any]:
@@ -53,7 +53,6 @@ def gpt2_config_fields(shape: GPTConfig) -> dict[str, Any]:
         "attn_pdrop": 0.0,
         "layer_norm_epsilon": 1e-5,
         "tie_word_embeddings": False,
-        "use_cache": False,
         "bos_token_id": None,
         "eos_token_id": None,
     }
