@@ -160,6 +160,16 @@ def test_a_hostile_checkpoint_is_refused_before_it_runs(tmp_path: Path, trained:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_a_one_line_error(tmp_path: Path, trained: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    shard = sorted((copy / "checkpoints").glob("step_*/*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = run_main("distlab.export", str(copy), str(tmp_path / "out"))
+    assert_one_line_error(result, f"is corrupt ({shard.name} is 100 of ")
+
+
 def test_a_missing_run_or_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     assert_one_line_error(run_main("distlab.export", str(missing), str(tmp_path / "o")), "no such")
