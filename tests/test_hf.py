@@ -238,6 +238,17 @@ def test_gpt2_directories_computing_another_function_are_refused(tmp_path: Path)
         write_directory(tmp_path / "moe", PRESETS["tiny-moe"], {})
 
 
+def test_without_the_libraries_export_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    from distlab.hf import directory
+
+    monkeypatch.setattr(directory, "find_spec", lambda name: None if name == "tokenizers" else 1)
+    with pytest.raises(
+        DistlabError, match=r"tokenizers not installed: pip install 'distlab\[bench\]'"
+    ):
+        write_directory(tmp_path / "out", PRESETS["tiny"], build_model("tiny", seed=0).state_dict())
+    assert not (tmp_path / "out").exists()
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     layers=st.integers(1, 3),

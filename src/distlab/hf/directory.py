@@ -45,9 +45,9 @@ def require_libraries() -> None:
 
 def write_directory(out: Path, shape: GPTConfig, state: dict[str, torch.Tensor]) -> list[Path]:
     """Write distlab GPT weights ``state`` of ``shape`` as a GPT-2 directory; the files written."""
+    require_libraries()
     from safetensors.torch import save_file
 
-    require_libraries()
     check_convertible(shape)
     out.mkdir(parents=True, exist_ok=True)
     # config.json by hand (no transformers needed to export): GPT2Config's defaults
@@ -94,10 +94,10 @@ def read_shape(directory: Path) -> GPTConfig:
 
 def load_directory(model: nn.Module, directory: Path) -> None:
     """Put a GPT-2 directory's weights into distlab's ``model`` (of the same shape)."""
+    shape = read_shape(directory)  # safetensors is there once this returns
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    shape = read_shape(directory)
     if shape != model.config:
         raise DistlabError(
             f"{directory} holds {describe(shape)}; the model is {describe(model.config)}"
