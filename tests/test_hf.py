@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 from tests.test_checkpoint_safety import assert_live, plant, system_payload
-from tests.test_generation import argmax_without_cache
+from tests.test_generation import argmax_without_cache, one_thread  # noqa: F401 - autouse
 
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.errors import DistlabError
