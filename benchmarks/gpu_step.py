@@ -13,7 +13,7 @@ there); its tokens/s come from the median step time. Rows, keyed RUN/MODE/SIZE:
   rank (local launcher, no W&B); step times from the run's ``metrics.jsonl``.
   MODE ``compile`` sets the config field ``compile``.
 - ``hf``: Hugging Face ``transformers.GPT2LMHeadModel`` of distlab's GPT shape
-  (``hf_gpt2_config``), in a hand-written loop; eager only.
+  (``distlab.hf.gpt2.hf_gpt2_config``), in a hand-written loop; eager only.
 - ``hand``: the same hand-written loop over distlab's GPT (``build_model``);
   MODE ``compile`` wraps it in ``torch.compile``.
 
@@ -59,12 +59,13 @@ from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
+from distlab.hf.gpt2 import hf_gpt2_config
 from distlab.launch.runner import run
 from distlab.launch.spawn import rank_context
 from distlab.measure.compile_time import compile_seconds
 from distlab.measure.memory import peak_memory_bytes
 from distlab.measure.mfu import cpu_model, mfu, peak_flops
-from distlab.model import PRESETS, GPTConfig, build_model, count_parameters, flops_per_token
+from distlab.model import PRESETS, build_model, count_parameters, flops_per_token
 from distlab.optim import block_groups, build_optimizer, build_scheduler
 from distlab.run.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
 from distlab.strategies.resolve import load_config
@@ -134,35 +135,6 @@ def all_rows(micro_batch: int) -> list[Row]:
 
 
 # --- The hand-written loop (HF's GPT-2 and distlab's GPT), in a fresh process per row -----
-
-
-def hf_gpt2_config(shape: GPTConfig) -> Any:
-    """``transformers.GPT2Config`` of distlab's GPT shape.
-
-    Matched: layers, heads, width, 4x MLP, context, vocabulary (bytes), biases on
-    every linear but the LM head, untied LM head, exact GELU, LayerNorm eps 1e-5,
-    SDPA causal attention, no dropout. Different: HF fuses q, k and v into one
-    matmul (``c_attn``) and stores linears as ``Conv1D`` (input x output).
-    """
-    from transformers import GPT2Config
-
-    return GPT2Config(
-        vocab_size=shape.vocab_size,
-        n_positions=shape.block_size,
-        n_embd=shape.d_model,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        activation_function="gelu",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False,
-        use_cache=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="sdpa",
-    )
 
 
 def build_peer(run_name: str, config: Config, compiled: bool) -> tuple[torch.nn.Module, Any]:

@@ -90,6 +90,20 @@ def test_bpe_run_sizes_the_model_to_the_vocabulary(corpus: Path, tmp_path: Path)
         "--run-dir", str(tmp_path / "resumed"),
     )  # fmt: skip
     assert_one_line_error(resumed, "more than the resumed run's model embeds (300)")
+    # The run keeps its tokenizer; export writes it, generate speaks it.
+    exported = run_main("distlab.export", str(run_dir), str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    kept = (run_dir / "tokenizer.json").read_bytes()
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == kept
+    from transformers import AutoTokenizer
+
+    text = "the lazy fox"
+    ids = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"]
+    assert 0 < len(ids) < len(text)  # BPE pieces, not bytes
+    sampled = run_main(
+        "distlab.generate", str(run_dir), "--prompt", text, "--tokens", "5", "--temperature", "0"
+    )
+    assert sampled.returncode == 0 and sampled.stdout.startswith(text), sampled.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ distlab sweep configs/compare.yaml            (= python -m distlab.sweep ...)
 distlab comm-check ddp fsdp                   (= python -m distlab.comm_check ...)
 distlab plan --model gpt2 --gpus 64           (= python -m distlab.plan ...)
 distlab cluster up --nodes 2                  (= python -m distlab.launch.cluster up ...)
+distlab export runs/fsdp-n2-... hf_model      (= python -m distlab.export ...)
+distlab generate runs/fsdp-n2-... --prompt "def " --tokens 50   (= python -m distlab.generate ...)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from functools import partial
 from typing import NoReturn
 
 from distlab.cli import run_cli
+from distlab.export import main as export
+from distlab.generate import main as generate
 from distlab.launch.__main__ import main as launch
 from distlab.launch.cluster import main as cluster
 from distlab.plan.__main__ import main as plan
@@ -33,6 +37,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "comm-check": (comm_check, "counted communication vs theory vs the kernel's TCP bytes"),
     "plan": (plan, "which layout, memory per GPU and speed for a model on a cluster"),
     "cluster": (cluster, "a Ray cluster of several nodes on this machine: up, status, down"),
+    "export": (export, "a run's newest checkpoint as a Hugging Face GPT-2 directory"),
+    "generate": (generate, "sample text from a run's newest checkpoint"),
 }
 
 

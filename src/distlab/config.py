@@ -130,6 +130,10 @@ class Config:
     resume: str | None = None
     """Run dir (its newest complete checkpoint) or checkpoint dir to continue from, in a
     new run dir; the source run's config is the base that flags override."""
+    init_from: str | None = None
+    """Directory of a Hugging Face GPT-2 of the --model shape (config.json and
+    model.safetensors, e.g. written by distlab export) whose weights the run starts from in
+    place of the seed's; a new run from step 0, unlike --resume (docs/hugging_face.md)."""
     threads_per_rank: int = 1
     """CPU threads per rank (intra-op); one keeps ranks from oversubscribing cores."""
     comm_stats: bool = True

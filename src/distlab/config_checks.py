@@ -93,6 +93,11 @@ def check_fields(config: Config) -> None:
         config.rejoin_after == 0 or config.ft == "live",
         "--rejoin-after delays a replica's live restart: it needs --ft live",
     )
+    require(
+        not (config.init_from and config.resume),
+        "--init-from starts a new run's weights and --resume continues a checkpoint: "
+        "give one of them",
+    )
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")

@@ -144,6 +144,7 @@ def _save_tokens(documents: list[str], tokenizer: Tokenizer, token_file: Path) -
         "bytes": sum(len(text.encode("utf-8")) for text in documents),
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.spec,
+        "tokenizer_file": None if tokenizer.file is None else str(tokenizer.file),
     }
     tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, tokens.astype(tokenizer.dtype, copy=False))

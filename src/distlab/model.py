@@ -14,6 +14,10 @@ shards.
 
 The ``-moe`` presets replace each block's MLP by a mixture of experts
 (``distlab.moe``: router, E stacked expert MLPs, top-k dropless routing).
+
+Generation passes a ``KVCache``: each block keeps the keys and values of the
+tokens already seen, so a new token costs one position's work. Training never
+passes one, and its path through the code is the one without it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,48 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of the newest ``q.shape[2]`` positions to all ``k.shape[2]`` cached ones.
+
+    Query i sits at position past + i, so it sees the keys up to there: the
+    causal mask of the full sequence, cut to the new rows. (The prompt's first
+    pass, with no past, is the training path's call: the same logits, bitwise.)
+    """
+    new, total = q.shape[2], k.shape[2]
+    if new == total:  # nothing cached before (a prompt): the full forward's own call
+        return causal_attention(q, k, v)
+    positions = torch.arange(total - new, total, device=q.device)
+    visible = torch.arange(total, device=q.device)[None, :] <= positions[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+class LayerCache:
+    """One block's keys and values of the positions seen so far, (batch, heads, seq, head_dim)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and values; return all of them."""
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """Every block's ``LayerCache``, for generating one token after another."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        """Positions cached so far."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[2]
+
+
 AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``attention(q, k, v) -> output``, all (batch, heads, seq, head_dim)."""
 
@@ -87,14 +133,14 @@ class CausalSelfAttention(nn.Module):
         self.v = nn.Linear(config.d_model, config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_head / tp of them.
         q, k, v = (
             layer(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
             for layer in (self.q, self.k, self.v)
         )
-        y = self.attention(q, k, v)
+        y = self.attention(q, k, v) if cache is None else cached_attention(q, *cache.extend(k, v))
         return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -124,8 +170,8 @@ class Block(nn.Module):
             else MLP(config)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,16 +191,30 @@ class GPT(nn.Module):
         self.ln_f: nn.LayerNorm | None = nn.LayerNorm(config.d_model)
         self.lm_head: nn.Linear | None = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Logits of ``tokens``; ``positions``: each column's position in the sequence
-        (default 0, 1, ...; context parallelism passes those of the tokens a rank holds)."""
+        (default 0, 1, ...; context parallelism passes those of the tokens a rank holds).
+
+        With ``cache`` (generation, whole model only): ``tokens`` follow the cached
+        positions, whose keys and values are reused; theirs are added to the cache.
+        """
         x = tokens
         if self.wte is not None:
             if positions is None:
-                positions = torch.arange(tokens.shape[1], device=tokens.device)
+                start = 0 if cache is None else len(cache)
+                positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
             x = self.wte(tokens) + self.wpe(positions)
-        for block in self.blocks.values():
-            x = block(x)
+        if cache is None:
+            for block in self.blocks.values():
+                x = block(x)
+        else:
+            for block, layer_cache in zip(self.blocks.values(), cache.layers, strict=True):
+                x = block(x, layer_cache)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:

@@ -44,6 +44,9 @@ class Tokenizer:
     vocab_size: int
     model: Any = None
     """The Hugging Face ``tokenizers.Tokenizer`` (None for bytes)."""
+    file: Path | None = None
+    """Its ``tokenizer.json`` (None for bytes): a run keeps a copy, which ``distlab export``
+    and ``distlab generate`` use."""
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
@@ -96,25 +99,28 @@ def load_tokenizer(
     check_tokenizer_spec(spec)
     if spec == BYTES:
         return Tokenizer(spec, "", BYTE_VOCAB)
-    from tokenizers import Tokenizer as HFTokenizer
 
     if spec.startswith(BPE_PREFIX):
         vocab = int(spec.removeprefix(BPE_PREFIX))
         file = cache_dir() / "tokenizers" / f"bpe{vocab}-{corpus}.json"
         if not file.is_file():
             train_bpe(training_texts(), vocab, file)
-        return _from_file(spec, f"bpe{vocab}", HFTokenizer.from_file(str(file)))
+        return _from_file(spec, f"bpe{vocab}", file)
     file = tokenizer_json(Path(spec))
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    return _from_file(spec, f"tok{digest}", file)
+
+
+def _from_file(spec: str, label: str, file: Path) -> Tokenizer:
+    """The tokenizer saved in ``file``; one line if it is not one."""
+    from tokenizers import Tokenizer as HFTokenizer
+
     try:
         model = HFTokenizer.from_file(str(file))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception type
         raise DistlabError(f"--tokenizer {spec}: {file} is not a tokenizer ({exc})") from None
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
-    return _from_file(spec, f"tok{digest}", model)
-
-
-def _from_file(spec: str, label: str, model: Any) -> Tokenizer:
-    return Tokenizer(spec, label, model.get_vocab_size(with_added_tokens=True), model)
+    size = model.get_vocab_size(with_added_tokens=True)
+    return Tokenizer(spec, label, size, model, file.resolve())
 
 
 def train_bpe(texts: Iterable[str], vocab: int, file: Path) -> None:

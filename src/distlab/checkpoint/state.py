@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,41 @@ def save_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load what ``save_dcp_state`` wrote, resharded to how this model and optimizer live."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     verify_checkpoint(directory)  # every file, before DCP reads any (restarts come here too)
     # The template: this rank's tensors (shards), with the optimizer state initialised.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = _tensor_state(model_state, optim_state)
+    _load_tensors(directory, state)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={
+            "state": state["optim"]["state"],
+            "param_groups": optim_state["param_groups"],
+        },
+    )
+
+
+def load_dcp_model(directory: Path, model: nn.Module) -> None:
+    """Load only the weights of a DCP checkpoint into a plain model, in this process alone.
+
+    For export and generation: DCP reshards the shards every rank wrote into the
+    whole tensors; the optimizer state is not read.
+    """
+    verify_checkpoint(directory)  # every file, before DCP reads any
+    with warnings.catch_warnings():
+        # DCP warns on every load without a process group, which is the point here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        _load_tensors(directory, {"model": model.state_dict()})  # in place: the model's tensors
+
+
+def _load_tensors(directory: Path, state: dict[str, Any]) -> None:
+    """``dcp.load`` of ``state`` (in place) through the safe reader; one-line errors."""
+    import torch.distributed.checkpoint as dcp
+
     in_group = dist.is_initialized()
     try:
         dcp.load(
@@ -91,15 +120,6 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
         raise DistlabError(
             f"checkpoint {directory} cannot be loaded into this model: {first_line(exc)}"
         ) from None
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict={
-            "state": state["optim"]["state"],
-            "param_groups": optim_state["param_groups"],
-        },
-    )
 
 
 def _group_failed(exc: BaseException, in_group: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -11,13 +12,22 @@ from typing import Any
 
 from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import FIELD_TYPES, Config, model_shape, read_yaml_mapping, resolved_seq_len
+from distlab.config import (
+    FIELD_TYPES,
+    Config,
+    model_label,
+    model_shape,
+    read_yaml_mapping,
+    resolved_seq_len,
+)
 from distlab.data import load_tokens, prepare_tokens, token_facts, validation_file
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
+from distlab.hf.directory import describe, read_shape
 from distlab.run.files import CONFIG_FILE, METRICS_FILE
+from distlab.tokenizer import TOKENIZER_FILE
 
-NOT_INHERITED = ("run_dir", "resume", "inject_fault", "ray_address")
+NOT_INHERITED = ("run_dir", "resume", "init_from", "inject_fault", "ray_address")
 """Fields a resumed run does not take from its source run's config.yaml."""
 
 
@@ -98,8 +108,28 @@ def resolve_resume(config: Config) -> Config:
     return dataclasses.replace(config, resume=str(checkpoint.resolve()))
 
 
+def resolve_init_from(config: Config) -> Config:
+    """Check ``config.init_from`` (files, shape) and pin it to an absolute path, before any rank
+    starts: a one-line error for a missing directory or a shape other than the run's model."""
+    if not config.init_from:
+        return config
+    directory = Path(config.init_from)
+    try:
+        shape = read_shape(directory)
+    except DistlabError as exc:
+        raise DistlabError(f"--init-from {exc}") from None
+    if shape != model_shape(config):
+        raise DistlabError(
+            f"--init-from {directory} holds {describe(shape)}, but --model is "
+            f"{model_label(config)} ({describe(model_shape(config))}); pass the --model "
+            "(and --layers/--hidden/--heads/--vocab/--seq-len) it was trained with"
+        )
+    return dataclasses.replace(config, init_from=str(directory.resolve()))
+
+
 def prepare_run(config: Config) -> tuple[Config, Path, Path]:
-    """Check the device and resume point, tokenise the data, create the run dir.
+    """Check the device, the --init-from directory and the resume point, tokenise the data,
+    create the run dir.
 
     Returns (config with the resume checkpoint pinned, token file, run dir).
     """
@@ -110,7 +140,8 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
     token_file = prepare_tokens(
         config.data, config.eval_every > 0, config.tokenizer, config.data_column, config.data_split
     )
-    config = fit_vocabulary(config, token_facts(token_file)["vocab_size"])
+    # the tokenizer's vocabulary first: --init-from's shape is checked against the model's
+    config = resolve_init_from(fit_vocabulary(config, token_facts(token_file)["vocab_size"]))
     seq_len = resolved_seq_len(config)
     splits = {"data": token_file}
     if config.eval_every:
@@ -122,7 +153,11 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
                 f"the {name} has {tokens} tokens, too few for seq_len {seq_len}; "
                 "use more data or a shorter --seq-len"
             )
-    return config, token_file, make_run_dir(config)
+    run_dir = make_run_dir(config)
+    tokenizer_file = token_facts(token_file).get("tokenizer_file")
+    if tokenizer_file:  # the run keeps its tokenizer: export and generate read it from here
+        shutil.copyfile(tokenizer_file, run_dir / TOKENIZER_FILE)
+    return config, token_file, run_dir
 
 
 def fit_vocabulary(config: Config, vocab: int) -> Config:

@@ -5,6 +5,9 @@ for each step take this rank's rows of the deterministic global batch, run the
 step, and (on rank 0) record the metrics. The loop never asks which strategy
 it runs.
 
+``--init-from DIR``: the built model's weights are replaced by a GPT-2 directory's
+(``distlab.hf.directory``) before the strategy prepares it.
+
 Resuming: a restart after a failure continues from the run dir's newest
 committed checkpoint, else ``config.resume``'s checkpoint is loaded
 (``distlab.train.resume``); the batches continue from its step.
@@ -43,6 +46,7 @@ from distlab.data import (
     validation_file,
 )
 from distlab.distributed import RankContext
+from distlab.hf.directory import load_directory
 from distlab.measure.timeline import phase
 from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, read_events
@@ -113,6 +117,8 @@ class RankTrainer:
             self.val_tokens = load_tokens(validation_file(token_file))
             self.val_facts = token_facts(validation_file(token_file))
         model = build_model(self.model_config, config.seed)
+        if config.init_from:  # before the strategy shards or wraps it: the whole weights
+            load_directory(model, Path(config.init_from))
         self.strategy = registry.get(config.strategy)
         if prepare is None:
             self.train_step = self.strategy.prepare(model, ctx, config)
