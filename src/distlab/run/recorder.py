@@ -82,6 +82,8 @@ def mesh_text(mesh: dict[str, int]) -> str:
 def step_status(metrics: dict[str, Any]) -> str:
     """A step's loss and throughput, and the seconds it spent compiling if any (--compile)."""
     status = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s"
+    if "val_loss" in metrics:
+        status += f"  val_loss {metrics['val_loss']:.4f}"
     if metrics.get("compile_s"):
         status += f"  (compiling: {metrics['compile_s']:.1f} s)"
     return status
@@ -133,6 +135,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     time_row = step_time_row(summary)
     if time_row is not None:
         rows.insert(4, time_row)
+    if "final_val_loss" in summary:  # --eval-every: the last evaluation's, after the loss
+        after_loss = [name for name, _ in rows].index("loss") + 1
+        validation = (
+            f"loss {summary['final_val_loss']:.4f}, "
+            f"{summary['final_val_bpb']:.3f} bits/byte (held-out documents)"
+        )
+        rows.insert(after_loss, ("validation", validation))
     for name, value in rows:
         table.add_row(name, value)
     return table
