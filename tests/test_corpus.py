@@ -43,7 +43,7 @@ def test_every_kind_reads_one_document_per_row(rows, tmp_path: Path, kind: str) 
         )
     split = "validation" if kind == "saved-dict" else "train"
     corpus = resolve_corpus(str(target), column="body", split=split)
-    documents = read_documents(corpus, tmp_path / "hf")
+    documents = list(read_documents(corpus, tmp_path / "hf").texts())
     assert documents == ROWS["body"][: 2 if kind == "saved-dict" else 12]
     tokens = load_tokens(prepare_tokens(str(target), column="body", split=split))
     assert bytes(tokens.tolist()) == "".join(documents).encode()

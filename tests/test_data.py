@@ -14,6 +14,7 @@ from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 from distlab.corpus import resolve_corpus
 from distlab.data import (
     VALIDATION_SHARE,
+    document_key,
     global_batch,
     load_tokens,
     prepare_tokens,
@@ -84,23 +85,23 @@ def test_too_little_data() -> None:
         global_batch(TOKENS[:10], 0, 0, 2, 16)
 
 
-documents = st.lists(st.binary(min_size=0, max_size=64), min_size=2, max_size=12)
+documents = st.lists(st.text(max_size=64), min_size=2, max_size=12)
 
 
 @settings(max_examples=60, deadline=None)
 @given(texts=documents, order=st.randoms(use_true_random=False))
-def test_validation_split_depends_on_the_documents_alone(texts: list[bytes], order) -> None:
+def test_validation_split_depends_on_the_documents_alone(texts: list[str], order) -> None:
     """The split partitions the documents, holds out at least the share (never all), and is
     a function of the documents' contents: shuffling the corpus holds out the same texts."""
-    docs = texts
-    train, held = split_documents(docs)
-    assert sorted(train + held) == list(range(len(docs))) and train and held
+    keys = [document_key(text) for text in texts]
+    train, held = split_documents(keys)
+    assert sorted(train + held) == list(range(len(texts))) and train and held
     assert train == sorted(train) and held == sorted(held)  # corpus order within each split
-    total = sum(len(d) for d in docs)
-    assert sum(len(docs[i]) for i in held) >= VALIDATION_SHARE * total or len(train) == 1
-    shuffled = list(range(len(docs)))
+    total = sum(size for _, size in keys)
+    assert sum(keys[i][1] for i in held) >= VALIDATION_SHARE * total or len(train) == 1
+    shuffled = list(range(len(texts)))
     order.shuffle(shuffled)
-    _, held_again = split_documents([docs[i] for i in shuffled])
+    _, held_again = split_documents([keys[i] for i in shuffled])
     assert sorted(texts[shuffled[i]] for i in held_again) == sorted(texts[i] for i in held)
 
 

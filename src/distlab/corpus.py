@@ -22,6 +22,7 @@ import glob
 import hashlib
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ BUILDERS = {
     ".arrow": "arrow",
 }
 """``datasets`` builders of structured files, by extension (anything else is text)."""
+READ_BATCH = 16
+"""Rows read from the table at a time (a row can be a whole file)."""
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 """Files by which a ``save_to_disk`` directory is known."""
 
@@ -113,8 +116,28 @@ def resolve_corpus(data: str | None, column: str = "text", split: str = "train")
     raise DistlabError(f"data not found: '{data}' matches no file (pass an existing --data)")
 
 
-def read_documents(corpus: Corpus, hf_cache: Path) -> list[str]:
-    """Every document of the corpus, in its order (a file's text, or a row's column)."""
+class Documents:
+    """A corpus's documents, read in order from a ``datasets`` table (Arrow, memory-mapped
+    from ``datasets``' cache), a few at a time: the corpus is never all in memory."""
+
+    def __init__(self, rows: Any, column: str) -> None:
+        self.rows, self.column = rows, column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def texts(self, keep: set[int] | None = None) -> Iterator[str]:
+        """Each document's text in corpus order (only those whose index is in ``keep``)."""
+        index = 0
+        for batch in self.rows.iter(batch_size=READ_BATCH):
+            for text in batch[self.column]:
+                if keep is None or index in keep:
+                    yield "" if text is None else str(text)
+                index += 1
+
+
+def read_documents(corpus: Corpus, hf_cache: Path) -> Documents:
+    """The corpus's documents (a file's text, or a row's column), in its order."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files need no network
     import datasets
 
@@ -132,7 +155,7 @@ def read_documents(corpus: Corpus, hf_cache: Path) -> list[str]:
                 encoding_errors="replace",
             ),
         )
-        return list(rows["text"])
+        return Documents(rows, "text")
     if corpus.kind == "saved":
         rows = _load(corpus, lambda: datasets.load_from_disk(corpus.data))
     elif corpus.kind == "hub":
@@ -176,8 +199,8 @@ def _split(corpus: Corpus, rows: Any) -> Any:
     return rows[corpus.split]
 
 
-def _column(corpus: Corpus, rows: Any) -> list[str]:
-    """The ``--data-column`` of every row, as text; one line if it is missing or empty."""
+def _column(corpus: Corpus, rows: Any) -> Documents:
+    """The ``--data-column`` of the rows as documents; one line if it is missing or empty."""
     if corpus.column not in rows.column_names:
         raise DistlabError(
             f"--data-column {corpus.column}: {corpus.data} has no such column "
@@ -185,4 +208,4 @@ def _column(corpus: Corpus, rows: Any) -> list[str]:
         )
     if len(rows) == 0:
         raise DistlabError(f"--data {corpus.data} has no rows: nothing to train on")
-    return ["" if text is None else str(text) for text in rows[corpus.column]]
+    return Documents(rows, corpus.column)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,16 @@ import numpy as np
 import torch
 
 from distlab.config import cache_dir
-from distlab.corpus import read_documents, resolve_corpus
+from distlab.corpus import Documents, read_documents, resolve_corpus
 from distlab.errors import DistlabError
 from distlab.tokenizer import BYTES, Tokenizer, load_tokenizer
 
 ENCODE_BATCH = 1000
-"""Documents per batch the tokenizer encodes (and the progress bar advances by)."""
+"""Documents per batch the tokenizer encodes (and the progress bar advances by)..."""
+ENCODE_BYTES = 64 * 2**20
+"""... or fewer, once they hold this many characters."""
+COPY_TOKENS = 64 * 2**20
+"""Tokens copied at a time from the encoded stream into the .npy file."""
 VALIDATION_SHARE = 0.05
 """At least this share of the corpus's tokens is held out when a run evaluates."""
 VALIDATION_SEED = 0
@@ -46,28 +51,34 @@ VALIDATION_SEED = 0
 is: every run is evaluated on the same windows."""
 
 
-def split_documents(documents: list[bytes]) -> tuple[list[int], list[int]]:
-    """Indexes of the training and the validation documents (their UTF-8 bytes), each in
-    corpus order.
+def document_key(text: str) -> tuple[bytes, int]:
+    """What the split knows of a document: the SHA-256 of its UTF-8 bytes, and their count."""
+    data = text.encode("utf-8")
+    return hashlib.sha256(data).digest(), len(data)
+
+
+def split_documents(keys: list[tuple[bytes, int]]) -> tuple[list[int], list[int]]:
+    """Indexes of the training and the validation documents, each in corpus order, from
+    every document's ``document_key``.
 
     Documents are ranked by the SHA-256 of their bytes; the first in that order are held
     out until they hold ``VALIDATION_SHARE`` of the bytes (at least one document, never
     all of them). The split is the same under every tokenizer.
     """
-    if len(documents) < 2:
+    if len(keys) < 2:
         raise DistlabError(
             "--eval-every holds documents out for validation, but the data is one document; "
             "pass several files to --data (one document each), or leave out --eval-every"
         )
-    ranked = sorted(range(len(documents)), key=lambda i: hashlib.sha256(documents[i]).digest())
-    wanted, have = VALIDATION_SHARE * sum(len(d) for d in documents), 0
+    ranked = sorted(range(len(keys)), key=lambda i: keys[i][0])
+    wanted, have = VALIDATION_SHARE * sum(size for _, size in keys), 0
     held: set[int] = set()
     for index in ranked[:-1]:  # never every document: training needs one
         held.add(index)
-        have += len(documents[index])
+        have += keys[index][1]
         if have >= wanted:
             break
-    train = [i for i in range(len(documents)) if i not in held]
+    train = [i for i in range(len(keys)) if i not in held]
     return train, sorted(held)
 
 
@@ -105,70 +116,88 @@ def prepare_tokens(
             f"cannot create the cache dir {root}: {exc} (set DISTLAB_CACHE)"
         ) from None
     corpus = source.fingerprint + ("-train" if held_out else "")
-    documents: list[str] | None = None
-    split: tuple[list[int], list[int]] | None = None
+    documents: Documents | None = None
+    split: tuple[set[int], set[int]] | None = None
 
-    def texts() -> list[str]:  # read at most once, only if something must be made
+    def read() -> Documents:  # at most once, only if something must be made
         nonlocal documents, split
         if documents is None:
             documents = read_documents(source, root / "hf")
-            if held_out:
-                split = split_documents([text.encode("utf-8") for text in documents])
+            if held_out:  # one pass for the keys: the documents stay on disk
+                train, held = split_documents([document_key(t) for t in documents.texts()])
+                split = set(train), set(held)
         return documents
 
-    def training_texts() -> list[str]:
-        every = texts()  # reads the corpus and splits it
-        return [every[i] for i in split[0]] if held_out else every
+    def training_texts() -> Iterator[str]:
+        return read().texts(split[0] if held_out else None)
 
     chosen = load_tokenizer(tokenizer, corpus, training_texts)
     name = f"tokens-{source.fingerprint}" + (f"-{chosen.label}" if chosen.label else "")
     token_file = root / (f"{name}-train.npy" if held_out else f"{name}.npy")
     if token_file.with_suffix(".json").exists():  # written last (_save_tokens)
         return token_file
-    if not held_out:
-        _save_tokens(texts(), chosen, token_file)
-        return token_file
-    training = training_texts()
-    _save_tokens([texts()[i] for i in split[1]], chosen, validation_file(token_file))
-    _save_tokens(training, chosen, token_file)  # last: its facts mean both files are whole
+    if held_out:
+        held = read().texts(split[1])
+        _save_tokens(held, len(split[1]), chosen, validation_file(token_file))
+    count = len(split[0]) if held_out else len(read())
+    _save_tokens(training_texts(), count, chosen, token_file)  # last: its facts mean done
     return token_file
 
 
-def _save_tokens(documents: list[str], tokenizer: Tokenizer, token_file: Path) -> None:
-    """Encode the documents, write their tokens concatenated to ``token_file`` and its
-    ``token_facts`` beside it (each atomically; the facts last: they mean it is whole)."""
-    encoded = _encode_with_progress(documents, tokenizer, token_file.name)
-    tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=tokenizer.dtype)
+def _save_tokens(texts: Iterable[str], count: int, tokenizer: Tokenizer, token_file: Path) -> None:
+    """Encode the ``count`` documents a batch at a time into ``token_file`` (the corpus is
+    never all in memory) and write its ``token_facts`` beside it (each atomically; the
+    facts last: they mean it is whole). A progress bar on a terminal; a BPE encodes each
+    batch on every core (Hugging Face ``tokenizers`` runs in parallel)."""
+    from rich.progress import Progress
+
+    raw = token_file.with_suffix(f".tmp{os.getpid()}.raw")
+    tokens = text_bytes = 0
+    with raw.open("wb") as out, Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"tokenising into {token_file.name}", total=count)
+        for batch in _encode_batches(texts):
+            for ids in tokenizer.encode(batch):
+                out.write(ids.astype(tokenizer.dtype, copy=False).tobytes())
+                tokens += ids.size
+            text_bytes += sum(len(text.encode("utf-8")) for text in batch)
+            bar.advance(task, len(batch))
+    tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=tokenizer.dtype, shape=(tokens,))
+    for start in range(0, tokens, COPY_TOKENS):  # the raw tokens behind an .npy header
+        count_now = min(COPY_TOKENS, tokens - start)
+        offset = start * array.itemsize
+        array[start : start + count_now] = np.fromfile(
+            raw, dtype=tokenizer.dtype, count=count_now, offset=offset
+        )
+    array.flush()
+    del array
+    raw.unlink()
+    os.replace(tmp, token_file)
     facts = {
-        "tokens": int(tokens.size),
-        "bytes": sum(len(text.encode("utf-8")) for text in documents),
+        "tokens": tokens,
+        "bytes": text_bytes,
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.spec,
         "tokenizer_file": None if tokenizer.file is None else str(tokenizer.file),
     }
-    tmp = token_file.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens.astype(tokenizer.dtype, copy=False))
-    os.replace(tmp, token_file)
     facts_file = token_file.with_suffix(".json")
     tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(facts) + "\n")
     os.replace(tmp, facts_file)
 
 
-def _encode_with_progress(
-    documents: list[str], tokenizer: Tokenizer, name: str
-) -> list[np.ndarray]:
-    """``tokenizer.encode`` over batches of documents, with a progress bar on a terminal
-    (a BPE encodes each batch on every core: Hugging Face ``tokenizers`` runs in parallel)."""
-    from rich.progress import Progress
-
-    encoded: list[np.ndarray] = []
-    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"tokenising into {name}", total=len(documents))
-        for start in range(0, len(documents), ENCODE_BATCH):
-            encoded += tokenizer.encode(documents[start : start + ENCODE_BATCH])
-            progress.advance(task, min(ENCODE_BATCH, len(documents) - start))
-    return encoded
+def _encode_batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    """The texts in batches of at most ``ENCODE_BATCH`` documents or ``ENCODE_BYTES`` bytes."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if len(batch) >= ENCODE_BATCH or size >= ENCODE_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def load_tokens(token_file: Path) -> np.ndarray:
