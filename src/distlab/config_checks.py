@@ -101,14 +101,7 @@ def check_fields(config: Config) -> None:
     require(config.threads_per_rank >= 1, "threads_per_rank must be >= 1")
     require(config.log_every >= 1, "log_every must be >= 1")
     require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
-    check_tokenizer_spec(config.tokenizer)
-    require(config.eval_every >= 0, f"eval_every must be >= 0 (got {config.eval_every})")
-    require(config.eval_batches >= 1, f"eval_batches must be >= 1 (got {config.eval_batches})")
-    require(
-        config.eval_every == 0 or config.ft != "live",
-        "--eval-every is not supported with --ft live (a replica's validation loss would "
-        "average over whichever replicas are alive); evaluate a --ft restart run",
-    )
+    check_data(config)
     require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     require(
         config.bucket_mb is None or (config.bucket_mb > 0 and math.isfinite(config.bucket_mb)),
@@ -131,6 +124,18 @@ def check_fields(config: Config) -> None:
         raise DistlabError(f"micro_batch must be a number or auto (got '{config.micro_batch}')")
     if config.memory_budget is not None:
         parse_bytes(config.memory_budget)
+
+
+def check_data(config: Config) -> None:
+    """The tokenizer and the held-out evaluation's fields."""
+    check_tokenizer_spec(config.tokenizer)
+    require(config.eval_every >= 0, f"eval_every must be >= 0 (got {config.eval_every})")
+    require(config.eval_batches >= 1, f"eval_batches must be >= 1 (got {config.eval_batches})")
+    require(
+        config.eval_every == 0 or config.ft != "live",
+        "--eval-every is not supported with --ft live (a replica's validation loss would "
+        "average over whichever replicas are alive); evaluate a --ft restart run",
+    )
 
 
 ELASTIC_STRATEGIES = ("ddp", "fsdp")
