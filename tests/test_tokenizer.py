@@ -122,3 +122,11 @@ def test_bad_tokenizer_input_is_one_line_exit_2(
         "--data", str(corpus), *flags, "--run-dir", str(tmp_path / "run"),
     )  # fmt: skip
     assert_one_line_error(result, fragment)
+
+
+def test_dry_run_describes_the_tokenizers_vocabulary() -> None:
+    """No corpus needed: bpe:VOCAB asks for VOCAB tokens, and the theory's model has them."""
+    result = run_main("distlab.launch", "--strategy", "fsdp", "--nproc", "4", "--dry-run",
+                      "--tokenizer", "bpe:4096")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "vocab 4096" in result.stdout

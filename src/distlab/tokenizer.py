@@ -82,6 +82,17 @@ def check_tokenizer_spec(spec: str) -> None:
         )
 
 
+def declared_vocab(spec: str) -> int:
+    """The vocabulary ``spec`` asks for, without a corpus: 256 for bytes, VOCAB for
+    ``bpe:VOCAB`` (a small corpus may train fewer), a tokenizer file's own size."""
+    check_tokenizer_spec(spec)
+    if spec == BYTES:
+        return BYTE_VOCAB
+    if spec.startswith(BPE_PREFIX):
+        return int(spec.removeprefix(BPE_PREFIX))
+    return _from_file(spec, "", tokenizer_json(Path(spec))).vocab_size
+
+
 def tokenizer_json(path: Path) -> Path:
     """The ``tokenizer.json`` a path names (the file itself, or the one in a directory)."""
     path = path.expanduser()

@@ -31,10 +31,11 @@ if __name__ == "__main__":  # before torch is imported below: see launch.spawn.s
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
 from distlab.errors import DistlabError
 from distlab.launch.fit import check_fits, dry_run
-from distlab.launch.prepare import inherited_config
+from distlab.launch.prepare import fit_vocabulary, inherited_config
 from distlab.launch.runner import run
 from distlab.strategies import registry
 from distlab.strategies.resolve import load_config
+from distlab.tokenizer import declared_vocab
 
 
 def build_parser() -> OneLineErrorParser:
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.trace or args.json) and not args.dry_run:
         flag = "--trace" if args.trace else "--json"
         raise DistlabError(f"{flag} goes with --dry-run; add --dry-run (nothing is trained)")
+    # the tokenizer's vocabulary sizes the model the dry run and the fit check describe
+    config = fit_vocabulary(config, declared_vocab(config.tokenizer))
     if args.dry_run:
         return dry_run(config, args.trace, args.json)
     check_fits(config)
