@@ -173,7 +173,7 @@ class RankTrainer:
         )
         if result.committed:
             extra.update(measured() if measured is not None else {})
-            extra.update(self.validate() if self.validation_due(step) else {})
+            extra.update(self.validate(step) if self.validation_due(step) else {})
             self._record_step(step, lr, result, step_time, extra)
         beat(self.run_dir, self.ctx.rank, "step", step)
         return result.committed
@@ -183,20 +183,17 @@ class RankTrainer:
         every = self.config.eval_every
         return every > 0 and ((step + 1) % every == 0 or step + 1 == self.config.steps)
 
-    def validate(self) -> dict[str, float]:
-        """Every rank: the mean loss over ``--eval-batches`` validation batches (the held-out
-        documents), outside the step's timing; as ``metrics.jsonl``'s val_loss and val_bpb."""
+    def validate(self, step: int) -> dict[str, float]:
+        """Every rank, after step ``step``: the mean loss over ``--eval-batches`` validation
+        batches (the held-out documents), outside the step's timing; as ``metrics.jsonl``'s
+        val_loss and val_bpb."""
         assert self.val_tokens is not None, "validate() needs --eval-every"
         config, rows = self.config, (self.train_step.dp_rank, self.train_step.dp_size)
-        losses = [
-            self.train_step.evaluate(
-                *rank_slice(
-                    validation_batch(self.val_tokens, index, config.global_batch, self.seq_len),
-                    *rows,
-                )
-            )
-            for index in range(config.eval_batches)
-        ]
+        losses = []
+        for index in range(config.eval_batches):
+            batch = validation_batch(self.val_tokens, index, config.global_batch, self.seq_len)
+            losses.append(self.train_step.evaluate(*rank_slice(batch, *rows)))
+            beat(self.run_dir, self.ctx.rank, "step", step)  # progress: not a hang to the watchdog
         val_loss = sum(losses) / len(losses)  # batches of equally many tokens
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.val_facts)}
 
