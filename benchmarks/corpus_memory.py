@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def train(corpus: Path, run_dir: Path, steps: int) -> tuple[int, float]:
         "--quiet", "--no-pictures", "--no-final-checkpoint", "--track-memory", "off",
         "--run-dir", str(run_dir),
     ]  # fmt: skip
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run measured again starts afresh
     started = time.time()
     process = subprocess.Popen(command)
     peak: list[int] = []
