@@ -1,21 +1,24 @@
-"""A rank's memory does not grow with the corpus: 200 MB against 2 GB of text.
+"""Memory does not grow with the corpus: 200 MB against 2 GB of text.
 
     python benchmarks/corpus_memory.py                    # 200 MB and 2 GB, 5 steps each
     python benchmarks/corpus_memory.py --sizes-mb 100,1000 --workdir /tmp/corpora
 
 Writes each corpus (files of 10 MB of random words, deterministic from the seed) unless
-the work dir has it, then trains the tiny model for a few steps on it (``single``,
-``--launcher local``) while this script samples the rank's peak resident memory
-(``VmHWM`` of ``/proc/PID/status``, the kernel's high-water mark, independent of
-distlab's own memory tracking, which counts tensors). The launcher's peak while it
-tokenises (its ``ru_maxrss``) is printed too: tokenising holds the corpus in memory,
-training does not (the ranks memory-map the token file).
+the work dir has it, then tokenises it (with a distlab cache of its own, so it is
+tokenised here) and trains the tiny model for a few steps on it (``single``,
+``--launcher local``), while this script samples, every 0.1 s from
+``/proc/PID/status`` (the kernel's figures, independent of distlab's own memory
+tracking, which counts tensors), of the launcher (which tokenises) and of rank 0:
+
+- ``RssAnon``: private memory, what a process holds itself;
+- rank 0's ``VmHWM``: its peak resident memory, file pages of the memory-mapped token
+  file included (they are the page cache's, shared and evictable).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -49,22 +52,31 @@ def write_corpus(folder: Path, megabytes: int, seed: int = 0) -> Path:
     return folder
 
 
-def peak_rss_of_rank(run_dir: Path, process: subprocess.Popen) -> int:
-    """Poll rank 0's ``VmHWM`` until the run ends; the largest value seen, in bytes."""
-    pid_file, peak = run_dir / "logs" / "rank0.pid", 0
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` field in KiB (0 if the process or the field is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith(field + ":")).split()[1])
+    except (OSError, ValueError, StopIteration):
+        return 0
+
+
+def sample_peaks(run_dir: Path, process: subprocess.Popen, peaks: dict[str, int]) -> None:
+    """Until the run ends: the largest launcher RssAnon, rank 0 RssAnon and rank 0 VmHWM."""
+    pid_file = run_dir / "logs" / "rank0.pid"
     while process.poll() is None:
-        try:
-            status = Path(f"/proc/{int(pid_file.read_text())}/status").read_text()
-            line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
-            peak = max(peak, int(line.split()[1]) * 1024)
-        except (OSError, ValueError, StopIteration):
-            pass
+        rank = int(pid_file.read_text()) if pid_file.is_file() else None
+        figures = {"launcher private": status_kib(process.pid, "RssAnon")}
+        if rank is not None:
+            figures["rank 0 private"] = status_kib(rank, "RssAnon")
+            figures["rank 0 peak"] = status_kib(rank, "VmHWM")
+        for name, kib in figures.items():
+            peaks[name] = max(peaks.get(name, 0), kib * 1024)
         time.sleep(0.1)
-    return peak
 
 
-def train(corpus: Path, run_dir: Path, steps: int) -> tuple[int, float]:
-    """Train on ``corpus``; rank 0's peak RSS (bytes) and the launch's wall time (s)."""
+def train(corpus: Path, run_dir: Path, steps: int, cache: Path) -> tuple[dict[str, int], float]:
+    """Tokenise ``corpus`` into ``cache`` and train on it; the peaks (bytes) and wall time."""
     command = [
         sys.executable, "-m", "distlab.launch", "--launcher", "local", "--strategy", "single",
         "--model", "tiny", "--steps", str(steps), "--data", str(corpus), "--no-wandb",
@@ -72,15 +84,16 @@ def train(corpus: Path, run_dir: Path, steps: int) -> tuple[int, float]:
         "--run-dir", str(run_dir),
     ]  # fmt: skip
     shutil.rmtree(run_dir, ignore_errors=True)  # a run measured again starts afresh
+    shutil.rmtree(cache, ignore_errors=True)  # and tokenises again
     started = time.time()
-    process = subprocess.Popen(command)
-    peak: list[int] = []
-    watcher = threading.Thread(target=lambda: peak.append(peak_rss_of_rank(run_dir, process)))
+    process = subprocess.Popen(command, env={**os.environ, "DISTLAB_CACHE": str(cache)})
+    peaks: dict[str, int] = {}
+    watcher = threading.Thread(target=sample_peaks, args=(run_dir, process, peaks))
     watcher.start()
     if process.wait() != 0:
         raise SystemExit(f"training on {corpus} failed")
     watcher.join()
-    return peak[0], time.time() - started
+    return peaks, time.time() - started
 
 
 def main() -> int:
@@ -91,19 +104,20 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="distlab-corpora-") as tmp:
         root = Path(args.workdir or tmp)
-        print("| corpus | text | rank 0 peak RSS | launch wall time |")
-        print("|---:|---:|---:|---:|")
+        columns = ["launcher private", "rank 0 private", "rank 0 peak"]
+        print("| corpus | text | " + " | ".join(columns) + " | wall time |")
+        print("|---:|---:|" + "---:|" * len(columns) + "---:|")
         for megabytes in map(int, args.sizes_mb.split(",")):
             corpus = write_corpus(root / f"corpus-{megabytes}mb", megabytes)
-            peak, wall = train(corpus, root / f"run-{megabytes}mb", args.steps)
-            tokens = sum(p.stat().st_size for p in corpus.glob("*.txt"))
+            peaks, wall = train(
+                corpus, root / f"run-{megabytes}mb", args.steps, root / f"cache-{megabytes}mb"
+            )
+            text = sum(p.stat().st_size for p in corpus.glob("*.txt"))
+            cells = " | ".join(f"{peaks.get(c, 0) / 2**20:,.0f} MiB" for c in columns)
             print(
-                f"| {megabytes:,} MB | {tokens / 2**20:,.0f} MiB | {peak / 2**20:,.0f} MiB | "
-                f"{wall:.0f} s |",
+                f"| {megabytes:,} MB | {text / 2**20:,.0f} MiB | {cells} | {wall:.0f} s |",
                 flush=True,
             )
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(f"\nlargest launcher (tokenising) peak RSS: {children / 2**20:,.0f} MiB")
     return 0
 
 
