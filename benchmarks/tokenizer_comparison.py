@@ -1,7 +1,7 @@
 """Raw bytes against a byte-level BPE on the default corpus: loss, bits per byte, speed.
 
-    python benchmarks/tokenizers.py                       # bytes vs bpe:4096, 100 steps
-    python benchmarks/tokenizers.py --tokenizers bytes,bpe:1024,bpe:4096 --steps 60
+    python benchmarks/tokenizer_comparison.py                       # bytes vs bpe:4096, 100 steps
+    python benchmarks/tokenizer_comparison.py --tokenizers bytes,bpe:1024,bpe:4096 --steps 60
 
 One ``single`` run of the ``small`` model per tokenizer, one after another, with the
 same seed, global batch (16 sequences of 128 tokens) and ``--eval-every 10`` on the
