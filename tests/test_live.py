@@ -166,10 +166,9 @@ def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> N
     metrics(run_dir)
     if rank == 0:
         assert [e["restart"] for e in events(run_dir, "start")] == [False, True]
-    else:  # restarted alone to heal, unless replica 0 finished the 12 short steps first
-        restarted = [e["rank"] for e in events(run_dir, "replica_restart")]
-        assert restarted == [e["rank"] for e in events(run_dir, "heal")]
-        assert restarted == [1] or read_jsonl(run_dir / "events.jsonl")[-2]["event"] == "finish"
+    else:  # restarted alone (it heals, unless replica 0 finished the 12 short steps first)
+        assert [e["rank"] for e in events(run_dir, "replica_restart")] == [1]
+        assert [e["rank"] for e in events(run_dir, "heal")] in ([], [1])
 
 
 @pytest.mark.parametrize(

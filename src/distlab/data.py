@@ -219,7 +219,10 @@ def global_batch(
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, windows, (batch,), generator=generator)
     offsets = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-    rows = torch.from_numpy(np.asarray(tokens)[offsets.numpy()].astype(np.int64))
+    if isinstance(tokens, torch.Tensor):  # e.g. a trace's stand-in corpus, under fake tensors
+        rows = tokens[offsets].long()
+    else:  # a memory-mapped token file: numpy reads just the windows' pages
+        rows = torch.from_numpy(tokens[offsets.numpy()].astype(np.int64))
     return rows[:, :-1], rows[:, 1:]
 
 

@@ -171,7 +171,10 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+        # training calls the attention with one input, as tensor parallelism's input plan
+        # (one layout per positional input) expects; only generation passes a cache
+        attended = self.attn(self.ln_1(x)) if cache is None else self.attn(self.ln_1(x), cache)
+        x = x + attended
         return x + self.mlp(self.ln_2(x))
 
 

@@ -74,7 +74,8 @@ class Watchdog:
         self._spent.clear()
 
     def poll(self) -> Hang | None:
-        """Check every rank; kill the one stalled longest past ``timeout_s``; return it."""
+        """Check every rank; kill the stalled one past ``timeout_s`` (a stopped process first,
+        else the one stalled longest); return it."""
         now = time.monotonic()
         stalled: list[tuple[float, int, dict]] = []
         for rank in range(self.nproc):
@@ -103,7 +104,11 @@ class Watchdog:
             return None
         if not stalled:
             return None
-        idle, rank, record = max(stalled, key=lambda item: item[0])
+        # a stopped process (SIGSTOP) is the hung one; its peers, waiting for it in a
+        # collective, stall too and may have idled as long: else the one stalled longest
+        idle, rank, record = max(
+            stalled, key=lambda item: (_state(item[2].get("pid")) in ("T", "t"), item[0])
+        )
         if record.get("host") != self.host:
             if not self._remote_warned:
                 self._remote_warned = True
