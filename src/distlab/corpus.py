@@ -61,14 +61,12 @@ class Corpus:
     def fingerprint(self) -> str:
         """What the token cache is keyed by (the text corpus's as before other kinds)."""
         digest = hashlib.sha256()
-        for f in self.files:
+        files = list(self.files)
+        if self.kind == "saved":
+            files = sorted(f for f in Path(self.data).rglob("*") if f.is_file())
+        for f in files:
             stat = f.stat()
             digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        if self.kind == "saved":
-            for f in sorted(Path(self.data).rglob("*")):
-                if f.is_file():
-                    stat = f.stat()
-                    digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         if self.kind != "text":
             digest.update(f"{self.kind}|{self.data}|{self.column}|{self.split}".encode())
         return digest.hexdigest()[:16]
