@@ -36,12 +36,8 @@ import torch
 from distlab.config import cache_dir
 from distlab.corpus import Documents, read_documents, resolve_corpus
 from distlab.errors import DistlabError
-from distlab.tokenizer import BYTES, Tokenizer, load_tokenizer
+from distlab.tokenizer import BYTES, Tokenizer, load_tokenizer, text_batches
 
-ENCODE_BATCH = 1000
-"""Documents per batch the tokenizer encodes (and the progress bar advances by)..."""
-ENCODE_BYTES = 64 * 2**20
-"""... or fewer, once they hold this many characters."""
 COPY_TOKENS = 64 * 2**20
 """Tokens copied at a time from the encoded stream into the .npy file."""
 VALIDATION_SHARE = 0.05
@@ -155,7 +151,7 @@ def _save_tokens(texts: Iterable[str], count: int, tokenizer: Tokenizer, token_f
     tokens = text_bytes = 0
     with raw.open("wb") as out, Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task(f"tokenising into {token_file.name}", total=count)
-        for batch in _encode_batches(texts):
+        for batch in text_batches(texts):
             for ids in tokenizer.encode(batch):
                 out.write(ids.astype(tokenizer.dtype, copy=False).tobytes())
                 tokens += ids.size
@@ -186,20 +182,6 @@ def _save_tokens(texts: Iterable[str], count: int, tokenizer: Tokenizer, token_f
     os.replace(tmp, facts_file)
 
 
-def _encode_batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    """The texts in batches of at most ``ENCODE_BATCH`` documents or ``ENCODE_BYTES`` bytes."""
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if len(batch) >= ENCODE_BATCH or size >= ENCODE_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def load_tokens(token_file: Path) -> np.ndarray:
     """A cached token file, memory-mapped: a batch reads only its windows' pages, so a
     corpus larger than memory trains with flat memory (copy-on-write: never written)."""
@@ -227,7 +209,7 @@ def global_batch(
 
 
 def validation_batch(
-    tokens: torch.Tensor, index: int, batch: int, seq_len: int
+    tokens: np.ndarray | torch.Tensor, index: int, batch: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation batch ``index`` (of the validation split's ``tokens``): the same for
     every run of a corpus, whatever its seed."""

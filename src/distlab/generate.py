@@ -15,7 +15,7 @@ from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
 from distlab.generation import Sampling, generate
 from distlab.hf.run_weights import load_run_model
-from distlab.hf.tokenizer import run_tokenizer_file
+from distlab.hf.tokenizer import run_codec
 
 
 def build_parser() -> OneLineErrorParser:
@@ -64,18 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     check_arguments(args.prompt, args.tokens, sampling)
     run_dir = Path(args.run_dir)
     model, _ = load_run_model(run_dir)
-    tokenizer_file = run_tokenizer_file(run_dir)
-    if tokenizer_file is None:  # raw bytes: token id = byte value
-        prompt = list(args.prompt.encode("utf-8"))
-        continuation = generate(model, prompt, args.tokens, sampling)
-        print(bytes(prompt + continuation).decode("utf-8", errors="replace"))
-        return 0
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))  # the run's --tokenizer
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    encode, decode = run_codec(run_dir)  # the run's --tokenizer
+    prompt = encode(args.prompt)
     continuation = generate(model, prompt, args.tokens, sampling)
-    print(tokenizer.decode(prompt + continuation))
+    print(decode(prompt + continuation))
     return 0
 
 

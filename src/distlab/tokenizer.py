@@ -29,8 +29,10 @@ BYTES = "bytes"
 BYTE_VOCAB = 256
 BPE_PREFIX = "bpe:"
 TOKENIZER_FILE = "tokenizer.json"
-BPE_BATCH = 1000
-"""Documents per batch fed to the BPE trainer and the encoder."""
+TEXT_BATCH = 1000
+"""Documents per batch fed to the BPE trainer and the encoder (a progress bar's step)..."""
+TEXT_BATCH_CHARS = 64 * 2**20
+"""... or fewer, once they hold this many characters (a document can be a whole file)."""
 
 
 @dataclass(frozen=True)
@@ -147,19 +149,23 @@ def train_bpe(texts: Iterable[str], vocab: int, file: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: any text encodes
         show_progress=False,
     )
-    model.train_from_iterator(_batches(texts), trainer=trainer)
+    model.train_from_iterator(text_batches(texts), trainer=trainer)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     model.save(str(tmp))
     tmp.replace(file)
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+def text_batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    """The texts in batches of at most ``TEXT_BATCH`` documents or ``TEXT_BATCH_CHARS``
+    characters (what the encoder and the BPE trainer take at a time)."""
     batch: list[str] = []
+    size = 0
     for text in texts:
         batch.append(text)
-        if len(batch) == BPE_BATCH:
+        size += len(text)
+        if len(batch) >= TEXT_BATCH or size >= TEXT_BATCH_CHARS:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch

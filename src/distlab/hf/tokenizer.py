@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from distlab.tokenizer import TOKENIZER_FILE
@@ -64,3 +65,21 @@ def run_tokenizer_file(run_dir: Path) -> Path | None:
     """The tokenizer a run trained with, kept in its run dir (None: raw bytes)."""
     file = run_dir / TOKENIZER_FILE
     return file if file.is_file() else None
+
+
+def run_codec(run_dir: Path) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """How a run turns text into ids and back: its own tokenizer, kept in its run dir, or
+    raw UTF-8 bytes (token id = byte value; invalid UTF-8 decodes to U+FFFD)."""
+    file = run_tokenizer_file(run_dir)
+    if file is None:
+        return (
+            lambda text: list(text.encode("utf-8")),
+            lambda ids: bytes(ids).decode("utf-8", errors="replace"),
+        )
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(file))
+    return (
+        lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+        tokenizer.decode,
+    )

@@ -20,7 +20,7 @@ from distlab.config import (
     read_yaml_mapping,
     resolved_seq_len,
 )
-from distlab.data import load_tokens, prepare_tokens, token_facts, validation_file
+from distlab.data import prepare_tokens, token_facts, validation_file
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError
 from distlab.hf.directory import describe, read_shape
@@ -140,21 +140,25 @@ def prepare_run(config: Config) -> tuple[Config, Path, Path]:
     token_file = prepare_tokens(
         config.data, config.eval_every > 0, config.tokenizer, config.data_column, config.data_split
     )
+    facts = token_facts(token_file)
     # the tokenizer's vocabulary first: --init-from's shape is checked against the model's
-    config = resolve_init_from(fit_vocabulary(config, token_facts(token_file)["vocab_size"]))
+    config = resolve_init_from(fit_vocabulary(config, facts["vocab_size"]))
     seq_len = resolved_seq_len(config)
-    splits = {"data": token_file}
+    splits = {"data": facts}
     if config.eval_every:
-        splits = {"training split": token_file, "validation split": validation_file(token_file)}
-    for name, file in splits.items():
-        tokens = len(load_tokens(file))
+        splits = {
+            "training split": facts,
+            "validation split": token_facts(validation_file(token_file)),
+        }
+    for name, split_facts in splits.items():
+        tokens = split_facts["tokens"]
         if tokens < seq_len + 2:
             raise DistlabError(
                 f"the {name} has {tokens} tokens, too few for seq_len {seq_len}; "
                 "use more data or a shorter --seq-len"
             )
     run_dir = make_run_dir(config)
-    tokenizer_file = token_facts(token_file).get("tokenizer_file")
+    tokenizer_file = facts.get("tokenizer_file")
     if tokenizer_file:  # the run keeps its tokenizer: export and generate read it from here
         shutil.copyfile(tokenizer_file, run_dir / TOKENIZER_FILE)
     return config, token_file, run_dir

@@ -238,6 +238,13 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def micro_batches(
+    inputs: torch.Tensor, targets: torch.Tensor, count: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's rows in ``count`` equal micro-batches (gradient accumulation's)."""
+    return zip(inputs.chunk(count), targets.chunk(count), strict=True)
+
+
 def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> float:
     """Average a scalar over a process group (gloo has no AVG, so SUM / size)."""
     if size > 1:
@@ -327,8 +334,8 @@ class ModuleTrainStep(OptimizerTrainStep):
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         tally = RoutingTally(self.moe_layers)
-        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
-        for index, (x, y) in enumerate(micro_batches):
+        batches = micro_batches(inputs, targets, self.accum)
+        for index, (x, y) in enumerate(batches):
             with self.gradient_sync(index == self.accum - 1):
                 with phase("forward"):
                     loss = self.forward_loss(
@@ -357,9 +364,9 @@ class ModuleTrainStep(OptimizerTrainStep):
         """The language-model loss of the rows in the step's micro-batches, without gradients."""
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
-        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        batches = micro_batches(inputs, targets, self.accum)
         with torch.no_grad():
-            for x, y in micro_batches:
+            for x, y in batches:
                 loss_sum += self.forward_loss(x.to(device), y.to(device)).float()
         return self.mean_loss(loss_sum / self.accum)
 

@@ -119,6 +119,7 @@ from distlab.strategies.base import (
     TrainStep,
     language_model_loss,
     mean_over_group,
+    micro_batches,
 )
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
@@ -176,10 +177,10 @@ class DeepSpeedTrainStep(TrainStep):
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
-        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        batches = micro_batches(inputs, targets, self.accum)
         coalesce = self.engine.coalesce_grad_reduction() if self.reduce_once else nullcontext()
         with coalesce:  # reduce_once: one reduction of the summed gradients, at the exit
-            for index, (x, y) in enumerate(micro_batches):
+            for index, (x, y) in enumerate(batches):
                 with phase("forward"):
                     # The logits go once the loss is computed (the theory counts them so).
                     logits = self.engine(x.to(device, non_blocking=True))
@@ -204,9 +205,9 @@ class DeepSpeedTrainStep(TrainStep):
         gathers each block's parameters in its forward as in training)."""
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
-        micro_batches = zip(inputs.chunk(self.accum), targets.chunk(self.accum), strict=True)
+        batches = micro_batches(inputs, targets, self.accum)
         with torch.no_grad():
-            for x, y in micro_batches:
+            for x, y in batches:
                 logits = self.engine(x.to(device))
                 loss_sum += language_model_loss(logits, y.to(device)).float()
         return mean_over_group(loss_sum / self.accum, None, self.dp_size)
