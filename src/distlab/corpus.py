@@ -136,7 +136,6 @@ class Documents:
 
 def read_documents(corpus: Corpus, hf_cache: Path) -> Documents:
     """The corpus's documents (a file's text, or a row's column), in its order."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files need no network
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -169,7 +168,15 @@ def read_documents(corpus: Corpus, hf_cache: Path) -> Documents:
 
 
 def _load(corpus: Corpus, load: Any) -> Any:
-    """``load()``, its failure one line (``datasets`` raises many types)."""
+    """``load()`` offline unless ``HF_DATASETS_OFFLINE=0``, its failure one line (``datasets``
+    raises many types)."""
+    from datasets import config
+
+    # datasets reads the variable once, when first imported: a process that imported it
+    # earlier (a notebook, a test) would otherwise wait out network timeouts on a bad name
+    online = os.environ.get("HF_DATASETS_OFFLINE", "1").strip().upper() in ("0", "FALSE", "NO")
+    was = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = not online
     try:
         return load()
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same to the user
@@ -183,6 +190,8 @@ def _load(corpus: Corpus, load: Any) -> Any:
                 "HF_DATASETS_OFFLINE=0 where the network is there"
             ) from None
         raise DistlabError(f"could not read --data {corpus.data}: {reason}") from None
+    finally:
+        config.HF_HUB_OFFLINE = was
 
 
 def _split(corpus: Corpus, rows: Any) -> Any:
