@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distlab.cli import run_cli
+from distlab.run.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LOCAL_RUN = [
@@ -33,17 +34,17 @@ def run_command(
     timeout: float = 300,
     cwd: Path | None = None,
     unset: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ):
-    """Run ``python -m module args...`` (without the variables ``unset``) and return the
-    CompletedProcess (text output)."""
+    """Run ``python -m module args...`` (without the variables ``unset``, with ``env`` added)
+    and return the CompletedProcess (text output)."""
     kept = {k: v for k, v in os.environ.items() if k not in unset}
-    env = {**kept, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env={**kept, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})},
         cwd=cwd or ROOT,
     )
 
@@ -114,6 +115,18 @@ class BackgroundMain:
 def rank_pids(run_dir: Path, nproc: int) -> list[int]:
     """The rank processes of a running run, from their ``logs/rankR.pid`` files."""
     return [int((Path(run_dir) / "logs" / f"rank{r}.pid").read_text()) for r in range(nproc)]
+
+
+def run_losses(run_dir: Path) -> list[float]:
+    """The run's loss per step, from ``metrics.jsonl`` (asserting one line per step)."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(len(metrics))), "one line per step"
+    return [m["loss"] for m in metrics]
+
+
+def run_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's events, from ``events.jsonl``."""
+    return read_jsonl(run_dir / "events.jsonl")
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -207,11 +220,7 @@ def assert_resume_continues(tmp_path: Path, *flags: str, atol: float = 1e-6) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
-    def losses(run_dir: Path) -> list[float]:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
-
-    reference, continued = losses(full), losses(resumed)
+    reference, continued = run_losses(full), run_losses(resumed)
     assert len(continued) == 4
     for a, b in zip(reference[2:], continued[2:], strict=True):
         assert abs(a - b) <= atol, (reference, continued)

@@ -1,4 +1,5 @@
-"""``distlab cluster``: a 2-node Ray cluster started and stopped here, and a node lost mid-run.
+"""``distlab cluster``: a 2-node Ray cluster started and stopped here, runs that join it (a
+node lost mid-run, a wrong auth token).
 
 One cluster serves the module (starting one costs about 15 s); each run on it
 costs Ray's start-up (about 30 s), so the checks share runs.
@@ -12,25 +13,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_command, run_main
+from tests.helpers import (
+    TINY_LOCAL_RUN,
+    assert_one_line_error,
+    run_command,
+    run_events,
+    run_losses,
+    run_main,
+)
 
 from distlab.launch.cluster import alive, read_state
 from distlab.report.parity import LOSS_RTOL
-
-
-def losses(run: Path) -> list[float]:
-    """The run's loss per step."""
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 HSDP = ["--strategy", "hsdp", "--nproc", "4", "--steps", "6", "--checkpoint-every", "2"]
 """hsdp 2 x 2 on two nodes of 2 CPUs: each node holds one shard group, replicas span nodes."""
 
 
-def command(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module args``, without the test's own Ray address and auth variables."""
-    return run_command(module, *args, unset=RAY_ENV)
+def command(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -m module args``, without the test's own Ray address and auth variables, with
+    the variables ``env``."""
+    return run_command(module, *args, unset=RAY_ENV, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +87,11 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     reference, run_dir, result = run_on_cluster(
         address, tmp_path, HSDP, "--max-failures", "1", "--inject-fault", "node:1@3"
     )
+    assert run_events(run_dir)[0]["ray_address"] == address  # joined, not a private instance
     assert "took node 1 down, with every rank on it, at step 3" in result.stdout
     assert "state-dump" not in result.stdout + result.stderr  # the raylet's dump went to logs/
 
-    assert losses(run_dir) == losses(reference)  # bitwise: resumed from step 2's checkpoint
+    assert run_losses(run_dir) == run_losses(reference)  # bitwise: resumed from step 2's checkpoint
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1
     nodes = summary["nodes_by_rank"]
@@ -95,8 +99,24 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and {nodes[0], nodes[2]} == {0, 1}
     node = read_state(state_dir).nodes[1]
     assert (node.lost, node.revived) == (1, 1)
+    # distlab left the cluster it joined running, with the lost node back
     status = command("distlab.launch.cluster", "status", "--state-dir", str(state_dir))
     assert status.returncode == 0 and status.stdout.count(" up ") == 2, status.stdout
+
+
+@pytest.mark.slow
+def test_a_wrong_auth_token_is_one_line(cluster: tuple[str, Path], tmp_path: Path) -> None:
+    """The cluster uses token authentication (``ray start`` with ``RAY_AUTH_MODE=token``);
+    distlab sends a token whenever one exists, and a token it rejects is one line."""
+    address, _ = cluster
+    run_dir = tmp_path / "run"
+    wrong = command(
+        "distlab.launch", *TINY_LOCAL_RUN[2:], "--launcher", "ray", "--ray-address", address,
+        "--strategy", "ddp", "--nproc", "2", "--steps", "4", "--run-dir", str(run_dir),
+        RAY_AUTH_TOKEN="0" * 32,
+    )  # fmt: skip
+    assert_one_line_error(wrong, "rejected the authentication token")
+    assert wrong.stdout == "" and not run_dir.exists()
 
 
 @pytest.mark.slow
@@ -114,17 +134,12 @@ def test_an_elastic_run_shrinks_grows_back_and_matches_the_uninterrupted_one(
     )  # fmt: skip
     assert "distlab: continuing at 2 ranks (--elastic)" in result.stdout
     assert "capacity for 4 ranks came back: the run grows (--elastic)" in result.stdout
-    starts = [e for e in events(run_dir) if e["event"] == "start"]
+    starts = [e for e in run_events(run_dir) if e["event"] == "start"]
     assert [s["world_size"] for s in starts] == [4, 2, 4]
     assert starts[1]["from_step"] == 20 and starts[1]["nodes"] == [0, 0]  # node 0's two CPUs
     assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 2
     # The same global batch at 2 ranks: the same losses but for the order of the gradient sums.
-    assert losses(run_dir) == pytest.approx(losses(reference), rel=LOSS_RTOL)
-
-
-def events(run_dir: Path) -> list[dict]:
-    """The run's events."""
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert run_losses(run_dir) == pytest.approx(run_losses(reference), rel=LOSS_RTOL)
 
 
 @pytest.mark.slow

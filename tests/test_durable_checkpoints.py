@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import TINY_LOCAL_RUN, run_main
+from tests.helpers import TINY_LOCAL_RUN, run_losses, run_main
 
 from distlab.checkpoint.layout import (
     checkpoint_step,
@@ -56,14 +56,8 @@ def launch(*args: str) -> object:
     return run_main("distlab.launch", *args)
 
 
-def losses(run_dir: Path) -> list[float]:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(len(metrics))), "one line per step"
-    return [m["loss"] for m in metrics]
-
-
 def assert_same_losses(reference: Path, run_dir: Path) -> None:
-    ref, got = losses(reference), losses(run_dir)
+    ref, got = run_losses(reference), run_losses(run_dir)
     assert len(got) == len(ref) == STEPS
     assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= RESTART_ATOL
 

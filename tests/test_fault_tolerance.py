@@ -26,6 +26,8 @@ from tests.helpers import (
     assert_one_line_error,
     rank_pids,
     run_command,
+    run_events,
+    run_losses,
     run_main,
     wandb_history,
     wandb_offline_runs,
@@ -51,17 +53,6 @@ LONG = [*COMMON, "--steps", "40", "--checkpoint-every", "5"]
 def launch(*args: str) -> subprocess.CompletedProcess:
     """The launch command, in this process (its ranks are processes of their own)."""
     return run_main("distlab.launch", *args)
-
-
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(line) for line in lines]
-    assert [m["step"] for m in metrics] == list(range(len(metrics))), "one line per step"
-    return [m["loss"] for m in metrics]
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def summary(run_dir: Path) -> dict:
@@ -138,7 +129,7 @@ def test_recovery_equals_no_failure(
         str(run_dir),
     )
     assert result.returncode == 0, result.stderr
-    assert max_abs_diff(losses(refs(strategy, 2)), losses(run_dir)) <= RESTART_ATOL
+    assert max_abs_diff(run_losses(refs(strategy, 2)), run_losses(run_dir)) <= RESTART_ATOL
     # one line per fault and per resume, printed by the launcher
     fault_lines = [line for line in result.stdout.splitlines() if "distlab: fault" in line]
     resume_lines = [line for line in result.stdout.splitlines() if "distlab: resumed" in line]
@@ -149,7 +140,7 @@ def test_recovery_equals_no_failure(
     assert figures["lost_steps"] == lost_steps
     assert len(figures["recovery_s_each"]) == len(faults)
     assert all(r > 0 for r in figures["recovery_s_each"])
-    kinds = [e["event"] for e in events(run_dir)]
+    kinds = [e["event"] for e in run_events(run_dir)]
     assert kinds[0] == "launch" and kinds[-1] == "finish"
     assert kinds.count("start") == len(faults) + 1 and kinds.count("resume") == len(faults)
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "partial checkpoint left"
@@ -170,7 +161,7 @@ def test_fault_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
     )
     assert_one_line_error(result, "rank 1 was killed by signal 9")
     assert "no restarts left" in result.stdout
-    assert len(losses(run_dir)) == 3
+    assert len(run_losses(run_dir)) == 3
 
 
 # --- Faults from outside: kill -9 and a hung rank ---------------------------------------
@@ -207,7 +198,7 @@ def test_external_kill_recovers(tmp_path: Path, refs) -> None:
     assert proc.returncode == 0, stderr
     assert "distlab: fault 1: rank 1 was killed by signal 9" in stdout
     assert "distlab: resumed at step" in stdout
-    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
+    assert max_abs_diff(run_losses(reference), run_losses(run_dir)) <= RESTART_ATOL
     assert summary(run_dir)["restarts"] == 1
 
 
@@ -221,8 +212,8 @@ def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
     os.kill(ranks[1], signal.SIGSTOP)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
-    log = events(run_dir)
+    assert max_abs_diff(run_losses(reference), run_losses(run_dir)) <= RESTART_ATOL
+    log = run_events(run_dir)
     fault = next(e for e in log if e["event"] == "fault")
     resume = next(e for e in log if e["event"] == "resume")
     detected_s = fault["t"] - stopped_at
@@ -256,8 +247,8 @@ def test_hung_single_rank_is_killed_by_the_watchdog_and_recovers(tmp_path: Path,
     stopped_at = _stop_rank0_after(proc, run_dir, 8)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert max_abs_diff(losses(reference), losses(run_dir)) <= RESTART_ATOL
-    fault = next(e for e in events(run_dir) if e["event"] == "fault")
+    assert max_abs_diff(run_losses(reference), run_losses(run_dir)) <= RESTART_ATOL
+    fault = next(e for e in run_events(run_dir) if e["event"] == "fault")
     assert fault["kind"] == "hang" and fault["rank"] == 0
     # the heartbeat stops at the stop (or one step before it); polls every 0.2 s
     assert timeout_s * 0.8 <= fault["t"] - stopped_at <= timeout_s + 3, fault["t"] - stopped_at
@@ -364,7 +355,7 @@ def test_resharded_resume_matches_uninterrupted(
     assert result.returncode == 0, result.stderr
     assert f"distlab: resumed at step {from_step} from" in result.stdout
     assert _tree_digest(resume) == before, "the source run was changed"
-    assert max_rel_diff(losses(refs("single", 1)), losses(run_dir)) <= LOSS_RTOL
+    assert max_rel_diff(run_losses(refs("single", 1)), run_losses(run_dir)) <= LOSS_RTOL
     figures = summary(run_dir)
     assert figures["resumed_from"]["step"] == from_step and figures["restarts"] == 0
     assert figures["steps_run"] == 10

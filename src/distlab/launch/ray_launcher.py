@@ -73,6 +73,11 @@ only the wait for the group's placement (0.00 s when the capacity is there), not
 RAY_MESSAGES_FILE = "ray_messages.log"
 """The run's ``logs/`` file for what Ray's control store tells the driver (a lost node's dump)."""
 CONNECT_TIMEOUT_S = 5.0
+JOIN_ATTEMPTS_VARIABLE = "RAY_gcs_server_port_wait_time_s"
+JOIN_ATTEMPTS = 5
+"""How many times (1 s apart) the driver asks a cluster for its id. Ray's default, 20, is
+for a head still starting; a head that answers the port check is up, and a token it
+rejects would be asked again for 20 s before the one-line error."""
 
 
 def resolve_address(config: Config) -> str | None:
@@ -139,14 +144,9 @@ def captured_stderr() -> Iterator[list[str]]:
             captured.append(file.read().decode(errors="replace"))
 
 
-def launch_ray(
-    config: Config,
-    token_file: Path,
-    run_dir: Path,
-    address: str | None,
-    feed: WandbFeed | None = None,
-) -> None:
-    """Run the ranks as Ray Train workers until done; one-line DistlabError if the run fails."""
+def join_cluster(config: Config, address: str | None) -> None:
+    """Join the Ray cluster at ``address`` before the run has a run dir, so that a cluster
+    that is not there or rejects the token is a one-line error with nothing left behind."""
     node_faults = sorted({spec.node for spec in fault_specs(config) if spec.node is not None})
     if node_faults and not address:
         raise DistlabError(
@@ -154,14 +154,40 @@ def launch_ray(
             "with 'distlab cluster up --nodes 2' and pass the address it prints to --ray-address"
         )
     if address:
+        check_address(address)
         use_token_auth_for_join()
+        _init_ray(config, address, 0, 0)
+        try:
+            _check_capacity(config, address)
+            _check_fault_nodes_exist(node_faults, address)
+        except DistlabError:
+            leave_cluster()
+            raise
+
+
+def leave_cluster() -> None:
+    """Disconnect this driver from Ray (a run that failed before it launched)."""
+    import ray
+
+    ray.shutdown()
+
+
+def launch_ray(
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    address: str | None,
+    feed: WandbFeed | None = None,
+) -> None:
+    """Run the ranks as Ray Train workers until done (on the cluster ``join_cluster`` joined,
+    else a private local instance); one-line DistlabError if the run fails."""
     import ray
 
     cuda = resolve_device(config) == "cuda"
-    # What a private instance is sized to; a cluster needs room for an elastic run's minimum.
-    cpus, gpus = config.nproc * config.threads_per_rank, config.nproc if cuda else 0
-    fewest = config.elastic or config.nproc
-    _init_ray(config, address, cpus, gpus)
+    if not address:  # a private instance, sized to the run
+        _init_ray(
+            config, address, config.nproc * config.threads_per_rank, config.nproc if cuda else 0
+        )
     printer = EventPrinter(
         run_dir,
         config.max_failures,
@@ -176,10 +202,7 @@ def launch_ray(
     watcher = threading.Thread(target=_watch, args=(watched, stop), daemon=True)
     _send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)
     try:
-        _check_capacity(
-            ray.cluster_resources(), fewest * config.threads_per_rank, gpus and fewest, address
-        )
-        _check_fault_nodes_exist(node_faults, address)
+        _check_capacity(config, address)
         trainer = _build_trainer(config, token_file, run_dir, cuda)
         if config.elastic:
             from distlab.launch.ray_capacity import CapacityWatch
@@ -239,12 +262,17 @@ def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None
         if address:  # a local instance inherits this process's environment; a cluster does not
             # Ray's C++ core logs connection and auth failures to fd 2 before raising:
             # keep them out of the way, replay them only if the join works
+            ours = JOIN_ATTEMPTS_VARIABLE not in os.environ  # a user's setting is kept
+            os.environ.setdefault(JOIN_ATTEMPTS_VARIABLE, str(JOIN_ATTEMPTS))
             with captured_stderr() as captured:
                 try:
                     ray.init(address=address, runtime_env={"env_vars": env_vars}, **common)
                 except BaseException:
                     ray.shutdown()
                     raise
+                finally:
+                    if ours:  # read once, while joining
+                        os.environ.pop(JOIN_ATTEMPTS_VARIABLE)
             if captured[0]:
                 sys.stderr.write(captured[0])
         else:
@@ -346,8 +374,15 @@ def _watch(watched: list[Any], stop: threading.Event) -> None:
             each.poll()
 
 
-def _check_capacity(resources: dict[str, float], cpus: int, gpus: int, address: str | None) -> None:
-    """One-line error unless the Ray cluster's ``resources`` hold the run's CPUs and GPUs."""
+def _check_capacity(config: Config, address: str | None) -> None:
+    """One-line error unless the Ray cluster holds the run's CPUs and GPUs (an elastic run's
+    minimum)."""
+    import ray
+
+    fewest = config.elastic or config.nproc
+    cpus = fewest * config.threads_per_rank
+    gpus = fewest if resolve_device(config) == "cuda" else 0
+    resources = ray.cluster_resources()
     have_cpus, have_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     if have_cpus < cpus or have_gpus < gpus:
         where = f"the Ray cluster at {address}" if address else "the local Ray instance"

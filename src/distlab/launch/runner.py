@@ -13,7 +13,7 @@ from distlab.errors import DistlabError
 from distlab.launch.local import launch_local
 from distlab.launch.micro_batch import PROBE_STEPS, resolve_micro_batch
 from distlab.launch.prepare import prepare_run
-from distlab.launch.ray_launcher import check_address, launch_ray, resolve_address
+from distlab.launch.ray_launcher import join_cluster, launch_ray, leave_cluster, resolve_address
 from distlab.launch.wandb_run import WandbFeed
 from distlab.run.events import append_event, read_events
 from distlab.run.files import SUMMARY_FILE
@@ -30,9 +30,13 @@ def run(config: Config) -> Path:
     address = None
     if config.launcher == "ray":
         address = resolve_address(config)
+        join_cluster(config, address)
+    try:
+        config, token_file, run_dir = prepare_run(config)
+    except BaseException:
         if address:
-            check_address(address)
-    config, token_file, run_dir = prepare_run(config)
+            leave_cluster()
+        raise
     append_event(
         run_dir,
         "launch",
