@@ -23,7 +23,9 @@ from tests.helpers import (
 )
 
 from distlab.launch.cluster import alive, read_state
+from distlab.report.live_recovery import loss_bound
 from distlab.report.parity import LOSS_RTOL
+from distlab.run.files import read_jsonl
 
 RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 HSDP = ["--strategy", "hsdp", "--nproc", "4", "--steps", "6", "--checkpoint-every", "2"]
@@ -102,6 +104,36 @@ def test_a_lost_node_restarts_the_run_which_matches_the_uninterrupted_one(
     # distlab left the cluster it joined running, with the lost node back
     status = command("distlab.launch.cluster", "status", "--state-dir", str(state_dir))
     assert status.returncode == 0 and status.stdout.count(" up ") == 2, status.stdout
+
+
+@pytest.mark.slow
+def test_a_live_run_loses_a_node_and_the_other_replicas_step_on(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    """--ft live on the cluster: replicas 2 and 3 run on node 1 and die with it at step 10;
+    replicas 0 and 1 step on without a restart, within the live loss bound of the
+    uninterrupted run. The lost replicas' restarts wait for a CPU (node 1 is back 15 s
+    later, after this short run has ended) and are stopped when replica 0 finishes."""
+    pytest.importorskip("torchft")
+    address, _ = cluster
+    run = ["--strategy", "ddp", "--nproc", "4", "--steps", "30", "--optimizer", "sgd"]
+    run += ["--ft", "live", "--no-final-checkpoint"]
+    reference, run_dir, result = run_on_cluster(
+        address, tmp_path, run, "--inject-fault", "node:1@10", "--max-failures", "2"
+    )
+    assert "the replicas on other nodes step on; restarting the lost ones alone" in result.stdout
+    metrics, uninterrupted = (
+        read_jsonl(run_dir / "metrics.jsonl"),
+        read_jsonl(reference / "metrics.jsonl"),
+    )
+    assert [m["step"] for m in metrics] == list(range(30))  # no step redone
+    assert [m["replicas"] for m in metrics] == [4] * 10 + [2] * 20
+    killed = sorted(e["rank"] for e in run_events(run_dir) if e.get("kind") == "signal")
+    assert killed == [2, 3]  # the ranks on node 1
+    assert not [e for e in run_events(run_dir) if e["event"] == "start" and e["restart"]]
+    bounds = loss_bound(metrics, uninterrupted, nproc=4, grad_clip=1.0)
+    for got, want, bound in zip(metrics, uninterrupted, bounds, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= bound + LOSS_RTOL * abs(want["loss"]), got
 
 
 @pytest.mark.slow

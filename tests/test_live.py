@@ -176,8 +176,8 @@ def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> N
     [
         (["--ft", "live", "--strategy", "fsdp"], "has no replica dimension"),
         (["--ft", "live", "--strategy", "hsdp", "--nproc", "4"], "hsdp's replicate dimension"),
-        (["--ft", "live", "--launcher", "ray"], "use --launcher local"),
         (["--ft", "live", "--nproc", "1"], "at least 2 replicas"),
+        (["--ft", "live", "--launcher", "ray", "--elastic", "1"], "two recovery modes"),
         (["--ft", "sometimes"], "ft must be one of restart, live"),
         (["--rejoin-after", "2"], "it needs --ft live"),
         (["--ft", "live", "--rejoin-after", "-1"], "rejoin_after must be >= 0"),

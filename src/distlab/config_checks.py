@@ -84,10 +84,6 @@ def check_fields(config: Config) -> None:
     require(config.max_failures >= 0, "max_failures must be >= 0")
     check_elastic(config)
     require_choice("ft", config.ft, FT_MODES)
-    require(
-        config.ft != "live" or config.launcher == "local",
-        "--ft live runs its replicas on the local launcher: use --launcher local",
-    )
     require(config.rejoin_after >= 0, f"rejoin_after must be >= 0 (got {config.rejoin_after})")
     require(
         config.rejoin_after == 0 or config.ft == "live",
@@ -158,6 +154,11 @@ def check_elastic(config: Config) -> None:
         f"dimension fits any world size; {config.strategy}'s layout fixes it (use --max-failures)",
     )
     require(config.launcher == "ray", "--elastic needs --launcher ray (Ray Train resizes the run)")
+    require(
+        config.ft != "live",
+        "--elastic and --ft live are two recovery modes (resize the run, or let the other "
+        "replicas step on): choose one",
+    )
     for world in range(config.elastic, config.nproc + 1):
         local, rest = divmod(config.global_batch, world)
         require(

@@ -19,9 +19,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torchft.coordination import LighthouseServer
 
@@ -48,15 +49,88 @@ JOIN_TIMEOUT_MS = 1000
 default: 100 ms, which left replica 0 out when it was saving a checkpoint)."""
 
 
+class Replica(Protocol):
+    """A running replica, as the launcher watches it (a process, or a Ray actor)."""
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; else 0 (finished), 2 (bad input), 1 (a crash), -signal."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id, once it has one."""
+
+
+class Replicas(Protocol):
+    """Where the replicas run: ``start`` one, ``wait`` for any to end, ``stop`` them; each
+    failing replica puts ``(rank, one-line reason)`` on ``errors``."""
+
+    errors: Any
+
+    def start(self, rank: int, job: ReplicaJob) -> Replica: ...
+
+    def wait(self, running: list[Replica], timeout_s: float) -> None: ...
+
+    def stop(self, replicas: list[Replica]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplicaJob:
+    """What a replica runs: ``run_live_replica``'s arguments but its rank and errors."""
+
+    config: Config
+    token_file: Path
+    run_dir: Path
+    lighthouse: str
+    join: Join
+
+
+class ForkedReplicas:
+    """Replicas as processes of this machine, forked from the rank server (``launch.spawn``)."""
+
+    def __init__(self, config: Config) -> None:
+        self.context = rank_context([config.strategy], compile=config.compile, live=True)
+        self.errors = self.context.Queue()
+
+    def start(self, rank: int, job: ReplicaJob) -> mp.Process:
+        process = self.context.Process(
+            target=run_live_replica,
+            args=(
+                rank,
+                job.config.to_dict(),
+                str(job.token_file),
+                str(job.run_dir),
+                job.lighthouse,
+                job.join,
+                self.errors,
+                dict(os.environ),
+            ),
+            name=f"distlab-replica{rank}",
+        )
+        process.start()
+        return process
+
+    def wait(self, running: list[mp.Process], timeout_s: float) -> None:
+        wait([p.sentinel for p in running], timeout_s)
+
+    def stop(self, replicas: list[mp.Process]) -> None:
+        stop_ranks(replicas)
+
+
 def launch_live(
-    config: Config, token_file: Path, run_dir: Path, feed: WandbFeed | None = None
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    feed: WandbFeed | None = None,
+    replicas: Replicas | None = None,
 ) -> None:
     """Run ``config.nproc`` replicas to completion under a Lighthouse, restarting a dead
-    replica alone (or, for replica 0, all of them) up to ``max_failures`` times."""
+    replica alone (or, for replica 0, all of them) up to ``max_failures`` times; the
+    replicas are processes of this machine unless ``replicas`` (Ray actors) says else."""
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_rank))
-    os.environ.setdefault("RUST_LOG", "warn")  # the Lighthouse's quorums too (launch.spawn)
     printer = EventPrinter(run_dir, config.max_failures, quiet=config.quiet, live=True)
-    launcher = LiveLauncher(config, token_file, run_dir, printer, feed)
+    replicas = replicas or ForkedReplicas(config)
+    launcher = LiveLauncher(config, token_file, run_dir, printer, feed, replicas)
     while True:
         # A fresh Lighthouse for each attempt: the last one's would still hold the stopped
         # replicas' quorum requests (their old addresses) and hand them to the new ones.
@@ -100,37 +174,22 @@ class LiveLauncher:
         run_dir: Path,
         printer: EventPrinter,
         feed: WandbFeed | None,
+        replicas: Replicas,
     ) -> None:
         self.config, self.token_file, self.run_dir = config, token_file, run_dir
         self.lighthouse = ""
         """The address of this attempt's Lighthouse."""
-        self.printer, self.feed = printer, feed
-        self.context = rank_context([config.strategy], compile=config.compile, live=True)
-        self.errors = self.context.Queue()
+        self.printer, self.feed, self.replicas = printer, feed, replicas
         self.failures = 0
         """Restarts so far, of one replica or of all (``--max-failures`` bounds them)."""
         self.watchdog = Watchdog(run_dir, config.nproc, config.timeout_s)
         """Kills a replica whose steps stall for ``--timeout-s`` (a hang, a SIGSTOP): the
         others leave it out of their quorums, but it must die to be restarted."""
 
-    def _start(self, rank: int, join: Join) -> mp.Process:
+    def _start(self, rank: int, join: Join) -> Replica:
         """Start replica ``rank``, to join the run as ``join`` says."""
-        process = self.context.Process(
-            target=run_live_replica,
-            args=(
-                rank,
-                self.config.to_dict(),
-                str(self.token_file),
-                str(self.run_dir),
-                self.lighthouse,
-                join,
-                self.errors,
-                dict(os.environ),
-            ),
-            name=f"distlab-replica{rank}",
-        )
-        process.start()
-        return process
+        job = ReplicaJob(self.config, self.token_file, self.run_dir, self.lighthouse, join)
+        return self.replicas.start(rank, job)
 
     def attempt(self, lighthouse: str) -> Failure | None:
         """Start every replica together under ``lighthouse`` and watch them; None once all
@@ -167,30 +226,35 @@ class LiveLauncher:
                     return None
                 if processes[0].exitcode == 0:
                     main_done_at = main_done_at or time.monotonic()
+                    # a restart still waiting for a CPU (its node lost) has nothing left to do
+                    unstarted = [p for p in running if p.pid is None]
+                    self.replicas.stop(unstarted)
+                    ignored.update(processes.index(p) for p in unstarted)
                     if time.monotonic() - main_done_at > self.config.timeout_s:
-                        stop_ranks(running)  # e.g. a stopped (SIGSTOP) replica never ends itself
+                        # e.g. a stopped (SIGSTOP) replica never ends itself
+                        self.replicas.stop(running)
                         return None
                 self.watchdog.poll()
                 self.printer.poll()
                 if self.feed is not None:
                     self.feed.poll()
-                wait([p.sentinel for p in running], POLL_S)
+                self.replicas.wait(running, POLL_S)
         except KeyboardInterrupt:
-            stop_ranks(processes)
+            self.replicas.stop(processes)
             raise DistlabError("interrupted; all replicas stopped") from None
 
-    def _on_death(self, rank: int, code: int, processes: list[mp.Process]) -> Failure | None:
+    def _on_death(self, rank: int, code: int, processes: list[Replica]) -> Failure | None:
         """Replica ``rank`` exited with ``code``: restart it alone (None), or stop all and
         return why (replica 0, bad input, or no restarts left)."""
         hung = {hang.pid for hang in self.watchdog.hangs}  # their fault is logged already
         if code < 0 and processes[rank].pid not in hung:
             append_event(self.run_dir, "fault", rank=rank, kind="signal", signal=-code)
         if rank == 0 or code == 2 or self.failures >= self.config.max_failures:
-            stop_ranks(processes)
+            self.replicas.stop(processes)
             self.printer.poll()
             self.printer.flush()
             codes = {r: p.exitcode for r, p in enumerate(processes) if p.exitcode not in (None, 0)}
-            return attempt_failure((rank, code), codes, self.errors)
+            return attempt_failure((rank, code), codes, self.replicas.errors)
         self.failures += 1
         at_step = read_jsonl_count(self.run_dir / METRICS_FILE) + self.config.rejoin_after
         append_event(

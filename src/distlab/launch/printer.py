@@ -105,6 +105,11 @@ class EventPrinter:
         self.failures += 1
         if self.failures > self.max_failures:
             then = f"no restarts left (--max-failures {self.max_failures})"
+        elif self.live and fault.get("kind") == "node":
+            then = (
+                "the replicas on other nodes step on; restarting the lost ones alone, to heal "
+                "from a live peer"
+            )
         elif self.live and fault.get("rank"):
             then = "the other replicas step on; restarting it alone, to heal from a live peer"
         else:

@@ -165,6 +165,12 @@ def join_cluster(config: Config, address: str | None) -> None:
             raise
 
 
+def start_private_instance(config: Config) -> None:
+    """Start this run's own local Ray instance, sized to its ranks (no ``--ray-address``)."""
+    cuda = resolve_device(config) == "cuda"
+    _init_ray(config, None, config.nproc * config.threads_per_rank, config.nproc if cuda else 0)
+
+
 def leave_cluster() -> None:
     """Disconnect this driver from Ray (a run that failed before it launched)."""
     import ray
@@ -184,10 +190,8 @@ def launch_ray(
     import ray
 
     cuda = resolve_device(config) == "cuda"
-    if not address:  # a private instance, sized to the run
-        _init_ray(
-            config, address, config.nproc * config.threads_per_rank, config.nproc if cuda else 0
-        )
+    if not address:
+        start_private_instance(config)
     printer = EventPrinter(
         run_dir,
         config.max_failures,
@@ -200,7 +204,7 @@ def launch_ray(
     stop = threading.Event()
     watched = [watchdog, printer, *([feed] if feed is not None else [])]
     watcher = threading.Thread(target=_watch, args=(watched, stop), daemon=True)
-    _send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)
+    send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)
     try:
         _check_capacity(config, address)
         trainer = _build_trainer(config, token_file, run_dir, cuda)
@@ -222,7 +226,7 @@ def launch_ray(
     _report_finished_run(config, run_dir)
 
 
-def _send_cluster_messages_to(path: Path) -> None:
+def send_cluster_messages_to(path: Path) -> None:
     """Append the messages Ray's control store sends this driver to ``path``, not to stdout.
 
     A lost node's raylet reaches the driver as a screenful of its internal state;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -49,7 +50,14 @@ def run(config: Config) -> Path:
     feed = WandbFeed.start(config, run_dir)
     summary = None
     try:
-        if config.launcher == "ray":
+        if config.ft == "live":
+            # torchft reads RUST_LOG when first imported; at info it logs every quorum
+            os.environ.setdefault("RUST_LOG", "warn")
+        if config.launcher == "ray" and config.ft == "live":
+            from distlab.launch.ray_live import launch_ray_live  # torchft: an optional extra
+
+            launch_ray_live(config, token_file, run_dir, address, feed)
+        elif config.launcher == "ray":
             launch_ray(config, token_file, run_dir, address, feed)
         elif config.ft == "live":
             from distlab.launch.live import launch_live  # torchft: an optional extra
