@@ -1,7 +1,8 @@
 """The live launcher (``--ft live``): a torchft Lighthouse and one process per replica.
 
 The Lighthouse runs inside this process; each replica (``distlab.train.live``) is a
-process forked like the local launcher's ranks (``launch.spawn``). When a replica other
+process forked like the local launcher's ranks (``launch.spawn``), or with ``--launcher
+ray`` an actor of the Ray cluster (``launch.ray_live``: a lost node loses its replicas). When a replica other
 than 0 dies, the others keep stepping (torchft leaves it out of the next quorum once its
 heartbeat is ``HEARTBEAT_TIMEOUT_MS`` old) and this launcher restarts that replica alone,
 which heals from a live peer and rejoins; each restart counts against ``--max-failures``.
@@ -84,6 +85,11 @@ class ReplicaJob:
     lighthouse: str
     join: Join
 
+    def arguments(self, rank: int, errors: Any, environment: dict[str, str] | None) -> tuple:
+        """``run_live_replica``'s arguments for replica ``rank``."""
+        config, token_file, run_dir = self.config.to_dict(), str(self.token_file), str(self.run_dir)
+        return (rank, config, token_file, run_dir, self.lighthouse, self.join, errors, environment)
+
 
 class ForkedReplicas:
     """Replicas as processes of this machine, forked from the rank server (``launch.spawn``)."""
@@ -95,16 +101,7 @@ class ForkedReplicas:
     def start(self, rank: int, job: ReplicaJob) -> mp.Process:
         process = self.context.Process(
             target=run_live_replica,
-            args=(
-                rank,
-                job.config.to_dict(),
-                str(job.token_file),
-                str(job.run_dir),
-                job.lighthouse,
-                job.join,
-                self.errors,
-                dict(os.environ),
-            ),
+            args=job.arguments(rank, self.errors, dict(os.environ)),
             name=f"distlab-replica{rank}",
         )
         process.start()

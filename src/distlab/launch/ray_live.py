@@ -62,15 +62,7 @@ class ReplicaActor:
             put = reported.append
 
         try:
-            run_live_replica(
-                rank,
-                job.config.to_dict(),
-                str(job.token_file),
-                str(job.run_dir),
-                job.lighthouse,
-                job.join,
-                Errors(),
-            )
+            run_live_replica(*job.arguments(rank, Errors(), None))
         except SystemExit as exc:  # bad input (2) or an interrupt
             code = exc.code if isinstance(exc.code, int) else 1
             return code, reported[0][1] if reported else None
