@@ -2,17 +2,17 @@
 
 The Lighthouse runs inside this process; each replica (``distlab.train.live``) is a
 process forked like the local launcher's ranks (``launch.spawn``), or with ``--launcher
-ray`` an actor of the Ray cluster (``launch.ray_live``: a lost node loses its replicas). When a replica other
-than 0 dies, the others keep stepping (torchft leaves it out of the next quorum once its
-heartbeat is ``HEARTBEAT_TIMEOUT_MS`` old) and this launcher restarts that replica alone,
-which heals from a live peer and rejoins; each restart counts against ``--max-failures``.
-Replica 0 writes the run dir: when it dies, every replica is stopped and all start again
-from the newest checkpoint, as under ``--ft restart``. A ``DistlabError`` (bad input) is
-never retried. A replica that stops without dying (SIGSTOP, a hang) stops heartbeating to
-the Lighthouse too and is left out of the quorum; once its steps have stalled for
-``--timeout-s`` the watchdog (``launch.watchdog``) kills it, and it is restarted as a dead
-one is. Once replica 0 has finished, stragglers get ``--timeout-s`` to end before they are
-stopped.
+ray`` an actor of the Ray cluster (``launch.ray_live``: a lost node loses its replicas).
+When a replica other than 0 dies, the others keep stepping (torchft leaves it out of the
+next quorum once its heartbeat is ``HEARTBEAT_TIMEOUT_MS`` old) and this launcher restarts
+that replica alone, which heals from a live peer and rejoins; each restart counts against
+``--max-failures``. Replica 0 writes the run dir: when it dies, every replica is stopped
+and all start again from the newest checkpoint, as under ``--ft restart``. A
+``DistlabError`` (bad input) is never retried. A replica that stops without dying
+(SIGSTOP, a hang) stops heartbeating to the Lighthouse too and is left out of the quorum;
+once its steps have stalled for ``--timeout-s`` the watchdog (``launch.watchdog``) kills
+it, and it is restarted as a dead one is. Once replica 0 has finished, stragglers get
+``--timeout-s`` to end before they are stopped.
 """
 
 from __future__ import annotations
