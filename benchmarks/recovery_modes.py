@@ -15,7 +15,8 @@ meets one fault before step ``FAULT_STEP``:
   (a hang: the watchdog or the collective timeout, ``--timeout-s``, ends it).
 
 Modes: ``restart`` (Ray, the default), ``elastic`` (Ray, ``--elastic 2``) and ``live``
-(the local launcher, ``--ft live``: ddp replicas under torchft). Each cell reports,
+(``--ft live``: ddp replicas under torchft; on the cluster for a node loss, else on the
+local launcher). Each cell reports,
 from the run's own records (``events.jsonl``, ``metrics.jsonl``, ``summary.json``):
 
 - recovery: from the fault (its event, or the moment this script sent the signal) to
@@ -58,19 +59,14 @@ COMMON = [
     "--checkpoint-every", str(CHECKPOINT_EVERY), "--timeout-s", str(TIMEOUT_S),
     "--max-failures", "2", "--track-memory", "off", "--no-wandb", "--quiet", "--no-pictures",
 ]  # fmt: skip
-MODE_FLAGS = {
-    "restart": ["--launcher", "ray"],
-    "elastic": ["--launcher", "ray", "--elastic", "2"],
-    "live": ["--launcher", "local", "--ft", "live"],
-}
+MODE_FLAGS = {"restart": [], "elastic": ["--elastic", "2"], "live": ["--ft", "live"]}
 CELLS = [
     "restart-node-ddp", "restart-node-fsdp", "restart-node-hsdp",
     "restart-sigkill-ddp", "restart-sigstop-ddp",
     "elastic-node-ddp", "elastic-node-fsdp",
-    "live-sigkill-ddp", "live-sigstop-ddp",
+    "live-node-ddp", "live-sigkill-ddp", "live-sigstop-ddp",
 ]  # fmt: skip
-"""mode-fault-strategy; elastic and live take ddp and fsdp (live: ddp) only, and node loss
-needs Ray's nodes, so live meets rank faults."""
+"""mode-fault-strategy; elastic takes ddp and fsdp, live ddp only."""
 
 
 @dataclass
@@ -95,6 +91,12 @@ class Cell:
         return f"{self.mode}-{self.fault}-{self.strategy}"
 
 
+def on_cluster(cell: Cell) -> bool:
+    """Whether the cell runs on the cluster (Ray launcher): all but live's rank faults, which
+    run on the local launcher (its replicas are processes of this machine)."""
+    return cell.mode != "live" or cell.fault == "node"
+
+
 def reference(strategy: str, workdir: Path) -> list[float]:
     """The uninterrupted run's losses (local launcher; made once per strategy)."""
     run_dir = workdir / f"reference-{strategy}"
@@ -114,8 +116,8 @@ def run_cell(cell: Cell, workdir: Path, address: str) -> Cell:
     shutil.rmtree(cell.run_dir, ignore_errors=True)  # a cell run again starts afresh
     args = [*COMMON, *MODE_FLAGS[cell.mode], "--strategy", cell.strategy]
     args += ["--run-dir", str(cell.run_dir)]
-    if cell.mode != "live":
-        args += ["--ray-address", address]
+    on_ray = on_cluster(cell)
+    args += ["--launcher", "ray", "--ray-address", address] if on_ray else ["--launcher", "local"]
     if cell.fault == "node":
         args += ["--inject-fault", f"node:1@{FAULT_STEP}"]
     elif cell.fault == "sigkill":
@@ -239,10 +241,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="distlab-recovery-") as tmp:
         workdir = Path(args.workdir or tmp)
         state_dir = workdir / "cluster"
-        address = cluster("up", state_dir, REVIVE_S) if any(c.mode != "live" for c in cells) else ""
+        address = cluster("up", state_dir, REVIVE_S) if any(map(on_cluster, cells)) else ""
         try:
             for cell in cells:
-                if cell.mode != "live":
+                if on_cluster(cell):
                     wait_for_nodes(state_dir)
                 run_cell(cell, workdir, address)
                 print(table([cell]).splitlines()[-1], flush=True)

@@ -37,8 +37,9 @@ on a 2-node cluster (2 CPUs each) this script starts with ``distlab cluster up``
   at most ``2 x CHECKPOINT_EVERY`` steps redone (the shrink, and the grow when the node
   is back);
 - ``live``: ddp at 2 or 4 replicas with ``--ft live`` and SGD, rank kill or hang of any
-  replica. Another than 0: replica 0 never applies a step twice (a step whose all-reduce
-  a dying replica broke is run again: at most one attempt per fault) and every loss stays
+  replica, or at 4 replicas on the cluster a node loss (replicas 2 and 3 die). Another
+  than replica 0: replica 0 never applies a step twice (a step whose all-reduce a dying
+  replica broke is run again: at most one attempt per fault) and every loss stays
   within the bound of ``distlab.report.live_recovery`` (plus the parity tolerance)
   against an uninterrupted live run. Replica 0 (whose loss restarts every replica from
   the newest checkpoint): the restart criterion, against the same run.
@@ -78,7 +79,7 @@ FAULT_KINDS = ("sigkill", "sigstop", "save-kill", "raise")
 MODE_KINDS = {
     "restart": (*FAULT_KINDS, "node"),
     "elastic": ("node",),
-    "live": ("sigkill", "sigstop"),
+    "live": ("sigkill", "sigstop", "node"),
 }
 """What each recovery mode meets in a ``--modes`` soak."""
 NODE_SHAPES = {"ddp": 4, "fsdp": 4, "zero2": 4, "hsdp": 4}
@@ -141,7 +142,9 @@ def draw_mode(index: int, seed: int, modes: list[str]) -> Trial:
     mode = modes[index % len(modes)]
     rng = random.Random(f"{seed}-mode-{index}")
     kind = rng.choice(MODE_KINDS[mode])
-    if mode == "live":
+    if mode == "live" and kind == "node":  # replicas 2 and 3 run on node 1 (Ray)
+        trial = Trial(index, "ddp", 4, "ray", kind, 1, 0, mode=mode)
+    elif mode == "live":
         nproc = rng.choice([2, 4])
         trial = Trial(index, "ddp", nproc, "local", kind, rng.randrange(nproc), 0, mode=mode)
     elif kind == "node":
@@ -259,7 +262,10 @@ def run_trial(trial: Trial, workdir: Path, address: str | None = None) -> Trial:
     expected = reference(trial.strategy, trial.nproc, workdir, trial.mode)
     run_dir = workdir / "trials" / f"{trial.index:03d}-{trial.mode}-{trial.strategy}-n{trial.nproc}"
     args = [*COMMON, *shape_args(trial.strategy, trial.nproc), *MODE_FLAGS[trial.mode]]
-    args += ["--launcher", trial.launcher, "--max-failures", "1", "--run-dir", str(run_dir)]
+    # each lost replica's restart counts: a node loss under live restarts two
+    restarts = 2 if (trial.mode, trial.kind) == ("live", "node") else 1
+    args += ["--launcher", trial.launcher, "--max-failures", str(restarts)]
+    args += ["--run-dir", str(run_dir)]
     if trial.launcher == "ray" and address:
         args += ["--ray-address", address]
     if trial.kind == "save-kill":

@@ -122,11 +122,21 @@ class LiveTrainStep(ModuleTrainStep):
             self.manager.report_error(RuntimeError(REPLICA_0_ABSENT))
         return self.manager.should_commit()
 
-    def step_metrics(self, quorum_s: float) -> dict[str, Any]:
+    def step_metrics(
+        self, quorum_s: float, tokens_per_step: int, step_time: float
+    ) -> dict[str, Any]:
         """The last step's ``metrics.jsonl`` fields of live recovery: how many replicas took
-        part, each replica's loss (None: absent), the seconds spent waiting for the quorum."""
+        part, each replica's loss (None: absent), the seconds spent waiting for the quorum,
+        and the tokens per second of the rows those replicas trained (an absent replica's
+        rows are dropped, so a short step trains ``replicas / nproc`` of the batch)."""
         replicas = sum(loss is not None for loss in self.replica_losses)
-        return {"replicas": replicas, "replica_losses": self.replica_losses, "quorum_s": quorum_s}
+        trained = tokens_per_step * replicas / len(self.replica_losses)
+        return {
+            "replicas": replicas,
+            "replica_losses": self.replica_losses,
+            "quorum_s": quorum_s,
+            "tokens_per_s": trained / step_time,
+        }
 
     def mean_loss(self, local: torch.Tensor) -> float:
         """The mean over the rows of the replicas that took part: the mean of their losses
@@ -312,7 +322,9 @@ def train_live(
             if ctx.is_main and replicas != replicas_before:
                 append_event(run_dir, "quorum", step=step, replicas=replicas)
                 replicas_before = replicas
-            if not trainer.run_step(step, partial(step_fn.step_metrics, quorum_s)):
+            if not trainer.run_step(
+                step, partial(step_fn.step_metrics, quorum_s, trainer.tokens_per_step)
+            ):
                 error = str(manager.errored() or "").splitlines()[:1]
                 if (step, error) != last_retry:  # once while waiting for replica 0
                     append_event(run_dir, "step_retry", rank=ctx.rank, step=step, reason=error)

@@ -143,13 +143,15 @@ class RankTrainer:
         """This rank's injected fault at ``step`` (and ``phase``), if one is pending."""
         fire_fault(self.faults, step, phase, self.ctx, self.run_dir)
 
-    def run_step(self, step: int, measured: Callable[[], dict[str, Any]] | None = None) -> bool:
+    def run_step(
+        self, step: int, measured: Callable[[float], dict[str, Any]] | None = None
+    ) -> bool:
         """Train on this rank's rows of batch ``step``, measure it, and (rank 0) record it.
 
-        ``measured``: called after the step, the caller's own metrics of it, recorded with it
-        (live recovery: the replicas that stepped and their losses, the wait for their
-        quorum). Returns whether the update was applied (``StepResult.committed``); a step
-        that was not is not recorded.
+        ``measured``: called with the step's time after the step, the caller's own metrics
+        of it, recorded with it (live recovery: the replicas that stepped and their losses,
+        the wait for their quorum, the tokens they trained). Returns whether the update was
+        applied (``StepResult.committed``); a step that was not is not recorded.
         """
         config = self.config
         self.fire_fault_at(step)
@@ -172,7 +174,7 @@ class RankTrainer:
             step, step_time, self.tokens_per_step, self.train_step.model_state_bytes()
         )
         if result.committed:
-            extra.update(measured() if measured is not None else {})
+            extra.update(measured(step_time) if measured is not None else {})
             extra.update(self.validate(step) if self.validation_due(step) else {})
             self._record_step(step, lr, result, step_time, extra)
         beat(self.run_dir, self.ctx.rank, "step", step)
