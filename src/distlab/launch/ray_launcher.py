@@ -66,7 +66,7 @@ POLL_S = 0.5
 ELASTIC_RESIZE_CHECK_S = 5.0
 """How often an elastic run's controller looks for returned capacity to grow into."""
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-ELASTIC_START_TIMEOUT_S = 3.0
+ELASTIC_START_TIMEOUT_S = 1.0
 """An elastic restart that asked for capacity which is gone (a lost node Ray has not yet
 declared dead) gives up after this long and asks again, instead of Ray's 60 s. It bounds
 only the wait for the group's placement (0.00 s when the capacity is there), not its start."""
