@@ -18,10 +18,10 @@ node:K@STEP``) takes down its ranks only. The supervisor then watches the nodes:
 
 The head checks its nodes' health every 0.2 s and declares a node dead after
 three missed checks: a killed node was declared dead 2.4-2.7 s after the kill here
-(3.1 s with checks every 0.5 s; Ray's defaults: about 15 s). The state (address, nodes, losses, revivals) is
-``STATE_DIR/cluster.json``, with each node's log beside it; ``--state-dir``
-(default ``$DISTLAB_CLUSTER_DIR``, else ``/tmp/distlab-cluster-UID``) lets
-several clusters coexist.
+(3.1 s with checks every 0.5 s; Ray's defaults: about 15 s). The state (address,
+nodes, losses, revivals) is ``STATE_DIR/cluster.json``, with each node's log beside it;
+``--state-dir`` (default ``$DISTLAB_CLUSTER_DIR``, else ``/tmp/distlab-cluster-UID``)
+lets several clusters coexist.
 """
 
 from __future__ import annotations
