@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_a_live_run_loses_a_node_and_the_other_replicas_step_on(
     uninterrupted run. The lost replicas' restarts wait for a CPU (node 1 is back 15 s
     later, after this short run has ended) and are stopped when replica 0 finishes."""
     pytest.importorskip("torchft")
-    address, _ = cluster
+    address, state_dir = cluster
     run = ["--strategy", "ddp", "--nproc", "4", "--steps", "30", "--optimizer", "sgd"]
     run += ["--ft", "live", "--no-final-checkpoint"]
     reference, run_dir, result = run_on_cluster(
@@ -134,6 +135,15 @@ def test_a_live_run_loses_a_node_and_the_other_replicas_step_on(
     bounds = loss_bound(metrics, uninterrupted, nproc=4, grad_clip=1.0)
     for got, want, bound in zip(metrics, uninterrupted, bounds, strict=True):
         assert abs(got["loss"] - want["loss"]) <= bound + LOSS_RTOL * abs(want["loss"]), got
+    wait_until_revived(state_dir, 1)  # the module's later tests use both nodes
+
+
+def wait_until_revived(state_dir: Path, index: int, timeout_s: float = 60) -> None:
+    """Wait until the cluster has brought lost node ``index`` back (``--revive-after``)."""
+    deadline = time.monotonic() + timeout_s
+    while (node := read_state(state_dir).nodes[index]).revived < node.lost:
+        assert time.monotonic() < deadline, f"node {index} did not come back in {timeout_s} s"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
