@@ -30,11 +30,7 @@ import ray
 
 from distlab.config import Config
 from distlab.launch.live import ReplicaJob, launch_live
-from distlab.launch.ray_launcher import (
-    RAY_MESSAGES_FILE,
-    send_cluster_messages_to,
-    start_private_instance,
-)
+from distlab.launch.ray_connect import send_cluster_messages_to, start_private_instance
 from distlab.nodes import alive_nodes, node_resource
 from distlab.run.files import LOGS_DIR
 from distlab.train.live import run_live_replica
@@ -77,8 +73,10 @@ class RayReplica:
     job: ReplicaJob
     actor: Any
     result: Any
+    """The ``run`` call's result."""
+    pid_ref: Any
+    """The ``pid`` call's result (ready once the actor has started)."""
     errors: queue.Queue
-    pid_ref: Any = None
     started_at: float = field(default_factory=time.time)
     _pid: int | None = None
     _exitcode: int | None = field(default=None, repr=False)
@@ -128,9 +126,8 @@ class RayReplicas:
         if node is not None and job.join.peers:  # a restart goes wherever a CPU is free
             options["resources"] = {node_resource(node): NODE_SHARE}
         actor = ReplicaActor.options(**options).remote()
-        replica = RayReplica(rank, job, actor, actor.run.remote(rank, job), self.errors)
-        replica.pid_ref = actor.pid.remote()
-        return replica
+        result, pid_ref = actor.run.remote(rank, job), actor.pid.remote()
+        return RayReplica(rank, job, actor, result, pid_ref, self.errors)
 
     def wait(self, running: list[RayReplica], timeout_s: float) -> None:
         ray.wait([r.result for r in running], num_returns=1, timeout=timeout_s)
@@ -152,7 +149,7 @@ def launch_ray_live(
     joined, else on a private local instance."""
     if not address:
         start_private_instance(config)
-    send_cluster_messages_to(run_dir / LOGS_DIR / RAY_MESSAGES_FILE)  # a lost node's raylet
+    send_cluster_messages_to(run_dir)  # a lost node's raylet
     try:
         launch_live(config, token_file, run_dir, feed, RayReplicas(config))
     finally:

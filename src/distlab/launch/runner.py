@@ -14,7 +14,8 @@ from distlab.errors import DistlabError
 from distlab.launch.local import launch_local
 from distlab.launch.micro_batch import PROBE_STEPS, resolve_micro_batch
 from distlab.launch.prepare import prepare_run
-from distlab.launch.ray_launcher import join_cluster, launch_ray, leave_cluster, resolve_address
+from distlab.launch.ray_connect import join_cluster, leave_cluster, resolve_address
+from distlab.launch.ray_launcher import launch_ray
 from distlab.launch.wandb_run import WandbFeed
 from distlab.run.events import append_event, read_events
 from distlab.run.files import SUMMARY_FILE
