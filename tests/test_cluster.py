@@ -24,6 +24,7 @@ from tests.helpers import (
 )
 
 from distlab.launch.cluster import alive, read_state
+from distlab.launch.ray_token import auth_token_available, ensure_auth_token
 from distlab.report.live_recovery import loss_bound
 from distlab.report.parity import LOSS_RTOL
 from distlab.run.files import read_jsonl
@@ -220,6 +221,25 @@ def test_cluster_commands_without_a_cluster(tmp_path: Path) -> None:
     bad = run_main("distlab.launch.cluster", "up", "--nodes", "0", *flags)
     assert_one_line_error(bad, "--nodes and --cpus-per-node must be at least 1")
     assert not (tmp_path / "cluster.json").exists()
+
+
+def test_up_makes_the_auth_token_ray_start_needs_on_a_fresh_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ray start --head`` with token auth fails where no token exists (a machine that never
+    ran Ray, as CI's): ``up`` makes one where Ray reads it, once."""
+    token_file = tmp_path / "home" / ".ray" / "auth_token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert not auth_token_available()
+    assert ensure_auth_token() == token_file
+    token = token_file.read_text()
+    assert len(token) == 64 and int(token, 16) and token_file.stat().st_mode & 0o777 == 0o600
+    assert auth_token_available()
+    assert ensure_auth_token() is None and token_file.read_text() == token  # kept, not replaced
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    token_file.unlink()
+    assert ensure_auth_token() is None and not token_file.exists()  # the variable is a token
 
 
 @pytest.mark.parametrize(

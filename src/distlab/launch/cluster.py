@@ -38,6 +38,7 @@ from pathlib import Path
 
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
+from distlab.launch.ray_token import ensure_auth_token
 from distlab.nodes import node_resource
 
 STATE_FILE = "cluster.json"
@@ -154,8 +155,8 @@ class Supervisor:
         with log.open("ab") as out:
             out.write(f"--- node {node.index} starting at {time.ctime()}\n".encode())
             offset = out.tell()
-            # Token authentication, as Ray's `ray start` defaults to (the head makes a token if
-            # none exists; worker nodes and launchers joining the cluster read it).
+            # Token authentication, as Ray's `ray start` defaults to (`up` made the token if
+            # none existed; worker nodes and launchers joining the cluster read it).
             env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
             process = subprocess.Popen(
                 ray_start_command(node.index, node.cpus, self.state.address),
@@ -250,6 +251,10 @@ def up(state_dir: Path, nodes: int, cpus: int, revive_after_s: float) -> int:
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        made = ensure_auth_token()  # `ray start --head` fails without one
+        if made is not None:
+            print(f"made a Ray auth token in {made} (nodes and launches read it)", file=sys.stderr)
     address = f"127.0.0.1:{free_port()}"
     with (state_dir / "supervisor.log").open("ab") as log:
         supervisor = subprocess.Popen(

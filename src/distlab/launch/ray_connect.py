@@ -30,6 +30,7 @@ from distlab.config import Config
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line
 from distlab.fault_spec import fault_specs
+from distlab.launch.ray_token import auth_token_available
 from distlab.nodes import alive_nodes
 from distlab.run.files import LOGS_DIR
 
@@ -71,17 +72,6 @@ def check_address(address: str) -> None:
             f"no Ray cluster at {address} ({exc.strerror or exc}); start one with "
             "'ray start --head' or drop --ray-address to start a local one"
         ) from None
-
-
-def auth_token_available() -> bool:
-    """Whether a Ray auth token is where Ray 2.60 reads one (env, RAY_AUTH_TOKEN_PATH, ~/.ray)."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    try:
-        return bool(Path(path).expanduser().read_text().strip())
-    except OSError:
-        return False
 
 
 def use_token_auth_for_join() -> bool:
