@@ -1,19 +1,27 @@
-"""Ray Train on distlab's counting gloo backend (``distlab.measure``).
+"""Ray Train as distlab runs it: on the counting gloo backend (``distlab.measure``), without
+Ray Data's actor.
 
 Ray Train creates the process group itself, in its worker processes, before
 the training function runs, so the ``distlab_gloo`` backend must be
 registered in each worker first. ``torch_config`` returns a ``TorchConfig``
 whose backend does that and then lets Ray set the group up as usual::
 
-    TorchTrainer(..., torch_config=ray_backend.torch_config(cuda, timeout_s))
+    TrainerWithoutRayData(..., torch_config=ray_backend.torch_config(cuda, timeout_s))
+
+``TrainerWithoutRayData`` is Ray's ``TorchTrainer`` less one default callback: with every
+worker group (each restart and elastic resize) it starts a Ray Data ``DatasetManager``
+actor, a fresh worker process importing Ray Data, even when the trainer has no datasets.
+distlab's ranks read their own batches (``distlab.data``), and while a restarted group
+starts that process takes a core from the new ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ray.train.torch import TorchConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.callbacks import DatasetsCallback
 
 from distlab.measure.process_group import BACKEND, register_backend
 
@@ -40,3 +48,11 @@ def torch_config(cuda: bool, timeout_s: int, count: bool = True) -> TorchConfig:
     if cuda or not count:
         return TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=timeout_s)
     return CountingTorchConfig(backend=BACKEND, timeout_s=timeout_s)
+
+
+class TrainerWithoutRayData(TorchTrainer):
+    """``TorchTrainer`` that starts no Ray Data actor (distlab passes no ``datasets``)."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [each for each in callbacks if not isinstance(each, DatasetsCallback)]

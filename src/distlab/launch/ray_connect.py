@@ -36,6 +36,10 @@ from distlab.run.files import LOGS_DIR
 
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
 """Environment variables the driver passes on to Ray workers (on any cluster)."""
+RAY_TRAIN_SETTINGS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Ray Train's controller starts a preemption watcher, one more Ray worker process, with every
+worker group (each restart and resize): it polls for cloud drain notices, which distlab's
+nodes never get, and while a restarted group starts it takes a core from the new ranks."""
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 ELASTIC_START_TIMEOUT_S = 1.0
 """An elastic restart that asked for capacity which is gone (a lost node Ray has not yet
@@ -177,6 +181,8 @@ def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None
 
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
+    env_vars.update(RAY_TRAIN_SETTINGS)
+    os.environ.update(RAY_TRAIN_SETTINGS)  # a local instance's controller
     if config.elastic:  # for Ray Train's controller: see ELASTIC_START_TIMEOUT_S
         env_vars[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)
         os.environ[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)  # a local instance

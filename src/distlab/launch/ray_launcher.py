@@ -104,7 +104,6 @@ def launch_ray(
 def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) -> TorchTrainer:
     """Ray Train's trainer of the run: one worker per rank, restarted up to max_failures times."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from distlab.launch import ray_backend
     from distlab.launch.ray_callback import FaultRecorder, ResizeRecorder
@@ -112,7 +111,7 @@ def _build_trainer(config: Config, token_file: Path, run_dir: Path, cuda: bool) 
     resources: dict[str, float] = {"CPU": config.threads_per_rank}
     if cuda:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return ray_backend.TrainerWithoutRayData(
         ray_train_loop,
         train_loop_config={
             "config": config.to_dict(),
