@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distlab.atomic_file import write_text_atomically
 from distlab.config import cache_dir
 from distlab.corpus import Documents, read_documents, resolve_corpus
 from distlab.errors import DistlabError
@@ -176,10 +177,7 @@ def _save_tokens(texts: Iterable[str], count: int, tokenizer: Tokenizer, token_f
         "tokenizer": tokenizer.spec,
         "tokenizer_file": None if tokenizer.file is None else str(tokenizer.file),
     }
-    facts_file = token_file.with_suffix(".json")
-    tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(facts) + "\n")
-    os.replace(tmp, facts_file)
+    write_text_atomically(token_file.with_suffix(".json"), json.dumps(facts) + "\n")
 
 
 def load_tokens(token_file: Path) -> np.ndarray:

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distlab.atomic_file import write_text_atomically
 from distlab.cli import OneLineErrorParser, run_cli
 from distlab.errors import DistlabError
 from distlab.launch.ray_token import ensure_auth_token
@@ -87,9 +88,7 @@ class ClusterState:
 
     def write(self, state_dir: Path) -> None:
         """Replace ``cluster.json`` atomically (readers never see half a file)."""
-        temporary = state_dir / (STATE_FILE + ".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        temporary.replace(state_dir / STATE_FILE)
+        write_text_atomically(state_dir / STATE_FILE, json.dumps(asdict(self), indent=1) + "\n")
 
 
 def read_state(state_dir: Path) -> ClusterState | None:

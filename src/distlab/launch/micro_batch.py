@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from distlab.atomic_file import write_text_atomically
 from distlab.config import AUTO, Config, cache_dir
 from distlab.config_checks import parse_bytes
 from distlab.distributed import resolve_device
@@ -155,10 +156,7 @@ def write_cache(file: Path, key: str, entry: dict[str, Any]) -> None:
     """Add one entry (atomically: a concurrent reader sees the old or the new file)."""
     entries = read_cache(file)
     entries[key] = entry
-    file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.replace(temporary, file)
+    write_text_atomically(file, json.dumps(entries, indent=1, sort_keys=True))
 
 
 def resolve_micro_batch(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from distlab.atomic_file import write_text_atomically
 from distlab.config import cache_dir
 
 # Dense datasheet peaks in FLOP/s: (bf16/fp16 tensor core, tf32 tensor core, fp32 CUDA core).
@@ -142,10 +143,7 @@ def cpu_peak(threads: int, precision: str = "fp32") -> PeakFlops:
     if key not in cache:
         cache[key] = probe_matmul_flops(threads, dtype)
         try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1) + "\n")
-            tmp.replace(file)
+            write_text_atomically(file, json.dumps(cache, indent=1) + "\n")
         except OSError:
             pass  # an unwritable cache only means probing again next time
     return PeakFlops(

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from distlab.atomic_file import write_text_atomically
 from distlab.run.files import LOGS_DIR
 
 HEARTBEAT_FILE = "rank{rank}.heartbeat"
@@ -32,11 +33,4 @@ def beat(run_dir: Path, rank: int, phase: str, step: int | None = None) -> None:
         "step": step,
         "t": time.time(),
     }
-    temporary = file.with_name(file.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, file)
-    except FileNotFoundError:  # logs/ not made yet (write_pid makes it first)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, file)
+    write_text_atomically(file, json.dumps(record))  # makes logs/ if write_pid has not yet

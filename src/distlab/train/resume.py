@@ -12,7 +12,6 @@ the seed and s, so no data-loader state is needed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlab.atomic_file import write_text_atomically
 from distlab.checkpoint.layout import (
     checkpoint_dir,
     checkpoint_step,
@@ -127,9 +127,7 @@ def rewind_metrics(run_dir: Path, start_step: int, source_run_dir: Path | None) 
     if source_run_dir is not None and len(kept) < start_step:
         kept = [m for m in read_jsonl(source_run_dir / METRICS_FILE) if m["step"] < start_step]
     if own or kept:
-        temporary = file.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(temporary, file)
+        write_text_atomically(file, "".join(json.dumps(m) + "\n" for m in kept))
     return lost
 
 
