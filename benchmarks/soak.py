@@ -44,6 +44,9 @@ on a 2-node cluster (2 CPUs each) this script starts with ``distlab cluster up``
   against an uninterrupted live run. Replica 0 (whose loss restarts every replica from
   the newest checkpoint): the restart criterion, against the same run.
 
+A node-loss trial also fails when the attempt the fault met held no rank on the lost
+node (its ``start`` event records each rank's node): it measured no recovery.
+
 Recovery time is measured from the fault to the end of the first resumed step
 (the ``resume`` event rank 0 writes): for an outside signal from the moment
 this script sent it, for an injected fault from the victim's ``fault`` event.
@@ -316,6 +319,8 @@ def run_trial(trial: Trial, workdir: Path, address: str | None = None) -> Trial:
 def judge(trial: Trial, run_dir: Path, rows: list[dict], expected: list[dict]) -> str:
     """Why the finished trial fails its mode's criterion ("" if it passes)."""
     leftovers = [p.name for p in (run_dir / "checkpoints").glob(".*")]
+    if trial.kind == "node" and held_no_rank_on(run_dir, trial.victim):
+        return f"no rank ran on node {trial.victim} when it was lost: nothing was recovered"
     if trial.mode == "live" and trial.victim != 0:  # replica 0's loss is a restart
         from distlab.report.live_recovery import loss_bound
         from distlab.report.parity import LOSS_RTOL
@@ -350,6 +355,16 @@ def judge(trial: Trial, run_dir: Path, rows: list[dict], expected: list[dict]) -
     if leftovers:
         return f"left behind: {', '.join(leftovers)}"
     return ""
+
+
+def held_no_rank_on(run_dir: Path, node: int) -> bool:
+    """Whether the attempt that met the node fault had no rank on ``node`` (so the trial
+    measured no recovery: an elastic run can start short of ranks). Runs whose start
+    events do not record nodes (live replicas) are not judged here."""
+    log = events(run_dir)
+    fault_at = next(e["t"] for e in log if e["event"] == "fault" and e.get("kind") == "node")
+    starts = [e for e in log if e["event"] == "start" and e["t"] < fault_at and "nodes" in e]
+    return bool(starts) and node not in starts[-1]["nodes"]
 
 
 def describe(trial: Trial) -> str:
