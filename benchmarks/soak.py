@@ -362,8 +362,8 @@ def held_no_rank_on(run_dir: Path, node: int) -> bool:
     measured no recovery: an elastic run can start short of ranks). Runs whose start
     events do not record nodes (live replicas) are not judged here."""
     log = events(run_dir)
-    fault_at = next(e["t"] for e in log if e["event"] == "fault" and e.get("kind") == "node")
-    starts = [e for e in log if e["event"] == "start" and e["t"] < fault_at and "nodes" in e]
+    fault_at = next((e["t"] for e in log if e["event"] == "fault" and e.get("kind") == "node"), 0)
+    starts = [e for e in log if e["event"] == "start" and e["t"] < fault_at and e.get("nodes")]
     return bool(starts) and node not in starts[-1]["nodes"]
 
 
