@@ -18,7 +18,7 @@ def test_the_file_holds_the_new_text_and_nothing_else_is_left(old: str, new: str
         file = Path(directory) / "deeper" / "state.json"  # the directory is made
         write_text_atomically(file, old)
         write_text_atomically(file, new)
-        assert file.read_text() == new
+        assert file.read_bytes() == new.encode()  # bytes: reading text would turn "\r" into "\n"
         assert [p.name for p in file.parent.iterdir()] == ["state.json"]
 
 
