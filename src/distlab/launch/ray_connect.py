@@ -181,11 +181,11 @@ def _init_ray(config: Config, address: str | None, cpus: int, gpus: int) -> None
 
     env_vars = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
     env_vars["OMP_NUM_THREADS"] = str(config.threads_per_rank)
-    env_vars.update(RAY_TRAIN_SETTINGS)
-    os.environ.update(RAY_TRAIN_SETTINGS)  # a local instance's controller
-    if config.elastic:  # for Ray Train's controller: see ELASTIC_START_TIMEOUT_S
-        env_vars[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)
-        os.environ[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)  # a local instance
+    controller_env = dict(RAY_TRAIN_SETTINGS)  # read by Ray Train's controller
+    if config.elastic:  # see ELASTIC_START_TIMEOUT_S
+        controller_env[START_TIMEOUT_VARIABLE] = str(ELASTIC_START_TIMEOUT_S)
+    env_vars.update(controller_env)  # a cluster's controller
+    os.environ.update(controller_env)  # a local instance's controller
     common = {"log_to_driver": False, "logging_level": logging.ERROR}
     captured: list[str] = []
     try:
