@@ -139,6 +139,12 @@ def ray_start_command(index: int, cpus: int, address: str) -> list[str]:
     return [ray, "start", f"--address={address}", *common]
 
 
+def auth_mode() -> str:
+    """The cluster's ``RAY_AUTH_MODE``: the user's, else token authentication (as ``ray
+    start`` defaults to)."""
+    return os.environ.get("RAY_AUTH_MODE", "token")
+
+
 class Supervisor:
     """Starts the nodes, revives lost workers, stops everything on SIGTERM."""
 
@@ -156,7 +162,7 @@ class Supervisor:
             offset = out.tell()
             # Token authentication, as Ray's `ray start` defaults to (`up` made the token if
             # none existed; worker nodes and launchers joining the cluster read it).
-            env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+            env = {**os.environ, "RAY_AUTH_MODE": auth_mode()}
             process = subprocess.Popen(
                 ray_start_command(node.index, node.cpus, self.state.address),
                 stdout=out,
@@ -250,7 +256,7 @@ def up(state_dir: Path, nodes: int, cpus: int, revive_after_s: float) -> int:
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+    if auth_mode().lower() == "token":
         made = ensure_auth_token()  # `ray start --head` fails without one
         if made is not None:
             print(f"made a Ray auth token in {made} (nodes and launches read it)", file=sys.stderr)
