@@ -89,15 +89,19 @@ def test_unknown_ray_address_is_a_one_line_error(
     assert not run_dir.exists()
 
 
-def test_a_worker_group_starts_no_ray_data_actor_and_no_preemption_watcher(
+def test_a_run_starts_no_ray_data_actor_no_preemption_watcher_and_no_cleaner(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ray Train starts both with every worker group (each restart and resize): a Ray Data
-    manager distlab's ranks never ask, and a watcher for cloud drain notices its nodes never
-    get. Each is a fresh Ray worker process that takes a core while the new ranks start."""
+    """Ray Train starts the first two with every worker group (each restart and resize): a
+    Ray Data manager distlab's ranks never ask, and a watcher for cloud drain notices its
+    nodes never get. Each is a fresh Ray worker process that takes a core while the new
+    ranks start. The third, once a run, held the run's end for 12 s (``ray_backend``)."""
     from ray._private.ray_constants import env_bool
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks import BackendSetupCallback, DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
     from ray.train.v2._internal.constants import (
         DEFAULT_ENABLE_PREEMPTION_WATCHER,
         ENABLE_PREEMPTION_WATCHER_ENV_VAR,
@@ -109,7 +113,8 @@ def test_a_worker_group_starts_no_ray_data_actor_and_no_preemption_watcher(
     trainer = TrainerWithoutRayData(lambda: None, scaling_config=ScalingConfig(num_workers=1))
     callbacks = trainer._create_default_callbacks()
     assert any(isinstance(each, BackendSetupCallback) for each in callbacks)
-    assert not any(isinstance(each, DatasetsCallback) for each in callbacks)
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback)
+    assert not any(isinstance(each, unused) for each in callbacks)
     for name, value in RAY_TRAIN_SETTINGS.items():  # what the controller reads, as the job's env
         monkeypatch.setenv(name, value)
     assert not env_bool(ENABLE_PREEMPTION_WATCHER_ENV_VAR, DEFAULT_ENABLE_PREEMPTION_WATCHER)
