@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from distlab.config_checks import AC_MODES  # noqa: E402
-from distlab.measure.step_memory import HeldTensors, StepMemory, StepMemoryTracker  # noqa: E402
+from distlab.measure.step_memory import HeldTensors, StepMemory  # noqa: E402
+from distlab.measure.step_tracker import StepMemoryTracker  # noqa: E402
 from distlab.model import PRESETS, build_model, flops_per_token  # noqa: E402
 from distlab.strategies.activation_checkpoint import apply_ac  # noqa: E402
 from distlab.strategies.base import language_model_loss  # noqa: E402

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distlab.errors import DistlabError
-from distlab.measure.step_memory import HeldTensors, StepMemoryTracker
+from distlab.measure.step_memory import HeldTensors
+from distlab.measure.step_tracker import StepMemoryTracker
 from distlab.model import build_model
 from distlab.report.parity import compare, parity_config
 from distlab.strategies.activation_checkpoint import apply_ac

@@ -36,10 +36,19 @@ from distlab.run.files import LOGS_DIR
 
 PROPAGATED_ENV = ("DS_ACCELERATOR", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "HF_HOME")
 """Environment variables the driver passes on to Ray workers (on any cluster)."""
-RAY_TRAIN_SETTINGS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-"""Ray Train's controller starts a preemption watcher, one more Ray worker process, with every
-worker group (each restart and resize): it polls for cloud drain notices, which distlab's
-nodes never get, and while a restarted group starts it takes a core from the new ranks."""
+RAY_TRAIN_SETTINGS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Ray Train's controller, as distlab sets it:
+
+- no preemption watcher: Ray Train starts one, one more Ray worker process, with every worker
+  group (each restart and resize); it polls for cloud drain notices, which distlab's nodes
+  never get, and while a restarted group starts it takes a core from the new ranks;
+- the workers polled every 0.5 s, not 2 s: a rank's error (a lost node's peers fail at
+  once) reaches the controller at its next poll, so recovery began up to 2 s late. A poll
+  is one small call per worker; one that a busy worker answers late is waited for, not
+  counted as a failure."""
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 ELASTIC_START_TIMEOUT_S = 1.0
 """An elastic restart that asked for capacity which is gone (a lost node Ray has not yet

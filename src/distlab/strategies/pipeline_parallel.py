@@ -46,13 +46,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from distlab.checkpoint.layout import checkpoint_step
@@ -92,6 +91,9 @@ from distlab.strategies.pipeline_schedules import (
 )
 from distlab.strategies.pipeline_settings import resolve_microbatches, validate_pp
 from distlab.strategies.state_bytes import rank0_state_bytes
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
 
 # --- The split: this rank's stages as modules -----------------------------------------
 
@@ -195,6 +197,10 @@ class PipelineTrainStep(OptimizerTrainStep):
 
         self.microbatches = resolve_microbatches(config, dims)
         rows = config.global_batch // dims.dp // self.microbatches
+        # imported here, as the registry asks of heavy libraries: torch's pipelining imports
+        # its compiler, which a rank of any other strategy would pay for at start-up
+        from torch.distributed.pipelining import PipelineStage
+
         self.stages = [
             PipelineStage(
                 module,

@@ -51,8 +51,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.pipelining.schedules import get_schedule_class
-
 
 @dataclass(frozen=True)
 class ScheduleSpec:
@@ -118,6 +116,10 @@ def schedule_spec(name: str) -> ScheduleSpec:
 
 def schedule_class(name: str) -> type:
     """The ``torch.distributed.pipelining`` class that runs schedule ``name``."""
+    # imported here: torch's pipelining imports its compiler (about 0.5 s of CPU), and every
+    # rank and the planner read this module's placements and bubbles, not only pipelines
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
     return get_schedule_class(SCHEDULES[name].torch_name)
 
 

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -59,12 +59,7 @@ from distlab.measure.memory import ModelStateBytes, peak_memory_bytes
 from distlab.measure.memory_timeline import draw_memory_timelines
 from distlab.measure.process_group import is_counting
 from distlab.measure.profiler_time import STEP_SPAN, profiler_breakdown, profiling_step
-from distlab.measure.step_memory import (
-    HeldTensors,
-    StepMemory,
-    StepMemoryTracker,
-    cuda_peaks,
-)
+from distlab.measure.step_memory import HeldTensors, StepMemory, cuda_peaks
 from distlab.measure.time_gantt import draw_time_gantt
 from distlab.measure.timeline import StepTimeline, set_active
 from distlab.model import flops_per_token
@@ -80,6 +75,9 @@ from distlab.run.files import (
     time_rank_file,
 )
 from distlab.train.sampling import tracks_memory, tracks_time
+
+if TYPE_CHECKING:
+    from distlab.measure.step_tracker import StepMemoryTracker
 
 
 @dataclass
@@ -142,6 +140,10 @@ class RunMeasurements:
         if self.config.compile:
             self.compiled_before_step = compile_seconds()
         if tracks_memory(self.config, step, len(self.steps)):
+            # imported here, by the first tracked step: torch's trackers cost a rank 0.7 s
+            # of CPU to import, which a resumed rank would otherwise pay before its first step
+            from distlab.measure.step_tracker import StepMemoryTracker
+
             self.tracker = StepMemoryTracker(held, self.ctx.device)
         elif self.ctx.device_type == "cuda":  # the allocator's count still comes per step
             torch.cuda.reset_peak_memory_stats(self.ctx.device)

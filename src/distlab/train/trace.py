@@ -31,7 +31,8 @@ import torch
 from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.data import global_batch, rank_slice
 from distlab.errors import DistlabError
-from distlab.measure.step_memory import StepMemory, StepMemoryTracker
+from distlab.measure.step_memory import StepMemory
+from distlab.measure.step_tracker import StepMemoryTracker
 from distlab.model import build_model
 from distlab.strategies import registry
 from distlab.train.fake_ranks import adapt_ddp, fake_ranks
