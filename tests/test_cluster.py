@@ -186,6 +186,7 @@ def test_an_elastic_run_shrinks_grows_back_and_matches_the_uninterrupted_one(
     starts = [e for e in run_events(run_dir) if e["event"] == "start"]
     assert [s["world_size"] for s in starts] == [4, 2, 4]
     assert starts[1]["from_step"] == 20 and starts[1]["nodes"] == [0, 0]  # node 0's two CPUs
+    assert starts[2]["from_step"] > 20  # it trained and saved at 2 ranks before it grew
     assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 2
     # The same global batch at 2 ranks: the same losses but for the order of the gradient sums.
     assert run_losses(run_dir) == pytest.approx(run_losses(reference), rel=LOSS_RTOL)

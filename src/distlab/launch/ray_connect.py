@@ -53,7 +53,9 @@ START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 ELASTIC_START_TIMEOUT_S = 1.0
 """An elastic restart that asked for capacity which is gone (a lost node Ray has not yet
 declared dead) gives up after this long and asks again, instead of Ray's 60 s. It bounds
-only the wait for the group's placement (0.00 s when the capacity is there), not its start."""
+only the wait for the group's placement (0.00 s when the capacity is there), not its start.
+Whole seconds only: Ray's placement wait truncates the fraction, and 0.5 failed every
+placement at once (the controller retried the first start in a loop, measured)."""
 RAY_MESSAGES_FILE = "ray_messages.log"
 """The run's ``logs/`` file for what Ray's control store tells the driver (a lost node's dump)."""
 CONNECT_TIMEOUT_S = 5.0
