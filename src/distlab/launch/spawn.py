@@ -45,8 +45,10 @@ PRELOAD = (
     "torch.distributed.checkpoint",
     "torch.distributed.pipelining",
     "distlab.train.rank",
+    "distlab.measure.step_tracker",
 )
-"""Modules every rank needs, imported once by the server."""
+"""Modules every rank needs, imported once by the server (the step tracker too: a rank
+imports it only at its first tracked step, which most runs have)."""
 DEEPSPEED = ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
 """DeepSpeed, and the Muon optimizer its engine imports on every start: that module applies
 ``torch.compile`` at import and so imports inductor, 3 s of every rank, once in the server."""
