@@ -58,9 +58,6 @@ CATEGORIES = (
 PHASES = ("forward", "backward", "optimizer")
 """The parts of a step a peak is attributed to."""
 
-MAX_TIMELINE_POINTS = 4000
-"""Samples kept per step timeline; longer ones are thinned evenly (peak kept)."""
-
 
 @dataclass
 class HeldTensors:
@@ -107,13 +104,3 @@ def cuda_peaks(device: torch.device) -> dict[str, int]:
         "memory/cuda_peak_allocated": int(stats.get("allocated_bytes.all.peak", 0)),
         "memory/cuda_peak_reserved": int(stats.get("reserved_bytes.all.peak", 0)),
     }
-
-
-def thin(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """At most ``limit`` samples, evenly spaced, always keeping the largest one."""
-    if len(samples) <= limit:
-        return samples
-    totals = [sum(s[c] for c in CATEGORIES) for s in samples]
-    top = max(range(len(samples)), key=totals.__getitem__)
-    keep = {round(i * (len(samples) - 1) / (limit - 2)) for i in range(limit - 1)} | {top}
-    return [samples[i] for i in sorted(keep)]

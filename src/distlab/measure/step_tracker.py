@@ -19,14 +19,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefT
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.distributed.fsdp import FSDPModule
 
-from distlab.measure.step_memory import (
-    CATEGORIES,
-    MAX_TIMELINE_POINTS,
-    HeldTensors,
-    StepMemory,
-    cuda_peaks,
-    thin,
-)
+from distlab.measure.step_memory import CATEGORIES, HeldTensors, StepMemory, cuda_peaks
 
 LAB_CATEGORY = {
     _MemRefType.PARAM: "params",
@@ -49,6 +42,9 @@ LAB_CATEGORY = {
     _FSDPRefType.INP: "other",
 }
 """torch's tracker categories (plain and FSDP) to the lab's."""
+
+MAX_TIMELINE_POINTS = 4000
+"""Samples kept per step timeline; longer ones are thinned evenly (peak kept)."""
 
 
 class _PhaseTimeline:
@@ -226,3 +222,13 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard; any other tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+def thin(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` samples, evenly spaced, always keeping the largest one."""
+    if len(samples) <= limit:
+        return samples
+    totals = [sum(s[c] for c in CATEGORIES) for s in samples]
+    top = max(range(len(samples)), key=totals.__getitem__)
+    keep = {round(i * (len(samples) - 1) / (limit - 2)) for i in range(limit - 1)} | {top}
+    return [samples[i] for i in sorted(keep)]
