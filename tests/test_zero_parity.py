@@ -40,16 +40,17 @@ def cases() -> list:
                 name = f"{strategy}-{nproc}-{optimizer}"
                 out.append(pytest.param(strategy, nproc, optimizer, {}, id=name))
     extra = [
-        # DeepSpeedCPUAdam (ZeRO-Offload) instead of torch's AdamW, parameters offloaded too.
-        ("zero3", 2, "adamw", {"offload": "params"}),
+        # DeepSpeedCPUAdam (ZeRO-Offload) instead of torch's AdamW, parameters offloaded too;
+        # its C++ extension is built by the session in the background (tests/conftest.py).
+        ("zero3", 2, "adamw", {"offload": "params"}, [pytest.mark.cpu_adam]),
         # Two micro-batches per rank (gradient accumulation), with SGD, which shows a wrong
         # gradient scale; for DeepSpeed through the ZeRO-1/2 offload path.
-        ("zero2", 2, "sgd", {"offload": "optimizer", "micro_batch": 2}),
-        ("fairscale-sdp", 2, "sgd", {"micro_batch": 2}),
+        ("zero2", 2, "sgd", {"offload": "optimizer", "micro_batch": 2}, []),
+        ("fairscale-sdp", 2, "sgd", {"micro_batch": 2}, []),
     ]
-    for strategy, nproc, optimizer, fields in extra:
+    for strategy, nproc, optimizer, fields, marks in extra:
         name = "-".join([strategy, str(nproc), optimizer, *map(str, fields.values())])
-        out.append(pytest.param(strategy, nproc, optimizer, fields, id=name))
+        out.append(pytest.param(strategy, nproc, optimizer, fields, id=name, marks=marks))
     return out
 
 
