@@ -42,8 +42,8 @@ from distlab.measure.step_memory import HeldTensors, StepMemory  # noqa: E402
 from distlab.measure.step_tracker import StepMemoryTracker  # noqa: E402
 from distlab.model import PRESETS, build_model, flops_per_token  # noqa: E402
 from distlab.strategies.activation_checkpoint import apply_ac  # noqa: E402
-from distlab.strategies.base import language_model_loss  # noqa: E402
 from distlab.strategies.resolve import load_config  # noqa: E402
+from distlab.strategies.step_parts import language_model_loss  # noqa: E402
 from distlab.theory.memory import nearest_moment, predict_peak  # noqa: E402
 
 MIB = 2**20

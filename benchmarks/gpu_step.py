@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from distlab.cli import run_cli
-from distlab.config import AUTO, Config, read_yaml_mapping, resolved_seq_len
+from distlab.config import AUTO, Config, resolved_seq_len
+from distlab.config_reading import read_yaml_mapping
 from distlab.data import global_batch, load_tokens, prepare_tokens
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError, first_line

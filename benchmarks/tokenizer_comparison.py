@@ -68,7 +68,7 @@ def training_facts(run_dir: Path) -> dict:
     """``token_facts`` of the run's training split (bytes per token of what it trained on)."""
     import yaml
 
-    from distlab.config import build_config
+    from distlab.config_reading import build_config
     from distlab.data import prepare_tokens
 
     config = build_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))

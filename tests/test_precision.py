@@ -13,9 +13,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from distlab.distributed import RankContext
 from distlab.model import build_model
 from distlab.optim import build_optimizer
-from distlab.strategies.base import activation_dtype, autocast, language_model_loss
 from distlab.strategies.fully_shard import apply_fsdp
 from distlab.strategies.resolve import load_config
+from distlab.strategies.step_parts import activation_dtype, autocast, language_model_loss
 
 TOKENS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
 

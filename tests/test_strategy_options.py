@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from tests.helpers import assert_one_line_error, run_main
 
-from distlab.config import DEFAULTS, option_flag
+from distlab.config_reading import DEFAULTS, option_flag
 from distlab.errors import DistlabError
 from distlab.report.parity import parity_config, tolerance
 from distlab.strategies import registry

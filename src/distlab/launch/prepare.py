@@ -12,14 +12,8 @@ from typing import Any
 
 from distlab.checkpoint.layout import DCP_FORMAT, META_FILE, newest_checkpoint
 from distlab.checkpoint.verify import verify_checkpoint
-from distlab.config import (
-    FIELD_TYPES,
-    Config,
-    model_label,
-    model_shape,
-    read_yaml_mapping,
-    resolved_seq_len,
-)
+from distlab.config import Config, model_label, model_shape, resolved_seq_len
+from distlab.config_reading import FIELD_TYPES, read_yaml_mapping
 from distlab.data import prepare_tokens, token_facts, validation_file
 from distlab.distributed import resolve_device
 from distlab.errors import DistlabError

@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlab.config import build_config, grad_accum_steps, read_config_values
+from distlab.config import grad_accum_steps
+from distlab.config_reading import build_config, read_config_values
 from distlab.errors import DistlabError
 from distlab.measure.timeline import mean_of_last_steps
 from distlab.plan.layout import Layout

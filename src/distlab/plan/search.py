@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, fields, replace
 
-from distlab.config import Config, option_flag
+from distlab.config import Config
+from distlab.config_reading import option_flag
 from distlab.errors import DistlabError
 from distlab.plan.calibrate import MAX_RANKS_PER_CORE
 from distlab.plan.hardware import Device

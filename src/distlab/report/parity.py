@@ -67,7 +67,8 @@ from pathlib import Path
 
 import torch
 
-from distlab.config import DEFAULTS, Config, build_config
+from distlab.config import Config
+from distlab.config_reading import DEFAULTS, build_config
 from distlab.launch.runner import run
 from distlab.optim import ADAMW_BETAS, lr_factor
 from distlab.run.files import FINAL_WEIGHTS_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl

@@ -38,7 +38,7 @@ import yaml
 from rich.console import Console
 
 from distlab.cli import OneLineErrorParser, run_cli
-from distlab.config import read_yaml_mapping
+from distlab.config_reading import read_yaml_mapping
 from distlab.errors import DistlabError
 from distlab.launch.wandb_run import wandb_mode
 from distlab.report.markdown import NOTES_MARKER, write_report

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from distlab.cli import OneLineErrorParser, add_config_flags, config_overrides, run_cli
-from distlab.config import FIELD_TYPES
 from distlab.config_checks import OPTIMIZERS
+from distlab.config_reading import FIELD_TYPES
 from distlab.errors import DistlabError
 from distlab.report.parity import PARITY_STEPS, ParityReport, compare, parity_config
 from distlab.strategies import registry

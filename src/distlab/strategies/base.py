@@ -5,20 +5,18 @@ that runs one whole optimizer step on this rank's rows of the global batch and
 returns the global batch's mean loss. The train loop only ever talks to a
 ``TrainStep``; strategies that own forward/backward/step themselves (pipeline
 parallelism, DeepSpeed) implement ``TrainStep`` directly, the others wrap the
-model and reuse ``ModuleTrainStep``.
+model and reuse ``ModuleTrainStep``. The pieces every step is made of (autocast,
+the loss, micro-batches, the gradient-sync contexts) are ``step_parts``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -37,7 +35,14 @@ from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import data_parallel_dims
 from distlab.strategies.parallel_dims import ParallelDims
 from distlab.strategies.state_bytes import predicted_bytes
-from distlab.values import scalar
+from distlab.strategies.step_parts import (
+    GradientSync,
+    always_sync,
+    autocast,
+    language_model_loss,
+    mean_over_group,
+    micro_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -196,73 +201,6 @@ class ReplicatedStateStrategy(Strategy):
         return predicted_bytes(n_params, config.optimizer)
 
 
-def casts_itself(module: nn.Module) -> bool:
-    """Whether ``module`` runs its forward in its own compute dtype: an FSDP2 module.
-
-    ``apply_fsdp`` gives FSDP2 the mixed-precision policy of ``--precision``, so
-    an FSDP module casts its parameters (and inputs) itself and needs no autocast.
-    """
-    return isinstance(module, FSDPModule)
-
-
-def autocast(
-    device_type: str, precision: str, module: nn.Module
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for, unless ``module`` casts itself; else a no-op context.
-
-    Autocast keeps parameters fp32 and runs matmuls in bf16 (norms, softmax and
-    the residual stream stay fp32); it serves every strategy but FSDP, whose
-    ``MixedPrecisionPolicy`` runs the whole forward in bf16 instead.
-    """
-    if precision == "bf16" and not casts_itself(module):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def activation_dtype(module: nn.Module, precision: str) -> torch.dtype:
-    """The dtype of the residual stream ``module`` hands on (what a pipeline stage sends).
-
-    bf16 under FSDP2's bf16 policy (parameters and so every op in bf16); fp32
-    otherwise: autocast casts only matmul outputs to bf16, and adding them to
-    the fp32 residual stream promotes back to fp32.
-    """
-    return torch.bfloat16 if precision == "bf16" and casts_itself(module) else torch.float32
-
-
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy over all positions, computed in fp32.
-
-    The logits are bf16 under bf16 precision (autocast's LM-head matmul, or
-    FSDP's bf16 parameters); the cast keeps the softmax and the mean in fp32.
-    """
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def micro_batches(
-    inputs: torch.Tensor, targets: torch.Tensor, count: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's rows in ``count`` equal micro-batches (gradient accumulation's)."""
-    return zip(inputs.chunk(count), targets.chunk(count), strict=True)
-
-
-def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> float:
-    """Average a scalar over a process group (gloo has no AVG, so SUM / size)."""
-    if size > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        value /= size
-    return scalar(value)
-
-
-GradientSync = Callable[[bool], contextlib.AbstractContextManager]
-"""``sync(enabled)``: a context in which backward does (or skips) gradient reduction."""
-
-
-def always_sync(enabled: bool) -> contextlib.AbstractContextManager:
-    """For models with nothing to synchronise."""
-    return contextlib.nullcontext()
-
-
 class OptimizerTrainStep(TrainStep):
     """A train step that updates ``self.model`` with a torch optimizer and distlab's lr schedule."""
 
@@ -411,15 +349,3 @@ class ModuleTrainStep(OptimizerTrainStep):
         """Load a DCP checkpoint of any DCP strategy and world size; set the schedule's step."""
         load_dcp_state(directory, self.plain_model, self.optimizer)
         set_schedule_position(self.scheduler, checkpoint_step(directory))
-
-
-@contextlib.contextmanager
-def no_sync_unless(
-    enabled: bool, no_sync: Callable[[], contextlib.AbstractContextManager]
-) -> Iterator[None]:
-    """Enter ``no_sync()`` unless ``enabled`` (helper for DDP-style wrappers)."""
-    if enabled:
-        yield
-    else:
-        with no_sync():
-            yield

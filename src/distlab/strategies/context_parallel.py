@@ -73,21 +73,18 @@ from distlab.config import Config, resolved_seq_len
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes
-from distlab.strategies.base import (
-    DDP_OPTIONS,
-    ModuleTrainStep,
-    ReplicatedStateStrategy,
-    TrainStep,
-    autocast,
-    language_model_loss,
-    mean_over_group,
-    no_sync_unless,
-)
+from distlab.strategies.base import DDP_OPTIONS, ModuleTrainStep, ReplicatedStateStrategy, TrainStep
 from distlab.strategies.cp_attention import CP_ATTENTION, held_positions
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import cp_dims
 from distlab.strategies.parallel_dims import ParallelDims, view
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.step_parts import (
+    autocast,
+    language_model_loss,
+    mean_over_group,
+    no_sync_unless,
+)
 
 CP_OPTIONS = frozenset({"cp", "cp_attention"})
 """Config fields of context parallelism."""

@@ -25,15 +25,10 @@ from torch import nn
 from distlab.config import Config
 from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
-from distlab.strategies.base import (
-    DDP_OPTIONS,
-    ModuleTrainStep,
-    ReplicatedStateStrategy,
-    TrainStep,
-    no_sync_unless,
-)
+from distlab.strategies.base import DDP_OPTIONS, ModuleTrainStep, ReplicatedStateStrategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.step_parts import no_sync_unless
 
 
 class DDPStrategy(ReplicatedStateStrategy):

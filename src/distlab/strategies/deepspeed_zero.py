@@ -113,14 +113,7 @@ from distlab.measure.memory import ModelStateBytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.measure.timeline import phase
 from distlab.optim import build_scheduler
-from distlab.strategies.base import (
-    StepResult,
-    Strategy,
-    TrainStep,
-    language_model_loss,
-    mean_over_group,
-    micro_batches,
-)
+from distlab.strategies.base import StepResult, Strategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.deepspeed_config import deepspeed_config
 from distlab.strategies.deepspeed_memory import (
@@ -134,6 +127,7 @@ from distlab.strategies.deepspeed_memory import (
     zero_reduce_mode,
 )
 from distlab.strategies.parallelize import parallelize
+from distlab.strategies.step_parts import language_model_loss, mean_over_group, micro_batches
 
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
 CHECKPOINT_TAG = "deepspeed"

@@ -70,17 +70,12 @@ from distlab.errors import DistlabError
 from distlab.measure.memory import ModelStateBytes, measure_state_bytes
 from distlab.measure.step_memory import HeldTensors
 from distlab.optim import build_optimizer, build_scheduler
-from distlab.strategies.base import (
-    DDP_OPTIONS,
-    ModuleTrainStep,
-    Strategy,
-    TrainStep,
-    no_sync_unless,
-)
+from distlab.strategies.base import DDP_OPTIONS, ModuleTrainStep, Strategy, TrainStep
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.parallel_dims import parameter_sizes
 from distlab.strategies.parallelize import apply_ddp, parallelize
 from distlab.strategies.state_bytes import optimizer_bytes_per_param
+from distlab.strategies.step_parts import no_sync_unless
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -61,17 +61,7 @@ from distlab.distributed import RankContext
 from distlab.measure.memory import ModelStateBytes
 from distlab.measure.timeline import phase, traced_action
 from distlab.model import GPT
-from distlab.strategies.base import (
-    PP_OPTIONS,
-    OptimizerTrainStep,
-    StepResult,
-    Strategy,
-    TrainStep,
-    activation_dtype,
-    autocast,
-    language_model_loss,
-    mean_over_group,
-)
+from distlab.strategies.base import PP_OPTIONS, OptimizerTrainStep, StepResult, Strategy, TrainStep
 from distlab.strategies.cp_attention import held_positions
 from distlab.strategies.data_parallel import DataParallel
 from distlab.strategies.degrees import resolve_dims
@@ -91,6 +81,12 @@ from distlab.strategies.pipeline_schedules import (
 )
 from distlab.strategies.pipeline_settings import resolve_microbatches, validate_pp
 from distlab.strategies.state_bytes import rank0_state_bytes
+from distlab.strategies.step_parts import (
+    activation_dtype,
+    autocast,
+    language_model_loss,
+    mean_over_group,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining import PipelineStage

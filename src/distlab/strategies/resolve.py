@@ -11,16 +11,9 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from distlab.config import (
-    DEFAULTS,
-    Config,
-    build_config,
-    fixed_micro_batch,
-    model_shape,
-    option_flag,
-    read_config_values,
-)
+from distlab.config import Config, fixed_micro_batch, model_shape
 from distlab.config_checks import check_fields, require
+from distlab.config_reading import DEFAULTS, build_config, option_flag, read_config_values
 from distlab.errors import DistlabError
 from distlab.fault_spec import fault_specs
 from distlab.strategies import registry

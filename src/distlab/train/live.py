@@ -52,7 +52,8 @@ from distlab.distributed import RankContext, free_port, init_rank
 from distlab.run.events import append_event, read_events
 from distlab.run.files import LOGS_DIR, METRICS_FILE, read_jsonl
 from distlab.run.heartbeat import beat
-from distlab.strategies.base import ModuleTrainStep, no_sync_unless
+from distlab.strategies.base import ModuleTrainStep
+from distlab.strategies.step_parts import no_sync_unless
 from distlab.train.loop import RankTrainer, write_pid
 from distlab.train.rank import done_marker, rank_config, run_reporting
 
