@@ -32,7 +32,6 @@ from distlab.config import Config, model_shape, resolved_seq_len
 from distlab.data import global_batch, rank_slice
 from distlab.errors import DistlabError
 from distlab.measure.step_memory import StepMemory
-from distlab.measure.step_tracker import StepMemoryTracker
 from distlab.model import build_model
 from distlab.strategies import registry
 from distlab.train.fake_ranks import adapt_ddp, fake_ranks
@@ -121,6 +120,10 @@ def trace_step(config: Config) -> TracedStep:
             return rank_slice(batch, train_step.dp_rank, train_step.dp_size)
 
         train_step.step(*rows(0))  # creates the optimizer state
+        # imported here: torch's trackers cost 0.7 s to import, which every launch and plan
+        # command (they import this module) would otherwise pay, traced or not
+        from distlab.measure.step_tracker import StepMemoryTracker
+
         tracker = StepMemoryTracker(train_step.held_tensors(), ctx.device)
         with tracker:
             train_step.step(*rows(1))
