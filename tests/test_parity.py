@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from distlab.config import Config
 from distlab.launch.runner import run
+from distlab.report import parity
 from distlab.report.parity import (
     LOSS_RTOL,
     _run_name,
+    _run_once,
     compare,
     compare_runs,
     parity_config,
@@ -69,3 +74,25 @@ def test_parity_check_catches_a_different_run(parity_workdir: Path) -> None:
     report = compare_runs(parity_workdir / "single-n1-sgd-s5", run(other), tolerance(other))
     assert report.losses[0] == pytest.approx(report.reference_losses[0], rel=LOSS_RTOL)
     assert not report.passed
+
+
+def test_a_run_asked_for_twice_at_once_is_made_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callers (the suite's two workers, two ``compare`` commands) that need the same
+    run at once: the second waits for the first's and reads it."""
+    made: list[str] = []
+
+    def slow_run(config: Config) -> Path:
+        made.append(config.run_dir)
+        time.sleep(0.3)  # both callers are inside _run_once by now
+        run_dir = Path(config.run_dir)
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text("{}")
+        return run_dir
+
+    monkeypatch.setattr(parity, "run", slow_run)
+    config, run_dir = parity_config("ddp", 2, "sgd"), tmp_path / "ddp"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: _run_once(config, run_dir), range(2)))
+    assert results == [run_dir, run_dir] and made == [str(run_dir)]

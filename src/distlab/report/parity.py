@@ -61,6 +61,7 @@ with the differences measured for every strategy family.
 
 from __future__ import annotations
 
+import fcntl
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -288,10 +289,18 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
 
 
 def _run_once(config: Config, run_dir: Path) -> Path:
-    """Run ``config`` into ``run_dir`` unless a finished run is already there."""
-    if (run_dir / SUMMARY_FILE).is_file():
-        return run_dir
-    return run(replace(config, run_dir=str(run_dir)))
+    """Run ``config`` into ``run_dir`` unless a finished run is already there.
+
+    Processes that share a workdir (two ``compare`` commands, the test suite's workers)
+    take turns on a lock beside the run: the second waits for the first's run and reads
+    it, instead of training into the same dir beside it.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (run_dir / SUMMARY_FILE).is_file():
+            return run_dir
+        return run(replace(config, run_dir=str(run_dir)))
 
 
 def _run_name(config: Config) -> str:
