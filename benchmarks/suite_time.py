@@ -42,6 +42,25 @@ def durations(report_log: Path) -> tuple[dict[str, float], set[str], float]:
     return dict(seconds), slow, max(0.0, last - first)
 
 
+def alone_overlaps(report_log: Path) -> tuple[int, list[str]]:
+    """How many tests are marked ``alone``, and each other worker's test that ran while one of
+    them did (their set-up to tear-down): none, if the workers took turns as they should."""
+    spans: dict[str, list[float]] = {}
+    records = [json.loads(line) for line in report_log.read_text().splitlines()]
+    phases = [r for r in records if r.get("$report_type") == "TestReport"]
+    for record in phases:
+        if "alone" in record["keywords"]:
+            span = spans.setdefault(record["nodeid"], [record["start"], record["stop"]])
+            span[0], span[1] = min(span[0], record["start"]), max(span[1], record["stop"])
+    overlapping = {
+        f"{record['nodeid']} during {node}"
+        for node, (start, stop) in spans.items()
+        for record in phases
+        if record["nodeid"] != node and record["start"] < stop and record["stop"] > start
+    }
+    return len(spans), sorted(overlapping)
+
+
 def run_split(root: Path) -> dict[str, float]:
     """Summed seconds of every run dir under ``root``: start-up, steps, the rest; and counts."""
     totals: collections.Counter[str] = collections.Counter()
@@ -81,8 +100,13 @@ def main() -> None:
     print(
         f'- the rest (`-m "not slow"`): {len(seconds) - len(slow)} tests, '
         f"{(total - slow_seconds) / 60:.1f} minutes (here; alone they also make the runs "
-        "that slow tests made for them)\n"
+        "that slow tests made for them)"
     )
+    alone, overlapping = alone_overlaps(args.report_log)
+    print(f"- marked alone: {alone} tests; other tests that ran beside them: {len(overlapping)}")
+    for line in overlapping:
+        print(f"  - {line}")
+    print()
     by_file: dict[str, list[float]] = collections.defaultdict(list)
     for node, value in seconds.items():
         by_file[node.split("::")[0]].append(value)

@@ -202,6 +202,7 @@ def test_external_kill_recovers(tmp_path: Path, refs) -> None:
     assert summary(run_dir)["restarts"] == 1
 
 
+@pytest.mark.alone
 def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
     timeout_s = 10
     reference = refs("ddp", 2, LONG)
@@ -238,6 +239,7 @@ def _stop_rank0_after(launch_proc: BackgroundMain, run_dir: Path, steps: int) ->
     return time.time()
 
 
+@pytest.mark.alone
 def test_hung_single_rank_is_killed_by_the_watchdog_and_recovers(tmp_path: Path, refs) -> None:
     """One rank, so no peer's collective can time out: the watchdog must find the hang."""
     timeout_s = 5
@@ -257,6 +259,7 @@ def test_hung_single_rank_is_killed_by_the_watchdog_and_recovers(tmp_path: Path,
     assert summary(run_dir)["restarts"] == 1
 
 
+@pytest.mark.alone
 def test_hung_single_rank_without_restarts_fails_in_one_line(tmp_path: Path) -> None:
     timeout_s = 5
     run_dir = tmp_path / "run"

@@ -144,6 +144,7 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.alone
 def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> None:
     """A stopped replica stops heartbeating: the watchdog kills it after --timeout-s (the
     run does not wait for it forever), and it is restarted as a dead one is: replica 0 with

@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from distlab.launch.watchdog import Watchdog
 from distlab.run.events import append_event, read_events
 from distlab.run.heartbeat import beat, heartbeat_file
@@ -40,6 +42,7 @@ def stop(process: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.alone
 def test_a_stalled_rank_is_killed_and_reported(tmp_path: Path) -> None:
     process = sleeper()
     try:
