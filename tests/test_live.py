@@ -148,7 +148,7 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
 def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> None:
     """A stopped replica stops heartbeating: the watchdog kills it after --timeout-s (the
     run does not wait for it forever), and it is restarted as a dead one is: replica 0 with
-    every replica, replica 1 alone, to heal."""
+    every replica, replica 1 alone, to heal (if the survivor has steps left to join)."""
     pytest.importorskip("torchft")
     run_dir, done = tmp_path / "run", threading.Event()
     stopper = threading.Thread(target=stop_when_due, args=(run_dir, rank, 4, done))
@@ -167,6 +167,11 @@ def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> N
     metrics(run_dir)
     if rank == 0:
         assert [e["restart"] for e in events(run_dir, "start")] == [False, True]
+    elif events(run_dir, "finish")[0]["t"] < hang["t"]:
+        # Stopped before it joined step 4's quorum: the quorum went on without it, and replica 0
+        # trained the 8 steps left (0.4 s) before the watchdog's 3 s were up. Nothing is left
+        # to rejoin, so nothing restarts (seen once in a whole suite here).
+        assert not events(run_dir, "replica_restart")
     else:  # restarted alone (it heals, unless replica 0 finished the 12 short steps first)
         assert [e["rank"] for e in events(run_dir, "replica_restart")] == [1]
         assert [e["rank"] for e in events(run_dir, "heal")] in ([], [1])
