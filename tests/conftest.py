@@ -88,7 +88,8 @@ def build_paused(pid: int | None) -> Iterator[None]:
     a test that needs the cores alone runs, and let it go on after. A niced compiler still
     takes the CPU whenever a rank waits: a profiled step it ran beside showed its two
     clocks 10.2% apart, the test allows 10%. Should the session be killed during such a
-    test, ``pkill -CONT -f CPUAdamBuilder`` lets the build finish."""
+    test, the build stays stopped: ``ps -eo pgid,stat,cmd | grep CPUAdamBuilder`` names its
+    group, ``kill -CONT -- -PGID`` lets it finish."""
     try:
         if pid is not None:
             os.killpg(pid, signal.SIGSTOP)
