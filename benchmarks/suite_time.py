@@ -26,28 +26,30 @@ import json
 from pathlib import Path
 
 
-def durations(report_log: Path) -> tuple[dict[str, float], set[str], float]:
+def test_phases(report_log: Path) -> list[dict]:
+    """The log's test reports: one per test and phase (setup, call, teardown)."""
+    records = [json.loads(line) for line in report_log.read_text().splitlines()]
+    return [record for record in records if record.get("$report_type") == "TestReport"]
+
+
+def durations(phases: list[dict]) -> tuple[dict[str, float], set[str], float]:
     """Seconds per test node id (setup, call and teardown together), the ids marked
     ``slow``, and the wall-clock seconds from the first test's start to the last's end."""
     seconds: dict[str, float] = collections.defaultdict(float)
     slow: set[str] = set()
     first, last = float("inf"), 0.0
-    for line in report_log.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("$report_type") == "TestReport":
-            seconds[record["nodeid"]] += record["duration"]
-            first, last = min(first, record["start"]), max(last, record["stop"])
-            if "slow" in record["keywords"]:
-                slow.add(record["nodeid"])
+    for record in phases:
+        seconds[record["nodeid"]] += record["duration"]
+        first, last = min(first, record["start"]), max(last, record["stop"])
+        if "slow" in record["keywords"]:
+            slow.add(record["nodeid"])
     return dict(seconds), slow, max(0.0, last - first)
 
 
-def alone_overlaps(report_log: Path) -> tuple[int, list[str]]:
+def alone_overlaps(phases: list[dict]) -> tuple[int, list[str]]:
     """How many tests are marked ``alone``, and each other worker's test that ran while one of
     them did (their set-up to tear-down): none, if the workers took turns as they should."""
     spans: dict[str, list[float]] = {}
-    records = [json.loads(line) for line in report_log.read_text().splitlines()]
-    phases = [r for r in records if r.get("$report_type") == "TestReport"]
     for record in phases:
         if "alone" in record["keywords"]:
             span = spans.setdefault(record["nodeid"], [record["start"], record["stop"]])
@@ -92,7 +94,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="the suite's pytest --basetemp dir")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
-    seconds, slow, wall = durations(args.report_log)
+    phases = test_phases(args.report_log)
+    seconds, slow, wall = durations(phases)
     total = sum(seconds.values())
     print(f"{len(seconds)} tests, {total / 60:.1f} minutes of test time, {wall / 60:.1f} wall\n")
     slow_seconds = sum(seconds[node] for node in slow)
@@ -102,7 +105,7 @@ def main() -> None:
         f"{(total - slow_seconds) / 60:.1f} minutes (here; alone they also make the runs "
         "that slow tests made for them)"
     )
-    alone, overlapping = alone_overlaps(args.report_log)
+    alone, overlapping = alone_overlaps(phases)
     print(f"- marked alone: {alone} tests; other tests that ran beside them: {len(overlapping)}")
     for line in overlapping:
         print(f"  - {line}")
