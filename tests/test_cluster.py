@@ -23,6 +23,7 @@ from tests.helpers import (
     run_main,
 )
 
+from distlab import nodes
 from distlab.launch.cluster import alive, read_state
 from distlab.launch.ray_token import auth_token_available, ensure_auth_token
 from distlab.report.live_recovery import loss_bound
@@ -115,11 +116,20 @@ def test_a_live_run_loses_a_node_and_the_other_replicas_step_on(
     """--ft live on the cluster: replicas 2 and 3 run on node 1 and die with it at step 10;
     replicas 0 and 1 step on without a restart, within the live loss bound of the
     uninterrupted run. The lost replicas' restarts wait for a CPU (node 1 is back 15 s
-    later, after this short run has ended) and are stopped when replica 0 finishes."""
+    later, after this short run has ended) and are stopped when replica 0 finishes.
+
+    One CI run failed here with every step at 4 replicas; its cause is not established.
+    Two ways lead there. (1) Replica 0 lost at the fault restarts every replica from step
+    0: a node Ray has already declared dead no longer crashes it, its line now says so,
+    and the assertions below look for a whole restart first and show the launcher's
+    output. (2) A survivors' wait at the fault that outlasts node 1's absence (up to the
+    collective timeout, docs/fault_tolerance.md) lets its replicas heal back into step
+    10: ``--timeout-s 10`` ends that wait before they can start (node 1 back after 15 s,
+    then a Ray worker importing torch)."""
     pytest.importorskip("torchft")
     address, state_dir = cluster
     run = ["--strategy", "ddp", "--nproc", "4", "--steps", "30", "--optimizer", "sgd"]
-    run += ["--ft", "live", "--no-final-checkpoint"]
+    run += ["--ft", "live", "--no-final-checkpoint", "--timeout-s", "10"]
     reference, run_dir, result = run_on_cluster(
         address, tmp_path, run, "--inject-fault", "node:1@10", "--max-failures", "2"
     )
@@ -128,11 +138,14 @@ def test_a_live_run_loses_a_node_and_the_other_replicas_step_on(
         read_jsonl(run_dir / "metrics.jsonl"),
         read_jsonl(reference / "metrics.jsonl"),
     )
+    events = run_events(run_dir)
+    # first what went wrong if anything did: a whole restart, or other ranks lost
+    assert not [e for e in events if e["event"] == "start" and e["restart"]], result.stdout
+    killed = sorted(e["rank"] for e in events if e.get("kind") == "signal")
+    assert killed == [2, 3], result.stdout  # the ranks on node 1
     assert [m["step"] for m in metrics] == list(range(30))  # no step redone
-    assert [m["replicas"] for m in metrics] == [4] * 10 + [2] * 20
-    killed = sorted(e["rank"] for e in run_events(run_dir) if e.get("kind") == "signal")
-    assert killed == [2, 3]  # the ranks on node 1
-    assert not [e for e in run_events(run_dir) if e["event"] == "start" and e["restart"]]
+    replicas = [(m["replicas"], round(m["quorum_s"], 1)) for m in metrics]
+    assert [k for k, _ in replicas] == [4] * 10 + [2] * 20, (replicas, result.stdout)
     bounds = loss_bound(metrics, uninterrupted, nproc=4, grad_clip=1.0)
     for got, want, bound in zip(metrics, uninterrupted, bounds, strict=True):
         assert abs(got["loss"] - want["loss"]) <= bound + LOSS_RTOL * abs(want["loss"]), got
@@ -262,3 +275,12 @@ def test_bad_elastic_flags_are_one_line(flags: list[str], fragment: str) -> None
     base = ["--model", "tiny", "--no-wandb", "--steps", "4", "--strategy", "ddp", "--nproc", "4"]
     result = run_main("distlab.launch", *base, "--global-batch", "12", *flags)
     assert_one_line_error(result, fragment)
+
+
+def test_killing_a_node_ray_already_declared_dead_kills_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node fault whose node Ray has already lost (its health checks missed) finds it
+    down: nothing to kill, and no error to crash the rank that fired it."""
+    monkeypatch.setattr(nodes, "alive_nodes", lambda: {0: {"RayletSocketName": "unused"}})
+    assert nodes.kill_node(1) == 0

@@ -8,6 +8,7 @@ alone, heals from replica 0 and rejoins.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import pytest
 from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
 from distlab.errors import DistlabError
+from distlab.launch.printer import EventPrinter
 from distlab.report.live_recovery import loss_bound
 from distlab.report.parity import LOSS_RTOL
 from distlab.run.files import read_jsonl
@@ -206,3 +208,31 @@ def test_bad_live_command_is_one_line_exit_2(tmp_path: Path) -> None:
         "--nproc", "2", "--run-dir", str(tmp_path / "run"),
     )  # fmt: skip
     assert_one_line_error(result, "has no replica dimension")
+
+
+@pytest.mark.parametrize(
+    ("replica_0", "then"),
+    [
+        (None, "the replicas on other nodes step on; restarting the lost ones alone"),
+        ("error", "replica 0 was lost too (rank 0 failed: RuntimeError: broken); restarting all"),
+        ("signal", "replica 0 was lost too (rank 0 was killed by signal 9); restarting all"),
+    ],
+)
+def test_a_node_loss_line_says_whether_replica_0_survived(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], replica_0: str | None, then: str
+) -> None:
+    """Replica 0 fires a node fault and names itself as its sender: the line says the others
+    step on unless replica 0 itself was lost in that attempt (then every replica restarts)."""
+    node = {"event": "fault", "t": 1.0, "rank": 0, "kind": "node", "node": 1, "step": 10}
+    faults = [node, {"event": "fault", "t": 2.0, "rank": 2, "kind": "signal", "signal": 9}]
+    if replica_0 == "error":
+        faults.append({"event": "fault", "t": 3.0, "rank": 0, "kind": "error"})
+        faults[-1]["reason"] = "RuntimeError: broken"
+    elif replica_0 == "signal":
+        faults.append({"event": "fault", "t": 3.0, "rank": 0, "kind": "signal", "signal": 9})
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(f) + "\n" for f in faults))
+    printer = EventPrinter(tmp_path, max_failures=2, live=True)
+    printer.poll()
+    printer.flush()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "rank 0 took node 1 down" in out and then in out, out

@@ -64,13 +64,15 @@ def kill_node(index: int) -> int:
 
     The node's processes are its ``ray start`` process and all that descend from
     it: found from the raylet, which is the only process started with the node's
-    socket name.
+    socket name. A node that Ray has already declared dead (its health checks
+    missed, under load) is down already: nothing to kill, 0. Raising there would
+    crash the calling rank, and a live run would restart every replica for it.
     """
     import psutil
 
     node = alive_nodes().get(index)
     if node is None:
-        raise RuntimeError(f"node {index} is not an alive node of this cluster")
+        return 0
     flag = RAYLET_SOCKET_FLAG + node["RayletSocketName"]
     raylet = next(
         (p for p in psutil.process_iter(["cmdline"]) if flag in (p.info["cmdline"] or [])), None

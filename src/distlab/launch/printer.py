@@ -95,6 +95,9 @@ class EventPrinter:
         if not self.pending or time.time() - self.pending[0]["t"] < settle_s:
             return
         fault = main_fault(self.pending)
+        # live: replica 0 lost besides the main fault (the node fault it fired names rank 0
+        # as its sender, not as a casualty) restarts every replica, whatever the main fault
+        replica_0 = [f for f in self.pending if f.get("rank") == 0 and f.get("kind") != "node"]
         self.pending = []
         self.fault_open = True
         if fault.get("kind") == "resize":  # not a failure: Ray does not count it either
@@ -105,6 +108,11 @@ class EventPrinter:
         self.failures += 1
         if self.failures > self.max_failures:
             then = f"no restarts left (--max-failures {self.max_failures})"
+        elif self.live and replica_0 and replica_0[0] is not fault:
+            then = (
+                f"replica 0 was lost too ({describe_fault(replica_0[0])}); restarting all "
+                "replicas from the newest checkpoint"
+            )
         elif self.live and fault.get("kind") == "node":
             then = (
                 "the replicas on other nodes step on; restarting the lost ones alone, to heal "
