@@ -65,9 +65,12 @@ def launch_ray(
     else a private local instance); one-line DistlabError if the run fails."""
     import ray
 
+    from distlab.launch.ray_backend import start_autoscaling_coordinator  # Ray Train's
+
     cuda = resolve_device(config) == "cuda"
     if not address:
         start_private_instance(config)
+    start_autoscaling_coordinator()
     printer = EventPrinter(
         run_dir,
         config.max_failures,
