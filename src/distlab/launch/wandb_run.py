@@ -151,14 +151,22 @@ class WandbFeed:
             self.next_step = step + 1
 
     def finish(self, summary: dict[str, Any] | None) -> None:
-        """Log what is left, then close the W&B run: with the summary, or as failed (None)."""
+        """Log what is left, then close the W&B run: with the summary, or as failed (None);
+        then stop W&B's service process, so the run's files are whole when this returns."""
+        import wandb
+
         try:
             self.poll()
             if summary is None:
                 self.run.finish(exit_code=1)
-                return
-            self.run.config.update({"dp_size": summary.get("dp_size")}, allow_val_change=True)
-            self.run.summary.update(flatten(summary))
-            self.run.finish()
-        except Exception as exc:  # noqa: BLE001 - never fail a finished run over W&B
+            else:
+                self.run.config.update({"dp_size": summary.get("dp_size")}, allow_val_change=True)
+                self.run.summary.update(flatten(summary))
+                self.run.finish()
+            # W&B's service writes the offline run's file and closes it only when it stops: at
+            # the interpreter's exit unless asked here (its exit hook is not reliable beside
+            # multiprocessing, W&B's docs say). A resumed run's file once lacked its run record
+            # when read right after the launcher exited.
+            wandb.teardown()
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail a run over W&B
             print(f"distlab: warning: closing the W&B run failed: {first_line(exc)}", flush=True)
