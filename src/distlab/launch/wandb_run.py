@@ -163,10 +163,10 @@ class WandbFeed:
                 self.run.config.update({"dp_size": summary.get("dp_size")}, allow_val_change=True)
                 self.run.summary.update(flatten(summary))
                 self.run.finish()
-            # W&B's service writes the offline run's file and closes it only when it stops: at
-            # the interpreter's exit unless asked here (its exit hook is not reliable beside
-            # multiprocessing, W&B's docs say). A resumed run's file once lacked its run record
-            # when read right after the launcher exited.
+            # W&B's service process may still be writing the offline run's file when finish()
+            # returns (a resumed run's file was written 9 ms later, and read before that it
+            # lacked its run record); teardown waits for that process to stop. Its exit hook
+            # does the same, but is not reliable beside multiprocessing, W&B's docs say.
             wandb.teardown()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail a run over W&B
             print(f"distlab: warning: closing the W&B run failed: {first_line(exc)}", flush=True)
