@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from suite_time import test_phases
+
 TICK = os.sysconf("SC_CLK_TCK")
 WORKER_VARIABLE = b"PYTEST_XDIST_WORKER="
 
@@ -69,7 +71,6 @@ def describe(pid: str) -> dict:
 
 def sample(out: Path, command: list[str], every_s: float = 1.0) -> int:
     """Run ``command``, sampling every process's CPU each ``every_s`` seconds; write ``out``."""
-    boot_offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     # a process's start time counts whole clock ticks: one started in this tick is new
     began = int(time.clock_gettime(time.CLOCK_BOOTTIME) * TICK) / TICK
     machine_start = cpu_seconds()
@@ -86,7 +87,6 @@ def sample(out: Path, command: list[str], every_s: float = 1.0) -> int:
                 # CPU spent before sampling began is not the suite's
                 base = cpu if start < began else 0.0
                 process = processes[key] = {**describe(pid), "cpu": base, "seconds": []}
-                process["start"] = boot_offset + start
             if cpu > process["cpu"]:
                 process["seconds"].append([round(now, 2), round(cpu - process["cpu"], 2)])
                 process["cpu"] = cpu
@@ -96,6 +96,7 @@ def sample(out: Path, command: list[str], every_s: float = 1.0) -> int:
     machine_end = cpu_seconds()
     busy = machine_end[0] - machine_start[0]
     record = {
+        "every_s": every_s,
         "machine_busy_cpu_s": round(busy, 1),
         "machine_cores_busy": round(busy / (machine_end[1] - machine_start[1]), 3),
         "processes": [p for p in processes.values() if p["seconds"]],
@@ -126,40 +127,38 @@ def tests_by_worker(report_log: Path) -> dict[str | None, tuple[list[float], lis
     """Per worker (None in a one-process session), its test phases sorted by start:
     (starts, [(start, stop, node id)])."""
     phases: dict[str | None, list[tuple]] = collections.defaultdict(list)
-    for line in report_log.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("$report_type") == "TestReport":
-            phases[record.get("worker_id")].append(
-                (record["start"], record["stop"], record["nodeid"])
-            )
-    return {
-        worker: ([p[0] for p in sorted(spans)], sorted(spans)) for worker, spans in phases.items()
-    }
+    for record in test_phases(report_log):
+        phases[record.get("worker_id")].append((record["start"], record["stop"], record["nodeid"]))
+    timelines = {}
+    for worker, spans in phases.items():
+        spans.sort()
+        timelines[worker] = ([span[0] for span in spans], spans)
+    return timelines
 
 
-def test_at(timeline: tuple[list[float], list[tuple]], at: float) -> str | None:
-    """The node id of the test phase running at ``at`` (sampled CPU is for the second before
-    ``at``, so a phase that ended within that second still counts), or None."""
+def test_at(timeline: tuple[list[float], list[tuple]], at: float, every_s: float) -> str | None:
+    """The node id of the test phase running at ``at`` (sampled CPU is for the ``every_s``
+    seconds before ``at``, so a phase that ended within them still counts), or None."""
     starts, spans = timeline
     index = bisect.bisect_right(starts, at) - 1
-    if index >= 0 and spans[index][1] >= at - 1.0:
+    if index >= 0 and spans[index][1] >= at - every_s:
         return spans[index][2]
     return None
 
 
 def charge(
-    processes: list[dict], timelines: dict
+    processes: list[dict], timelines: dict, every_s: float
 ) -> tuple[collections.Counter, collections.Counter]:
-    """CPU seconds by test node id and by (kind, test file)."""
+    """CPU seconds by test node id and by (kind, test file), from samples ``every_s`` apart."""
     by_test: collections.Counter[str] = collections.Counter()
     by_kind: collections.Counter[tuple[str, str]] = collections.Counter()
     for process in processes:
         what = kind(process)
         for at, seconds in process["seconds"]:
             if process["worker"] in timelines:
-                tests = [test_at(timelines[process["worker"]], at)]
+                tests = [test_at(timelines[process["worker"]], at, every_s)]
             else:  # no worker (or a one-process session): the tests running then
-                tests = [test_at(timeline, at) for timeline in timelines.values()]
+                tests = [test_at(timeline, at, every_s) for timeline in timelines.values()]
             tests = [t for t in tests if t] or ["(between tests)"]
             for test in tests:
                 by_test[test] += seconds / len(tests)
@@ -169,7 +168,7 @@ def charge(
 
 def report(samples: Path, report_log: Path, top: int) -> None:
     record = json.loads(samples.read_text())
-    by_test, by_kind = charge(record["processes"], tests_by_worker(report_log))
+    by_test, by_kind = charge(record["processes"], tests_by_worker(report_log), record["every_s"])
     total = sum(by_test.values())
     print(
         f"{total:,.0f} CPU seconds sampled, of {record['machine_busy_cpu_s']:,.0f} that "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,12 +11,11 @@ import pytest
 from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def suite_cpu():
-    spec = importlib.util.spec_from_file_location("suite_cpu", ROOT / "benchmarks" / "suite_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def suite_cpu(monkeypatch: pytest.MonkeyPatch):
+    # as ``python benchmarks/suite_cpu.py`` sees it: the scripts' directory on the path
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("suite_cpu")
 
 
 def write_report_log(path: Path, phases: list[tuple[str | None, float, float, str]]) -> Path:
@@ -51,7 +50,7 @@ def test_each_second_goes_to_its_workers_test(suite_cpu, tmp_path: Path) -> None
         process("python3 -c import sys;exec(eval(sys.stdin.readline()))", "gw1", [[120.5, 1.0]]),
         process("cc1plus -O3 x.cpp", "gw1", [[200.0, 4.0]], comm="cc1plus"),  # between tests
     ]
-    by_test, by_kind = suite_cpu.charge(processes, suite_cpu.tests_by_worker(log))
+    by_test, by_kind = suite_cpu.charge(processes, suite_cpu.tests_by_worker(log), every_s=1.0)
     assert by_test == {
         "tests/test_a.py::test_one": 1.0 + 1.5,
         "tests/test_a.py::test_two": 2.0,
@@ -75,6 +74,7 @@ def test_sample_sees_a_commands_cpu_and_worker(
     burn = "import time\nwhile time.process_time() < 1.2: pass\ntime.sleep(1)"
     assert suite_cpu.sample(out, [sys.executable, "-c", burn], every_s=0.2) == 0
     record = json.loads(out.read_text())
+    assert record["every_s"] == 0.2
     mine = [p for p in record["processes"] if p["worker"] == "gw7"]
     # /proc counts whole clock ticks, a few of them off the process's own clock
     assert len(mine) == 1 and 1.15 <= sum(s for _, s in mine[0]["seconds"]) <= 1.3
