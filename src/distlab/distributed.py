@@ -87,8 +87,12 @@ def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]
         return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
-def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> RankContext:
+def init_rank(
+    rank: int, world_size: int, rendezvous: str | dist.Store, config: Config
+) -> RankContext:
     """Join the process group (gloo on CPU, nccl on GPUs) and pick this rank's device.
+
+    ``rendezvous`` is an init method (``tcp://HOST:PORT``) or a store already made.
 
     On GPUs with ``host_state`` the group has gloo for CPU tensors besides nccl.
 
@@ -105,9 +109,12 @@ def init_rank(rank: int, world_size: int, init_method: str, config: Config) -> R
         device = torch.device("cpu")
         backend = backend_for("cpu", config.comm_stats)
         torch.set_num_threads(config.threads_per_rank)
+    where = (
+        {"store": rendezvous} if isinstance(rendezvous, dist.Store) else {"init_method": rendezvous}
+    )
     dist.init_process_group(
         backend=backend,
-        init_method=init_method,
+        **where,
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=config.timeout_s),

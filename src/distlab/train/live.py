@@ -41,14 +41,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed import ReduceOp
+from torch.distributed import ReduceOp, TCPStore
 from torchft.ddp import DistributedDataParallel
 from torchft.manager import Manager
 from torchft.process_group import ProcessGroupGloo
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.config import Config
-from distlab.distributed import RankContext, free_port, init_rank
+from distlab.distributed import RankContext, init_rank
 from distlab.run.events import append_event, read_events
 from distlab.run.files import LOGS_DIR, METRICS_FILE, read_jsonl
 from distlab.run.heartbeat import beat
@@ -87,7 +87,14 @@ class LiveTrainStep(ModuleTrainStep):
     """ddp's train step with torchft's DDP: gradients (and the loss) are averaged over the
     replicas in this step's quorum; the update waits for torchft's ``should_commit``."""
 
-    def __init__(self, model: nn.Module, ctx: RankContext, config: Config, manager: Manager):
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: RankContext,
+        config: Config,
+        manager: Manager,
+        replica_group: ProcessGroupGloo,
+    ):
         ctx.place(model)
         buckets = {} if config.bucket_mb is None else {"bucket_cap_mb": config.bucket_mb}
         wrapped = ReplicaDDP(manager, model, **buckets)
@@ -103,6 +110,8 @@ class LiveTrainStep(ModuleTrainStep):
             keep_gradients=True,
         )
         self.manager = manager
+        self.replica_group = replica_group
+        """The Manager's process group over the quorum's replicas (torchft reconfigures it)."""
         self.replica_losses: list[float | None] = []
         """The last step's loss of each replica's rows (None: not in the quorum)."""
 
@@ -121,7 +130,15 @@ class LiveTrainStep(ModuleTrainStep):
             # Replica 0 records every step: a step it is not in (it is late, stuck in the
             # last step's broken all-reduce) is not committed by anyone, and is run again.
             self.manager.report_error(RuntimeError(REPLICA_0_ABSENT))
-        return self.manager.should_commit()
+        if self.manager.should_commit():
+            return True
+        # A peer may still be inside this step's all-reduce, waiting for a message from this
+        # replica that will not come (it failed on a dead peer; gloo does not tell the
+        # others). Dropping the connections fails that wait at once, where it took
+        # --timeout-s before. torchft gives the quorum after a failed commit a new id, so
+        # every replica connects afresh there.
+        self.replica_group.abort()
+        return False
 
     def step_metrics(
         self, quorum_s: float, tokens_per_step: int, step_time: float
@@ -200,12 +217,14 @@ def run_live_replica(
     def body() -> None:
         if not wait_to_rejoin(Path(run_dir), join.at_step):
             return  # replica 0 finished the run meanwhile
-        port = free_port()
-        # The replica group's own store (rank 0 of a world of one hosts it): the Manager's too.
-        ctx = init_rank(0, 1, f"tcp://127.0.0.1:{port}", config)
+        # The replica group's own store, the Manager's too, on a port the system picks as it
+        # binds it (a port found free beforehand can be taken by another process meanwhile).
+        store = TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+        ctx = init_rank(0, 1, store, config)
         ctx = dataclasses.replace(ctx, rank=rank)  # distlab's index: rows, files, faults
+        replica_group = ProcessGroupGloo(timeout=timedelta(seconds=config.timeout_s))
         manager = Manager(
-            pg=ProcessGroupGloo(timeout=timedelta(seconds=config.timeout_s)),
+            pg=replica_group,
             load_state_dict=None,
             state_dict=None,  # registered once the train step exists (train_live)
             min_replica_size=1,
@@ -217,13 +236,15 @@ def run_live_replica(
             rank=0,
             world_size=1,
             store_addr="127.0.0.1",
-            store_port=port,
+            store_port=store.port,
             lighthouse_addr=lighthouse,
             replica_id=f"replica{rank}",
         )
         try:
             wait_for_peers(Path(run_dir), rank, join.peers, config.timeout_s)
-            train_live(ctx, config, Path(token_file), Path(run_dir), manager, join.alone)
+            train_live(
+                ctx, config, Path(token_file), Path(run_dir), manager, replica_group, join.alone
+            )
         finally:
             manager.shutdown(wait=False)
 
@@ -273,6 +294,7 @@ def train_live(
     token_file: Path,
     run_dir: Path,
     manager: Manager,
+    replica_group: ProcessGroupGloo,
     alone: bool = False,
 ) -> dict[str, Any] | None:
     """Step with whichever replicas are alive until ``config.steps``; the summary on replica 0.
@@ -287,7 +309,11 @@ def train_live(
     write_pid(run_dir, ctx.rank)
     beat(run_dir, ctx.rank, "setup")
     trainer = RankTrainer(
-        ctx, config, token_file, run_dir, prepare=lambda m: LiveTrainStep(m, ctx, config, manager)
+        ctx,
+        config,
+        token_file,
+        run_dir,
+        prepare=lambda m: LiveTrainStep(m, ctx, config, manager, replica_group),
     )
     step_fn = trainer.train_step
     assert isinstance(step_fn, LiveTrainStep)
