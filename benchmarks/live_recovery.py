@@ -64,7 +64,7 @@ def compare(root: Path, optimizer: str, args: argparse.Namespace) -> None:
         )
     pairs = zip(live, restart, strict=True)
     parity = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in pairs)
-    lost = survivor_time_lost(fault, 2)
+    lost = survivor_time_lost(fault)
     attempts = [line["step"] for line in read_jsonl(fault_dir / RANKS_DIR / "rank0.jsonl")]
     events = read_jsonl(fault_dir / "events.jsonl")
     heals = [e for e in events if e["event"] == "heal"]

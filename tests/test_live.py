@@ -20,7 +20,7 @@ from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
 from distlab.errors import DistlabError
 from distlab.launch.printer import EventPrinter
-from distlab.report.live_recovery import loss_bound
+from distlab.report.live_recovery import loss_bound, survivor_time_lost
 from distlab.report.parity import LOSS_RTOL
 from distlab.run.files import read_jsonl
 from distlab.strategies.resolve import load_config
@@ -84,6 +84,22 @@ def assert_within_bound(run_dir: Path, reference: Path) -> list[dict]:
             got["step"], got["loss"], want["loss"], bound,
         )  # fmt: skip
     return live
+
+
+def test_time_lost_is_read_on_the_clock() -> None:
+    """Replica 0's time lost counts a failed attempt its committed step's figures leave out:
+    step 3 (replicas 4 -> 2) was recorded 40.1 s after step 2, step 5 (back to 4) 0.6 s
+    after step 4, against 0.1 s between the other steps."""
+    times = [0.0, 0.1, 0.2, 40.3, 40.4, 41.0, 41.1]
+    replicas = [4, 4, 4, 2, 2, 4, 4]
+    metrics = [
+        {"step": step, "time": t, "replicas": k}
+        for step, (t, k) in enumerate(zip(times, replicas, strict=True))
+    ]
+    lost = survivor_time_lost(metrics)
+    assert lost["median_step_s"] == pytest.approx(0.1)
+    assert lost["steps"] == {3: pytest.approx(40.0), 5: pytest.approx(0.5)}
+    assert lost["lost_s"] == pytest.approx(40.5)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ pace.
 from __future__ import annotations
 
 import statistics
+from itertools import pairwise
 from typing import Any
 
 
@@ -50,18 +51,17 @@ def loss_bound(
     return bounds
 
 
-def survivor_time_lost(metrics: list[dict[str, Any]], nproc: int) -> dict[str, Any]:
-    """Replica 0's seconds lost to a fault: the steps where the quorum shrank and where it
-    grew back (a heal), each step's time (the step plus the wait for its quorum) minus the
-    median of the other steps."""
-    wall = [m["step_time_s"] + m["quorum_s"] for m in metrics]
-    changed = [
-        i for i in range(1, len(metrics)) if metrics[i]["replicas"] != metrics[i - 1]["replicas"]
-    ]
-    steady = [w for i, w in enumerate(wall) if i not in changed and i > 0] or wall
+def survivor_time_lost(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replica 0's seconds lost to a fault, on the clock: at each step where the quorum
+    shrank or grew back (a heal), the time since the step before it was recorded minus the
+    median of that time over the other steps. The clock (each line's ``time``) counts what
+    the step's own figures leave out: its attempts that failed and were run again."""
+    gaps = {b["step"]: b["time"] - a["time"] for a, b in pairwise(metrics)}
+    changed = [b["step"] for a, b in pairwise(metrics) if b["replicas"] != a["replicas"]]
+    steady = [gap for step, gap in gaps.items() if step not in changed] or list(gaps.values())
     median = statistics.median(steady)
     return {
         "median_step_s": median,
-        "steps": {metrics[i]["step"]: round(wall[i] - median, 4) for i in changed},
-        "lost_s": sum(wall[i] - median for i in changed),
+        "steps": {step: round(gaps[step] - median, 4) for step in changed},
+        "lost_s": sum(gaps[step] - median for step in changed),
     }
