@@ -59,6 +59,28 @@ from distlab.train.rank import done_marker, rank_config, run_reporting
 
 READY_POLL_S = 0.05
 REPLICA_0_ABSENT = "replica 0 is not in this step's quorum"
+RENDEZVOUS_S = 1.5
+"""How long the replicas of a new quorum may take to connect to each other once the run is
+going (their process group's rendezvous). They learn the quorum at the same moment, so it
+takes milliseconds when they are all alive. One that never comes died after it asked for
+the quorum (the Lighthouse counts a replica until its heartbeat expires): the survivors
+then wait this long, not ``--timeout-s``, before the next quorum leaves it out. The first
+quorum keeps ``--timeout-s``: replicas start at different speeds."""
+
+
+class ReplicaGroup(ProcessGroupGloo):
+    """torchft's gloo group over the quorum's replicas (rebuilt at every new quorum), whose
+    collectives wait ``collective_timeout`` (``--timeout-s``) however short the rendezvous
+    timeout (``set_timeout``) is."""
+
+    def __init__(self, collective_timeout: timedelta) -> None:
+        super().__init__(timeout=collective_timeout)
+        self.collective_timeout = collective_timeout
+
+    def _opts_hook(self, opts: Any) -> Any:  # torchft passes every collective's options here
+        if hasattr(opts, "timeout"):
+            opts.timeout = self.collective_timeout
+        return opts
 
 
 class ReplicaDDP(DistributedDataParallel):
@@ -93,7 +115,7 @@ class LiveTrainStep(ModuleTrainStep):
         ctx: RankContext,
         config: Config,
         manager: Manager,
-        replica_group: ProcessGroupGloo,
+        replica_group: ReplicaGroup,
     ):
         ctx.place(model)
         buckets = {} if config.bucket_mb is None else {"bucket_cap_mb": config.bucket_mb}
@@ -222,7 +244,7 @@ def run_live_replica(
         store = TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
         ctx = init_rank(0, 1, store, config)
         ctx = dataclasses.replace(ctx, rank=rank)  # distlab's index: rows, files, faults
-        replica_group = ProcessGroupGloo(timeout=timedelta(seconds=config.timeout_s))
+        replica_group = ReplicaGroup(timedelta(seconds=config.timeout_s))
         manager = Manager(
             pg=replica_group,
             load_state_dict=None,
@@ -294,7 +316,7 @@ def train_live(
     token_file: Path,
     run_dir: Path,
     manager: Manager,
-    replica_group: ProcessGroupGloo,
+    replica_group: ReplicaGroup,
     alone: bool = False,
 ) -> dict[str, Any] | None:
     """Step with whichever replicas are alive until ``config.steps``; the summary on replica 0.
@@ -320,6 +342,7 @@ def train_live(
     manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
     manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
     replicas_before = config.nproc
+    rendezvous = timedelta(seconds=min(RENDEZVOUS_S, config.timeout_s))
     unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
     last_retry: tuple[int, list[str]] | None = None
     try:
@@ -359,6 +382,7 @@ def train_live(
                 if error == [REPLICA_0_ABSENT]:
                     time.sleep(READY_POLL_S)  # it is late: no need to spin
                 continue
+            replica_group.set_timeout(rendezvous)  # from the first committed step on
             if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
                 unsaved = step
         if unsaved is not None:
