@@ -59,13 +59,14 @@ from distlab.train.rank import done_marker, rank_config, run_reporting
 
 READY_POLL_S = 0.05
 REPLICA_0_ABSENT = "replica 0 is not in this step's quorum"
-RENDEZVOUS_S = 1.5
+RENDEZVOUS_S = 0.75
 """How long the replicas of a new quorum may take to connect to each other once the run is
 going (their process group's rendezvous). They learn the quorum at the same moment, so it
 takes milliseconds when they are all alive. One that never comes died after it asked for
-the quorum (the Lighthouse counts a replica until its heartbeat expires): the survivors
-then wait this long, not ``--timeout-s``, before the next quorum leaves it out. The first
-quorum keeps ``--timeout-s``: replicas start at different speeds."""
+the quorum: the Lighthouse forms it about a heartbeat timeout later (1 s, the launcher's
+``HEARTBEAT_TIMEOUT_MS``) with the dead one still in, and the survivors then wait this long
+(not ``--timeout-s``) before the next quorum leaves it out: 1 s + 0.75 s, under live
+mode's 2 s. The first quorum keeps ``--timeout-s``: replicas start at different speeds."""
 
 
 class ReplicaGroup(ProcessGroupGloo):
