@@ -42,9 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed import ReduceOp, TCPStore
-from torchft.ddp import DistributedDataParallel
 from torchft.manager import Manager
-from torchft.process_group import ProcessGroupGloo
 
 from distlab.checkpoint.state import set_schedule_position
 from distlab.config import Config
@@ -56,54 +54,10 @@ from distlab.strategies.base import ModuleTrainStep
 from distlab.strategies.step_parts import no_sync_unless
 from distlab.train.loop import RankTrainer, write_pid
 from distlab.train.rank import done_marker, rank_config, run_reporting
+from distlab.train.replica_comm import ReplicaDDP, ReplicaGroup
 
 READY_POLL_S = 0.05
 REPLICA_0_ABSENT = "replica 0 is not in this step's quorum"
-RENDEZVOUS_S = 0.75
-"""How long the replicas of a new quorum may take to connect to each other once the run is
-going (their process group's rendezvous). They learn the quorum at the same moment, so it
-takes milliseconds when they are all alive. One that never comes died after it asked for
-the quorum: the Lighthouse forms it about a heartbeat timeout later (1 s, the launcher's
-``HEARTBEAT_TIMEOUT_MS``) with the dead one still in, and the survivors then wait this long
-(not ``--timeout-s``) before the next quorum leaves it out: 1 s + 0.75 s, under live
-mode's 2 s. The first quorum keeps ``--timeout-s``: replicas start at different speeds."""
-
-
-class ReplicaGroup(ProcessGroupGloo):
-    """torchft's gloo group over the quorum's replicas (rebuilt at every new quorum), whose
-    collectives wait ``collective_timeout`` (``--timeout-s``) however short the rendezvous
-    timeout (``set_timeout``) is."""
-
-    def __init__(self, collective_timeout: timedelta) -> None:
-        super().__init__(timeout=collective_timeout)
-        self.collective_timeout = collective_timeout
-
-    def _opts_hook(self, opts: Any) -> Any:  # torchft passes every collective's options here
-        if hasattr(opts, "timeout"):
-            opts.timeout = self.collective_timeout
-        return opts
-
-
-class ReplicaDDP(DistributedDataParallel):
-    """torchft's DDP, whose communication hook survives a failed all-reduce.
-
-    After an error (a peer died, or hung past ``--timeout-s``, inside the step)
-    torchft's Manager turns every later all-reduce of the step into a no-op whose
-    future is a plain one; torchft 0.2's hook asserts the future is its managed kind,
-    and so crashed every survivor. This hook hands DDP a completed future instead: the
-    step fails ``should_commit`` and is run again with the replicas of the next quorum,
-    as torchft intends.
-    """
-
-    @staticmethod
-    def _comm_hook(state, bucket):  # noqa: ANN001, ANN205 - DDP reads these annotations: none
-        work = state.allreduce(bucket.buffer())
-        work.wait()
-        if state.errored():  # this step is lost (should_commit fails): any complete future will do
-            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            done.set_result(bucket.buffer())
-            return done
-        return work.get_future()._fut  # the managed future's own: DDP waits on it
 
 
 class LiveTrainStep(ModuleTrainStep):
@@ -153,15 +107,9 @@ class LiveTrainStep(ModuleTrainStep):
             # Replica 0 records every step: a step it is not in (it is late, stuck in the
             # last step's broken all-reduce) is not committed by anyone, and is run again.
             self.manager.report_error(RuntimeError(REPLICA_0_ABSENT))
-        if self.manager.should_commit():
-            return True
-        # A peer may still be inside this step's all-reduce, waiting for a message from this
-        # replica that will not come (it failed on a dead peer; gloo does not tell the
-        # others). Dropping the connections fails that wait at once, where it took
-        # --timeout-s before. torchft gives the quorum after a failed commit a new id, so
-        # every replica connects afresh there.
-        self.replica_group.abort()
-        return False
+        committed = self.manager.should_commit()
+        self.replica_group.after_commit(committed)
+        return committed
 
     def step_metrics(
         self, quorum_s: float, tokens_per_step: int, step_time: float
@@ -343,7 +291,6 @@ def train_live(
     manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
     manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
     replicas_before = config.nproc
-    rendezvous = timedelta(seconds=min(RENDEZVOUS_S, config.timeout_s))
     unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
     last_retry: tuple[int, list[str]] | None = None
     try:
@@ -383,7 +330,6 @@ def train_live(
                 if error == [REPLICA_0_ABSENT]:
                     time.sleep(READY_POLL_S)  # it is late: no need to spin
                 continue
-            replica_group.set_timeout(rendezvous)  # from the first committed step on
             if ctx.is_main:  # replica 0 alone saves: every replica holds the whole state
                 unsaved = step
         if unsaved is not None:
