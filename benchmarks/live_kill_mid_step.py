@@ -22,11 +22,12 @@ import argparse
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from soak import launch, recorded_steps
 
 from distlab.report.live_recovery import survivor_time_lost
 from distlab.run.files import METRICS_FILE, RANKS_DIR, read_jsonl
@@ -38,17 +39,14 @@ def trial(run_dir: Path, nproc: int) -> str:
     """One run with the last replica killed mid-run, as a line: "ok" (within the goal),
     "SLOW" or "FAILED" (and why), then each survivor's longest step attempt and replica
     0's time lost."""
-    command = [
-        sys.executable, "-m", "distlab.launch", "--launcher", "local", "--model", "tiny",
-        "--strategy", "ddp", "--nproc", str(nproc), "--global-batch", "12",
-        "--steps", str(STEPS), "--optimizer", "sgd", "--ft", "live", "--max-failures", "1",
-        "--rejoin-after", str(10 * STEPS), "--bucket-mb", "0.05", "--track-memory", "off",
-        "--no-final-checkpoint", "--no-wandb", "--quiet", "--no-pictures",
-        "--run-dir", str(run_dir),
-    ]  # fmt: skip
-    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run_dir / METRICS_FILE
-    while not metrics.is_file() or metrics.read_bytes().count(b"\n") < KILL_AFTER:
+    launcher = launch([
+        "--launcher", "local", "--model", "tiny", "--strategy", "ddp", "--nproc", str(nproc),
+        "--global-batch", "12", "--steps", str(STEPS), "--optimizer", "sgd", "--ft", "live",
+        "--max-failures", "1", "--rejoin-after", str(10 * STEPS), "--bucket-mb", "0.05",
+        "--track-memory", "off", "--no-final-checkpoint", "--no-wandb", "--quiet",
+        "--no-pictures", "--run-dir", str(run_dir),
+    ])  # fmt: skip
+    while recorded_steps(run_dir) < KILL_AFTER:
         if launcher.poll() is not None:
             raise SystemExit(f"the run ended before step {KILL_AFTER}: {launcher.stderr.read()}")
         time.sleep(0.01)
@@ -62,8 +60,8 @@ def trial(run_dir: Path, nproc: int) -> str:
     ]
     attempts = "longest attempt per survivor (s) " + ", ".join(f"{s:.2f}" for s in longest)
     if launcher.returncode != 0:
-        return f"FAILED ({attempts}): {stderr.decode().strip().splitlines()[-1]}"
-    lost = survivor_time_lost(read_jsonl(metrics))["lost_s"]
+        return f"FAILED ({attempts}): {stderr.strip().splitlines()[-1]}"
+    lost = survivor_time_lost(read_jsonl(run_dir / METRICS_FILE))["lost_s"]
     within = max(longest) < GOAL_S and lost < GOAL_S
     return f"{'ok' if within else 'SLOW'}: {attempts}; replica 0 lost {lost:.2f} s"
 
