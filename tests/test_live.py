@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,54 @@ FAULT = ["--ft", "live", "--inject-fault", "1@3", "--max-failures", "1", "--chec
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
-    """Runs of ``RUN`` with extra flags, each made once on first use: ``runs("live", ...)``."""
+    """Runs of ``RUN`` with extra flags, each made once on first use: ``runs("live", ...)``.
+    ``beside(run_dir, done)`` runs in a thread while the run does (until ``done`` is set)."""
     pytest.importorskip("torchft")
     root = tmp_path_factory.mktemp("live")
     made: dict[str, Path] = {}
 
-    def get(name: str, *flags: str) -> Path:
+    def get(
+        name: str, *flags: str, beside: Callable[[Path, threading.Event], None] | None = None
+    ) -> Path:
         if name not in made:
-            result = run_main("distlab.launch", *RUN, *flags, "--run-dir", str(root / name))
+            done = threading.Event()
+            thread = threading.Thread(target=beside or (lambda *_: None), args=(root / name, done))
+            thread.start()
+            try:
+                result = run_main("distlab.launch", *RUN, *flags, "--run-dir", str(root / name))
+            finally:
+                done.set()
+                thread.join()
             assert result.returncode == 0, result.stderr
             made[name] = root / name
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def live(runs) -> Path:
+    """The live run without a fault. Replica 1 is held (SIGSTOP) for 2 s as it starts, before it
+    builds its model: a replica slow to start, as on a busy machine (one CI run's replica built
+    its model more than 1 s after the others and was left out of step 0)."""
+
+    def hold_replica_1(run_dir: Path, done: threading.Event) -> None:
+        while not done.is_set():
+            if (pid := replica_pid(run_dir, 1)) is not None:
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(2)
+                os.kill(pid, signal.SIGCONT)
+                return
+            time.sleep(0.01)
+
+    return runs("live", "--ft", "live", beside=hold_replica_1)
+
+
+def replica_pid(run_dir: Path, rank: int) -> int | None:
+    """Replica ``rank``'s process id, once it has written it (as it starts training)."""
+    pid_file = run_dir / "logs" / f"rank{rank}.pid"
+    text = pid_file.read_text().strip() if pid_file.is_file() else ""
+    return int(text) if text else None
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -61,9 +97,9 @@ def events(run_dir: Path, kind: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_live_without_fault_is_ddp(runs) -> None:
-    live, restart = metrics(runs("live", "--ft", "live")), metrics(runs("restart"))
-    for a, b in zip(live, restart, strict=True):
+def test_live_without_fault_is_ddp(runs, live: Path) -> None:
+    """Every replica steps from step 0, replica 1 too (held as it started: ``live``)."""
+    for a, b in zip(metrics(live), metrics(runs("restart")), strict=True):
         assert abs(a["loss"] - b["loss"]) <= LOSS_RTOL * abs(b["loss"]), (a, b)
         assert a["replicas"] == 2 and None not in a["replica_losses"]
 
@@ -103,15 +139,15 @@ def test_time_lost_is_read_on_the_clock() -> None:
 
 
 @pytest.mark.slow
-def test_killed_replica_heals_and_rejoins(runs) -> None:
+def test_killed_replica_heals_and_rejoins(runs, live: Path) -> None:
     """Restarted at once: replica 1 heals from replica 0 (at step 3 if it makes the quorum
     replica 0 waits in for the dead one's heartbeat to expire, else a few steps later)."""
     run_dir = runs("fault", *FAULT)
     assert_survivor_never_redoes(run_dir)
-    live = assert_within_bound(run_dir, runs("live", "--ft", "live"))
+    stepped = assert_within_bound(run_dir, live)
     (heal,) = events(run_dir, "heal")
     assert heal["rank"] == 1 and heal["from_step"] == 0 and heal["step"] >= 3
-    assert [m["replicas"] for m in live[heal["step"] :]] == [2] * (12 - heal["step"])
+    assert [m["replicas"] for m in stepped[heal["step"] :]] == [2] * (12 - heal["step"])
     (fault,) = [e for e in events(run_dir, "fault") if e["kind"] == "injected"]
     assert (fault["rank"], fault["step"]) == (1, 3)
     assert events(run_dir, "replica_restart")[0]["rank"] == 1
@@ -119,25 +155,25 @@ def test_killed_replica_heals_and_rejoins(runs) -> None:
 
 
 @pytest.mark.slow
-def test_survivor_steps_alone_within_the_bound(runs) -> None:
+def test_survivor_steps_alone_within_the_bound(runs, live: Path) -> None:
     """Replica 1 is held back past the end (--rejoin-after 100): replica 0 trains steps 3-11
     alone, on its own rows, within the bound; the held replica ends without stepping."""
     run_dir = runs("alone", *FAULT, "--rejoin-after", "100")
     assert_survivor_never_redoes(run_dir)
-    live = assert_within_bound(run_dir, runs("live", "--ft", "live"))
-    assert [m["replicas"] for m in live] == [2, 2, 2] + [1] * 9
-    assert all(m["replica_losses"][1] is None for m in live[3:])
+    stepped = assert_within_bound(run_dir, live)
+    assert [m["replicas"] for m in stepped] == [2, 2, 2] + [1] * 9
+    assert all(m["replica_losses"][1] is None for m in stepped[3:])
     assert not events(run_dir, "heal")
     assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "finish"
 
 
 @pytest.mark.slow
-def test_lost_replica_0_restarts_every_replica_from_the_checkpoint(runs) -> None:
+def test_lost_replica_0_restarts_every_replica_from_the_checkpoint(runs, live: Path) -> None:
     """Replica 0 writes the run dir: its death restarts all replicas from the newest
     checkpoint (under a fresh Lighthouse), which then train on exactly as before."""
     run_dir = runs("lost0", *FAULT[:2], "--inject-fault", "0@5", *FAULT[4:])
-    live = metrics(run_dir)
-    for got, want in zip(live, metrics(runs("live", "--ft", "live")), strict=True):
+    stepped = metrics(run_dir)
+    for got, want in zip(stepped, metrics(live), strict=True):
         assert abs(got["loss"] - want["loss"]) <= LOSS_RTOL * abs(want["loss"]), (got, want)
     restart = [e for e in events(run_dir, "start") if e["restart"]]
     assert [(e["from_step"], e["lost_steps"]) for e in restart] == [(4, 1)]
@@ -153,9 +189,8 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
             if (run_dir / "metrics.jsonl").is_file()
             else 0
         )
-        pid_file = run_dir / "logs" / f"rank{rank}.pid"
-        if recorded >= step and pid_file.is_file():
-            os.kill(int(pid_file.read_text()), signal.SIGSTOP)
+        if recorded >= step and (pid := replica_pid(run_dir, rank)) is not None:
+            os.kill(pid, signal.SIGSTOP)
             return
         time.sleep(0.02)
 

@@ -154,9 +154,10 @@ class Join:
     """How a replica process joins the run (the live launcher decides)."""
 
     peers: int
-    """How many replicas' Managers must be up before the first quorum: all of them when the
-    launcher starts them together (so step 0 has every replica), 0 for a replica restarted
-    alone, which joins whatever quorum comes next and heals."""
+    """How many replicas must be ready to step (Manager up, model built) before the first
+    quorum: all of them when the launcher starts them together (so step 0 has every
+    replica), 0 for a replica restarted alone, which joins whatever quorum comes next and
+    heals."""
     at_step: int = 0
     """A replica restarted alone waits until replica 0 has recorded this many steps
     (``--rejoin-after``) before it starts its Manager."""
@@ -212,10 +213,7 @@ def run_live_replica(
             replica_id=f"replica{rank}",
         )
         try:
-            wait_for_peers(Path(run_dir), rank, join.peers, config.timeout_s)
-            train_live(
-                ctx, config, Path(token_file), Path(run_dir), manager, replica_group, join.alone
-            )
+            train_live(ctx, config, Path(token_file), Path(run_dir), manager, replica_group, join)
         finally:
             manager.shutdown(wait=False)
 
@@ -240,15 +238,17 @@ def read_jsonl_count(file: Path) -> int:
 
 
 def ready_marker(run_dir: Path, rank: int) -> Path:
-    """``logs/replicaR.ready``: replica R's Manager is up (heartbeating to the Lighthouse)."""
+    """``logs/replicaR.ready``: replica R is ready to ask for its first quorum."""
     return run_dir / LOGS_DIR / f"replica{rank}.ready"
 
 
 def wait_for_peers(run_dir: Path, rank: int, peers: int, timeout_s: float) -> None:
     """Mark this replica ready; wait until the first ``peers`` replicas are (``timeout_s``).
 
-    The Lighthouse forms a quorum of the replicas that heartbeat: one whose Manager is
-    not up yet would be left out of step 0 and heal into step 1 instead.
+    Called just before the first quorum. The Lighthouse waits for a heartbeating replica
+    that has not asked for the quorum yet only ``JOIN_TIMEOUT_MS`` (1 s): a replica still
+    building its model then (a busy machine: one CI run's replica 2 on the cluster) would be
+    left out of step 0 and heal into a later step instead.
     """
     ready_marker(run_dir, rank).parent.mkdir(parents=True, exist_ok=True)
     ready_marker(run_dir, rank).touch()
@@ -266,7 +266,7 @@ def train_live(
     run_dir: Path,
     manager: Manager,
     replica_group: ReplicaGroup,
-    alone: bool = False,
+    join: Join,
 ) -> dict[str, Any] | None:
     """Step with whichever replicas are alive until ``config.steps``; the summary on replica 0.
 
@@ -276,6 +276,7 @@ def train_live(
     which healing sets to the live peers'. A replica restarted ``alone`` that finds no
     peer to heal from (the others finished the run) stops without stepping.
     """
+    alone = join.alone
     started = time.time()
     write_pid(run_dir, ctx.rank)
     beat(run_dir, ctx.rank, "setup")
@@ -290,6 +291,7 @@ def train_live(
     assert isinstance(step_fn, LiveTrainStep)
     manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
     manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
+    wait_for_peers(run_dir, ctx.rank, join.peers, config.timeout_s)
     replicas_before = config.nproc
     unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
     last_retry: tuple[int, list[str]] | None = None
