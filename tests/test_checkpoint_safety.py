@@ -450,7 +450,7 @@ def test_a_load_that_loses_its_group_is_a_fault_not_a_bad_checkpoint(
             dist.destroy_process_group()  # what Ray's teardown does from another thread
         raise ValueError("Default process group has not been initialized")
 
-    monkeypatch.setattr(state, "verify_checkpoint", lambda directory: None)
+    monkeypatch.setattr(state, "verify_checkpoint_and_metadata", lambda directory: ({}, None))
     monkeypatch.setattr(dcp, "load", failing_load)
     model = build_model("tiny", 0)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlab.checkpoint.layout import RNG_FILE, read_meta
+from distlab.checkpoint.layout import DCP_METADATA_FILE, RNG_FILE, read_meta
 from distlab.checkpoint.verify import (
     check_torch_file,
     read_metadata_file,
-    verify_checkpoint,
+    verify_checkpoint_and_metadata,
 )
 from distlab.distributed import RankContext
 from distlab.errors import DistlabError, first_line
@@ -71,11 +71,12 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
     """Load what ``save_dcp_state`` wrote, resharded to how this model and optimizer live."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    verify_checkpoint(directory)  # every file, before DCP reads any (restarts come here too)
+    # every file, before DCP reads any (restarts come here too)
+    _, metadata = verify_checkpoint_and_metadata(directory)
     # The template: this rank's tensors (shards), with the optimizer state initialised.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = _tensor_state(model_state, optim_state)
-    _load_tensors(directory, state)
+    _load_tensors(directory, state, metadata)
     set_state_dict(
         model,
         optimizer,
@@ -93,15 +94,16 @@ def load_dcp_model(directory: Path, model: nn.Module) -> None:
     For export and generation: DCP reshards the shards every rank wrote into the
     whole tensors; the optimizer state is not read.
     """
-    verify_checkpoint(directory)  # every file, before DCP reads any
+    _, metadata = verify_checkpoint_and_metadata(directory)  # every file, before DCP reads any
     with warnings.catch_warnings():
         # DCP warns on every load without a process group, which is the point here.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        _load_tensors(directory, {"model": model.state_dict()})  # in place: the model's tensors
+        _load_tensors(directory, {"model": model.state_dict()}, metadata)  # in place
 
 
-def _load_tensors(directory: Path, state: dict[str, Any]) -> None:
-    """``dcp.load`` of ``state`` (in place) through the safe reader; one-line errors."""
+def _load_tensors(directory: Path, state: dict[str, Any], metadata: Any) -> None:
+    """``dcp.load`` of ``state`` (in place) through the safe reader, planned with the checked
+    ``metadata``; one-line errors."""
     import torch.distributed.checkpoint as dcp
 
     in_group = dist.is_initialized()
@@ -109,7 +111,7 @@ def _load_tensors(directory: Path, state: dict[str, Any]) -> None:
         dcp.load(
             state,
             checkpoint_id=directory,
-            storage_reader=SafeFileSystemReader(directory),
+            storage_reader=SafeFileSystemReader(directory, metadata),
             planner=_tensor_only_load_planner(),
         )
     except DistlabError:
@@ -159,10 +161,17 @@ def _safe_reader_class():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class _SafeFileSystemReader(FileSystemReader):
-        """A FileSystemReader whose metadata is read with distlab's safe unpickler."""
+        """A FileSystemReader whose ``.metadata`` is the one ``verify_checkpoint`` read and
+        checked (``checked``), else read with distlab's safe unpickler."""
+
+        def __init__(self, directory: Path, checked: Any) -> None:
+            super().__init__(directory)
+            self.checked = checked
 
         def read_metadata(self, *args: Any, **kwargs: Any):
-            metadata = read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+            file = Path(self._get_metadata_path(kwargs.get("rank")))
+            own = self.checked is not None and file.name == DCP_METADATA_FILE
+            metadata = self.checked if own else read_metadata_file(file)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -171,6 +180,7 @@ def _safe_reader_class():
     return _SafeFileSystemReader
 
 
-def SafeFileSystemReader(directory: Path):  # noqa: N802 - reads like the class it returns
-    """A DCP storage reader that reads ``.metadata`` with the safe unpickler."""
-    return _safe_reader_class()(directory)
+def SafeFileSystemReader(directory: Path, checked: Any):  # noqa: N802 - reads like a class
+    """A DCP storage reader that plans with the ``checked`` ``.metadata`` (else reads it with
+    the safe unpickler)."""
+    return _safe_reader_class()(directory, checked)
