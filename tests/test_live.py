@@ -196,6 +196,27 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
 
 
 @pytest.mark.slow
+def test_a_replica_killed_as_it_starts_trains_from_step_0(runs, live: Path) -> None:
+    """Replica 1 killed (SIGKILL) as it starts, before the replicas meet for their first
+    quorum: replica 0 waits for its restart, which finds its peer at step 0 too and steps
+    with it from there (it has nothing to heal, and a peer to step with)."""
+
+    def kill_replica_1(run_dir: Path, done: threading.Event) -> None:
+        while not done.is_set():
+            if (pid := replica_pid(run_dir, 1)) is not None:
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    run_dir = runs("killed-at-start", "--ft", "live", "--max-failures", "1", beside=kill_replica_1)
+    assert [e["rank"] for e in events(run_dir, "replica_restart")] == [1]
+    assert not events(run_dir, "rejoin_skipped") and not events(run_dir, "heal")
+    for got, want in zip(metrics(run_dir), metrics(live), strict=True):
+        assert got["replicas"] == 2, got
+        assert abs(got["loss"] - want["loss"]) <= LOSS_RTOL * abs(want["loss"]), (got, want)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.alone
 def test_stopped_replica_is_killed_and_recovered(tmp_path: Path, rank: int) -> None:

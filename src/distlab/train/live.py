@@ -273,8 +273,9 @@ def train_live(
     Per step: fire this replica's injected fault (before it joins the quorum, so a replica
     killed there is in no quorum), join the quorum (healing if behind), then run the step
     on this replica's rows. The step number is the Manager's count of committed steps,
-    which healing sets to the live peers'. A replica restarted ``alone`` that finds no
-    peer to heal from (the others finished the run) stops without stepping.
+    which healing sets to the live peers'. A replica restarted ``alone`` that finds itself
+    alone in its first quorum (the others finished the run) stops without stepping; one
+    whose peers are at its own step (it died before step 0) steps with them.
     """
     alone = join.alone
     started = time.time()
@@ -313,7 +314,7 @@ def train_live(
                 append_event(
                     run_dir, "heal", rank=ctx.rank, from_step=before, step=step, heal_s=quorum_s
                 )
-            elif alone:
+            elif alone and replicas == 1:  # with peers at its own step, it steps with them
                 append_event(run_dir, "rejoin_skipped", rank=ctx.rank, reason="no live peer")
                 return None
             alone = False
