@@ -67,16 +67,26 @@ def live(runs) -> Path:
     builds its model: a replica slow to start, as on a busy machine (one CI run's replica built
     its model more than 1 s after the others and was left out of step 0)."""
 
-    def hold_replica_1(run_dir: Path, done: threading.Event) -> None:
+    def hold(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(2)
+        os.kill(pid, signal.SIGCONT)
+
+    return runs("live", "--ft", "live", beside=as_it_starts(1, hold))
+
+
+def as_it_starts(rank: int, act: Callable[[int], None]) -> Callable[[Path, threading.Event], None]:
+    """A ``beside`` for ``runs``: ``act(pid)`` on replica ``rank`` once it has written its pid
+    (it is starting to train: its model not built, its first quorum not asked for)."""
+
+    def beside(run_dir: Path, done: threading.Event) -> None:
         while not done.is_set():
-            if (pid := replica_pid(run_dir, 1)) is not None:
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(2)
-                os.kill(pid, signal.SIGCONT)
+            if (pid := replica_pid(run_dir, rank)) is not None:
+                act(pid)
                 return
             time.sleep(0.01)
 
-    return runs("live", "--ft", "live", beside=hold_replica_1)
+    return beside
 
 
 def replica_pid(run_dir: Path, rank: int) -> int | None:
@@ -201,14 +211,8 @@ def test_a_replica_killed_as_it_starts_trains_from_step_0(runs, live: Path) -> N
     quorum: replica 0 waits for its restart, which finds its peer at step 0 too and steps
     with it from there (it has nothing to heal, and a peer to step with)."""
 
-    def kill_replica_1(run_dir: Path, done: threading.Event) -> None:
-        while not done.is_set():
-            if (pid := replica_pid(run_dir, 1)) is not None:
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.01)
-
-    run_dir = runs("killed-at-start", "--ft", "live", "--max-failures", "1", beside=kill_replica_1)
+    kill = as_it_starts(1, lambda pid: os.kill(pid, signal.SIGKILL))
+    run_dir = runs("killed-at-start", "--ft", "live", "--max-failures", "1", beside=kill)
     assert [e["rank"] for e in events(run_dir, "replica_restart")] == [1]
     assert not events(run_dir, "rejoin_skipped") and not events(run_dir, "heal")
     for got, want in zip(metrics(run_dir), metrics(live), strict=True):
