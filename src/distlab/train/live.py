@@ -279,19 +279,7 @@ def train_live(
     """
     alone = join.alone
     started = time.time()
-    write_pid(run_dir, ctx.rank)
-    beat(run_dir, ctx.rank, "setup")
-    trainer = RankTrainer(
-        ctx,
-        config,
-        token_file,
-        run_dir,
-        prepare=lambda m: LiveTrainStep(m, ctx, config, manager, replica_group),
-    )
-    step_fn = trainer.train_step
-    assert isinstance(step_fn, LiveTrainStep)
-    manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
-    manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
+    trainer, step_fn = replica_trainer(ctx, config, token_file, run_dir, manager, replica_group)
     wait_for_peers(run_dir, ctx.rank, join.peers, config.timeout_s)
     replicas_before = config.nproc
     unsaved: int | None = None  # replica 0: the last step, saved once the next quorum is formed
@@ -342,6 +330,32 @@ def train_live(
     except BaseException:
         trainer.close_on_error()
         raise
+
+
+def replica_trainer(
+    ctx: RankContext,
+    config: Config,
+    token_file: Path,
+    run_dir: Path,
+    manager: Manager,
+    replica_group: ReplicaGroup,
+) -> tuple[RankTrainer, LiveTrainStep]:
+    """This replica's trainer (model built, resumed) and its train step, whose state is
+    registered with the Manager so that a peer can heal from it, or it from a peer."""
+    write_pid(run_dir, ctx.rank)
+    beat(run_dir, ctx.rank, "setup")
+    trainer = RankTrainer(
+        ctx,
+        config,
+        token_file,
+        run_dir,
+        prepare=lambda m: LiveTrainStep(m, ctx, config, manager, replica_group),
+    )
+    step_fn = trainer.train_step
+    assert isinstance(step_fn, LiveTrainStep)
+    manager.register_state_dict_fn("distlab", step_fn.load_replica_state, step_fn.replica_state)
+    manager.load_state_dict({"step": trainer.resumed.start_step, "batches_committed": 0})
+    return trainer, step_fn
 
 
 def live_figures(run_dir: Path, config: Config) -> dict[str, Any]:
