@@ -15,8 +15,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from distlab.launch.watchdog import Watchdog
 from distlab.run.events import append_event, read_events
 from distlab.run.heartbeat import beat, heartbeat_file
@@ -42,8 +40,9 @@ def stop(process: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.alone
 def test_a_stalled_rank_is_killed_and_reported(tmp_path: Path) -> None:
+    # Beside other tests too: the watchdog times the stall on the monotonic clock, and a
+    # busy machine can only lengthen the 0.5 s the test waits past the 0.3 s timeout.
     process = sleeper()
     try:
         append_event(tmp_path, "start", attempt=1)
