@@ -204,7 +204,7 @@ def test_external_kill_recovers(tmp_path: Path, refs) -> None:
 
 @pytest.mark.alone
 def test_hung_rank_is_detected_and_recovers(tmp_path: Path, refs) -> None:
-    timeout_s = 10
+    timeout_s = 5
     reference = refs("ddp", 2, LONG)
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "--timeout-s", str(timeout_s))
