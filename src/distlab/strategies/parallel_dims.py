@@ -128,13 +128,17 @@ MESH_VIEWS = {
     "dp": ("dp_replicate", "dp_shard"),
     "dp_shard_cp": ("dp_shard", "cp"),
     "dp_cp": ("dp", "cp"),
+    "dp_shard_cp_tp": ("dp_shard_cp", "tp"),
 }
 """The mesh's flattened views and what each is made of, the same on every strategy's mesh:
 
 - ``dp``: the data-parallel ranks, each training its own rows of the global batch;
 - ``dp_shard_cp``: the ranks FSDP shards the model state over (cp ranks train the same
   rows, so they share the shards and the gradient reduce-scatter);
-- ``dp_cp``: the ranks whose gradients and losses are averaged."""
+- ``dp_cp``: the ranks whose gradients and losses are averaged;
+- ``dp_shard_cp_tp``: the ranks one parameter is split over when FSDP shards tp's
+  pieces: the gradient norm is summed over them in one all-reduce (DTensor finds this
+  view and uses it, instead of one all-reduce per dimension)."""
 
 
 def _mesh_dims(name: str, mesh: DeviceMesh) -> list[str]:

@@ -69,6 +69,10 @@ def parallelize(
     if data_parallel is DataParallel.FSDP:
         offload = offload_policy(config.offload, device.type)
         shards = fsdp_mesh(mesh, dims)
+        if dims.tp > 1:
+            # made on every rank (it is a process group); DTensor then sums the gradient
+            # norm over it in one all-reduce, not one per dimension (``MESH_VIEWS``)
+            view(mesh, "dp_shard_cp_tp")
         sharded = apply_fsdp(model, shards, config.reshard_after_forward, config.precision, offload)
         if config.prefetch is not None:
             set_prefetch(sharded, config.prefetch, asynchronous=device.type == "cpu")

@@ -44,15 +44,13 @@ def tensor_parallel_comm(pred: CommPrediction, step: StepFacts) -> str | None:
 
 def clipping_comm(pred: CommPrediction, step: StepFacts) -> None:
     """clip_grad_norm_ on DTensors (fsdp's and tp's parameters): one all-reduce of the
-    per-tensor norms per mesh dimension. hsdp: the norms of replicated shards agree, so
-    only the shard dimension is reduced."""
+    per-tensor norms over the ranks a parameter is split over, FSDP's shards and tp's
+    pieces together (the mesh's flattened ``dp_shard_cp_tp`` view). hsdp: the norms of
+    replicated shards agree, so only the shard dimension is reduced."""
     layout = step.layout
     fsdp = layout.data_parallel is DataParallel.FSDP
-    if not fsdp and layout.tp <= 1:
-        return
-    for degree in (layout.shard if fsdp else 1, layout.tp):
-        if degree > 1:
-            pred.add("all_reduce", FP32 * len(step.shapes), degree)
+    split_over = (layout.shard if fsdp else 1) * layout.tp
+    pred.add("all_reduce", FP32 * len(step.shapes), split_over)  # nothing when 1
 
 
 def context_parallel_comm(pred: CommPrediction, step: StepFacts) -> str | None:
