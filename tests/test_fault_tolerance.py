@@ -234,7 +234,7 @@ def _stop_rank0_after(launch_proc: BackgroundMain, run_dir: Path, steps: int) ->
     while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
         assert time.monotonic() < deadline and launch_proc.poll() is None, "run did not start"
         time.sleep(0.05)
-    pid = int((run_dir / "logs" / "rank0.pid").read_text())
+    (pid,) = rank_pids(run_dir, 1)
     os.kill(pid, signal.SIGSTOP)
     return time.time()
 

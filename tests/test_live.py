@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, rank_pid, run_main
 
 from distlab.errors import DistlabError
 from distlab.launch.printer import EventPrinter
@@ -81,19 +81,12 @@ def as_it_starts(rank: int, act: Callable[[int], None]) -> Callable[[Path, threa
 
     def beside(run_dir: Path, done: threading.Event) -> None:
         while not done.is_set():
-            if (pid := replica_pid(run_dir, rank)) is not None:
+            if (pid := rank_pid(run_dir, rank)) is not None:
                 act(pid)
                 return
             time.sleep(0.01)
 
     return beside
-
-
-def replica_pid(run_dir: Path, rank: int) -> int | None:
-    """Replica ``rank``'s process id, once it has written it (as it starts training)."""
-    pid_file = run_dir / "logs" / f"rank{rank}.pid"
-    text = pid_file.read_text().strip() if pid_file.is_file() else ""
-    return int(text) if text else None
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -199,7 +192,7 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
             if (run_dir / "metrics.jsonl").is_file()
             else 0
         )
-        if recorded >= step and (pid := replica_pid(run_dir, rank)) is not None:
+        if recorded >= step and (pid := rank_pid(run_dir, rank)) is not None:
             os.kill(pid, signal.SIGSTOP)
             return
         time.sleep(0.02)
