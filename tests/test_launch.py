@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from tests.helpers import (
 )
 
 from distlab.launch.runner import run
+from distlab.launch.spawn import rank_context
 from distlab.strategies.resolve import load_config
 
 RUN = {
@@ -239,3 +241,11 @@ def test_ranks_are_forked_processes_with_the_launchers_environment(
     pids = rank_pids(run_dir, 2)
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert (cache / "peak_flops.json").is_file()
+
+
+def test_ranks_inherit_a_heap_frozen_out_of_garbage_collection() -> None:
+    """The rank server freezes what it imported (``launch.frozen_heap``): a rank's full
+    garbage collection then skips the inherited heap (torch alone: hundreds of thousands
+    of objects) instead of walking it, and copying its pages, once in every rank."""
+    with rank_context().Pool(1) as pool:
+        assert pool.apply(gc.get_freeze_count) > 100_000

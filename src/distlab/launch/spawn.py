@@ -23,6 +23,10 @@ Two things a forked rank does not get from the launcher, and how it gets them:
   (``rank_context``), else imported by the rank that uses them. A process that
   will launch many kinds of run (a test session) names them all up front.
 
+What the server imported is frozen out of the garbage collector's view last
+(``distlab.launch.frozen_heap``): a rank's full collection would otherwise walk,
+and copy page by page, the whole inherited heap.
+
 Threads: the server imports modules and runs nothing else, so no thread pool
 exists to be inherited half-copied by a fork.
 """
@@ -67,6 +71,9 @@ LIVE = ("distlab.train.live",)
 """``--ft live``'s replica code and torchft (with OpenTelemetry: about 0.5 s a replica,
 which a replica restarted alone would otherwise spend before it can heal)."""
 
+FROZEN_HEAP = "distlab.launch.frozen_heap"
+"""Imported last: hides the server's imports from the ranks' garbage collections."""
+
 _preload: set[str] = set()
 
 
@@ -89,8 +96,9 @@ def rank_context(
         # torchft's Rust logger reads this once, at import: in the server, before it forks
         os.environ.setdefault("RUST_LOG", "warn")  # (every quorum is logged at info)
     context = multiprocessing.get_context("forkserver")
-    # Only the first start reads the list: later launches reuse the running server.
-    context.set_forkserver_preload(sorted(_preload))
+    # Only the first start reads the list: later launches reuse the running server. The
+    # heap is frozen after every other import, so the ranks' collections skip all of it.
+    context.set_forkserver_preload([*sorted(_preload), FROZEN_HEAP])
     return context
 
 
