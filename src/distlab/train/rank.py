@@ -9,6 +9,7 @@ launcher can print it and the run's summary can count it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sys
 import traceback
@@ -122,6 +123,10 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(config.threads_per_rank)
     ctx = RankContext(rank=rank, world_size=world_size, device=device, nodes=_nodes_by_rank())
+    # What this fresh worker imported (torch, Ray Train, pandas) lives as long as it does:
+    # out of the collector's sight, as in the rank server (launch.frozen_heap), a full
+    # collection during training walks the run's objects only (0.22 -> 0.03 CPU s here).
+    gc.freeze()
     try:
         train(ctx, config, Path(loop_config["token_file"]), run_dir)
     except DistlabError as exc:
