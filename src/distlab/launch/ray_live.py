@@ -18,6 +18,7 @@ otherwise (a node loss, a kill).
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -52,6 +53,7 @@ class ReplicaActor:
 
     def run(self, rank: int, job: ReplicaJob) -> tuple[int, str | None]:
         """Run the replica; (exit code, reason) as ``run_reporting`` would exit with."""
+        gc.freeze()  # this fresh worker's imports, out of the collector's sight (as ray_train_loop)
         reported: list[tuple[int, str]] = []
 
         class Errors:  # run_reporting's error queue, kept in this actor
