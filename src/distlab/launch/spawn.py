@@ -52,7 +52,10 @@ PRELOAD = (
     "distlab.measure.step_tracker",
 )
 """Modules every rank needs, imported once by the server (the step tracker too: a rank
-imports it only at its first tracked step, which most runs have)."""
+imports it only at its first tracked step, which most runs have). Pipelining and the
+tracker import torch's compiler front end, ``torch._dynamo``; DDP's constructor and FSDP2's
+hooks import it before any rank's first step anyway, so leaving them out does not bring
+the first step sooner (measured: docs/fault_tolerance.md, "Measurements")."""
 DEEPSPEED = ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
 """DeepSpeed, and the Muon optimizer its engine imports on every start: that module applies
 ``torch.compile`` at import and so imports inductor, 3 s of every rank, once in the server."""
