@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distlab.run.files import read_pid
+
 FILE_MB = 10
 WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an which "
@@ -63,9 +65,8 @@ def status_kib(pid: int, field: str) -> int:
 
 def sample_peaks(run_dir: Path, process: subprocess.Popen, peaks: dict[str, int]) -> None:
     """Until the run ends: the largest launcher RssAnon, rank 0 RssAnon and rank 0 VmHWM."""
-    pid_file = run_dir / "logs" / "rank0.pid"
     while process.poll() is None:
-        rank = int(pid_file.read_text()) if pid_file.is_file() else None
+        rank = read_pid(run_dir, 0)
         figures = {"launcher private": status_kib(process.pid, "RssAnon")}
         if rank is not None:
             figures["rank 0 private"] = status_kib(rank, "RssAnon")

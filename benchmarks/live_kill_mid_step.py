@@ -30,7 +30,7 @@ from pathlib import Path
 from soak import launch, recorded_steps
 
 from distlab.report.live_recovery import survivor_time_lost
-from distlab.run.files import METRICS_FILE, RANKS_DIR, read_jsonl
+from distlab.run.files import METRICS_FILE, RANKS_DIR, pid_file, read_jsonl
 
 STEPS, KILL_AFTER, GOAL_S = 80, 20, 2.0
 
@@ -52,7 +52,7 @@ def trial(run_dir: Path, nproc: int) -> str:
         time.sleep(0.01)
     time.sleep(random.uniform(0, 0.1))  # somewhere in the next step or two
     victim = nproc - 1
-    os.kill(int((run_dir / "logs" / f"rank{victim}.pid").read_text()), signal.SIGKILL)
+    os.kill(int(pid_file(run_dir, victim).read_text()), signal.SIGKILL)
     _, stderr = launcher.communicate()
     longest = [
         max(line["step_time_s"] for line in read_jsonl(run_dir / RANKS_DIR / f"rank{r}.jsonl"))

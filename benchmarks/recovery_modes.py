@@ -47,6 +47,7 @@ from pathlib import Path
 from soak import cluster, events, launch, losses, signal_when_due, wait_for_nodes
 
 from distlab.report.markdown import fill_marked_section
+from distlab.run.files import read_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "fault_tolerance.md"
@@ -130,10 +131,10 @@ def run_cell(cell: Cell, workdir: Path, address: str) -> Cell:
     try:
         _, err = process.communicate(timeout=900)
     finally:
-        pid_file = cell.run_dir / "logs" / "rank1.pid"
-        if sent is not None and pid_file.is_file():  # a stopped rank must not outlive its cell
+        # a stopped rank must not outlive its cell
+        if sent is not None and (pid := read_pid(cell.run_dir, 1)) is not None:
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     if process.returncode:

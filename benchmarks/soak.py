@@ -72,6 +72,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distlab.report.markdown import fill_marked_section
+from distlab.run.files import read_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "fault_tolerance.md"
@@ -238,11 +239,10 @@ def signal_when_due(
 ) -> float | None:
     """Wait until the run has recorded ``step`` steps, send ``signum`` to ``rank``; return when
     (None if the run ended first)."""
-    pid_file = run_dir / "logs" / f"rank{rank}.pid"
     while process.poll() is None:
-        if recorded_steps(run_dir) >= step and pid_file.is_file():
+        if recorded_steps(run_dir) >= step and (pid := read_pid(run_dir, rank)) is not None:
             sent = time.time()
-            os.kill(int(pid_file.read_text()), signum)
+            os.kill(pid, signum)
             return sent
         time.sleep(0.05)
     return None
@@ -256,11 +256,10 @@ def signal_victim(trial: Trial, run_dir: Path, process: subprocess.Popen) -> flo
 
 def release_victim(trial: Trial, run_dir: Path) -> None:
     """Kill a stopped victim the launcher left behind (it must not outlive its trial)."""
-    pid_file = run_dir / "logs" / f"rank{trial.victim}.pid"
-    if trial.kind == "sigstop" and pid_file.is_file():
+    if trial.kind == "sigstop" and (pid := read_pid(run_dir, trial.victim)) is not None:
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distlab.cli import run_cli
-from distlab.run.files import read_jsonl
+from distlab.run.files import read_jsonl, read_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LOCAL_RUN = [
@@ -112,17 +112,9 @@ class BackgroundMain:
         return self.poll()
 
 
-def rank_pid(run_dir: Path, rank: int) -> int | None:
-    """Rank ``rank``'s process id from its ``logs/rankR.pid``; None until it has written it
-    (as it starts training)."""
-    pid_file = Path(run_dir) / "logs" / f"rank{rank}.pid"
-    text = pid_file.read_text().strip() if pid_file.is_file() else ""
-    return int(text) if text else None
-
-
 def rank_pids(run_dir: Path, nproc: int) -> list[int]:
     """The rank processes of a running run, whose ranks have all written their pid files."""
-    pids = [rank_pid(run_dir, r) for r in range(nproc)]
+    pids = [read_pid(run_dir, r) for r in range(nproc)]
     assert all(pid is not None for pid in pids), f"a rank has written no pid yet: {pids}"
     return [pid for pid in pids if pid is not None]
 

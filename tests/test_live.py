@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, rank_pid, run_main
+from tests.helpers import TINY_LOCAL_RUN, assert_one_line_error, run_main
 
 from distlab.errors import DistlabError
 from distlab.launch.printer import EventPrinter
 from distlab.report.live_recovery import loss_bound, survivor_time_lost
 from distlab.report.parity import LOSS_RTOL
-from distlab.run.files import read_jsonl
+from distlab.run.files import read_jsonl, read_pid
 from distlab.strategies.resolve import load_config
 
 RUN = [
@@ -81,7 +81,7 @@ def as_it_starts(rank: int, act: Callable[[int], None]) -> Callable[[Path, threa
 
     def beside(run_dir: Path, done: threading.Event) -> None:
         while not done.is_set():
-            if (pid := rank_pid(run_dir, rank)) is not None:
+            if (pid := read_pid(run_dir, rank)) is not None:
                 act(pid)
                 return
             time.sleep(0.01)
@@ -192,7 +192,7 @@ def stop_when_due(run_dir: Path, rank: int, step: int, done: threading.Event) ->
             if (run_dir / "metrics.jsonl").is_file()
             else 0
         )
-        if recorded >= step and (pid := rank_pid(run_dir, rank)) is not None:
+        if recorded >= step and (pid := read_pid(run_dir, rank)) is not None:
             os.kill(pid, signal.SIGSTOP)
             return
         time.sleep(0.02)

@@ -51,6 +51,19 @@ def read_time_ranks(run_dir: Path) -> list[dict[str, Any]]:
     return _read_rank_files(run_dir, "time_rank")
 
 
+def pid_file(run_dir: Path, rank: int) -> Path:
+    """``logs/rank<r>.pid``: rank ``r``'s process id, written as it starts training (to kill
+    or stop it from outside)."""
+    return Path(run_dir) / LOGS_DIR / f"rank{rank}.pid"
+
+
+def read_pid(run_dir: Path, rank: int) -> int | None:
+    """Rank ``r``'s process id from its ``pid_file``; None until it has written it."""
+    file = pid_file(run_dir, rank)
+    text = file.read_text().strip() if file.is_file() else ""
+    return int(text) if text else None
+
+
 def profile_file(run_dir: Path, rank: int) -> Path:
     """``profile/rank<r>.json``: torch.profiler's trace of rank ``r``'s last tracked step."""
     return Path(run_dir) / PROFILE_DIR / f"rank{rank}.json"

@@ -51,7 +51,7 @@ from distlab.measure.timeline import phase
 from distlab.model import build_model, count_parameters, flops_per_token
 from distlab.run.events import append_event, read_events
 from distlab.run.events import fault_figures as event_figures
-from distlab.run.files import FINAL_WEIGHTS_FILE, LOGS_DIR, METRICS_FILE, read_jsonl
+from distlab.run.files import FINAL_WEIGHTS_FILE, METRICS_FILE, pid_file, read_jsonl
 from distlab.run.heartbeat import beat
 from distlab.run.recorder import RunRecorder
 from distlab.strategies import registry
@@ -324,9 +324,9 @@ def gather_state_bytes(local: dict[str, int], ctx: RankContext) -> list[dict[str
 
 def write_pid(run_dir: Path, rank: int) -> None:
     """``logs/rankR.pid``: this rank's process id, e.g. to kill or stop it from outside."""
-    log_dir = run_dir / LOGS_DIR
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+    file = pid_file(run_dir, rank)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(f"{os.getpid()}\n")
 
 
 def run_fault_figures(run_dir: Path, config: Config) -> dict[str, Any]:
